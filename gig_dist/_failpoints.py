@@ -1,0 +1,24 @@
+"""Fault injection for tests of crash safety: ``GIG_DIST_FAILPOINT=<name>:<n>`` makes the process
+SIGKILL itself the n-th time it passes the named point, exactly as a crash or an OOM kill would.
+Unset (always, outside tests), a failpoint costs one dictionary lookup."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+ENV = "GIG_DIST_FAILPOINT"
+_hits: Counter[str] = Counter()
+
+
+def failpoint(name: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    target, _, count = spec.partition(":")
+    if target != name:
+        return
+    _hits[name] += 1
+    if _hits[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,200 @@
+"""The ``gig-dist`` command line.
+
+    gig-dist run [--config FILE] [--out DIR] [-o key=value ...] [--overwrite]
+    gig-dist inspect DIR [--json]
+    gig-dist taps [--config FILE] [-o key=value ...] [--all]
+    gig-dist config [--config FILE] [-o key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+from gig_dist import __version__
+from gig_dist.config import Config, ConfigError, load_config
+
+DEFAULT_OUT = "gig-dist-run.zarr"
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", help="YAML config file (default: the embedded toy world)")
+    parser.add_argument(
+        "-o", "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        help="override one config value, e.g. -o dataset.limit=100 (repeatable)",
+    )
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gig_dist import pipeline
+
+    config = _config(args)
+    report = pipeline.run(config, args.out, overwrite=args.overwrite)
+    for stage in report.stages:
+        done_before = stage.units_total - stage.units_run
+        resumed = f", {done_before} already done" if done_before else ""
+        print(
+            f"{stage.stage}: {stage.units_run}/{stage.units_total} units run{resumed}; "
+            f"{stage.images} images ({stage.skipped} skipped) in {stage.seconds:.1f}s "
+            f"({stage.images_per_second:.1f} images/s)"
+        )
+    from gig_dist.store import RunStore
+
+    counts = RunStore.open(report.url).image_counts()
+    print(
+        f"store: {report.url}\nimages: {counts['processed']} processed, {counts['skipped']} skipped, "
+        f"{counts['pending']} pending of {counts['total']}"
+    )
+    if counts["skipped"]:
+        print(f"skipped images and reasons: gig-dist inspect {args.out}")
+    return 0
+
+
+def inspect_summary(url: str) -> dict[str, Any]:
+    from gig_dist.store import RunStore
+
+    store = RunStore.open(url)
+    manifest = store.manifest
+    return {
+        "store": store.url,
+        "stages": {name: {"complete": store.stage_complete(name), "units_done": int(store.done_units(name).sum()),
+                          "units": len(store.done_units(name))} for name in manifest["stages"]},
+        "arrays": store.describe_arrays(),
+        "images": store.image_counts(),
+        "skipped": store.skipped_images(),
+        "taps": manifest["taps"],
+        "config": manifest["config"],
+        "versions": manifest["versions"],
+    }
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    summary = inspect_summary(args.dir)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"store   {summary['store']}")
+    print("stages")
+    for name, stage in summary["stages"].items():
+        state = "complete" if stage["complete"] else "incomplete"
+        print(f"  {name:<12} {state:<10} {stage['units_done']}/{stage['units']} units")
+    images = summary["images"]
+    print(
+        f"images  {images['total']} total: {images['processed']} processed, {images['skipped']} skipped, "
+        f"{images['pending']} pending"
+    )
+    for row in summary["skipped"][:20]:
+        print(f"  skipped #{row['index']} {row['path']}: {row['reason']}")
+    if len(summary["skipped"]) > 20:
+        print(f"  ... and {len(summary['skipped']) - 20} more (--json lists all)")
+    print("arrays")
+    for path, a in summary["arrays"].items():
+        shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""
+        print(
+            f"  {path:<22} {str(tuple(a['shape'])):<20} {a['dtype']:<14} chunks {tuple(a['chunks'])}{shards}"
+            f"  {_bytes(a['stored_bytes'])}"
+        )
+    print("versions " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
+    print("config")
+    print("  " + yaml.safe_dump(summary["config"], sort_keys=False).replace("\n", "\n  ").rstrip())
+    return 0
+
+
+def cmd_taps(args: argparse.Namespace) -> int:
+    from gig_dist.kernels.taps import residual_block_names, tap_shapes
+    from gig_dist.models.loading import build_model, resolve_transform
+
+    config = _config(args)
+    model = build_model(config.model)
+    crop = resolve_transform(config).crop
+    names = [n for n, _ in model.named_modules() if n] if args.all else residual_block_names(model)
+    try:
+        shapes = tap_shapes(model, names, (crop, crop))
+    except Exception:  # --all includes modules whose outputs are not feature maps
+        shapes = {}
+        for name in names:
+            try:
+                shapes.update(tap_shapes(model, [name], (crop, crop)))
+            except Exception:
+                continue
+    print(f"{config.model.name} at {crop}x{crop}: tap  C x H x W  (PFVs per image)")
+    for name in names:
+        if name in shapes:
+            s = shapes[name]
+            print(f"  {name:<24} {s.channels} x {s.height} x {s.width}  ({s.positions})")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False).rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gig-dist",
+        description="Dataset-scale mechanistic interpretability of image models (GIG).",
+    )
+    parser.add_argument("--version", action="version", version=f"gig-dist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every skipped image and more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (default: the embedded toy world)")
+    _add_config_args(run)
+    run.add_argument("--out", default=DEFAULT_OUT, help=f"run store: a directory or fsspec URL (default {DEFAULT_OUT})")
+    run.add_argument("--overwrite", action="store_true", help="discard an existing run store at --out")
+    run.set_defaults(func=cmd_run)
+
+    inspect = sub.add_parser("inspect", help="show a run store: stages, arrays, images, config")
+    inspect.add_argument("dir", metavar="DIR")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=cmd_inspect)
+
+    taps = sub.add_parser("taps", help="list a model's taps and their shapes (no dataset needed)")
+    _add_config_args(taps)
+    taps.add_argument("--all", action="store_true", help="every module, not only residual block outputs")
+    taps.set_defaults(func=cmd_taps)
+
+    config = sub.add_parser("config", help="print the validated config with every default filled in")
+    _add_config_args(config)
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gig_dist.kernels.taps import TapError
+    from gig_dist.store import StoreError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, TapError, StoreError) as exc:
+        print(f"gig-dist: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gig-dist: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

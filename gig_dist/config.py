@@ -1,0 +1,227 @@
+"""The run configuration: one schema, validated before any work starts.
+
+A config is YAML (or JSON). Every key has a default, so an empty config is the embedded toy-world
+run. ``-o key=value`` overrides on the command line address nested keys with dots
+(``-o dataset.limit=100``); values are parsed as YAML, so ``-o taps=[layer1.0,layer2.1]`` works.
+
+Errors name the key and the value: ``dataset.stride = 0: Input should be greater than or equal
+to 1``; an unknown key suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with a message that names the key and value at fault."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    #: ``toy`` (the embedded model) or any torchvision classifier name, e.g. ``resnet50``.
+    name: str = "toy"
+    #: ``shipped`` (toy default), a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``), a
+    #: path to a local state-dict file (loaded with ``weights_only=True``), or ``none`` (random).
+    weights: str | None = "shipped"
+    #: Number of classes; only needed when a local state dict has a head of another size.
+    num_classes: int | None = Field(default=None, ge=1)
+
+
+class ToyWorldConfig(_Section):
+    num_images: int = Field(default=1024, ge=1)
+    seed: int = 0
+    image_size: int = Field(default=64, ge=16, le=512)
+
+
+class DatasetConfig(_Section):
+    #: ``toy`` (generated, with part masks), ``imagefolder`` (``root/<class>/<image>``, e.g.
+    #: ImageNet's ``val/<wnid>/*.JPEG``) or ``filelist`` (a text file of ``path[,label]`` lines).
+    kind: Literal["toy", "imagefolder", "filelist"] = "toy"
+    path: Path | None = None
+    toy: ToyWorldConfig = ToyWorldConfig()
+    #: Subset: every ``stride``-th image, then the first ``limit`` of those.
+    stride: int = Field(default=1, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+    #: Images with more pixels than this are skipped as absurdly large (PIL's bomb limit).
+    max_image_pixels: int = Field(default=89_478_485, ge=1)
+    #: Threads decoding images inside each worker.
+    loader_threads: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _path_matches_kind(self) -> DatasetConfig:
+        if self.kind != "toy" and self.path is None:
+            raise ValueError(f"dataset.path is required when dataset.kind is {self.kind!r}")
+        return self
+
+
+class TransformConfig(_Section):
+    """Input transform for image files. ``None`` values take the model's own defaults
+    (torchvision weights' transforms, or the toy world's size and statistics)."""
+
+    resize: int | None = Field(default=None, ge=1)
+    crop: int | None = Field(default=None, ge=1)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    @model_validator(mode="after")
+    def _std_positive(self) -> TransformConfig:
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"transform.std must be positive, got {list(self.std)}")
+        return self
+
+
+class ExtractConfig(_Section):
+    batch_size: int = Field(default=32, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class StoreConfig(_Section):
+    #: Images per work unit, which is also the shard size along the image axis: a unit is the
+    #: only writer of its shard. Large enough to amortise overhead, small enough for memory.
+    images_per_unit: int = Field(default=64, ge=1)
+    #: Images per inner chunk (the unit of reading); must divide images_per_unit.
+    images_per_chunk: int = Field(default=8, ge=1)
+    zstd_level: int = Field(default=3, ge=1, le=22)
+
+    @model_validator(mode="after")
+    def _chunk_divides_unit(self) -> StoreConfig:
+        if self.images_per_unit % self.images_per_chunk:
+            raise ValueError(
+                f"store.images_per_chunk ({self.images_per_chunk}) must divide "
+                f"store.images_per_unit ({self.images_per_unit})"
+            )
+        return self
+
+
+class RuntimeConfig(_Section):
+    #: ``local``: in-process, one worker (tests, debugging). ``ray``: see the README.
+    kind: Literal["local", "ray"] = "local"
+    #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Ray cluster address (``auto``, ``ray://host:10001``); ``None`` starts a local Ray.
+    address: str | None = None
+    num_workers: int | None = Field(default=None, ge=1)
+    gpus_per_worker: float = Field(default=1.0, gt=0)
+    progress: bool = True
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    transform: TransformConfig = TransformConfig()
+    #: Layer names whose outputs are read. ``None``: every residual block output.
+    taps: tuple[str, ...] | None = None
+    extract: ExtractConfig = ExtractConfig()
+    store: StoreConfig = StoreConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _toy_weights_only_for_toy(self) -> Config:
+        if self.model.weights == "shipped" and self.model.name != "toy":
+            raise ValueError(
+                f"model.weights = 'shipped' exists only for the toy model; for {self.model.name!r} "
+                "use a torchvision weights name (e.g. DEFAULT), a state-dict path, or none"
+            )
+        if self.taps is not None and len(self.taps) == 0:
+            raise ValueError("taps is empty; leave it unset for every residual block output")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. dataset.limit=100)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _none_strings(value: Any) -> Any:
+    """YAML reads ``none`` as a string; accept it (and ``null``) for 'no value' everywhere."""
+    if isinstance(value, dict):
+        return {k: _none_strings(v) for k, v in value.items()}
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    return value
+
+
+def _field_names(loc: tuple[Any, ...]) -> list[str]:
+    node: Any = Config
+    for part in loc[:-1]:
+        field = node.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        node = field.annotation
+    return list(node.model_fields)
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if item["type"] == "extra_forbidden":
+            valid = _field_names(loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        if loc and item["type"] != "value_error":
+            lines.append(f"  {key} = {item.get('input')!r}: {message}")
+        else:
+            lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read and validate a config file (or the embedded default), applying ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "embedded default"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set_dotted(tree, key, value)
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(_none_strings(tree))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

@@ -1,0 +1,53 @@
+"""Decoding one image file into RGB, or a reason why it is skipped.
+
+Grayscale, palette, CMYK, RGBA and 16-bit images are converted to RGB (alpha is dropped, as
+torchvision's own ``pil_loader`` does). Missing, empty, non-image, truncated, corrupt and absurdly
+large files raise :class:`SkippedImage` with a reason a person can act on; the extraction stage
+records it in the store and goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+
+class SkippedImage(Exception):
+    """An input that cannot be used; ``str(exc)`` is the reason stored for it."""
+
+
+def open_rgb(path: str, max_pixels: int) -> Image.Image:
+    """Decode ``path`` fully and return it as an RGB image."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise SkippedImage("file not found") from None
+    except OSError as exc:
+        raise SkippedImage(f"cannot read file: {exc.strerror or exc}") from None
+    if size == 0:
+        raise SkippedImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own pixel limit below; PIL's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise SkippedImage(
+                        f"too large: {width}x{height} = {width * height} pixels exceeds "
+                        f"dataset.max_image_pixels = {max_pixels}"
+                    )
+                image.load()  # decode now, so truncated data fails here and not later
+                return image.convert("RGB")
+    except SkippedImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise SkippedImage(f"too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise SkippedImage("not an image: no image format recognises this file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL signals truncated data with OSError ("image file is truncated") and broken
+        # headers or streams with SyntaxError/ValueError/EOFError, depending on the format.
+        raise SkippedImage(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from None

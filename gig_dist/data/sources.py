@@ -1,0 +1,206 @@
+"""Datasets: listing them (the index the driver writes into the store) and loading one record.
+
+An index is a list of ``(path, label)`` records. The driver builds it once, before any work, and
+the store keeps it; workers read their unit's records from the store and never list the dataset
+themselves. Toy-world records are ``toy://<seed>/<index>/<size>`` and are rendered on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from gig_dist.config import ConfigError, DatasetConfig
+from gig_dist.data.images import SkippedImage, open_rgb
+
+TOY_SCHEME = "toy://"
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """Paths and labels of the images to process, after the configured stride and limit."""
+
+    paths: list[str]
+    labels: np.ndarray  # (N,) int64, UNLABELLED where unknown
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist()):
+            digest.update(f"{path}\t{label}\n".encode())
+        return digest.hexdigest()
+
+
+def toy_path(seed: int, index: int, size: int) -> str:
+    return f"{TOY_SCHEME}{seed}/{index}/{size}"
+
+
+def _toy_index(config: DatasetConfig) -> tuple[list[str], list[int], list[str]]:
+    from gig_dist.toy.world import CLASS_NAMES, toy_label
+
+    toy = config.toy
+    needed = range(0, toy.num_images, config.stride)
+    if config.limit is not None:
+        needed = needed[: config.limit]
+    paths = [toy_path(toy.seed, i, toy.image_size) for i in needed]
+    return paths, [toy_label(toy.seed, i) for i in needed], list(CLASS_NAMES)
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _walk_files(folder: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _visible(f)]
+    return found
+
+
+def _imagefolder_index(root: Path) -> tuple[list[str], list[int], list[str]]:
+    """``root/<class>/**/<file>``, classes in sorted order (ImageNet's sorted wnids give the
+    torchvision class indices). A folder with files but no class folders is read unlabelled."""
+    if not root.exists():
+        raise ConfigError(f"dataset.path = '{root}': no such directory")
+    if not root.is_dir():
+        raise ConfigError(f"dataset.path = '{root}' is a file; an imagefolder dataset needs a directory")
+    class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and _visible(entry.name))
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(class_names):
+        files = _walk_files(root / name)
+        paths += files
+        labels += [label] * len(files)
+    if not class_names:
+        paths = [str(root / f) for f in sorted(os.listdir(root)) if _visible(f) and (root / f).is_file()]
+        labels = [UNLABELLED] * len(paths)
+    return paths, labels, class_names
+
+
+def _filelist_index(list_file: Path) -> tuple[list[str], list[int], list[str]]:
+    """Lines ``path``, ``path,label`` or ``path<whitespace>label``; ``#`` starts a comment;
+    relative paths are relative to the list file's folder."""
+    if not list_file.is_file():
+        raise ConfigError(f"dataset.path = '{list_file}': file list not found")
+    base = list_file.parent
+    paths: list[str] = []
+    labels: list[int] = []
+    for number, raw in enumerate(list_file.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if "," in line:
+            path, _, label_text = line.rpartition(",")
+        else:
+            parts = line.rsplit(None, 1)
+            path, label_text = (parts[0], parts[1]) if len(parts) == 2 and parts[1].lstrip("-").isdigit() else (line, "")
+        path, label_text = path.strip(), label_text.strip()
+        try:
+            label = int(label_text) if label_text else UNLABELLED
+        except ValueError:
+            raise ConfigError(f"{list_file}:{number}: label {label_text!r} is not an integer") from None
+        paths.append(path if os.path.isabs(path) else str(base / path))
+        labels.append(label)
+    return paths, labels, []
+
+
+def build_index(config: DatasetConfig) -> DatasetIndex:
+    """List the dataset; a missing path or an empty dataset is an error here, before any work."""
+    if config.kind == "toy":
+        paths, labels, class_names = _toy_index(config)
+    else:
+        assert config.path is not None  # the config validator guarantees it
+        lister = _imagefolder_index if config.kind == "imagefolder" else _filelist_index
+        paths, labels, class_names = lister(config.path)
+        paths, labels = paths[:: config.stride], labels[:: config.stride]
+        if config.limit is not None:
+            paths, labels = paths[: config.limit], labels[: config.limit]
+    if not paths:
+        where = f" at '{config.path}'" if config.path else ""
+        raise ConfigError(f"the {config.kind} dataset{where} is empty: no images to process")
+    return DatasetIndex(paths, np.asarray(labels, dtype=np.int64), class_names)
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def build(self) -> T.Compose:
+        return T.Compose(
+            [
+                T.PILToTensor(),
+                T.Resize(self.resize, antialias=True),
+                T.CenterCrop(self.crop),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def build_for_mask(self) -> T.Compose:
+        """The same geometry for a label mask, with nearest-neighbour resampling."""
+        return T.Compose(
+            [
+                T.PILToTensor(),
+                T.Resize(self.resize, interpolation=T.InterpolationMode.NEAREST_EXACT),
+                T.CenterCrop(self.crop),
+            ]
+        )
+
+
+@dataclass
+class Loaded:
+    """One record after loading: the model input, or the reason it was skipped."""
+
+    image: torch.Tensor | None  # (3, crop, crop) float32
+    reason: str = ""
+    part_mask: np.ndarray | None = None  # (crop, crop) uint8, toy world only
+
+
+class ImageLoader:
+    """Loads records to model inputs on a thread pool (PIL decodes with the GIL released)."""
+
+    def __init__(self, transform: TransformSpec, max_pixels: int, threads: int) -> None:
+        self.spec = transform
+        self.transform = transform.build()
+        self.mask_transform = transform.build_for_mask()
+        self.max_pixels = max_pixels
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gig-dist-load")
+
+    def load(self, path: str) -> Loaded:
+        try:
+            if path.startswith(TOY_SCHEME):
+                return self._load_toy(path)
+            return Loaded(self.transform(open_rgb(path, self.max_pixels)))
+        except SkippedImage as exc:
+            return Loaded(None, str(exc))
+
+    def _load_toy(self, path: str) -> Loaded:
+        from gig_dist.toy.world import render
+
+        seed, index, size = (int(p) for p in path.removeprefix(TOY_SCHEME).split("/"))
+        image, mask, _ = render(seed, index, size)
+        pil = Image.fromarray(np.round(image * 255).astype(np.uint8))
+        part_mask = self.mask_transform(Image.fromarray(mask))[0].numpy()
+        return Loaded(self.transform(pil), part_mask=part_mask)
+
+    def submit_all(self, paths: list[str]) -> list[Future[Loaded]]:
+        return [self.pool.submit(self.load, path) for path in paths]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

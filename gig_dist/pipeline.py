@@ -1,0 +1,148 @@
+"""The pipeline: check everything a run needs, create or resume its store, run the stages.
+
+Every check that can fail (config values, model name and weights, taps, dataset path, the
+store at ``out``) runs in :func:`prepare` before any unit of work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from gig_dist.config import Config, ConfigError
+from gig_dist.data.sources import build_index
+from gig_dist.kernels.taps import probe_model, resolve_taps
+from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.runtime.local import LocalRuntime, StageReport
+from gig_dist.stages import STAGES
+from gig_dist.store import RunStore, StoreError
+
+#: Config sections that may change between a run and its resumption: they decide how work is
+#: executed, never what the results are.
+EXECUTION_ONLY = ("runtime",)
+
+
+def store_url(out: str | os.PathLike[str]) -> str:
+    """A local path becomes absolute (workers may run elsewhere); fsspec URLs pass through."""
+    text = os.fspath(out)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("gig-dist", "torch", "torchvision", "zarr", "numpy", "ray", "faiss-cpu", "scikit-learn"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _result_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in EXECUTION_ONLY}
+
+
+def _guard_foreign_directory(url: str) -> None:
+    """Never overwrite a directory that is not a Zarr group: it may hold the user's files."""
+    if "://" in url:
+        return
+    path = Path(url)
+    if path.is_file():
+        raise StoreError(f"--out {url} is a file, not a run store")
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+        raise StoreError(f"--out {url} is a non-empty directory that is not a run store; refusing to write into it")
+
+
+def prepare(config: Config, out: str | os.PathLike[str], overwrite: bool = False) -> RunStore:
+    """Validate the run against the model and the data, then create its store or reopen it to resume."""
+    model = build_model(config.model)
+    taps = resolve_taps(model, config.taps)
+    transform = resolve_transform(config)
+    index = build_index(config.dataset)
+    shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
+    config_dict = config.to_dict()
+    url = store_url(out)
+    _guard_foreign_directory(url)
+
+    if RunStore.exists(url) and not overwrite:
+        try:
+            store = RunStore.open(url, mode="r+")
+        except StoreError as exc:
+            if "no manifest" not in str(exc):
+                raise
+            # Interrupted while being created: no unit can have run, so nothing is lost by redoing it.
+        else:
+            _check_resumable(store, config_dict, index.fingerprint(), url)
+            return store
+
+    return RunStore.create(
+        url,
+        manifest={
+            "config": config_dict,
+            "versions": versions(),
+            "dataset_fingerprint": index.fingerprint(),
+            "class_names": index.class_names,
+            "transform": vars(transform),
+        },
+        paths=index.paths,
+        labels=index.labels,
+        tap_shapes={tap: (s.channels, s.height, s.width) for tap, s in shapes.items()},
+        num_outputs=num_outputs,
+        images_per_unit=config.store.images_per_unit,
+        images_per_chunk=config.store.images_per_chunk,
+        pfv_dtype=config.extract.dtype,
+        zstd_level=config.store.zstd_level,
+        part_mask_size=transform.crop if config.dataset.kind == "toy" else None,
+        stages=[stage.name for stage in STAGES],
+    )
+
+
+def _check_resumable(store: RunStore, config: dict[str, Any], fingerprint: str, url: str) -> None:
+    before = _flatten(_result_config(store.manifest["config"]))
+    now = _flatten(_result_config(config))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        raise ConfigError(
+            f"{url} holds a run with another config ({details}). Resume it with the same config, "
+            "write to another --out, or pass --overwrite to discard it"
+        )
+    if store.manifest["dataset_fingerprint"] != fingerprint:
+        raise ConfigError(
+            f"the dataset changed since {url} was created (its list of images and labels differs); "
+            "write to another --out, or pass --overwrite to discard the old run"
+        )
+
+
+@dataclass(frozen=True)
+class PipelineReport:
+    url: str
+    stages: list[StageReport]
+
+
+def make_runtime(config: Config):
+    if config.runtime.kind == "local":
+        return LocalRuntime(device=config.runtime.device, progress=config.runtime.progress)
+    raise ConfigError("runtime.kind = 'ray' is not available in this version yet; use runtime.kind=local")
+
+
+def run(config: Config, out: str | os.PathLike[str], overwrite: bool = False) -> PipelineReport:
+    """Run every stage of the pipeline into the store at ``out``, resuming what is already done."""
+    store = prepare(config, out, overwrite)
+    runtime = make_runtime(config)
+    reports = [runtime.run(stage_type(config, store.url)) for stage_type in STAGES]
+    return PipelineReport(store.url, reports)

@@ -1,0 +1,94 @@
+"""The stage contract every pipeline stage follows, and the one way a unit is committed.
+
+A stage plans its work as units, each a range of images aligned to the store's shards; a
+*worker* (one per process, GPU or CPU slot) holds the heavy state such as the model and runs
+units; :func:`execute_unit` runs a unit and then commits it. Runtimes (in-process, Ray) only
+decide where units run: they never touch the store layout, and a stage never knows which
+runtime drives it.
+
+Exactly-once: a unit's data is written before its completion marker, and a unit whose marker is
+missing is run again, writing the same bytes to the same shards. So a unit interrupted anywhere
+lands once, whichever worker reruns it.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from gig_dist._failpoints import failpoint
+from gig_dist.config import Config
+from gig_dist.store import RunStore
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Unit ``index`` of ``stage``: images ``start:stop``, exactly one shard of each array it writes."""
+
+    stage: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """What a unit returns to the runtime: small, so it can travel through Ray's object store."""
+
+    unit: int
+    images: int
+    skipped: int
+    seconds: float
+
+
+class StageWorker(ABC):
+    """Per-process state of a stage (model, loader, store handle); runs many units."""
+
+    @abstractmethod
+    def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
+        """Compute the unit and write its outputs to the store (not its completion marker)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release threads or devices."""
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, config: Config, store_url: str) -> None:
+        self.config = config
+        self.store_url = store_url
+
+    def plan(self, store: RunStore) -> list[WorkUnit]:
+        """All units of the stage, in order. Default: one unit per image shard."""
+        return [WorkUnit(self.name, i, r.start, r.stop) for i, r in enumerate(store.units())]
+
+    def pending(self, store: RunStore) -> list[WorkUnit]:
+        done = store.done_units(self.name)
+        return [unit for unit in self.plan(store) if not done[unit.index]]
+
+    def is_complete(self, store: RunStore) -> bool:
+        return store.stage_complete(self.name)
+
+    @abstractmethod
+    def open_worker(self, device: str) -> StageWorker:
+        """Build the per-process state; called once per worker, never on the driver's hot path."""
+
+
+def execute_unit(worker: StageWorker, store: RunStore, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
+    """Run ``unit`` and commit it: its data first, then its completion marker."""
+    started = time.perf_counter()
+    report = worker.run(unit, progress)
+    failpoint(f"{unit.stage}.before_commit")
+    store.mark_unit_done(unit.stage, unit.index)
+    failpoint(f"{unit.stage}.after_commit")
+    return UnitReport(report.unit, report.images, report.skipped, time.perf_counter() - started)

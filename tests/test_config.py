@@ -1,0 +1,70 @@
+import pytest
+
+from gig_dist.config import ConfigError, load_config
+
+
+def test_embedded_default_is_the_toy_world():
+    config = load_config()
+    assert config.model.name == "toy" and config.dataset.kind == "toy"
+    assert config.taps is None  # every residual block output
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("dataset.stride=0", "dataset.stride = 0: Input should be greater than or equal to 1"),
+        ("extract.batch_size=-3", "extract.batch_size = -3"),
+        ("runtime.kind=spark", "runtime.kind = 'spark': Input should be 'local' or 'ray'"),
+        ("extract.dtype=int8", "extract.dtype = 'int8'"),
+        ("store.images_per_chunk=7", "store.images_per_chunk (7) must divide store.images_per_unit (64)"),
+        ("dataset.kind=imagefolder", "dataset.path is required when dataset.kind is 'imagefolder'"),
+        ("transform.std=[1,0,1]", "transform.std must be positive"),
+        ("model.name=resnet50", "model.weights = 'shipped' exists only for the toy model"),
+        ("taps=[]", "taps is empty"),
+    ],
+)
+def test_invalid_values_name_key_and_value(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert expected in str(info.value)
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"model\.nmae: unknown key \(did you mean 'name'\?\)"):
+        load_config(None, ["model.nmae=resnet50"])
+
+
+def test_overrides_are_parsed_as_yaml():
+    config = load_config(None, ["taps=[layer1.0, layer3.1]", "dataset.limit=10", "model.weights=none"])
+    assert config.taps == ("layer1.0", "layer3.1")
+    assert config.dataset.limit == 10
+    assert config.model.weights is None
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset:\n  toy:\n    num_images: 12\nextract:\n  batch_size: 4\n")
+    config = load_config(path, ["extract.batch_size=2"])
+    assert config.dataset.toy.num_images == 12
+    assert config.extract.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("- a\n- b\n", "must hold a mapping"), ("a: [1,\n", "not valid YAML")],
+)
+def test_bad_config_files(tmp_path, content, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, ["dataset.limit"])
