@@ -78,6 +78,8 @@ class RunStore:
             return True
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             return False
+        except zarr.errors.ContainsArrayError:
+            return True
 
     @classmethod
     def create(
@@ -152,7 +154,7 @@ class RunStore:
             group = zarr.open_group(url, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             raise StoreError(f"no run store at {url}") from None
-        except zarr.errors.NodeTypeValidationError:
+        except (zarr.errors.NodeTypeValidationError, zarr.errors.ContainsArrayError):
             raise StoreError(f"{url} is a Zarr array, not a gig-dist run store") from None
         if MANIFEST_KEY not in group.attrs:
             raise StoreError(

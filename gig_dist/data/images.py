@@ -18,6 +18,12 @@ class SkippedImage(Exception):
     """An input that cannot be used; ``str(exc)`` is the reason stored for it."""
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Raise PIL's process-wide bomb limit when the configured limit is higher (never lower it)."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def open_rgb(path: str, max_pixels: int) -> Image.Image:
     """Decode ``path`` fully and return it as an RGB image."""
     try:
@@ -43,8 +49,12 @@ def open_rgb(path: str, max_pixels: int) -> Image.Image:
                 return image.convert("RGB")
     except SkippedImage:
         raise
-    except Image.DecompressionBombError as exc:
-        raise SkippedImage(f"too large: {exc}") from None
+    except Image.DecompressionBombError:
+        # PIL refuses to even open images over twice its own limit, before our check can run.
+        raise SkippedImage(
+            f"too large: over PIL's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, and "
+            f"dataset.max_image_pixels = {max_pixels}"
+        ) from None
     except UnidentifiedImageError:
         raise SkippedImage("not an image: no image format recognises this file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from gig_dist.config import ConfigError, DatasetConfig
-from gig_dist.data.images import SkippedImage, open_rgb
+from gig_dist.data.images import SkippedImage, allow_pixels, open_rgb
 
 TOY_SCHEME = "toy://"
 UNLABELLED = -1
@@ -180,6 +180,7 @@ class ImageLoader:
         self.transform = transform.build()
         self.mask_transform = transform.build_for_mask()
         self.max_pixels = max_pixels
+        allow_pixels(max_pixels)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gig-dist-load")
 
     def load(self, path: str) -> Loaded:

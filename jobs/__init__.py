@@ -1,0 +1,1 @@
+"""Ray job entrypoints: thin wrappers that parse a config and call the pipeline."""

@@ -1,0 +1,61 @@
+"""The command line as a new user types it."""
+
+import json
+import subprocess
+import sys
+
+CLI = [sys.executable, "-m", "gig_dist.cli"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_embedded_default_end_to_end(tmp_path):
+    """`gig-dist run` with no arguments, then `gig-dist inspect`: the README's first steps."""
+    done = run_cli("run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "extract: 16/16 units run; 1024 images (0 skipped)" in done.stdout
+    summary = json.loads(run_cli("inspect", str(tmp_path / "gig-dist-run.zarr"), "--json").stdout)
+    assert summary["stages"]["extract"]["complete"] is True
+    assert summary["images"] == {"total": 1024, "processed": 1024, "skipped": 0, "pending": 0}
+    assert summary["arrays"]["pfv/layer3.1"] == {
+        **summary["arrays"]["pfv/layer3.1"], "shape": [1024, 64, 256], "dtype": "float16"
+    }
+    assert {p for p in summary["arrays"] if p.startswith("pfv/")} == {
+        f"pfv/{t}" for t in ("layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1")
+    }
+    text = run_cli("inspect", str(tmp_path / "gig-dist-run.zarr")).stdout
+    assert "extract      complete" in text and "pfv/layer1.0" in text
+
+
+def test_config_errors_exit_2_before_work(tmp_path):
+    done = run_cli("run", "--out", str(tmp_path / "x.zarr"), "-o", "dataset.stride=0")
+    assert done.returncode == 2
+    assert "dataset.stride = 0" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_unknown_tap_exits_2_listing_valid_taps(tmp_path):
+    done = run_cli("run", "--out", str(tmp_path / "x.zarr"), "-o", "taps=[layer9.9]")
+    assert done.returncode == 2
+    assert "unknown tap 'layer9.9'" in done.stderr and "layer1.0, layer2.0, layer2.1, layer3.0, layer3.1" in done.stderr
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_inspect_of_a_missing_store(tmp_path):
+    done = run_cli("inspect", str(tmp_path / "nothing"))
+    assert done.returncode == 2 and "no run store at" in done.stderr
+
+
+def test_taps_lists_resnet50_blocks_without_weights_or_data():
+    done = run_cli("taps", "-o", "model.name=resnet50", "-o", "model.weights=none")
+    assert done.returncode == 0, done.stderr
+    assert "layer1.0                 256 x 56 x 56  (3136)" in done.stdout
+    assert "layer4.2                 2048 x 7 x 7  (49)" in done.stdout
+
+
+def test_config_prints_every_default():
+    done = run_cli("config", "-o", "dataset.limit=5")
+    assert done.returncode == 0
+    assert "limit: 5" in done.stdout and "images_per_unit: 64" in done.stdout

@@ -1,0 +1,186 @@
+"""Datasets and bad input: every kind of broken or unusual image file, indexing, subsets."""
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gig_dist import pipeline
+from gig_dist.config import ConfigError
+from gig_dist.data.images import SkippedImage, open_rgb
+from gig_dist.data.sources import build_index
+from gig_dist.store import PROCESSED, SKIPPED, RunStore
+from tests.conftest import toy_config
+
+
+def _noise(mode: str, size=(80, 60)) -> Image.Image:
+    rng = np.random.default_rng(0)
+    if mode == "RGB":
+        return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    return _noise("RGB", size).convert(mode)
+
+
+def _png_claiming_size(path: Path, width: int, height: int) -> None:
+    """A valid small PNG whose header claims ``width`` x ``height``: decoding it would need
+    gigabytes, reading its header does not."""
+    _noise("RGB", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[16:29]
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def _make_bad_and_odd_files(root: Path) -> dict[str, str | None]:
+    """Writes files under root/<class>/ and returns name -> expected reason fragment (None: usable)."""
+    good, odd = root / "good", root / "odd"
+    good.mkdir(parents=True)
+    odd.mkdir()
+    expected: dict[str, str | None] = {}
+    for i in range(3):
+        _noise("RGB").save(good / f"rgb{i}.jpg")
+        expected[f"rgb{i}.jpg"] = None
+    _noise("L").save(odd / "gray.png")
+    _noise("CMYK").save(odd / "cmyk.jpg")
+    _noise("RGBA").save(odd / "rgba.png")
+    _noise("P").save(odd / "palette.gif")
+    Image.fromarray((np.arange(80 * 60).reshape(60, 80) * 10).astype(np.uint16)).save(odd / "gray16.png")
+    expected.update({n: None for n in ("gray.png", "cmyk.jpg", "rgba.png", "palette.gif", "gray16.png")})
+
+    (odd / "empty.jpg").write_bytes(b"")
+    expected["empty.jpg"] = "empty file (0 bytes)"
+    (odd / "notes.txt").write_text("this is not an image\n")
+    expected["notes.txt"] = "not an image"
+    (odd / "random.jpg").write_bytes(np.random.default_rng(1).integers(0, 255, 4000, dtype=np.uint8).tobytes())
+    expected["random.jpg"] = "not an image"
+    _noise("RGB", (256, 256)).save(odd / "truncated.jpg", quality=95)
+    full = (odd / "truncated.jpg").read_bytes()
+    (odd / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    expected["truncated.jpg"] = "corrupt or truncated image"
+    _noise("RGB", (64, 64)).save(odd / "corrupt.png")
+    broken = bytearray((odd / "corrupt.png").read_bytes())
+    idat = broken.index(b"IDAT") + 4
+    broken[idat : idat + 200] = bytes(200)  # zero the compressed stream
+    (odd / "corrupt.png").write_bytes(bytes(broken))
+    expected["corrupt.png"] = "corrupt or truncated image"
+    _png_claiming_size(odd / "huge.png", 100_000, 100_000)
+    expected["huge.png"] = "too large: over PIL's limit"
+    return expected
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "LA", "I;16"])
+def test_unusual_modes_become_rgb(tmp_path, mode):
+    path = tmp_path / ("img.jpg" if mode in ("L", "CMYK") else "img.png")
+    image = _noise("RGB") if mode != "I;16" else None
+    if mode == "I;16":
+        Image.fromarray(np.full((60, 80), 40000, dtype=np.uint16)).save(path)
+    else:
+        image.convert(mode).save(path)
+    rgb = open_rgb(str(path), 10**8)
+    assert rgb.mode == "RGB" and rgb.size == (80, 60)
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    _noise("RGB", (200, 200)).save(tmp_path / "a.png")
+    assert open_rgb(str(tmp_path / "a.png"), 40_000).size == (200, 200)
+    with pytest.raises(SkippedImage, match="40000 pixels exceeds dataset.max_image_pixels = 39999"):
+        open_rgb(str(tmp_path / "a.png"), 39_999)
+
+
+def test_huge_image_within_pil_limit_hits_ours(tmp_path):
+    _png_claiming_size(tmp_path / "big.png", 12_000, 12_000)  # 144M pixels: PIL only warns
+    with pytest.raises(SkippedImage, match="too large: 12000x12000 = 144000000 pixels exceeds"):
+        open_rgb(str(tmp_path / "big.png"), 89_478_485)
+
+
+def test_missing_file_is_a_skip_reason(tmp_path):
+    with pytest.raises(SkippedImage, match="file not found"):
+        open_rgb(str(tmp_path / "gone.jpg"), 10**8)
+
+
+def test_bad_images_are_skipped_recorded_and_the_run_goes_on(tmp_path):
+    expected = _make_bad_and_odd_files(tmp_path / "data")
+    config = toy_config(
+        "dataset.kind=imagefolder", f"dataset.path={tmp_path / 'data'}", "store.images_per_unit=8",
+        "store.images_per_chunk=4",
+    )
+    report = pipeline.run(config, tmp_path / "run.zarr")
+    store = RunStore.open(report.url)
+    paths, labels = store.read_index(store.units()[0])
+    all_paths = [str(p) for p in store.group["meta/path"][:]]
+    status = store.group["meta/status"][:]
+    reasons = [str(r) for r in store.group["meta/skip_reason"][:]]
+    assert len(all_paths) == len(expected)
+    for path, state, reason in zip(all_paths, status, reasons):
+        fragment = expected[Path(path).name]
+        if fragment is None:
+            assert state == PROCESSED and reason == "", path
+        else:
+            assert state == SKIPPED and fragment in reason, (path, reason)
+
+    bad = [n for n, r in expected.items() if r is not None]
+    counts = store.image_counts()
+    assert counts == {"total": len(expected), "processed": len(expected) - len(bad), "skipped": len(bad), "pending": 0}
+    assert sum(r.skipped for r in report.stages) == len(bad)
+    assert sorted(Path(s["path"]).name for s in store.skipped_images()) == sorted(bad)
+
+    logits = store.group["meta/logits"][:]
+    assert np.isfinite(logits[status == PROCESSED]).all() and np.isnan(logits[status == SKIPPED]).all()
+    assert (store.group["meta/prediction"][:][status == SKIPPED] == -1).all()
+    pfv = store.group["pfv/layer3.1"][:]
+    assert np.isnan(pfv[status == SKIPPED]).all() and np.isfinite(pfv[status == PROCESSED]).all()
+    # ImageFolder labels follow sorted class folders: good = 0, odd = 1.
+    assert store.manifest["class_names"] == ["good", "odd"]
+    assert all((lab == 0) == ("/good/" in p) for p, lab in zip(all_paths, store.group["meta/label"][:]))
+
+
+def test_missing_dataset_path_fails_before_any_work(tmp_path):
+    config = toy_config("dataset.kind=imagefolder", f"dataset.path={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match="no such directory"):
+        pipeline.run(config, tmp_path / "run.zarr")
+    assert not (tmp_path / "run.zarr").exists()
+
+
+def test_empty_dataset_fails_before_any_work(tmp_path):
+    (tmp_path / "data" / "cls").mkdir(parents=True)
+    config = toy_config("dataset.kind=imagefolder", f"dataset.path={tmp_path / 'data'}")
+    with pytest.raises(ConfigError, match="is empty: no images"):
+        pipeline.run(config, tmp_path / "run.zarr")
+    assert not (tmp_path / "run.zarr").exists()
+
+
+def test_filelist_with_labels_comments_and_relative_paths(tmp_path):
+    _noise("RGB").save(tmp_path / "a.jpg")
+    _noise("RGB").save(tmp_path / "b c.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# images\na.jpg,3\n\nb c.jpg 5  # spaces in names work\nmissing.jpg\n")
+    config = toy_config("dataset.kind=filelist", f"dataset.path={listing}")
+    index = build_index(config.dataset)
+    assert index.paths == [str(tmp_path / "a.jpg"), str(tmp_path / "b c.jpg"), str(tmp_path / "missing.jpg")]
+    assert index.labels.tolist() == [3, 5, -1]
+    store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr").url)
+    assert store.image_counts()["skipped"] == 1
+    assert store.skipped_images()[0]["reason"] == "file not found"
+
+
+def test_filelist_bad_label_names_the_line(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.jpg,1\nb.jpg,cat\n")
+    with pytest.raises(ConfigError, match=r"list.txt:2: label 'cat' is not an integer"):
+        build_index(toy_config("dataset.kind=filelist", f"dataset.path={listing}").dataset)
+
+
+def test_flat_folder_is_read_unlabelled(tmp_path):
+    for name in ("x.png", "y.png"):
+        _noise("RGB").save(tmp_path / name)
+    index = build_index(toy_config("dataset.kind=imagefolder", f"dataset.path={tmp_path}").dataset)
+    assert len(index) == 2 and index.labels.tolist() == [-1, -1] and index.class_names == []
+
+
+def test_stride_then_limit():
+    index = build_index(toy_config("dataset.toy.num_images=100", "dataset.stride=7", "dataset.limit=5").dataset)
+    assert [int(p.split("/")[-2]) for p in index.paths] == [0, 7, 14, 21, 28]

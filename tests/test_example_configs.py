@@ -1,0 +1,23 @@
+from pathlib import Path
+
+import pytest
+
+from gig_dist.config import load_config
+from gig_dist.kernels.taps import resolve_taps
+from gig_dist.models.loading import build_model, resolve_transform
+
+CONFIGS = sorted((Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_example_configs_validate_against_their_model(path):
+    config = load_config(path)
+    # The architecture (not the weights, which would download) must have the configured taps.
+    model = build_model(config.model.model_copy(update={"weights": None}))
+    assert resolve_taps(model, config.taps)
+    assert resolve_transform(config).crop == 224
+
+
+def test_imagenet_example_uses_the_four_stage_outputs():
+    config = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "imagenet-resnet50.yaml")
+    assert config.taps == ("layer1.2", "layer2.3", "layer3.5", "layer4.2")

@@ -1,0 +1,198 @@
+"""Extraction into the store: values, shard alignment, concurrent writers, crash safety, resume."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from gig_dist import pipeline
+from gig_dist.config import ConfigError
+from gig_dist.data.sources import ImageLoader
+from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.stages import ExtractStage, execute_unit
+from gig_dist.store import RunStore, StoreError
+from tests.conftest import assert_stores_equal, toy_config
+
+CLI = [sys.executable, "-m", "gig_dist.cli"]
+SMALL = ["-o", "dataset.toy.num_images=40", "-o", "store.images_per_unit=8", "-o", "store.images_per_chunk=4",
+         "-o", "extract.batch_size=4", "-o", "runtime.progress=false", "-o", "runtime.device=cpu"]
+SMALL_CONFIG = [s for s in SMALL if s != "-o"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the SMALL config, to compare interrupted ones against."""
+    out = tmp_path_factory.mktemp("reference") / "run.zarr"
+    pipeline.run(toy_config(*SMALL_CONFIG), out)
+    return str(out)
+
+
+def test_pfvs_equal_a_direct_forward_pass(reference):
+    store = RunStore.open(reference)
+    config = toy_config(*SMALL_CONFIG)
+    model = build_model(config.model)
+    loader = ImageLoader(resolve_transform(config), 10**8, 1)
+    paths = [str(p) for p in store.group["meta/path"][:5]]
+    x = torch.stack([loader.load(p).image for p in paths])
+    with torch.no_grad():
+        stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        layer1 = model.layer1(stem)
+        layer2_0 = model.layer2[0](layer1)
+        logits = model(x)
+    stored = store.group["pfv/layer2.0"][:5].astype(np.float32)  # (N, H*W, C)
+    expected = layer2_0.permute(0, 2, 3, 1).reshape(5, 16 * 16, 128).half().float().numpy()
+    assert np.array_equal(stored, expected)
+    assert np.allclose(store.group["meta/logits"][:5], logits.numpy(), atol=1e-5)
+    assert (store.group["meta/prediction"][:5] == logits.argmax(1).numpy()).all()
+    # The toy model classifies its world; the part masks are stored in input coordinates.
+    assert (store.group["meta/prediction"][:] == store.group["meta/label"][:]).mean() > 0.95
+    masks = store.group["meta/part_mask"][:5]
+    assert masks.shape == (5, 64, 64) and (masks > 0).any(axis=(1, 2)).all()
+
+
+def test_units_are_exactly_the_shards_of_every_array(reference):
+    store = RunStore.open(reference)
+    units = store.units()
+    assert [(u.start, u.stop) for u in units] == [(s, s + 8) for s in range(0, 40, 8)]
+    per_image = [p for p, n in store.group.members(max_depth=None)
+                 if isinstance(n, zarr.Array) and not p.startswith("progress/")]
+    assert "pfv/layer1.0" in per_image and "meta/status" in per_image
+    for path in per_image:
+        # Each unit covers exactly one shard (or chunk) of every array: one writer per shard.
+        assert store.shard_ranges(path) == units, path
+    stage = ExtractStage(toy_config(*SMALL_CONFIG), reference)
+    assert [(u.start, u.stop) for u in stage.plan(store)] == [(u.start, u.stop) for u in units]
+
+
+def test_writes_that_are_not_one_whole_unit_are_refused(reference, tmp_path):
+    out = tmp_path / "copy.zarr"
+    pipeline.prepare(toy_config(*SMALL_CONFIG), out)
+    store = RunStore.open(str(out), mode="r+")
+    from gig_dist.store import ImageRange
+
+    with pytest.raises(ValueError, match="not a work unit"):
+        store.write_extraction(ImageRange(4, 12), pfvs={}, logits=np.zeros((8, 8)), status=np.zeros(8),
+                               skip_reasons=[""] * 8, part_masks=None)
+
+
+def _run_units(url: str, indices: list[int]) -> None:
+    config = toy_config(*SMALL_CONFIG)
+    stage = ExtractStage(config, url)
+    store = RunStore.open(url, mode="r+")
+    worker = stage.open_worker("cpu")
+    units = stage.plan(store)
+    for i in indices:
+        execute_unit(worker, store, units[i])
+    worker.close()
+
+
+def test_two_processes_writing_their_own_shards_lose_nothing(reference, tmp_path):
+    out = tmp_path / "parallel.zarr"
+    url = pipeline.prepare(toy_config(*SMALL_CONFIG), out).url
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_run_units, args=(url, part)) for part in ([0, 2, 4], [1, 3])]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+        assert w.exitcode == 0
+    assert_stores_equal(reference, url)
+
+
+def _progress(out) -> np.ndarray:
+    return zarr.open_array(str(out / "progress" / "extract"), mode="r")[:]
+
+
+def test_sigkill_between_data_and_commit_then_resume_equals_uninterrupted(reference, tmp_path):
+    out = tmp_path / "killed.zarr"
+    env = dict(os.environ, GIG_DIST_FAILPOINT="extract.before_commit:3")
+    killed = subprocess.run([*CLI, "run", "--out", str(out), *SMALL], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # Units 0 and 1 committed; unit 2's data was written but never committed.
+    assert _progress(out).tolist() == [1, 1, 0, 0, 0]
+    resumed = subprocess.run([*CLI, "run", "--out", str(out), *SMALL], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "3/5 units run, 2 already done" in resumed.stdout
+    assert_stores_equal(reference, str(out))
+
+
+def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path):
+    out = tmp_path / "killed.zarr"
+    # Batch size 1 slows the run so the kill lands while units are still pending. (Batch size
+    # changes float rounding, so the reference is an uninterrupted run with the same config.)
+    slow = [*SMALL, "-o", "extract.batch_size=1", "-o", "dataset.loader_threads=1"]
+    reference = pipeline.run(toy_config(*[s for s in slow if s != "-o"]), tmp_path / "reference.zarr").url
+    process = subprocess.Popen([*CLI, "run", "--out", str(out), *slow], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if (out / "progress" / "extract").exists() and 0 < _progress(out).sum():
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert 0 < _progress(out).sum() < 5, "the kill must land mid-stage"
+    resumed = subprocess.run([*CLI, "run", "--out", str(out), *slow], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_stores_equal(reference, str(out))
+
+
+def test_rerun_of_a_complete_run_does_nothing(reference, tmp_path):
+    report = pipeline.run(toy_config(*SMALL_CONFIG), reference)
+    assert report.stages[0].units_run == 0 and report.stages[0].units_total == 5
+
+
+def test_resume_with_another_config_is_refused(reference):
+    with pytest.raises(ConfigError, match=r"another config \(extract.batch_size: 4 -> 8\)"):
+        pipeline.run(toy_config(*SMALL_CONFIG, "extract.batch_size=8"), reference)
+    # Execution-only settings may change between a run and its resumption.
+    pipeline.run(toy_config(*SMALL_CONFIG, "runtime.progress=true"), reference)
+
+
+def test_overwrite_discards_the_old_run(reference, tmp_path):
+    out = tmp_path / "run.zarr"
+    pipeline.run(toy_config(*SMALL_CONFIG), out)
+    report = pipeline.run(toy_config(*SMALL_CONFIG, "dataset.limit=16"), out, overwrite=True)
+    assert RunStore.open(report.url).num_images == 16
+
+
+def test_a_foreign_directory_is_never_overwritten(tmp_path):
+    (tmp_path / "thesis.tex").write_text("years of work")
+    with pytest.raises(StoreError, match="not a run store; refusing"):
+        pipeline.run(toy_config(*SMALL_CONFIG), tmp_path, overwrite=True)
+    assert (tmp_path / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_store_interrupted_during_creation_is_created_again(tmp_path):
+    out = tmp_path / "run.zarr"
+    zarr.open_group(str(out), mode="w").create_array("pfv/layer1.0", shape=(4,), dtype="uint8")
+    with pytest.raises(StoreError, match="no manifest"):
+        RunStore.open(str(out))
+    report = pipeline.run(toy_config(*SMALL_CONFIG), out)
+    assert RunStore.open(report.url).stage_complete("extract")
+
+
+def test_another_tools_zarr_array_is_not_a_store(tmp_path):
+    zarr.create_array(str(tmp_path / "a.zarr"), shape=(3,), dtype="int8")
+    with pytest.raises(StoreError, match="Zarr array, not a gig-dist run store"):
+        RunStore.open(str(tmp_path / "a.zarr"))
+
+
+def test_inspect_json(reference):
+    done = subprocess.run([*CLI, "inspect", reference, "--json"], capture_output=True, text=True, check=True)
+    summary = json.loads(done.stdout)
+    assert summary["stages"] == {"extract": {"complete": True, "units_done": 5, "units": 5}}
+    assert summary["arrays"]["pfv/layer1.0"]["shape"] == [40, 1024, 64]
+    assert summary["arrays"]["pfv/layer1.0"]["dtype"] == "float16"
+    assert summary["images"] == {"total": 40, "processed": 40, "skipped": 0, "pending": 0}
+    assert summary["skipped"] == []
+    assert summary["config"]["extract"]["batch_size"] == 4
+    assert "torch" in summary["versions"]
