@@ -19,8 +19,6 @@ import yaml
 from gig_dist import __version__
 from gig_dist.config import Config, ConfigError, load_config
 
-DEFAULT_OUT = "gig-dist-run.zarr"
-
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", metavar="FILE", help="YAML config file (default: the embedded toy world)")
@@ -55,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{counts['pending']} pending of {counts['total']}"
     )
     if counts["skipped"]:
-        print(f"skipped images and reasons: gig-dist inspect {args.out}")
+        print(f"skipped images and reasons: gig-dist inspect {report.url}")
     return 0
 
 
@@ -158,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline (default: the embedded toy world)")
     _add_config_args(run)
-    run.add_argument("--out", default=DEFAULT_OUT, help=f"run store: a directory or fsspec URL (default {DEFAULT_OUT})")
+    run.add_argument("--out", help="run store: a directory or fsspec URL (default: store.path, gig-dist-run.zarr)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run store at --out")
     run.set_defaults(func=cmd_run)
 

@@ -86,6 +86,9 @@ class ExtractConfig(_Section):
 
 
 class StoreConfig(_Section):
+    #: Where the run store lives: a directory, or an fsspec URL (``s3://bucket/run.zarr``) that
+    #: every worker can reach. ``gig-dist run --out`` overrides it.
+    path: str = "gig-dist-run.zarr"
     #: Images per work unit, which is also the shard size along the image axis: a unit is the
     #: only writer of its shard. Large enough to amortise overhead, small enough for memory.
     images_per_unit: int = Field(default=64, ge=1)

@@ -21,14 +21,15 @@ from gig_dist.runtime.local import LocalRuntime, StageReport
 from gig_dist.stages import STAGES
 from gig_dist.store import RunStore, StoreError
 
-#: Config sections that may change between a run and its resumption: they decide how work is
-#: executed, never what the results are.
-EXECUTION_ONLY = ("runtime",)
+#: Config keys (and key prefixes) that may change between a run and its resumption: they decide
+#: how and where work is executed, never what the results are. A store may be moved and resumed.
+EXECUTION_ONLY = ("runtime.", "store.path")
 
 
 def store_url(out: str | os.PathLike[str]) -> str:
-    """A local path becomes absolute (workers may run elsewhere); fsspec URLs pass through."""
-    text = os.fspath(out)
+    """A local path (or ``file://`` URL) becomes an absolute path, since workers may run in other
+    directories; other fsspec URLs (``s3://``, ``gs://``, ``memory://``) pass through."""
+    text = os.fspath(out).removeprefix("file://")
     return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
@@ -53,7 +54,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _result_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in EXECUTION_ONLY}
+    return {k: v for k, v in _flatten(config).items() if not k.startswith(EXECUTION_ONLY)}
 
 
 def _guard_foreign_directory(url: str) -> None:
@@ -67,15 +68,16 @@ def _guard_foreign_directory(url: str) -> None:
         raise StoreError(f"--out {url} is a non-empty directory that is not a run store; refusing to write into it")
 
 
-def prepare(config: Config, out: str | os.PathLike[str], overwrite: bool = False) -> RunStore:
-    """Validate the run against the model and the data, then create its store or reopen it to resume."""
+def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False) -> RunStore:
+    """Validate the run against the model and the data, then create its store (at ``out``, else
+    ``store.path``) or reopen it to resume."""
     model = build_model(config.model)
     taps = resolve_taps(model, config.taps)
     transform = resolve_transform(config)
     index = build_index(config.dataset)
     shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
     config_dict = config.to_dict()
-    url = store_url(out)
+    url = store_url(out if out is not None else config.store.path)
     _guard_foreign_directory(url)
 
     if RunStore.exists(url) and not overwrite:
@@ -112,8 +114,8 @@ def prepare(config: Config, out: str | os.PathLike[str], overwrite: bool = False
 
 
 def _check_resumable(store: RunStore, config: dict[str, Any], fingerprint: str, url: str) -> None:
-    before = _flatten(_result_config(store.manifest["config"]))
-    now = _flatten(_result_config(config))
+    before = _result_config(store.manifest["config"])
+    now = _result_config(config)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
@@ -140,7 +142,7 @@ def make_runtime(config: Config):
     raise ConfigError("runtime.kind = 'ray' is not available in this version yet; use runtime.kind=local")
 
 
-def run(config: Config, out: str | os.PathLike[str], overwrite: bool = False) -> PipelineReport:
+def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False) -> PipelineReport:
     """Run every stage of the pipeline into the store at ``out``, resuming what is already done."""
     store = prepare(config, out, overwrite)
     runtime = make_runtime(config)

@@ -102,7 +102,9 @@ class RunStore:
         n = len(paths)
         group = zarr.open_group(url, mode="w")
         compressors = ZstdCodec(level=zstd_level)
-        unit = min(images_per_unit, n)
+        # Shards keep their configured size even past the end of a small dataset: Zarr allows a
+        # partial last shard, and the inner chunks must always divide the shard.
+        unit = images_per_unit
 
         def per_image(name: str, tail: tuple[int, ...], dtype: Any, fill: Any, **extra: Any) -> zarr.Array:
             return group.create_array(
@@ -124,7 +126,7 @@ class RunStore:
                 f"pfv/{tap}",
                 shape=(n, positions, channels),
                 shards=(unit, positions, channels),
-                chunks=(min(images_per_chunk, unit), positions, channels),
+                chunks=(images_per_chunk, positions, channels),
                 dtype=pfv_dtype,
                 fill_value=np.nan,
                 compressors=compressors,

@@ -157,6 +157,27 @@ def test_resume_with_another_config_is_refused(reference):
     pipeline.run(toy_config(*SMALL_CONFIG, "runtime.progress=true"), reference)
 
 
+def test_a_moved_store_resumes_and_file_urls_are_local_paths(reference, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(reference, moved)
+    report = pipeline.run(toy_config(*SMALL_CONFIG, f"store.path={tmp_path / 'elsewhere.zarr'}"), f"file://{moved}")
+    assert report.url == str(moved) and report.stages[0].units_run == 0
+
+
+def test_runs_smaller_than_one_unit_and_fsspec_urls(tmp_path):
+    report = pipeline.run(toy_config("dataset.toy.num_images=5"), "memory://tiny.zarr")
+    store = RunStore.open(report.url)
+    assert report.url == "memory://tiny.zarr" and store.image_counts()["processed"] == 5
+    assert store.group["pfv/layer1.0"].shards[0] == 16 and store.group["pfv/layer1.0"].chunks[0] == 4
+
+
+def test_store_path_from_the_config(tmp_path):
+    report = pipeline.run(toy_config("dataset.toy.num_images=5", f"store.path={tmp_path / 'cfg.zarr'}"))
+    assert report.url == str(tmp_path / "cfg.zarr") and RunStore.open(report.url).stage_complete("extract")
+
+
 def test_overwrite_discards_the_old_run(reference, tmp_path):
     out = tmp_path / "run.zarr"
     pipeline.run(toy_config(*SMALL_CONFIG), out)
