@@ -1,6 +1,8 @@
 """Fault injection for tests of crash safety: ``GIG_DIST_FAILPOINT=<name>:<n>`` makes the process
 SIGKILL itself the n-th time it passes the named point, exactly as a crash or an OOM kill would.
-Unset (always, outside tests), a failpoint costs one dictionary lookup."""
+``<name>:<n>@<file>`` fires in one process only, the first to create ``<file>`` (so a restarted
+or replacement worker does not die again). Unset (always, outside tests), a failpoint costs one
+dictionary lookup."""
 
 from __future__ import annotations
 
@@ -16,9 +18,16 @@ def failpoint(name: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
+    spec, _, once_file = spec.partition("@")
     target, _, count = spec.partition(":")
     if target != name:
         return
     _hits[name] += 1
-    if _hits[name] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _hits[name] < int(count or 1):
+        return
+    if once_file:
+        try:
+            os.close(os.open(once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

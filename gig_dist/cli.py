@@ -35,6 +35,8 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from gig_dist import pipeline
 
+    if args.ray_address:
+        args.overrides = ["runtime.kind=ray", f"runtime.address={args.ray_address}", *args.overrides]
     config = _config(args)
     report = pipeline.run(config, args.out, overwrite=args.overwrite)
     for stage in report.stages:
@@ -45,6 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{stage.images} images ({stage.skipped} skipped) in {stage.seconds:.1f}s "
             f"({stage.images_per_second:.1f} images/s)"
         )
+        if len(stage.placement) > 1 or stage.retries:
+            print(f"  units per node: {dict(stage.placement)}; units rerun after a worker died: {stage.retries}")
     from gig_dist.store import RunStore
 
     counts = RunStore.open(report.url).image_counts()
@@ -158,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--out", help="run store: a directory or fsspec URL (default: store.path, gig-dist-run.zarr)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run store at --out")
+    run.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="run on the Ray cluster at ADDR (e.g. 127.0.0.1:6379 or auto); same as -o runtime.kind=ray -o runtime.address=ADDR",
+    )
     run.set_defaults(func=cmd_run)
 
     inspect = sub.add_parser("inspect", help="show a run store: stages, arrays, images, config")
@@ -178,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from gig_dist.kernels.taps import TapError
+    from gig_dist.stages.base import UnitFailed
     from gig_dist.store import StoreError
 
     args = build_parser().parse_args(argv)
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, TapError, StoreError) as exc:
+    except (ConfigError, TapError, StoreError, UnitFailed) as exc:
         print(f"gig-dist: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -107,14 +107,30 @@ class StoreConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    #: ``local``: in-process, one worker (tests, debugging). ``ray``: see the README.
+    #: ``local``: in-process, one worker (tests, debugging). ``ray``: Ray actors, one per GPU
+    #: (or per ``cpus_per_worker`` CPUs where there is no GPU).
     kind: Literal["local", "ray"] = "local"
-    #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``. On Ray, ``cuda`` asks for GPU actors
+    #: even before the autoscaler has started any GPU node.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: Ray cluster address (``auto``, ``ray://host:10001``); ``None`` starts a local Ray.
+    #: Ray cluster address (``auto``, ``127.0.0.1:6379``, ``ray://host:10001``). ``None``: the
+    #: cluster of a Ray job (``RAY_ADDRESS``), else a new local Ray bound to loopback.
     address: str | None = None
+    #: Ray actors to start. ``None``: as many as the cluster's GPUs (or CPUs) hold now; set it
+    #: on autoscaling clusters, where the nodes appear only once actors ask for them.
     num_workers: int | None = Field(default=None, ge=1)
+    #: GPUs per actor; fractions put several actors on one GPU.
     gpus_per_worker: float = Field(default=1.0, gt=0)
+    #: CPUs per actor (its share for torch and image decoding).
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    #: torch threads per worker. ``None``: all cores in-process, ``cpus_per_worker`` on Ray.
+    #: Thread count changes float summation order (values differ by ~1e-6), so set it to the
+    #: same number everywhere when results must be bitwise identical across runtimes.
+    torch_threads: int | None = Field(default=None, ge=1)
+    #: How often a unit is tried before the stage fails (a unit is retried when its worker dies).
+    max_unit_attempts: int = Field(default=3, ge=1)
+    #: Environment variables for the worker processes.
+    env: dict[str, str] = Field(default_factory=dict)
     progress: bool = True
 
 

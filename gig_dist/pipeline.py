@@ -138,8 +138,10 @@ class PipelineReport:
 
 def make_runtime(config: Config):
     if config.runtime.kind == "local":
-        return LocalRuntime(device=config.runtime.device, progress=config.runtime.progress)
-    raise ConfigError("runtime.kind = 'ray' is not available in this version yet; use runtime.kind=local")
+        return LocalRuntime(config.runtime.device, config.runtime.progress, config.runtime.torch_threads)
+    from gig_dist.runtime.ray_runtime import RayRuntime  # Ray is imported only when asked for
+
+    return RayRuntime(config.runtime)
 
 
 def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False) -> PipelineReport:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gig_dist.config import Config, load_config
 
-# Ray (later tests) must bind to loopback on these machines.
+# Ray binds to loopback on these machines only with this set. Token auth is explicit for the
+# test head and every client (this process, the CLI and `ray job submit` in subprocesses), which
+# read the token from ~/.ray/auth_token; Ray reads the mode once, at import, so it is set here.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def toy_config(*overrides: str) -> Config:
@@ -26,8 +35,9 @@ def toy_config(*overrides: str) -> Config:
     return load_config(None, [*base, *overrides])
 
 
-def assert_stores_equal(url_a: str, url_b: str) -> None:
-    """Every array of two run stores holds the same values (NaN equal to NaN)."""
+def assert_stores_equal(url_a: str, url_b: str, float_rtol: float = 0.0) -> None:
+    """Every array of two run stores holds the same values (NaN equal to NaN); floats bitwise,
+    or within ``float_rtol`` relative (plus the same absolute amount near zero)."""
     import zarr
 
     a, b = zarr.open_group(url_a, mode="r"), zarr.open_group(url_b, mode="r")
@@ -37,7 +47,9 @@ def assert_stores_equal(url_a: str, url_b: str) -> None:
     for path, array in arrays_a.items():
         left, right = array[...], arrays_b[path][...]
         assert left.dtype == right.dtype, path
-        if left.dtype.kind == "f":
+        if left.dtype.kind == "f" and float_rtol:
+            assert np.allclose(left, right, rtol=float_rtol, atol=float_rtol, equal_nan=True), f"{path} differs"
+        elif left.dtype.kind == "f":
             assert np.array_equal(left, right, equal_nan=True), f"{path} differs"
         else:
             assert (left == right).all(), f"{path} differs"
@@ -46,3 +58,58 @@ def assert_stores_equal(url_a: str, url_b: str) -> None:
 @pytest.fixture
 def small_config() -> Config:
     return toy_config()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # for ray.init / --ray-address
+    dashboard: str  # for ray job submit
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """One local Ray head for the whole test session, on loopback, with the job server; the test
+    process is connected to it as a driver."""
+    import ray
+
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "w")
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--port={gcs_port}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    try:
+        _wait_for_port(gcs_port, 60)
+        _wait_for_port(dashboard_port, 60)
+        ray.init(address=f"127.0.0.1:{gcs_port}", logging_level="WARNING")
+        yield RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}")
+    finally:
+        ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+
+
+REPO = Path(__file__).resolve().parent.parent

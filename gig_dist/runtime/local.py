@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from tqdm.auto import tqdm
 
 from gig_dist.stages.base import Stage, execute_unit
@@ -19,6 +20,10 @@ class StageReport:
     images: int
     skipped: int
     seconds: float
+    #: Units rerun because their worker died.
+    retries: int = 0
+    #: Units run per worker node (Ray node id; ``local`` in-process).
+    placement: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -26,9 +31,10 @@ class StageReport:
 
 
 class LocalRuntime:
-    def __init__(self, device: str = "auto", progress: bool = True) -> None:
+    def __init__(self, device: str = "auto", progress: bool = True, torch_threads: int | None = None) -> None:
         self.device = device
         self.progress = progress
+        self.torch_threads = torch_threads
 
     def run(self, stage: Stage) -> StageReport:
         store = RunStore.open(stage.store_url, mode="r+")
@@ -37,6 +43,8 @@ class LocalRuntime:
         started = time.perf_counter()
         images = skipped = 0
         if pending:
+            if self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
             worker = stage.open_worker(self.device)
             bar = tqdm(
                 total=sum(u.size for u in pending), unit="img", desc=stage.name, disable=not self.progress,
@@ -50,4 +58,5 @@ class LocalRuntime:
             finally:
                 bar.close()
                 worker.close()
-        return StageReport(stage.name, units_total, len(pending), images, skipped, time.perf_counter() - started)
+        return StageReport(stage.name, units_total, len(pending), images, skipped, time.perf_counter() - started,
+                           placement={"local": len(pending)} if pending else {})

@@ -26,6 +26,10 @@ from gig_dist.store import RunStore
 Progress = Callable[[int], None]
 
 
+class UnitFailed(RuntimeError):
+    """A unit failed in its own code, or kept losing its workers; names the unit and its images."""
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     """Unit ``index`` of ``stage``: images ``start:stop``, exactly one shard of each array it writes."""

@@ -1,0 +1,149 @@
+"""Ray runtime: a stage's units on Ray actors. The only module that imports Ray.
+
+Each actor builds the stage's worker once (the model on its GPU, the image loader, a store
+handle) and then runs units, reading and writing the store itself: only unit descriptors and
+small reports travel through Ray, so the driver's memory does not grow with the dataset.
+
+The driver keeps every actor busy from one queue. When an actor dies (node lost, OOM kill,
+preemption), its in-flight units go back on the queue (unless the store shows them committed)
+and a fresh actor takes its place; a unit lands once because it is committed by a marker written
+after its data, and rerunning it rewrites the same bytes into the same shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+from tqdm.auto import tqdm
+
+from gig_dist.config import RuntimeConfig
+from gig_dist.runtime.local import StageReport
+from gig_dist.stages.base import Stage, UnitFailed, UnitReport, WorkUnit, execute_unit
+from gig_dist.store import RunStore
+
+log = logging.getLogger(__name__)
+
+#: Errors that mean the worker (process or node) is gone, not that the unit's code failed.
+WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` (or a job's ``RAY_ADDRESS``), else start a local Ray.
+
+    A new local Ray binds to loopback: nothing on the network can reach it.
+    """
+    if ray.is_initialized():
+        return
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class StageActor:
+    def __init__(self, stage: Stage, device: str, torch_threads: int) -> None:
+        torch.set_num_threads(torch_threads)
+        if device == "auto":
+            device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.worker = stage.open_worker(device)
+        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def run(self, unit: WorkUnit) -> tuple[UnitReport, str]:
+        return execute_unit(self.worker, self.store, unit), self.node
+
+
+class RayRuntime:
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+
+    def _actor_options(self) -> tuple[dict, int, str]:
+        """Resources per actor, how many actors, and the device they should use."""
+        c = self.config
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = c.device == "cuda" or (c.device == "auto" and cluster_gpus > 0)
+        if use_gpu:
+            options = {"num_gpus": c.gpus_per_worker, "num_cpus": c.cpus_per_worker}
+            capacity = int(cluster_gpus // c.gpus_per_worker)
+            device = "cuda"
+        else:
+            options = {"num_cpus": c.cpus_per_worker}
+            capacity = int(ray.cluster_resources().get("CPU", 1) // c.cpus_per_worker)
+            device = "cpu"
+        if c.env:
+            options["runtime_env"] = {"env_vars": dict(c.env)}
+        return options, c.num_workers or max(1, capacity), device
+
+    def run(self, stage: Stage) -> StageReport:
+        connect(self.config.address)
+        store = RunStore.open(stage.store_url, mode="r")
+        units_total = len(stage.plan(store))
+        pending = deque(stage.pending(store))
+        started = time.perf_counter()
+        if not pending:
+            return StageReport(stage.name, units_total, 0, 0, 0, 0.0)
+
+        options, num_workers, device = self._actor_options()
+        num_workers = min(num_workers, len(pending))
+        stage_ref = ray.put(stage)
+        threads = self.config.torch_threads or max(1, int(self.config.cpus_per_worker))
+
+        def new_actor():
+            return StageActor.options(**options).remote(stage_ref, device, threads)
+
+        idle = [new_actor() for _ in range(num_workers)]
+        in_flight: dict[ray.ObjectRef, tuple[WorkUnit, object]] = {}
+        attempts: Counter[int] = Counter()
+        placement: Counter[str] = Counter()
+        images = skipped = units_run = retries = 0
+        bar = tqdm(total=sum(u.size for u in pending), unit="img", desc=f"{stage.name} x{num_workers}",
+                   disable=not self.config.progress, dynamic_ncols=True)
+        try:
+            while pending or in_flight:
+                while pending and idle:
+                    unit, actor = pending.popleft(), idle.pop()
+                    attempts[unit.index] += 1
+                    in_flight[actor.run.remote(unit)] = (unit, actor)
+                (done,), _ = ray.wait(list(in_flight), num_returns=1)
+                unit, actor = in_flight.pop(done)
+                try:
+                    report, node = ray.get(done)
+                except WORKER_LOST as exc:
+                    retries += 1
+                    if attempts[unit.index] >= self.config.max_unit_attempts:
+                        raise UnitFailed(
+                            f"{stage.name} unit {unit.index} (images {unit.start}:{unit.stop}) lost its worker "
+                            f"{attempts[unit.index]} times; last: {exc}"
+                        ) from exc
+                    log.warning("%s unit %d lost its worker; running it again", stage.name, unit.index)
+                    if not store.is_unit_done(stage.name, unit.index):
+                        pending.appendleft(unit)
+                    else:  # committed just before the worker died: nothing to redo
+                        bar.update(unit.size)
+                    ray.kill(actor, no_restart=True)
+                    idle.append(new_actor())
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    raise UnitFailed(
+                        f"{stage.name} unit {unit.index} (images {unit.start}:{unit.stop}) failed: {exc.cause!r}"
+                    ) from exc.cause
+                idle.append(actor)
+                units_run += 1
+                images += report.images
+                skipped += report.skipped
+                placement[node] += 1
+                bar.update(unit.size)
+        finally:
+            bar.close()
+            for actor in idle + [a for _, a in in_flight.values()]:
+                ray.kill(actor, no_restart=True)
+        return StageReport(stage.name, units_total, units_run, images, skipped, time.perf_counter() - started,
+                           retries=retries, placement=dict(placement))

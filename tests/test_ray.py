@@ -1,0 +1,158 @@
+"""The Ray runtime: same arrays as in-process, exactly-once units when actors die, Ray jobs,
+a simulated 2-node cluster, and the cluster launcher config."""
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+
+from gig_dist import pipeline
+from gig_dist.stages import ExtractStage
+from gig_dist.stages.base import UnitFailed
+from gig_dist.store import RunStore
+from tests.conftest import REPO, assert_stores_equal, toy_config
+
+# One torch thread in every worker, in-process and on Ray: thread count changes float summation
+# order, so bitwise equality across runtimes needs the same count (see runtime.torch_threads).
+BASE = ("dataset.toy.num_images=40", "store.images_per_unit=8", "store.images_per_chunk=4", "extract.batch_size=4",
+        "runtime.torch_threads=1")
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    return pipeline.run(toy_config(*BASE), tmp_path_factory.mktemp("local") / "run.zarr").url
+
+
+def ray_config(*extra):
+    return toy_config(*BASE, "runtime.kind=ray", "runtime.num_workers=2", *extra)
+
+
+def test_ray_equals_in_process(ray_head, in_process, tmp_path):
+    report = pipeline.run(ray_config(), tmp_path / "ray.zarr")
+    (stage,) = report.stages
+    assert (stage.units_run, stage.images, stage.retries) == (5, 40, 0)
+    assert_stores_equal(in_process, report.url)
+
+
+def test_default_threads_agree_within_float16_rounding(ray_head, tmp_path):
+    # In-process takes every core, a Ray actor one: the same values up to summation order.
+    default = [kv for kv in BASE if not kv.startswith("runtime.torch_threads")]
+    local = pipeline.run(toy_config(*default), tmp_path / "local.zarr").url
+    on_ray = pipeline.run(toy_config(*default, "runtime.kind=ray", "runtime.num_workers=2"), tmp_path / "ray.zarr").url
+    assert_stores_equal(local, on_ray, float_rtol=2**-10)  # one float16 ulp
+
+
+def test_actor_killed_mid_stage_its_unit_runs_again_and_lands_once(ray_head, in_process, tmp_path):
+    token = tmp_path / "killed-once"
+    # The first actor to reach its 2nd unit's commit SIGKILLs itself after writing the unit's data.
+    failpoint = f"runtime.env={{GIG_DIST_FAILPOINT: 'extract.before_commit:2@{token}'}}"
+    report = pipeline.run(ray_config(failpoint), tmp_path / "ray.zarr")
+    assert token.exists(), "the actor was not killed"
+    (stage,) = report.stages
+    assert stage.retries == 1 and stage.units_run == 5 and stage.images == 40
+    store = RunStore.open(report.url)
+    assert store.done_units("extract").all()
+    assert_stores_equal(in_process, report.url)
+
+
+def test_a_unit_that_keeps_killing_its_workers_fails_the_stage_with_its_name(ray_head, tmp_path):
+    config = ray_config("runtime.num_workers=1", "runtime.max_unit_attempts=2",
+                        "runtime.env={GIG_DIST_FAILPOINT: 'extract.before_commit:1'}")
+    with pytest.raises(UnitFailed, match=r"extract unit 0 \(images 0:8\) lost its worker 2 times"):
+        pipeline.run(config, tmp_path / "ray.zarr")
+    # Nothing was committed, and a rerun without the fault completes the same store.
+    url = str(tmp_path / "ray.zarr")
+    assert not RunStore.open(url).done_units("extract").any()
+    assert pipeline.run(ray_config(), url).stages[0].units_run == 5
+
+
+def test_cli_with_ray_address(ray_head, in_process, tmp_path):
+    out = tmp_path / "cli.zarr"
+    args = [a for kv in BASE for a in ("-o", kv)]
+    done = subprocess.run(
+        [sys.executable, "-m", "gig_dist.cli", "run", "--ray-address", ray_head.address, "--out", str(out),
+         *args, "-o", "runtime.progress=false", "-o", "runtime.device=cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "extract: 5/5 units run" in done.stdout
+    assert RunStore.open(str(out)).manifest["config"]["runtime"]["kind"] == "ray"
+    assert_stores_equal(in_process, str(out))
+
+
+def test_ray_job_submit_runs_the_pipeline(ray_head, in_process, tmp_path):
+    out = tmp_path / "job.zarr"
+    job_id = f"gig-dist-test-{uuid.uuid4().hex[:8]}"
+    args = [a for kv in BASE for a in ("-o", kv)]
+    submitted = subprocess.run(
+        ["ray", "job", "submit", "--address", ray_head.dashboard, "--submission-id", job_id,
+         "--working-dir", str(REPO), "--", "python", "-m", "jobs.pipeline", "--out", str(out), *args,
+         "-o", "runtime.progress=false", "-o", "runtime.device=cpu"],
+        capture_output=True, text=True, timeout=420,
+    )
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head.dashboard)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    assert_stores_equal(in_process, str(out))
+
+
+TWO_NODES = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from gig_dist import pipeline
+from gig_dist.config import load_config
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, logging_level="WARNING")
+config = load_config(None, sys.argv[2:])
+report = pipeline.run(config, sys.argv[1])
+print(json.dumps({"nodes": len(ray.nodes()), "placement": report.stages[0].placement}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_two_node_cluster_runs_a_stage_on_both_nodes(in_process, tmp_path):
+    # A cluster of its own, in its own process: the session's Ray head stays untouched.
+    out = tmp_path / "two-nodes.zarr"
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_NODES, str(out), *BASE, "runtime.kind=ray", "runtime.num_workers=2",
+         "runtime.progress=false", "runtime.device=cpu"],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["nodes"] == 2
+    assert len(result["placement"]) == 2 and sum(result["placement"].values()) == 5
+    assert_stores_equal(in_process, str(out))
+
+
+def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
+    import importlib.resources
+
+    import jsonschema
+
+    schema = json.loads((importlib.resources.files("ray") / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    # Autoscaling GPU workers from zero, a CPU head that runs no work, the package installed with its GPU extra.
+    workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+    assert any(w["min_workers"] == 0 and w["max_workers"] >= 1 and w["resources"].get("GPU", 0) >= 1 for w in workers.values())
+    assert config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    setup = " ".join(config["setup_commands"])
+    assert "[gpu]" in setup and "faiss-cpu" in setup
+
+
+def test_stage_objects_travel_to_actors():
+    import pickle
+
+    stage = ExtractStage(toy_config(), "/tmp/x.zarr")
+    assert pickle.loads(pickle.dumps(stage)).config == stage.config
