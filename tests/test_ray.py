@@ -52,7 +52,9 @@ def test_actor_killed_mid_stage_its_unit_runs_again_and_lands_once(ray_head, in_
     report = pipeline.run(ray_config(failpoint), tmp_path / "ray.zarr")
     assert token.exists(), "the actor was not killed"
     (stage,) = report.stages
-    assert stage.retries == 1 and stage.units_run == 5 and stage.images == 40
+    # The dead actor's units in flight (up to its two slots) ran again on its replacement.
+    assert 1 <= stage.retries <= ExtractStage.worker_concurrency
+    assert stage.units_run == 5 and stage.images == 40
     store = RunStore.open(report.url)
     assert store.done_units("extract").all()
     assert_stores_equal(in_process, report.url)
@@ -61,7 +63,9 @@ def test_actor_killed_mid_stage_its_unit_runs_again_and_lands_once(ray_head, in_
 def test_a_unit_that_keeps_killing_its_workers_fails_the_stage_with_its_name(ray_head, tmp_path):
     config = ray_config("runtime.num_workers=1", "runtime.max_unit_attempts=2",
                         "runtime.env={GIG_DIST_FAILPOINT: 'extract.before_commit:1'}")
-    with pytest.raises(UnitFailed, match=r"extract unit 0 \(images 0:8\) lost its worker 2 times"):
+    # Every actor dies at its first commit, so one of the first two units (an actor's two slots)
+    # is the first to use up its attempts.
+    with pytest.raises(UnitFailed, match=r"extract unit [01] \(images (0:8|8:16)\) lost its worker 2 times"):
         pipeline.run(config, tmp_path / "ray.zarr")
     # Nothing was committed, and a rerun without the fault completes the same store.
     url = str(tmp_path / "ray.zarr")

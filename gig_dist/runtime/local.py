@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -50,12 +51,20 @@ class LocalRuntime:
                 total=sum(u.size for u in pending), unit="img", desc=stage.name, disable=not self.progress,
                 dynamic_ncols=True,
             )
+            # Up to `concurrency` units at once, so one unit's writes overlap the next one's compute.
+            pool = ThreadPoolExecutor(max_workers=worker.concurrency, thread_name_prefix=f"gig-dist-{stage.name}")
+            queue, in_flight = list(reversed(pending)), set()
             try:
-                for unit in pending:
-                    report = execute_unit(worker, store, unit, bar.update)
-                    images += report.images
-                    skipped += report.skipped
+                while queue or in_flight:
+                    while queue and len(in_flight) < worker.concurrency:
+                        in_flight.add(pool.submit(execute_unit, worker, store, queue.pop(), bar.update))
+                    finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        report = future.result()
+                        images += report.images
+                        skipped += report.skipped
             finally:
+                pool.shutdown(wait=True, cancel_futures=True)
                 bar.close()
                 worker.close()
         return StageReport(stage.name, units_total, len(pending), images, skipped, time.perf_counter() - started,

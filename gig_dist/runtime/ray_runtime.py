@@ -95,12 +95,15 @@ class RayRuntime:
         num_workers = min(num_workers, len(pending))
         stage_ref = ray.put(stage)
         threads = self.config.torch_threads or max(1, int(self.config.cpus_per_worker))
+        slots_per_actor = stage.worker_concurrency  # units in flight per actor (writes overlap compute)
 
         def new_actor():
-            return StageActor.options(**options).remote(stage_ref, device, threads)
+            return StageActor.options(**options, max_concurrency=slots_per_actor).remote(stage_ref, device, threads)
 
-        idle = [new_actor() for _ in range(num_workers)]
+        # One entry per free slot; an actor appears once for each unit it may take now.
+        idle = [actor for actor in (new_actor() for _ in range(num_workers)) for _ in range(slots_per_actor)]
         in_flight: dict[ray.ObjectRef, tuple[WorkUnit, object]] = {}
+        dead: set[object] = set()
         attempts: Counter[int] = Counter()
         placement: Counter[str] = Counter()
         images = skipped = units_run = retries = 0
@@ -128,8 +131,12 @@ class RayRuntime:
                         pending.appendleft(unit)
                     else:  # committed just before the worker died: nothing to redo
                         bar.update(unit.size)
-                    ray.kill(actor, no_restart=True)
-                    idle.append(new_actor())
+                    if actor not in dead:  # its other in-flight units fail the same way
+                        dead.add(actor)
+                        ray.kill(actor, no_restart=True)
+                        idle = [a for a in idle if a is not actor]
+                        replacement = new_actor()
+                        idle += [replacement] * slots_per_actor
                     continue
                 except ray.exceptions.RayTaskError as exc:
                     raise UnitFailed(
@@ -143,7 +150,7 @@ class RayRuntime:
                 bar.update(unit.size)
         finally:
             bar.close()
-            for actor in idle + [a for _, a in in_flight.values()]:
+            for actor in {id(a): a for a in idle + [a for _, a in in_flight.values()]}.values():
                 ray.kill(actor, no_restart=True)
         return StageReport(stage.name, units_total, units_run, images, skipped, time.perf_counter() - started,
                            retries=retries, placement=dict(placement))

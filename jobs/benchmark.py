@@ -1,0 +1,154 @@
+"""Benchmarks, measured side by side in one run on this machine, printed as a table with ratios.
+
+    python -m jobs.benchmark extract [--images 4096] [--model toy] [--batch-size 32]
+
+extract: bare forward-pass throughput of the model on images already in memory (channels-last,
+as extraction runs it), against extraction into a store (decoding, forward, float16 copies,
+compression, writes) in-process and on Ray with 1 and 2 workers; the machine's busy cores during
+each (from /proc/stat), which shows how much of the machine a configuration can use; and the
+driver's Python memory during Ray stages of two dataset sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import torch
+
+from gig_dist import pipeline
+from gig_dist.config import Config, load_config
+from gig_dist.data.sources import ImageLoader, build_index
+from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.stages import ExtractStage
+
+
+def _config(args: argparse.Namespace, images: int, *extra: str) -> Config:
+    overrides = [
+        f"model.name={args.model}",
+        f"extract.batch_size={args.batch_size}",
+        "runtime.progress=false",
+        "runtime.device=cpu",
+        *args.set,
+        *extra,
+    ]
+    if args.model != "toy":
+        overrides += ["model.weights=none", "dataset.kind=imagefolder", f"dataset.path={args.data}"]
+    overrides += [f"dataset.toy.num_images={images}", f"dataset.limit={images}"]
+    return load_config(None, overrides)
+
+
+class BusyCores:
+    """Average number of busy cores of the whole machine between enter and exit (Linux)."""
+
+    @staticmethod
+    def _ticks() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    def __enter__(self) -> BusyCores:
+        self.start = self._ticks()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, total = (b - a for a, b in zip(self.start, self._ticks()))
+        self.cores = (os.cpu_count() or 1) * busy / max(total, 1)
+
+
+@torch.no_grad()
+def bare_forward(config: Config, repeats: int = 2) -> tuple[float, float]:
+    """Images/s of model(x) alone, on inputs decoded beforehand, with every core; busy cores."""
+    model = build_model(config.model).to(memory_format=torch.channels_last)
+    loader = ImageLoader(resolve_transform(config), config.dataset.max_image_pixels, config.dataset.loader_threads)
+    index = build_index(config.dataset)
+    inputs = [f.result().image for f in loader.submit_all(index.paths)]
+    inputs = torch.stack([x for x in inputs if x is not None]).contiguous(memory_format=torch.channels_last)
+    loader.close()
+    batch = config.extract.batch_size
+    model(inputs[:batch])  # warm-up
+    best, cores = float("inf"), 0.0
+    for _ in range(repeats):
+        with BusyCores() as busy:
+            started = time.perf_counter()
+            for first in range(0, len(inputs), batch):
+                model(inputs[first : first + batch])
+            elapsed = time.perf_counter() - started
+        if elapsed < best:
+            best, cores = elapsed, busy.cores
+    return len(inputs) / best, cores
+
+
+def extraction(config: Config, out: Path, trace_driver: bool = False) -> tuple[float, float, float]:
+    """Images/s of the extraction stage (store prepared beforehand), busy cores, and (Ray only,
+    where no work runs in this process) the driver's peak Python allocation in MiB."""
+    store = pipeline.prepare(config, out, overwrite=True)
+    runtime = pipeline.make_runtime(config)
+    if trace_driver:
+        tracemalloc.start()
+    with BusyCores() as busy:
+        report = runtime.run(ExtractStage(config, store.url))
+    peak = tracemalloc.get_traced_memory()[1] / 2**20 if trace_driver else float("nan")
+    tracemalloc.stop()
+    return report.images / report.seconds, busy.cores, peak
+
+
+def bench_extract(args: argparse.Namespace) -> None:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    cores = os.cpu_count()
+    rows: list[tuple[str, float, float, str]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        base = _config(args, args.images)
+        forward, forward_cores = bare_forward(base)
+        rows.append((f"bare forward ({torch.get_num_threads()} threads)", forward, forward_cores, "1.00 x forward"))
+        local, local_cores, _ = extraction(base, root / "local.zarr")
+        rows.append(("extract in-process", local, local_cores, f"{local / forward:.2f} x forward (target >= 0.85)"))
+
+        import ray
+
+        from gig_dist.runtime.ray_runtime import connect
+
+        connect(None)
+        on_ray = ("runtime.kind=ray",)
+        ray1, ray1_cores, _ = extraction(_config(args, args.images, *on_ray, "runtime.num_workers=1"), root / "r1.zarr")
+        rows.append(("extract on Ray, 1 worker", ray1, ray1_cores, f"{ray1 / forward:.2f} x forward"))
+        ray2, ray2_cores, peak_full = extraction(
+            _config(args, args.images, *on_ray, "runtime.num_workers=2"), root / "r2.zarr", trace_driver=True
+        )
+        rows.append(("extract on Ray, 2 workers", ray2, ray2_cores, f"{ray2 / ray1:.2f} x 1 worker (target >= 1.7)"))
+        _, _, peak_quarter = extraction(
+            _config(args, args.images // 4, *on_ray, "runtime.num_workers=2"), root / "r3.zarr", trace_driver=True
+        )
+        ray.shutdown()
+
+    print(f"\nextract benchmark: model {args.model}, {args.images} images, batch {args.batch_size}, {cores} cores\n")
+    print(f"{'measurement':<30} {'images/s':>10} {'busy cores':>11}   ratio")
+    for name, rate, busy, ratio in rows:
+        print(f"{name:<30} {rate:>10.1f} {busy:>11.2f}   {ratio}")
+    print(
+        f"\ndriver peak Python memory during the Ray stage: {peak_quarter:.2f} MiB at {args.images // 4} images, "
+        f"{peak_full:.2f} MiB at {args.images} images"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="which", required=True)
+    extract = sub.add_parser("extract", help="extraction throughput against the bare forward pass")
+    extract.add_argument("--images", type=int, default=4096)
+    extract.add_argument("--model", default="toy", help="toy, or a torchvision name (random weights) with --data")
+    extract.add_argument("--data", help="an ImageFolder tree, for torchvision models")
+    extract.add_argument("--batch-size", type=int, default=32)
+    extract.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = parser.parse_args(argv)
+    if args.which == "extract":
+        bench_extract(args)
+
+
+if __name__ == "__main__":
+    main()
