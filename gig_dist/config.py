@@ -85,6 +85,20 @@ class ExtractConfig(_Section):
     dtype: Literal["float16", "float32"] = "float16"
 
 
+class SampleConfig(_Section):
+    """PFV sampling for concept discovery (method.md section 3)."""
+
+    #: ``srd``: probability proportional to max(R_p, 0), the SRD relevance of the predicted class
+    #: (ResNet-style models); ``grad_x_act``: to max(<dy_c/da_p, a_p>, 0), any model;
+    #: ``uniform``. Where every score is <= 0, an image's PFVs are drawn uniformly.
+    method: Literal["srd", "grad_x_act", "uniform"] = "srd"
+    #: PFVs drawn per image and tap, without replacement.
+    per_image: int = Field(default=1, ge=1)
+    seed: int = 0
+    #: Images per SRD or gradient pass.
+    batch_size: int = Field(default=16, ge=1)
+
+
 class StoreConfig(_Section):
     #: Where the run store lives: a directory, or an fsspec URL (``s3://bucket/run.zarr``) that
     #: every worker can reach. ``gig-dist run --out`` overrides it.
@@ -142,6 +156,7 @@ class Config(_Section):
     #: Layer names whose outputs are read. ``None``: every residual block output.
     taps: tuple[str, ...] | None = None
     extract: ExtractConfig = ExtractConfig()
+    sample: SampleConfig = SampleConfig()
     store: StoreConfig = StoreConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 

@@ -73,6 +73,8 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
     ``store.path``) or reopen it to resume."""
     model = build_model(config.model)
     taps = resolve_taps(model, config.taps)
+    if config.sample.method == "srd":
+        _check_srd(model, taps)
     transform = resolve_transform(config)
     index = build_index(config.dataset)
     shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
@@ -110,7 +112,22 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
         zstd_level=config.store.zstd_level,
         part_mask_size=transform.crop if config.dataset.kind == "toy" else None,
         stages=[stage.name for stage in STAGES],
+        samples_per_image=config.sample.per_image,
+        sample_scores=config.sample.method != "uniform",
     )
+
+
+def _check_srd(model, taps: list[str]) -> None:
+    from gig_dist.kernels.srd import SRD, SRDUnsupported
+
+    try:
+        srd = SRD(model)
+        for tap in taps:
+            srd.check_tap(tap)
+    except SRDUnsupported as exc:
+        raise ConfigError(
+            f"sample.method = 'srd' cannot run: {exc}. Use sample.method=grad_x_act (any model) or uniform"
+        ) from None
 
 
 def _check_resumable(store: RunStore, config: dict[str, Any], fingerprint: str, url: str) -> None:

@@ -12,6 +12,12 @@ One Zarr v3 group per run, readable with plain ``zarr`` by someone who never ins
     meta/prediction  (N,)     int64 argmax of the logits (-1 for skipped images)
     meta/part_mask   (N, S, S) uint8 ground-truth part ids (toy world only)
     pfv/<tap>        (N, H*W, C) PFVs, float16 by default, zstd; positions row-major in (h, w)
+    samples/<tap>/position (N, S)    int32 sampled PFV positions per image (-1: skipped image)
+    samples/<tap>/vector   (N, S, C) the sampled PFVs, in the PFV dtype
+    relevance/<tap>  (N, H*W) float32 score the samples were drawn from (SRD relevance of the
+                              predicted class, or grad x act); absent for uniform sampling
+    ierf/<name>/map  (M, H, W) float32 iERFs of requested PFVs; ierf/<name>/request (M, 3) holds
+                              (image, tap index, position), ierf/<name>/kind 'srd' or 'gradient'
     progress/<stage> (U,)     uint8, 1 once work unit u of the stage is committed
 
 Writing rules that make concurrent, resumable work safe:
@@ -97,6 +103,8 @@ class RunStore:
         zstd_level: int,
         part_mask_size: int | None,
         stages: list[str],
+        samples_per_image: int,
+        sample_scores: bool,
     ) -> RunStore:
         """Create an empty store (overwriting whatever is at ``url``) and write the dataset index."""
         n = len(paths)
@@ -132,6 +140,11 @@ class RunStore:
                 compressors=compressors,
                 dimension_names=("image", "position", "channel"),
             )
+        for tap, (channels, height, width) in tap_shapes.items():
+            per_image(f"samples/{tap}/position", (samples_per_image,), "int32", -1)
+            per_image(f"samples/{tap}/vector", (samples_per_image, channels), pfv_dtype, np.nan)
+            if sample_scores:
+                per_image(f"relevance/{tap}", (height * width,), "float32", np.nan)
         for stage in stages:
             group.create_array(f"progress/{stage}", shape=(len(unit_ranges(n, unit)),), chunks=(1,), dtype="uint8", fill_value=0)
         # The index, written one unit at a time: each write covers whole chunks only.
@@ -231,6 +244,38 @@ class RunStore:
         if part_masks is not None and "meta/part_mask" in self.group:
             self.group["meta/part_mask"][sl] = part_masks
         self.group["meta/status"][sl] = status
+
+    def read_status(self, r: ImageRange) -> tuple[np.ndarray, np.ndarray]:
+        """Status and prediction of images ``r``."""
+        return self.group["meta/status"][r.start : r.stop], self.group["meta/prediction"][r.start : r.stop]
+
+    def write_samples(self, r: ImageRange, tap: str, positions: np.ndarray, vectors: np.ndarray,
+                      scores: np.ndarray | None) -> None:
+        """One sampling unit's draws for ``tap``; ``r`` must be one whole unit."""
+        if r not in self.units():
+            raise ValueError(f"{r} is not a work unit of this store; units are shard-aligned")
+        sl = slice(r.start, r.stop)
+        if scores is not None:
+            self.group[f"relevance/{tap}"][sl] = scores
+        self.group[f"samples/{tap}/vector"][sl] = vectors
+        self.group[f"samples/{tap}/position"][sl] = positions
+
+    def write_ierfs(self, name: str, requests: np.ndarray, maps: np.ndarray, kinds: list[str],
+                    block: int = 256) -> None:
+        """iERFs of requested PFVs (few: the ones a report shows), replacing any of that name."""
+        m, h, w = maps.shape
+        group = self.group.require_group("ierf")
+        if name in group:
+            del group[name]
+        made = {
+            "map": group.create_array(f"{name}/map", shape=(m, h, w), chunks=(block, h, w), dtype="float32"),
+            "request": group.create_array(f"{name}/request", shape=(m, 3), chunks=(block, 3), dtype="int64"),
+            "kind": group.create_array(f"{name}/kind", shape=(m,), chunks=(block,), dtype=str),
+        }
+        made["map"][...] = maps
+        made["request"][...] = requests
+        made["kind"][...] = np.asarray(kinds, dtype=str)
+        group[name].attrs["taps"] = list(self.taps)
 
     def read_pfvs(self, tap: str, r: ImageRange) -> np.ndarray:
         """PFVs (images, positions, channels) of ``tap`` for images ``r``."""

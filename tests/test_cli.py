@@ -16,8 +16,10 @@ def test_embedded_default_end_to_end(tmp_path):
     done = run_cli("run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "extract: 16/16 units run; 1024 images (0 skipped)" in done.stdout
+    assert "sample: 16/16 units run; 1024 images (0 skipped)" in done.stdout
     summary = json.loads(run_cli("inspect", str(tmp_path / "gig-dist-run.zarr"), "--json").stdout)
-    assert summary["stages"]["extract"]["complete"] is True
+    assert summary["stages"]["extract"]["complete"] is True and summary["stages"]["sample"]["complete"] is True
+    assert summary["arrays"]["samples/layer3.1/vector"]["shape"] == [1024, 1, 256]
     assert summary["images"] == {"total": 1024, "processed": 1024, "skipped": 0, "pending": 0}
     assert summary["arrays"]["pfv/layer3.1"] == {
         **summary["arrays"]["pfv/layer3.1"], "shape": [1024, 64, 256], "dtype": "float16"

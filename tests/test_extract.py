@@ -17,7 +17,7 @@ from gig_dist import pipeline
 from gig_dist.config import ConfigError
 from gig_dist.data.sources import ImageLoader
 from gig_dist.models.loading import build_model, resolve_transform
-from gig_dist.stages import ExtractStage, execute_unit
+from gig_dist.stages import ExtractStage, SampleStage, execute_unit
 from gig_dist.store import RunStore, StoreError
 from tests.conftest import assert_stores_equal, toy_config
 
@@ -86,14 +86,15 @@ def test_writes_that_are_not_one_whole_unit_are_refused(reference, tmp_path):
 
 
 def _run_units(url: str, indices: list[int]) -> None:
+    """Every stage, for this process's units only (a unit's sampling reads only its own shard)."""
     config = toy_config(*SMALL_CONFIG)
-    stage = ExtractStage(config, url)
     store = RunStore.open(url, mode="r+")
-    worker = stage.open_worker("cpu")
-    units = stage.plan(store)
-    for i in indices:
-        execute_unit(worker, store, units[i])
-    worker.close()
+    for stage in (ExtractStage(config, url), SampleStage(config, url)):
+        worker = stage.open_worker("cpu")
+        units = stage.plan(store)
+        for i in indices:
+            execute_unit(worker, store, units[i])
+        worker.close()
 
 
 def test_two_processes_writing_their_own_shards_lose_nothing(reference, tmp_path):
@@ -149,7 +150,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path):
 
 def test_rerun_of_a_complete_run_does_nothing(reference, tmp_path):
     report = pipeline.run(toy_config(*SMALL_CONFIG), reference)
-    assert report.stages[0].units_run == 0 and report.stages[0].units_total == 5
+    assert [(s.units_run, s.units_total) for s in report.stages] == [(0, 5), (0, 5)]
 
 
 def test_resume_with_another_config_is_refused(reference):
@@ -212,7 +213,10 @@ def test_another_tools_zarr_array_is_not_a_store(tmp_path):
 def test_inspect_json(reference):
     done = subprocess.run([*CLI, "inspect", reference, "--json"], capture_output=True, text=True, check=True)
     summary = json.loads(done.stdout)
-    assert summary["stages"] == {"extract": {"complete": True, "units_done": 5, "units": 5}}
+    assert summary["stages"] == {
+        "extract": {"complete": True, "units_done": 5, "units": 5},
+        "sample": {"complete": True, "units_done": 5, "units": 5},
+    }
     assert summary["arrays"]["pfv/layer1.0"]["shape"] == [40, 1024, 64]
     assert summary["arrays"]["pfv/layer1.0"]["dtype"] == "float16"
     assert summary["images"] == {"total": 40, "processed": 40, "skipped": 0, "pending": 0}

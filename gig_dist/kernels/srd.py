@@ -324,6 +324,7 @@ class Decomposition:
     logits: torch.Tensor
     image_size: tuple[int, int]
 
+    @torch.no_grad()
     def top_relevance(self, classes: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) relevance of the last block's PFVs for ``classes``:
         ``R_j = (w_c . a_j + b_c) / N_positions``, which sums to the logit ``y_c``."""
@@ -351,16 +352,19 @@ class Decomposition:
         (pixels,) = propagate(self.stem, relevance)
         return pixels
 
+    @torch.no_grad()
     def relevance(self, classes: torch.Tensor) -> dict[str, torch.Tensor]:
         """SRD relevance of every block output's PFVs for ``classes`` (N,): {tap: (N, H, W)}."""
         record: dict[str, torch.Tensor] = {}
         self._down(self.top_relevance(classes), len(self.blocks) - 1, stop_at=-1, record=record)
         return {tap: r[:, 0] for tap, r in record.items()}
 
+    @torch.no_grad()
     def pixel_relevance(self, classes: torch.Tensor) -> torch.Tensor:
         """Relevance of the input pixels for ``classes``: (N, H_img, W_img)."""
         return self._down(self.top_relevance(classes), len(self.blocks) - 1)[:, 0]
 
+    @torch.no_grad()
     def ierf(self, tap: str, positions: torch.Tensor) -> torch.Tensor:
         """iERFs (N, P, H_img, W_img) of the PFVs at flat ``positions`` (N, P) of ``tap``: the
         relevance of each pixel in building that PFV. Each map sums to 1."""

@@ -2,8 +2,9 @@
 
 from gig_dist.stages.base import Stage, StageWorker, UnitReport, WorkUnit, execute_unit
 from gig_dist.stages.extract import ExtractStage
+from gig_dist.stages.sample import SampleStage
 
 #: Every stage, in the order the pipeline runs them.
-STAGES: tuple[type[Stage], ...] = (ExtractStage,)
+STAGES: tuple[type[Stage], ...] = (ExtractStage, SampleStage)
 
-__all__ = ["STAGES", "ExtractStage", "Stage", "StageWorker", "UnitReport", "WorkUnit", "execute_unit"]
+__all__ = ["STAGES", "ExtractStage", "SampleStage", "Stage", "StageWorker", "UnitReport", "WorkUnit", "execute_unit"]

@@ -1,0 +1,97 @@
+"""Stage ``sample``: per image and tap, draw PFVs for concept discovery, weighted by their
+contribution to the predicted class (method.md section 3), and keep the drawn vectors.
+
+Draws depend only on ``(sample.seed, tap, image)``, never on how images were split into units
+or batches. The drawn vectors are read from the extracted PFVs, so the concepts are fit to
+exactly what the store holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gig_dist.data.sources import ImageLoader
+from gig_dist.kernels.sampling import draw_positions, grad_x_act
+from gig_dist.kernels.srd import SRD
+from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.extract import resolve_device
+from gig_dist.store import PROCESSED, ImageRange, RunStore
+
+
+class SampleStage(Stage):
+    name = "sample"
+
+    def open_worker(self, device: str) -> SampleWorker:
+        return SampleWorker(self, resolve_device(device))
+
+
+class SampleWorker(StageWorker):
+    def __init__(self, stage: SampleStage, device: torch.device) -> None:
+        config = stage.config
+        self.sample = config.sample
+        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.taps = list(self.store.taps)
+        self.device = device
+        self.model = None
+        if self.sample.method != "uniform":
+            self.model = build_model(config.model).to(device)
+            self.srd = SRD(self.model) if self.sample.method == "srd" else None
+            self.loader = ImageLoader(resolve_transform(config), config.dataset.max_image_pixels,
+                                      config.dataset.loader_threads)
+
+    def _scores(self, paths: list[str], rows: np.ndarray, predictions: np.ndarray,
+                progress: Progress | None) -> dict[str, np.ndarray]:
+        """Score of every PFV of every tap for the images at ``rows``: {tap: (len(rows), H*W)}."""
+        found: dict[str, list[np.ndarray]] = {tap: [] for tap in self.taps}
+        loading = self.loader.submit_all([paths[row] for row in rows])
+        batch = self.sample.batch_size
+        for first in range(0, len(rows), batch):
+            loaded = [f.result() for f in loading[first : first + batch]]
+            if any(item.image is None for item in loaded):  # extracted before, unreadable now
+                bad = next(item.reason for item in loaded if item.image is None)
+                raise RuntimeError(f"an image that extraction read can no longer be read: {bad}")
+            x = torch.stack([item.image for item in loaded]).to(self.device)
+            classes = torch.as_tensor(predictions[rows[first : first + batch]], device=self.device)
+            if self.srd is not None:
+                maps = self.srd.decompose(x).relevance(classes)
+            else:
+                maps = grad_x_act(self.model, x, self.taps, classes)
+            for tap in self.taps:
+                found[tap].append(maps[tap].flatten(1).float().cpu().numpy())
+            if progress is not None:
+                progress(len(x))
+        return {tap: np.concatenate(parts) for tap, parts in found.items()}
+
+    def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
+        r = ImageRange(unit.start, unit.stop)
+        status, predictions = self.store.read_status(r)
+        rows = np.flatnonzero(status == PROCESSED)
+        count = self.sample.per_image
+        scores = None
+        if self.model is not None and rows.size:
+            paths, _ = self.store.read_index(r)
+            scores = self._scores(paths, rows, predictions, progress)
+        elif progress is not None:
+            progress(len(r))
+        for tap_index, tap in enumerate(self.taps):
+            channels, height, width = self.store.taps[tap]
+            pfvs = self.store.read_pfvs(tap, r)  # (n, H*W, C)
+            positions = np.full((len(r), count), -1, dtype=np.int32)
+            vectors = np.full((len(r), count, channels), np.nan, dtype=pfvs.dtype)
+            tap_scores = None if scores is None else np.full((len(r), height * width), np.nan, dtype=np.float32)
+            for k, row in enumerate(rows):
+                rng = np.random.default_rng([self.sample.seed, tap_index, r.start + int(row)])
+                score = None if scores is None else scores[tap][k]
+                drawn = draw_positions(score if score is not None else np.zeros(height * width), count, rng)
+                positions[row, : len(drawn)] = drawn
+                vectors[row, : len(drawn)] = pfvs[row, drawn]
+                if tap_scores is not None:
+                    tap_scores[row] = score
+            self.store.write_samples(r, tap, positions, vectors, tap_scores)
+        return UnitReport(unit.index, len(r), int(len(r) - rows.size), 0.0)
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.loader.close()
