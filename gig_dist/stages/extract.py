@@ -53,6 +53,7 @@ class ExtractWorker(StageWorker):
         self.compute_lock = threading.Lock()
         self.taps = list(self.store.taps)
         self.dtype = getattr(torch, config.extract.dtype)
+        self.dtype_np = np.dtype(config.extract.dtype)
         self.batch_size = config.extract.batch_size
         self.loader = ImageLoader(
             resolve_transform(config), config.dataset.max_image_pixels, config.dataset.loader_threads
@@ -102,10 +103,6 @@ class ExtractWorker(StageWorker):
                 progress(min(self.batch_size, n - first))
 
         return outputs, logits, status, reasons, masks
-
-    @property
-    def dtype_np(self) -> np.dtype:
-        return np.dtype(str(self.dtype).removeprefix("torch."))
 
     @torch.no_grad()
     def _forward(self, images: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
