@@ -1,0 +1,139 @@
+"""Concept kernels (issue 5, in progress): FAISS bisecting k-means and the non-negative Lasso coder."""
+
+import numpy as np
+import pytest
+from sklearn.cluster import BisectingKMeans as SklearnBisectingKMeans
+from sklearn.linear_model import Lasso
+
+from gig_dist.kernels.kmeans import BisectingKMeans, concept_vectors
+from gig_dist.kernels.lasso import NonNegativeLassoCoder, objective
+
+
+def pfv_like(n: int, channels: int, modes: int, seed: int = 0) -> np.ndarray:
+    """Post-ReLU vectors around `modes` sparse non-negative centres of varied scale."""
+    rng = np.random.default_rng(seed)
+    centres = np.maximum(rng.normal(size=(modes, channels)), 0) * rng.uniform(0.5, 3, size=(modes, 1))
+    labels = rng.integers(modes, size=n)
+    return np.maximum(centres[labels] + rng.normal(scale=0.5, size=(n, channels)), 0).astype(np.float32)
+
+
+@pytest.mark.parametrize(("n", "channels", "k"), [(3000, 16, 32), (6000, 48, 128)])
+def test_inertia_within_one_percent_of_scikit_learn(n, channels, k):
+    X = pfv_like(n, channels, k // 2)
+    ours = BisectingKMeans(k, seed=0).fit(X)
+    theirs = SklearnBisectingKMeans(k, random_state=0, bisecting_strategy="biggest_inertia").fit(X)
+    assert ours.inertia_ <= 1.01 * theirs.inertia_, (ours.inertia_, theirs.inertia_)
+    # The learned state is consistent with itself.
+    centres = np.stack([X[ours.labels_ == c].mean(0) for c in range(k)])
+    assert np.allclose(centres, ours.cluster_centers_, atol=1e-4)
+    recomputed = sum(((X[ours.labels_ == c] - centres[c]) ** 2).sum() for c in range(k))
+    assert ours.inertia_ == pytest.approx(recomputed, rel=1e-4)
+
+
+def test_split_tree_is_the_concept_hierarchy():
+    X = pfv_like(2000, 8, 10)
+    model = BisectingKMeans(12, seed=1).fit(X)
+    tree = model.tree_
+    assert len(tree.parent) == 2 * 12 - 1 and tree.parent[0] == -1
+    inner = np.flatnonzero(tree.children[:, 0] >= 0)
+    for node in inner:
+        left, right = tree.children[node]
+        assert tree.parent[left] == tree.parent[right] == node
+        assert tree.size[left] + tree.size[right] == tree.size[node]
+        assert tree.inertia[left] + tree.inertia[right] <= tree.inertia[node] + 1e-6
+    # Largest-inertia rule: each split node had the largest inertia among the leaves of its time.
+    for step in range(len(inner)):
+        node = int(np.flatnonzero(tree.order == step)[0])
+        leaves_then = [i for i in range(len(tree.parent)) if (tree.order[i] == -1 or tree.order[i] >= step)
+                       and (tree.parent[i] == -1 or tree.order[tree.parent[i]] < step)]
+        assert tree.inertia[node] == max(tree.inertia[i] for i in leaves_then)
+    assert sorted(tree.leaf[tree.leaf >= 0].tolist()) == list(range(12))
+    assert np.bincount(model.labels_, minlength=12).tolist() == model.cluster_size_.tolist()
+
+
+def test_predict_assigns_the_nearest_centre():
+    X = pfv_like(1000, 8, 6)
+    model = BisectingKMeans(6).fit(X)
+    distances = ((X[:, None] - model.cluster_centers_[None]) ** 2).sum(-1)
+    assert (model.predict(X) == distances.argmin(1)).mean() > 0.999
+
+
+def test_nothing_is_subsampled_silently():
+    # FAISS would train on at most 256 * k points by default; every member must count.
+    X = pfv_like(5000, 4, 3)
+    model = BisectingKMeans(2).fit(X)
+    assert model.cluster_size_.sum() == 5000
+
+
+@pytest.mark.parametrize(
+    ("X", "k", "message"),
+    [
+        (np.ones((5, 3), np.float32), 6, r"n_clusters = 6 must lie in \[1, 5\]"),
+        (np.array([[1.0, np.nan], [0, 1]], np.float32), 1, "1 rows with NaN or infinite"),
+        (np.ones(4, np.float32), 1, "must be 2-D"),
+        (np.repeat(np.eye(3, dtype=np.float32), 10, axis=0), 4, "only 3 are separable"),
+    ],
+)
+def test_bad_clustering_input(X, k, message):
+    with pytest.raises(ValueError, match=message):
+        BisectingKMeans(k).fit(X)
+
+
+def test_all_zero_pfvs_become_a_zero_concept():
+    X = np.vstack([np.zeros((50, 4), np.float32), pfv_like(200, 4, 2) + 5])
+    model = BisectingKMeans(3).fit(X)
+    vectors, zero = concept_vectors(model.cluster_centers_)
+    assert zero.sum() == 1 and np.allclose(np.linalg.norm(vectors[~zero], axis=1), 1)
+    assert (vectors[zero] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def dictionary():
+    vectors, _ = concept_vectors(BisectingKMeans(96, seed=0).fit(pfv_like(4000, 24, 40)).cluster_centers_)
+    return vectors
+
+
+def _reference(X, V, lam):
+    """scikit-learn's coordinate descent, run to convergence; its alpha is lambda / C."""
+    C = V.shape[1]
+    return np.stack([
+        Lasso(alpha=l / C, fit_intercept=False, positive=True, tol=1e-12, max_iter=200_000)
+        .fit(V.T.astype(np.float64), x.astype(np.float64)).coef_
+        for x, l in zip(X, lam)
+    ])
+
+
+def test_coder_matches_scikit_learn_objective_and_support(dictionary):
+    X = pfv_like(60, 24, 40, seed=3)
+    coder = NonNegativeLassoCoder(dictionary, lambda_rel=0.1)
+    lam = coder.penalties(X)
+    ours, theirs = coder.transform(X), _reference(X, dictionary, lam)
+    ours_objective, their_objective = objective(X, dictionary, ours, lam), objective(X, dictionary, theirs, lam)
+    assert (np.abs(ours_objective - their_objective) / their_objective).max() < 1e-4
+    assert ((ours > 1e-6) == (theirs > 1e-6)).all(1).mean() > 0.95
+    assert (ours >= 0).all() and 0 < (ours > 0).sum(1).mean() < 0.5 * len(dictionary)
+
+
+def test_absolute_lambda_and_sparse_encoding(dictionary):
+    X = pfv_like(20, 24, 40, seed=4)
+    coder = NonNegativeLassoCoder(dictionary, lam=0.5)
+    dense = coder.transform(X)
+    index, value = coder.encode(X)
+    rebuilt = np.zeros_like(dense)
+    rows, slots = np.nonzero(index >= 0)
+    rebuilt[rows, index[rows, slots]] = value[rows, slots]
+    assert np.allclose(rebuilt, dense) and (value[index < 0] == 0).all()
+    assert np.allclose(objective(X, dictionary, dense, 0.5), objective(X, dictionary, _reference(X, dictionary, [0.5] * 20), 0.5), rtol=1e-4)
+
+
+def test_a_huge_lambda_gives_zero_codes(dictionary):
+    assert not NonNegativeLassoCoder(dictionary, lambda_rel=1.01).transform(pfv_like(10, 24, 40)).any()
+
+
+@pytest.mark.parametrize(
+    ("X", "message"),
+    [(np.ones((3, 5), np.float32), r"must be \(n, 24\)"), (np.full((2, 24), np.inf, np.float32), "NaN or infinite")],
+)
+def test_bad_coder_input(dictionary, X, message):
+    with pytest.raises(ValueError, match=message):
+        NonNegativeLassoCoder(dictionary).transform(X)
