@@ -102,7 +102,7 @@ class NonNegativeLassoCoder:
 
     @torch.no_grad()
     def _solve(self, X: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Working-set coordinate descent for a batch. Returns (indices, values), (n, m)."""
+        """Working sets grown by KKT violations, each solved exactly. Returns (indices, values), (n, m)."""
         n, K = len(X), len(self._V)
         correlation = X @ self._V.T  # (n, K)
         scale = X.norm(dim=1).clamp_min(1e-12)  # coefficients and gradients scale with ||a||
@@ -112,7 +112,7 @@ class NonNegativeLassoCoder:
         active = torch.ones(n, dtype=torch.bool, device=X.device)  # PFVs still with violations
         while True:
             rows = torch.nonzero(active).flatten()
-            value[rows] = self._coordinate_descent(index[rows], value[rows], correlation, lam[rows], scale[rows], rows)
+            value[rows] = self._solve_working_sets(index[rows], value[rows], correlation, lam[rows], scale[rows], rows)
             # KKT on every atom through the residual: grad_k = lambda - <v_k, a - V^T u>.
             residual = X[rows] - torch.einsum("nm,nmc->nc", value[rows], self._V[index[rows]])
             grad = lam[rows, None] - residual @ self._V.T  # (r, K)
@@ -133,7 +133,7 @@ class NonNegativeLassoCoder:
             m += self.grow
         return index, value
 
-    def _coordinate_descent(self, index: torch.Tensor, value: torch.Tensor, correlation: torch.Tensor,
+    def _solve_working_sets(self, index: torch.Tensor, value: torch.Tensor, correlation: torch.Tensor,
                             lam: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Active-set solve (Lawson-Hanson for ``1/2 u'Gu - b'u, u >= 0``) of each PFV's working
         set, all PFVs at once. Finite: every step adds the most violating atom and solves its

@@ -51,12 +51,13 @@ class LocalRuntime:
                 total=sum(u.size for u in pending), unit="img", desc=stage.name, disable=not self.progress,
                 dynamic_ncols=True,
             )
-            # Up to `concurrency` units at once, so one unit's writes overlap the next one's compute.
-            pool = ThreadPoolExecutor(max_workers=worker.concurrency, thread_name_prefix=f"gig-dist-{stage.name}")
+            # Up to `worker_concurrency` units at once, so one unit's writes overlap the next one's compute.
+            concurrency = stage.worker_concurrency
+            pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"gig-dist-{stage.name}")
             queue, in_flight = list(reversed(pending)), set()
             try:
                 while queue or in_flight:
-                    while queue and len(in_flight) < worker.concurrency:
+                    while queue and len(in_flight) < concurrency:
                         in_flight.add(pool.submit(execute_unit, worker, store, queue.pop(), bar.update))
                     finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                     for future in finished:

@@ -55,14 +55,8 @@ class UnitReport:
 
 
 class StageWorker(ABC):
-    """Per-process state of a stage (model, loader, store handle); runs many units.
-
-    ``concurrency`` units may run at once in one worker (in threads): a worker that serialises
-    its compute internally and writes outside that lock overlaps one unit's writes with the
-    next unit's compute.
-    """
-
-    concurrency: ClassVar[int] = 1
+    """Per-process state of a stage (model, loader, store handle); runs many units, up to the
+    stage's ``worker_concurrency`` at once, in threads."""
 
     @abstractmethod
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
@@ -74,7 +68,8 @@ class StageWorker(ABC):
 
 class Stage(ABC):
     name: ClassVar[str]
-    #: Units in flight per worker; must equal the worker class's ``concurrency``.
+    #: Units in flight per worker, in threads. A worker that serialises its compute internally
+    #: and writes outside that lock overlaps one unit's writes with the next unit's compute.
     worker_concurrency: ClassVar[int] = 1
 
     def __init__(self, config: Config, store_url: str) -> None:

@@ -43,8 +43,6 @@ class ExtractStage(Stage):
 
 
 class ExtractWorker(StageWorker):
-    concurrency = ExtractStage.worker_concurrency
-
     def __init__(self, stage: ExtractStage, device: torch.device) -> None:
         config = stage.config
         self.store = RunStore.open(stage.store_url, mode="r+")
