@@ -45,6 +45,13 @@ def test_unknown_tap_exits_2_listing_valid_taps(tmp_path):
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_inspect_piped_into_head_stops_quietly(tmp_path):
+    assert run_cli("run", "--out", str(tmp_path / "r.zarr"), "-o", "dataset.toy.num_images=4").returncode == 0
+    done = subprocess.run(f"{sys.executable} -m gig_dist.cli inspect {tmp_path / 'r.zarr'} | head -n 1",
+                          shell=True, capture_output=True, text=True)
+    assert done.stdout.startswith("store") and "Traceback" not in done.stderr
+
+
 def test_inspect_of_a_missing_store(tmp_path):
     done = run_cli("inspect", str(tmp_path / "nothing"))
     assert done.returncode == 2 and "no run store at" in done.stderr
