@@ -126,7 +126,8 @@ def test_an_ierf_is_zero_outside_the_theoretical_receptive_field(model_name):
             outside[r0 : r1 + 1, c0 : c1 + 1] = 0
             assert outside.abs().max() == 0, (tap, row, col)
             assert maps[r0 : r1 + 1, c0 : c1 + 1].abs().sum() > 0
-            assert (r1 - r0 + 1) * (c1 - c0 + 1) < 96 * 96 or tap != d.srd.taps[0]  # a real restriction
+            if (row, col) == (0, 0):  # the corner's box leaves most of the image out: a real restriction
+                assert (r1 - r0 + 1) * (c1 - c0 + 1) < 96 * 96 / 2, (tap, r0, r1, c0, c1)
 
 
 def test_batched_ierfs_equal_one_at_a_time(decomposed):
