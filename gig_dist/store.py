@@ -231,9 +231,7 @@ class RunStore:
         part_masks: np.ndarray | None,
     ) -> None:
         """All outputs of one extraction unit. ``r`` must be one whole unit (one shard)."""
-        if r not in self.units():
-            raise ValueError(f"{r} is not a work unit of this store; units are shard-aligned")
-        sl = slice(r.start, r.stop)
+        sl = self._unit_slice(r)
         for tap, values in pfvs.items():
             # PFV chunks are never all fill value; skipping Zarr's per-chunk check makes writes ~1.4x faster.
             self.group[f"pfv/{tap}"].with_config({"write_empty_chunks": True})[sl] = values
@@ -245,6 +243,12 @@ class RunStore:
             self.group["meta/part_mask"][sl] = part_masks
         self.group["meta/status"][sl] = status
 
+    def _unit_slice(self, r: ImageRange) -> slice:
+        """The slice of one whole unit: writes of anything else could share a shard with another unit."""
+        if r not in self.units():
+            raise ValueError(f"{r} is not a work unit of this store; units are shard-aligned")
+        return slice(r.start, r.stop)
+
     def read_status(self, r: ImageRange) -> tuple[np.ndarray, np.ndarray]:
         """Status and prediction of images ``r``."""
         return self.group["meta/status"][r.start : r.stop], self.group["meta/prediction"][r.start : r.stop]
@@ -252,9 +256,7 @@ class RunStore:
     def write_samples(self, r: ImageRange, tap: str, positions: np.ndarray, vectors: np.ndarray,
                       scores: np.ndarray | None) -> None:
         """One sampling unit's draws for ``tap``; ``r`` must be one whole unit."""
-        if r not in self.units():
-            raise ValueError(f"{r} is not a work unit of this store; units are shard-aligned")
-        sl = slice(r.start, r.stop)
+        sl = self._unit_slice(r)
         if scores is not None:
             self.group[f"relevance/{tap}"][sl] = scores
         self.group[f"samples/{tap}/vector"][sl] = vectors

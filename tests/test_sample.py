@@ -130,6 +130,16 @@ def test_skipped_images_get_no_samples(tmp_path):
     skipped = store.group["meta/status"][:] == SKIPPED
     positions = store.group["samples/layer2.0/position"][:]
     assert skipped.sum() == 1 and (positions[skipped] == -1).all() and (positions[~skipped] >= 0).all()
+    # The progress of a unit counts its skipped images too, so the bar ends at 100%.
+    from gig_dist.stages import SampleStage
+
+    stage = SampleStage(config, store.url)
+    worker = stage.open_worker("cpu")
+    counted = []
+    unit = stage.plan(store)[0]
+    worker.run(unit, counted.append)
+    worker.close()
+    assert sum(counted) == unit.size == 4
     assert np.isnan(store.group["samples/layer2.0/vector"][:][skipped]).all()
 
 

@@ -11,11 +11,10 @@ from torch import nn
 from gig_dist.kernels.taps import as_feature_map, capture
 
 
-def draw_positions(scores: np.ndarray | None, count: int, rng: np.random.Generator) -> np.ndarray:
+def draw_positions(scores: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """``count`` distinct positions out of ``len(scores)``, with probability proportional to
-    ``max(score, 0)``; uniform where no score is positive (or ``scores`` is None, given as the
-    number of positions through ``rng``'s caller). Positions with a positive score come first
-    when fewer of them than ``count`` exist."""
+    ``max(score, 0)`` (NaN counts as 0); uniform where no score is positive. Positions with a
+    positive score come first when fewer of them than ``count`` exist."""
     weights = np.maximum(np.nan_to_num(scores, nan=0.0), 0.0).astype(np.float64)
     positions = len(weights)
     count = min(count, positions)

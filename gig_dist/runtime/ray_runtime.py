@@ -51,8 +51,6 @@ def connect(address: str | None) -> None:
 class StageActor:
     def __init__(self, stage: Stage, device: str, torch_threads: int) -> None:
         torch.set_num_threads(torch_threads)
-        if device == "auto":
-            device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.worker = stage.open_worker(device)
         self.store = RunStore.open(stage.store_url, mode="r+")
         self.node = ray.get_runtime_context().get_node_id()

@@ -13,6 +13,7 @@ lands once, whichever worker reruns it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -51,7 +52,7 @@ class UnitReport:
     unit: int
     images: int
     skipped: int
-    seconds: float
+    seconds: float = 0.0  # filled in by execute_unit
 
 
 class StageWorker(ABC):
@@ -99,4 +100,4 @@ def execute_unit(worker: StageWorker, store: RunStore, unit: WorkUnit, progress:
     failpoint(f"{unit.stage}.before_commit")
     store.mark_unit_done(unit.stage, unit.index)
     failpoint(f"{unit.stage}.after_commit")
-    return UnitReport(report.unit, report.images, report.skipped, time.perf_counter() - started)
+    return dataclasses.replace(report, seconds=time.perf_counter() - started)

@@ -63,7 +63,7 @@ class ExtractWorker(StageWorker):
         with self.compute_lock:
             pfv, logits, status, reasons, masks = self._compute(r, progress)
         self.store.write_extraction(r, pfvs=pfv, logits=logits, status=status, skip_reasons=reasons, part_masks=masks)
-        return UnitReport(unit.index, len(r), int((status == SKIPPED).sum()), 0.0)
+        return UnitReport(unit.index, len(r), int((status == SKIPPED).sum()))
 
     def _compute(self, r: ImageRange, progress: Progress | None):
         paths, _ = self.store.read_index(r)

@@ -72,7 +72,9 @@ class SampleWorker(StageWorker):
         scores = None
         if self.model is not None and rows.size:
             paths, _ = self.store.read_index(r)
-            scores = self._scores(paths, rows, predictions, progress)
+            scores = self._scores(paths, rows, predictions, progress)  # reports the scored images
+            if progress is not None:
+                progress(len(r) - rows.size)  # and the skipped ones
         elif progress is not None:
             progress(len(r))
         for tap_index, tap in enumerate(self.taps):
@@ -83,14 +85,14 @@ class SampleWorker(StageWorker):
             tap_scores = None if scores is None else np.full((len(r), height * width), np.nan, dtype=np.float32)
             for k, row in enumerate(rows):
                 rng = np.random.default_rng([self.sample.seed, tap_index, r.start + int(row)])
-                score = None if scores is None else scores[tap][k]
-                drawn = draw_positions(score if score is not None else np.zeros(height * width), count, rng)
+                score = np.zeros(height * width) if scores is None else scores[tap][k]  # zeros: uniform
+                drawn = draw_positions(score, count, rng)
                 positions[row, : len(drawn)] = drawn
                 vectors[row, : len(drawn)] = pfvs[row, drawn]
                 if tap_scores is not None:
                     tap_scores[row] = score
             self.store.write_samples(r, tap, positions, vectors, tap_scores)
-        return UnitReport(unit.index, len(r), int(len(r) - rows.size), 0.0)
+        return UnitReport(unit.index, len(r), int(len(r) - rows.size))
 
     def close(self) -> None:
         if self.model is not None:
