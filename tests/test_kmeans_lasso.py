@@ -1,4 +1,4 @@
-"""Concept kernels (issue 5, in progress): FAISS bisecting k-means and the non-negative Lasso coder."""
+"""Concept kernels: bisecting k-means (numpy and FAISS backends) and the non-negative Lasso coder."""
 
 import numpy as np
 import pytest
@@ -17,10 +17,20 @@ def pfv_like(n: int, channels: int, modes: int, seed: int = 0) -> np.ndarray:
     return np.maximum(centres[labels] + rng.normal(scale=0.5, size=(n, channels)), 0).astype(np.float32)
 
 
-@pytest.mark.parametrize(("n", "channels", "k"), [(3000, 16, 32), (6000, 48, 128)])
-def test_inertia_within_one_percent_of_scikit_learn(n, channels, k):
+@pytest.mark.parametrize(
+    ("n", "channels", "k", "options"),
+    [
+        (3000, 16, 32, {}),
+        (6000, 48, 128, {}),
+        # Clusters far above the initialisation subsample: Lloyd must still finish on every member.
+        (6000, 48, 64, {"subsample": 200}),
+        (3000, 16, 32, {"n_init": 3}),
+        (3000, 16, 32, {"backend": "faiss"}),
+    ],
+)
+def test_inertia_within_one_percent_of_scikit_learn(n, channels, k, options):
     X = pfv_like(n, channels, k // 2)
-    ours = BisectingKMeans(k, seed=0).fit(X)
+    ours = BisectingKMeans(k, seed=0, **options).fit(X)
     theirs = SklearnBisectingKMeans(k, random_state=0, bisecting_strategy="biggest_inertia").fit(X)
     assert ours.inertia_ <= 1.01 * theirs.inertia_, (ours.inertia_, theirs.inertia_)
     # The learned state is consistent with itself.
@@ -77,6 +87,19 @@ def test_nothing_is_subsampled_silently():
 def test_bad_clustering_input(X, k, message):
     with pytest.raises(ValueError, match=message):
         BisectingKMeans(k).fit(X)
+
+
+def test_duplicate_points_split_only_where_they_differ():
+    # 3 distinct PFVs, each repeated many times, and K = 3: exactly the three groups come out.
+    X = np.repeat(np.array([[0, 1, 2], [5, 0, 0], [5, 0.001, 0]], np.float32), [400, 300, 2], axis=0)
+    model = BisectingKMeans(3, seed=0).fit(X)
+    assert sorted(model.cluster_size_.tolist()) == [2, 300, 400]
+    assert model.inertia_ == pytest.approx(0, abs=1e-6)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend = 'cuda'"):
+        BisectingKMeans(2, backend="cuda").fit(pfv_like(10, 3, 2))
 
 
 def test_all_zero_pfvs_become_a_zero_concept():

@@ -1,10 +1,32 @@
-"""Bisecting k-means on FAISS (Steinbach et al. 2000), the concept clustering of method.md section 4.
+"""Bisecting k-means (Steinbach et al. 2000), the concept clustering of method.md section 4.
 
 Start with one cluster; repeatedly split the leaf with the largest inertia (sum of squared
-distances to its centroid) by 2-means, until ``n_clusters`` leaves. The 2-means runs on FAISS
-(k-means++ initialisation; on the GPU when faiss-gpu sees one) over *every* member: FAISS
-subsamples silently to ``max_points_per_centroid * k`` points, so that limit is raised to the
-member count. The split tree is kept: it is the concept hierarchy users browse.
+distances to its centroid) by 2-means, until ``n_clusters`` leaves. The split tree is kept: it is
+the concept hierarchy users browse.
+
+How a split is computed, and why it is fast without being approximate:
+
+* The points are kept in one float32 array, permuted so that every leaf's members are contiguous;
+  a split partitions its segment in place (two ``np.compress`` passes). No split ever gathers its
+  members from scattered rows, and each level of the tree moves the data once.
+* 2-means needs no distance matrix: a point belongs to centre 1 when
+  ``<x, c1 - c0> > (|c1|^2 - |c0|^2) / 2``. A Lloyd iteration is one matrix-vector product for
+  the assignment and one for the new centre (the other centre is the node's sum minus it).
+* Initialisation is k-means++ for two centres, run to convergence on a random subsample of at
+  most ``subsample`` members; Lloyd then continues on *all* members until the centres move less
+  than ``tol`` (scikit-learn's criterion: ``tol`` times the mean feature variance). The subsample
+  only chooses the starting point: the final centres are Lloyd fixed points of the whole cluster.
+  FAISS, by contrast, silently trains on ``max_points_per_centroid * k`` points.
+* Inertias come from running sums: ``sum |x|^2 - n |mean|^2`` in float64.
+
+Splits are taken strictly in largest-inertia order (scikit-learn's ``biggest_inertia``): no
+batching of splits is needed for speed, so the tree is the textbook one.
+
+``backend="faiss"`` runs each 2-means with ``faiss.Kmeans`` instead (k-means++, every member,
+``max_points_per_centroid`` raised to the member count), on the GPU when faiss-gpu sees one;
+``"auto"`` picks it only then. On the CPU the numpy backend is faster: FAISS's per-call set-up
+dominates the thousand small splits of a concept dictionary (measured in ``jobs/benchmark.py``).
+``predict`` (the assignment step) always runs on a FAISS flat index.
 
 The estimator follows scikit-learn's contract: hyper-parameters in ``__init__``, learning in
 ``fit``, learned state with a trailing underscore, ``predict`` after.
@@ -47,53 +69,118 @@ def _check_points(X: np.ndarray, what: str = "X") -> np.ndarray:
     return np.ascontiguousarray(X, dtype=np.float32)
 
 
+def _lloyd(points: np.ndarray, total: np.ndarray, c0: np.ndarray, c1: np.ndarray, tol: float,
+           max_iter: int) -> np.ndarray:
+    """2-means Lloyd iterations from centres ``c0``, ``c1`` (float64); ``total`` is the sum of
+    ``points``. Returns the final assignment (True: centre 1)."""
+    n = len(points)
+    for _ in range(max_iter):
+        side = points @ (c1 - c0).astype(np.float32) > 0.5 * (c1 @ c1 - c0 @ c0)
+        n1 = np.count_nonzero(side)
+        if n1 in (0, n):
+            return side
+        sum1 = (side.astype(np.float32) @ points).astype(np.float64)
+        new1, new0 = sum1 / n1, (total - sum1) / (n - n1)
+        shift = ((new1 - c1) ** 2).sum() + ((new0 - c0) ** 2).sum()
+        c0, c1 = new0, new1
+        if shift <= tol:
+            break
+    return points @ (c1 - c0).astype(np.float32) > 0.5 * (c1 @ c1 - c0 @ c0)
+
+
 class BisectingKMeans:
     """Bisecting k-means with the largest-inertia splitting rule.
 
-    Parameters: ``n_clusters``; ``n_iter`` Lloyd iterations per 2-means; ``n_init`` 2-means runs
-    per split, the best kept; ``seed``; ``use_gpu`` ("auto": when FAISS sees a GPU).
+    Parameters: ``n_clusters``; ``max_iter`` Lloyd iterations per 2-means (an upper bound: Lloyd
+    stops when the centres move less than ``tol`` times the mean feature variance); ``n_init``
+    2-means runs per split, the lowest inertia kept; ``subsample`` members used to initialise a
+    2-means; ``seed``; ``backend`` "numpy", "faiss" or "auto" (FAISS when it sees a GPU).
 
     Learned: ``cluster_centers_`` (K, C), ``labels_`` (n,), ``inertia_`` (total),
     ``cluster_inertia_`` and ``cluster_size_`` (K,), ``tree_`` (:class:`SplitTree`).
     Clusters are numbered in depth-first order of the tree, so siblings are neighbours.
     """
 
-    def __init__(self, n_clusters: int = 8, *, n_iter: int = 20, n_init: int = 1, seed: int = 0,
-                 use_gpu: bool | str = "auto") -> None:
+    def __init__(self, n_clusters: int = 8, *, max_iter: int = 300, tol: float = 1e-4, n_init: int = 1,
+                 subsample: int = 4096, seed: int = 0, backend: str = "auto") -> None:
         self.n_clusters = n_clusters
-        self.n_iter = n_iter
+        self.max_iter = max_iter
+        self.tol = tol
         self.n_init = n_init
+        self.subsample = subsample
         self.seed = seed
-        self.use_gpu = use_gpu
+        self.backend = backend
 
-    def _two_means(self, points: np.ndarray, step: int) -> np.ndarray:
-        gpu = faiss.get_num_gpus() > 0 if self.use_gpu == "auto" else bool(self.use_gpu)
-        km = faiss.Kmeans(
-            points.shape[1], 2, niter=self.n_iter, nredo=self.n_init, seed=self.seed * 100_003 + step,
-            max_points_per_centroid=len(points), min_points_per_centroid=1, gpu=gpu, verbose=False,
-            init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
-        )
-        km.train(points)
-        return km.index.search(points, 1)[1][:, 0]
+    def _backend(self) -> str:
+        if self.backend == "auto":
+            return "faiss" if faiss.get_num_gpus() > 0 else "numpy"
+        if self.backend not in ("numpy", "faiss"):
+            raise ValueError(f"backend = {self.backend!r}: use 'numpy', 'faiss' or 'auto'")
+        return self.backend
+
+    def _two_means(self, points: np.ndarray, total: np.ndarray, squared: np.ndarray, tol: float,
+                   step: int) -> np.ndarray:
+        """Assignment of a cluster's members to two halves (True: the second)."""
+        if self._backend() == "faiss":
+            km = faiss.Kmeans(
+                points.shape[1], 2, niter=min(self.max_iter, 25), nredo=self.n_init,
+                seed=self.seed * 100_003 + step, max_points_per_centroid=len(points), min_points_per_centroid=1,
+                gpu=faiss.get_num_gpus() > 0, verbose=False, init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+            )
+            km.train(points)
+            return km.index.search(points, 1)[1][:, 0] == 1
+        rng = np.random.default_rng([self.seed, step])
+        n, best, best_inertia = len(points), None, np.inf
+        for _ in range(self.n_init):
+            if n > self.subsample:
+                sub = np.sort(rng.choice(n, self.subsample, replace=False))
+                init_points, init_squared = points[sub], squared[sub]
+                init_total = init_points.sum(0, dtype=np.float64)
+            else:
+                init_points, init_squared, init_total = points, squared, total
+            # k-means++ for two centres: the second drawn with probability ~ squared distance.
+            c0 = init_points[rng.integers(len(init_points))].astype(np.float64)
+            d2 = np.maximum(init_squared - 2 * (init_points @ c0.astype(np.float32)) + c0 @ c0, 0)
+            if d2.sum() <= 0:
+                return np.zeros(n, dtype=bool)  # all drawn points coincide with c0
+            c1 = init_points[rng.choice(len(init_points), p=d2 / d2.sum())].astype(np.float64)
+            side = _lloyd(init_points, init_total, c0, c1, tol, self.max_iter)
+            if len(init_points) < n:
+                n1 = np.count_nonzero(side)
+                if 0 < n1 < len(side):
+                    sum1 = init_points[side].sum(0, dtype=np.float64)
+                    c1, c0 = sum1 / n1, (init_total - sum1) / (len(side) - n1)
+                side = _lloyd(points, total, c0, c1, tol, self.max_iter)
+            if self.n_init == 1:
+                return side
+            n1 = np.count_nonzero(side)
+            if 0 < n1 < n:
+                sum1 = points[side].sum(0, dtype=np.float64)
+                inertia = squared.sum() - (sum1 @ sum1) / n1 - ((total - sum1) @ (total - sum1)) / (n - n1)
+                if inertia < best_inertia:
+                    best, best_inertia = side, inertia
+        return best if best is not None else np.zeros(n, dtype=bool)
 
     def fit(self, X: np.ndarray) -> BisectingKMeans:
         X = _check_points(X)
         n = len(X)
         if not 1 <= self.n_clusters <= n:
             raise ValueError(f"n_clusters = {self.n_clusters} must lie in [1, {n}] (the number of samples)")
-        parent, children, size, inertia, centers, order = [-1], [[-1, -1]], [n], [], [], [-1]
-        members = {0: np.arange(n)}
-        squared_norms = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+        points = X.copy()  # permuted so that each leaf's members are contiguous
+        scratch = np.empty_like(points)
+        rows = np.arange(n)  # original row of each permuted point
+        squared = np.einsum("ij,ij->i", points, points, dtype=np.float64)
+        # Per node: segment [start, stop) of `points`, member sum, size, inertia.
+        start, stop, sums = [0], [n], [points.sum(0, dtype=np.float64)]
+        mean = sums[0] / n
+        tol = self.tol * max(float(squared.sum() / n - mean @ mean), 0.0) / X.shape[1]  # x mean variance
+        parent, children, order = [-1], [[-1, -1]], [-1]
 
-        def stats(idx: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, float]:
-            # inertia = sum ||x||^2 - n ||mean||^2, in float64: one pass instead of two.
-            center = points.sum(axis=0, dtype=np.float64) / len(idx)
-            return center, max(float(squared_norms[idx].sum() - len(idx) * center @ center), 0.0)
+        def inertia_of(s: int, e: int, total: np.ndarray) -> float:
+            return max(float(squared[s:e].sum() - total @ total / (e - s)), 0.0)
 
-        center, total = stats(members[0], X)
-        centers.append(center)
-        inertia.append(total)
-        heap = [(-total, 0)] if n > 1 and total > 0 else []
+        inertia = [inertia_of(0, n, sums[0])]
+        heap = [(-inertia[0], 0)] if n > 1 and inertia[0] > 0 else []
         leaves, step = 1, 0
         while leaves < self.n_clusters:
             if not heap:
@@ -102,31 +189,44 @@ class BisectingKMeans:
                     "(the data has fewer distinct points than n_clusters)"
                 )
             _, node = heapq.heappop(heap)
-            idx = members[node]
-            points = X[idx]
-            assign = self._two_means(points, step)
-            halves = [idx[assign == 0], idx[assign == 1]]
-            parts = [points[assign == 0], points[assign == 1]]
-            if min(len(h) for h in halves) == 0:  # identical points: this leaf cannot split
+            s, e = start[node], stop[node]
+            side = self._two_means(points[s:e], sums[node], squared[s:e], tol, step)
+            n1 = int(np.count_nonzero(side))
+            if n1 in (0, e - s):  # (near-)identical points: this leaf cannot split
                 continue
+            # Partition the segment: first half (side False) then second, order kept within each.
+            mid = s + (e - s - n1)
+            keep = ~side
+            for array in (points, squared, rows):
+                buffer = scratch[s:e] if array is points else np.empty_like(array[s:e])
+                np.compress(keep, array[s:e], axis=0, out=buffer[: mid - s])
+                np.compress(side, array[s:e], axis=0, out=buffer[mid - s :])
+                array[s:e] = buffer
+            # The smaller half's sum is computed; the other's is the difference.
+            if mid - s <= e - mid:
+                first = points[s:mid].sum(0, dtype=np.float64)
+                halves = (first, sums[node] - first)
+            else:
+                second = points[mid:e].sum(0, dtype=np.float64)
+                halves = (sums[node] - second, second)
             order[node] = step
             step += 1
-            del members[node]
-            for half, part in zip(halves, parts):
+            children[node] = [len(parent), len(parent) + 1]
+            for (cs, ce), total in zip(((s, mid), (mid, e)), halves):
                 child = len(parent)
                 parent.append(node)
                 children.append([-1, -1])
-                size.append(len(half))
                 order.append(-1)
-                center, child_inertia = stats(half, part)
-                centers.append(center)
-                inertia.append(child_inertia)
-                members[child] = half
-                if len(half) > 1 and child_inertia > 0:
-                    heapq.heappush(heap, (-child_inertia, child))
-            children[node] = [len(parent) - 2, len(parent) - 1]
+                start.append(cs)
+                stop.append(ce)
+                sums.append(total)
+                inertia.append(inertia_of(cs, ce, total))
+                if ce - cs > 1 and inertia[child] > 0:
+                    heapq.heappush(heap, (-inertia[child], child))
             leaves += 1
 
+        size = np.asarray(stop, dtype=np.int64) - np.asarray(start, dtype=np.int64)
+        centers = np.asarray(sums) / size[:, None]
         # Clusters in depth-first order, left child first.
         leaf = np.full(len(parent), -1, dtype=np.int64)
         stack, next_id = [0], 0
@@ -140,21 +240,21 @@ class BisectingKMeans:
         leaf_nodes = np.flatnonzero(leaf >= 0)[np.argsort(leaf[leaf >= 0])]
         self.tree_ = SplitTree(
             parent=np.asarray(parent, dtype=np.int64), children=np.asarray(children, dtype=np.int64),
-            size=np.asarray(size, dtype=np.int64), inertia=np.asarray(inertia), center=np.asarray(centers),
-            leaf=leaf, order=np.asarray(order, dtype=np.int64),
+            size=size, inertia=np.asarray(inertia), center=centers, leaf=leaf,
+            order=np.asarray(order, dtype=np.int64),
         )
-        self.cluster_centers_ = self.tree_.center[leaf_nodes].astype(np.float32)
+        self.cluster_centers_ = centers[leaf_nodes].astype(np.float32)
         self.cluster_inertia_ = self.tree_.inertia[leaf_nodes]
-        self.cluster_size_ = self.tree_.size[leaf_nodes]
+        self.cluster_size_ = size[leaf_nodes]
         self.inertia_ = float(self.cluster_inertia_.sum())
         self.labels_ = np.empty(n, dtype=np.int64)
         for node in leaf_nodes:
-            self.labels_[members[node]] = leaf[node]
+            self.labels_[rows[start[node] : stop[node]]] = leaf[node]
         self.n_features_in_ = X.shape[1]
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        """Index of the nearest cluster centre for each row of ``X``."""
+        """Index of the nearest cluster centre for each row of ``X`` (a FAISS flat index)."""
         X = _check_points(X)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features; the clusters were fit on {self.n_features_in_}")
