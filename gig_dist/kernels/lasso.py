@@ -6,14 +6,17 @@ For each PFV ``a`` (C,) and a shared dictionary ``V`` (K, C) of unit concept vec
 
 ``lambda = lambda_rel * max_k <v_k, a>`` per PFV (scale-free), or an absolute ``lambda``.
 
-The solver works on many PFVs at once (torch, CPU or GPU) with a *working set*: each PFV's
-problem is solved exactly, by an active-set method, restricted to a few candidate atoms (those
-most correlated with it); then every atom is checked against the KKT conditions through the
-residual (``V r <= lambda`` where ``u_k = 0``), and violators join the working set, until none is
-left. An active-set method rather than coordinate descent: sibling concepts of bisecting k-means
-are nearly parallel (cosine 0.996 seen), which makes coordinate descent crawl.
-Codes are sparse, so the working set stays a few percent of K and the cost is dominated by two
-dense products (``X V^T`` and ``R V^T``), not by K-sized coordinate sweeps.
+The solver is Lawson-Hanson's active-set method, run on many PFVs at once (torch, CPU or GPU).
+Each PFV keeps a support; each step adds the candidate atom whose gradient most violates the
+optimality (KKT) conditions, and solves the non-negative problem on the support exactly (a small
+batched ``s x s`` linear solve, stepping back to feasibility where a coefficient would turn
+negative). Candidates start as the atoms most correlated with the PFV; when none of them
+violates KKT, every one of the K atoms is checked through the residual (``<v_k, a - V^T u> -
+lambda``, one dense product) and the violators become candidates. It stops when no atom violates
+KKT by more than ``tol * ||a||``: the result is the exact Lasso solution, not an iterate. Codes
+are sparse, so steps are few and cheap: they touch the support and the candidates, never all K. An active-set method rather than coordinate
+descent: sibling concepts of bisecting k-means are nearly parallel (cosine 0.996 seen), which
+makes coordinate descent crawl.
 
 scikit-learn's ``Lasso`` minimises ``1/(2 C) ||y - Xw||^2 + alpha ||w||_1`` for a PFV of width C,
 so its ``alpha`` equals ``lambda / C``.
@@ -37,13 +40,15 @@ class NonNegativeLassoCoder:
 
     ``dictionary`` (K, C); ``lambda_rel`` (default 0.1) or ``lam`` (absolute, overrides);
     ``tol``: KKT violations below ``tol`` times the PFV's norm count as optimal;
-    ``working_set``: initial candidates per PFV, ``grow``: atoms added per round;
-    ``batch_size``: PFVs per solve; ``device``, ``dtype``: where and how precisely to solve.
+    ``working_set``: candidate atoms per PFV to start with (its most correlated), ``grow``: the
+    most violating atoms added per full KKT check;
+    ``batch_size``: PFVs per solve; ``device``, ``dtype``: where and how precisely to solve;
+    ``max_steps``: bound on active-set steps per batch (default ``4 K + 16``; Lawson-Hanson is finite).
     """
 
     def __init__(self, dictionary: np.ndarray, *, lambda_rel: float = 0.1, lam: float | None = None,
-                 tol: float = 1e-6, working_set: int = 16, grow: int = 16,
-                 batch_size: int = 4096, device: str = "cpu", dtype: torch.dtype = torch.float64) -> None:
+                 tol: float = 1e-6, working_set: int = 32, grow: int = 16, batch_size: int = 4096, device: str = "cpu",
+                 dtype: torch.dtype = torch.float64, max_steps: int | None = None) -> None:
         V = np.asarray(dictionary, dtype=np.float32)
         if V.ndim != 2:
             raise ValueError(f"dictionary must be 2-D (concepts, channels), got shape {V.shape}")
@@ -58,6 +63,7 @@ class NonNegativeLassoCoder:
         self.batch_size, self.device = batch_size, torch.device(device)
         # float64 by default: the KKT test at tol 1e-6 would sit at float32's rounding.
         self.dtype = dtype
+        self.max_steps = max_steps if max_steps is not None else 4 * len(V) + 16
         self._V = torch.from_numpy(V).to(self.device, dtype)
         self._G = self._V @ self._V.T
 
@@ -77,113 +83,123 @@ class NonNegativeLassoCoder:
             raise ValueError(f"{int((~np.isfinite(X)).any(1).sum())} PFVs have NaN or infinite values")
         return X
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        """Dense codes (n, K) float32."""
+    def encode(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sparse codes: ``(indices, values)``, each (n, m) with m the largest support (at least
+        1); unused slots hold index -1 and value 0. Each row is sorted by decreasing value."""
         X = self._check(X)
-        codes = np.zeros((len(X), len(self.dictionary)), dtype=np.float32)
         lam = self.penalties(X)
-        for start in range(0, len(X), self.batch_size):
-            rows = slice(start, start + self.batch_size)
+        parts = []
+        for first in range(0, len(X), self.batch_size):
+            rows = slice(first, first + self.batch_size)
             index, value = self._solve(torch.from_numpy(X[rows]).to(self.device, self.dtype),
                                        torch.from_numpy(lam[rows]).to(self.device, self.dtype))
-            block = torch.zeros(len(index), len(self.dictionary), device=self.device, dtype=self.dtype)
-            block.scatter_add_(1, index, value)
-            codes[rows] = block.cpu().numpy()
-        return codes
+            parts.append((index.cpu().numpy(), value.cpu().numpy()))
+        width = max([1] + [p[0].shape[1] for p in parts])
+        index = np.full((len(X), width), -1, dtype=np.int32)
+        value = np.zeros((len(X), width), dtype=np.float32)
+        first = 0
+        for part_index, part_value in parts:
+            order = np.argsort(-part_value, axis=1, kind="stable")
+            part_value = np.take_along_axis(part_value, order, 1)
+            part_index = np.take_along_axis(part_index, order, 1)
+            rows = slice(first, first + len(part_index))
+            index[rows, : part_index.shape[1]] = np.where(part_value > 0, part_index, -1)
+            value[rows, : part_index.shape[1]] = np.where(part_value > 0, part_value, 0)
+            first += len(part_index)
+        return index, value
 
-    def encode(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sparse codes: ``(indices, values)``, each (n, m) with m the largest support in the
-        batch; unused slots hold index -1 and value 0. Rows are sorted by decreasing value."""
-        dense = self.transform(X)
-        width = max(int((dense > 0).sum(1).max(initial=0)), 1)
-        order = np.argsort(-dense, axis=1)[:, :width]
-        values = np.take_along_axis(dense, order, axis=1)
-        return np.where(values > 0, order, -1).astype(np.int32), values
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Dense codes (n, K) float32."""
+        index, value = self.encode(X)
+        codes = np.zeros((len(index), len(self.dictionary)), dtype=np.float32)
+        rows, slots = np.nonzero(index >= 0)
+        codes[rows, index[rows, slots]] = value[rows, slots]
+        return codes
 
     @torch.no_grad()
     def _solve(self, X: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Working sets grown by KKT violations, each solved exactly. Returns (indices, values), (n, m)."""
+        """Lawson-Hanson on every PFV of the batch at once, over a working set of candidate atoms
+        that grows by KKT violations. Returns (indices, values), (n, s); index -1 in unused slots."""
         n, K = len(X), len(self._V)
-        correlation = X @ self._V.T  # (n, K)
-        scale = X.norm(dim=1).clamp_min(1e-12)  # coefficients and gradients scale with ||a||
-        m = min(self.working_set, K)
-        index = torch.topk(correlation, m, dim=1).indices  # (n, m) candidates
-        value = torch.zeros(n, m, device=X.device, dtype=X.dtype)
-        active = torch.ones(n, dtype=torch.bool, device=X.device)  # PFVs still with violations
-        while True:
-            rows = torch.nonzero(active).flatten()
-            value[rows] = self._solve_working_sets(index[rows], value[rows], correlation, lam[rows], scale[rows], rows)
-            # KKT on every atom through the residual: grad_k = lambda - <v_k, a - V^T u>.
-            residual = X[rows] - torch.einsum("nm,nmc->nc", value[rows], self._V[index[rows]])
-            grad = lam[rows, None] - residual @ self._V.T  # (r, K)
-            grad.scatter_(1, index[rows], float("inf"))  # atoms in the working set are optimal there
-            violation = -grad / scale[rows, None]
-            worst, candidates = torch.topk(violation, min(self.grow, K), dim=1)
-            still = worst[:, 0] > self.tol
-            if not still.any() or m >= K:
+        V, G = self._V, self._G
+        b = X @ V.T - lam[:, None]  # (n, K): the negative gradient at u = 0
+        tol = self.tol * X.norm(dim=1).clamp_min(1e-12)
+        index = torch.empty(n, 0, dtype=torch.long, device=X.device)  # support slots
+        value = torch.empty(n, 0, dtype=X.dtype, device=X.device)
+        # Candidates: the atoms most correlated with each PFV; the full check below adds others.
+        candidates = torch.topk(b, min(self.working_set, K), dim=1).indices  # (n, m)
+        rows = torch.arange(n, device=X.device)  # PFVs not yet optimal
+        steps = 0
+        while len(rows) and steps < self.max_steps:
+            # Lawson-Hanson restricted to the candidates, until none of them violates KKT.
+            active = rows
+            while len(active) and steps < self.max_steps:
+                steps += 1
+                slots, cand = index[active], candidates[active]
+                grad = b[active[:, None], cand] - torch.einsum(
+                    "rs,rsm->rm", value[active], G[slots.clamp_min(0)[:, :, None], cand[:, None, :]])
+                taken = (cand[:, :, None] == slots[:, None, :]).any(2)
+                best, position = grad.masked_fill(taken, -torch.inf).max(1)
+                add = best > tol[active]
+                active, atom = active[add], cand[add].gather(1, position[add, None])[:, 0]
+                if not len(active):
+                    break
+                # One new slot per step (Lawson-Hanson adds one atom at a time: it is then
+                # positive in the next solve, which is what makes the method finite).
+                index = torch.cat([index, torch.full((n, 1), -1, dtype=index.dtype, device=X.device)], 1)
+                value = torch.cat([value, torch.zeros(n, 1, dtype=X.dtype, device=X.device)], 1)
+                index[active, -1] = atom
+                slots = index[active]
+                support = slots >= 0
+                safe = slots.clamp_min(0)
+                u = self._feasible_solve(G[safe[:, :, None], safe[:, None, :]], b[active[:, None], safe],
+                                         value[active], support, tol[active])
+                support &= u > 0
+                value[active] = u * support
+                index[active] = torch.where(support, slots, -1)
+                # Rounding can leave the new atom at zero although its gradient was positive: that
+                # PFV is optimal to within rounding, and would pick the same atom forever.
+                active = active[support[:, -1]]
+                order = torch.argsort((index < 0).to(torch.int8), dim=1, stable=True)  # empty slots right
+                index, value = index.gather(1, order), value.gather(1, order)
+                width = int((index >= 0).sum(1).max())
+                index, value = index[:, :width], value[:, :width]
+            # KKT over all K atoms, through the residual: violators become candidates.
+            residual = X[rows] - torch.einsum("rs,rsc->rc", value[rows], V[index[rows].clamp_min(0)])
+            grad = residual @ V.T - lam[rows, None]
+            in_support = torch.zeros(len(rows), K + 1, dtype=torch.bool, device=X.device)
+            in_support.scatter_(1, torch.where(index[rows] >= 0, index[rows], K), True)
+            grad = grad.masked_fill(in_support[:, :K], -torch.inf)
+            worst, new = torch.topk(grad, min(self.grow, K), dim=1)
+            violated = worst[:, 0] > tol[rows]
+            rows, worst, new = rows[violated], worst[violated], new[violated]
+            if not len(rows):
                 break
-            active[:] = False
-            active[rows[still]] = True
-            # Grow every working set (unneeded slots repeat an atom already in the set, at 0).
-            grow_index = torch.where(worst > self.tol, candidates, index[rows, :1].expand_as(candidates))
-            new_index = index[:, :1].repeat(1, self.grow)
-            new_index[rows] = grow_index
-            index = torch.cat([index, new_index], 1)
-            value = torch.cat([value, torch.zeros(n, self.grow, device=X.device, dtype=X.dtype)], 1)
-            m += self.grow
+            grown = candidates[:, :1].repeat(1, new.shape[1])  # rows that need none repeat a candidate
+            grown[rows] = torch.where(worst > tol[rows, None], new, new[:, :1])
+            candidates = torch.cat([candidates, grown], 1)
         return index, value
 
-    def _solve_working_sets(self, index: torch.Tensor, value: torch.Tensor, correlation: torch.Tensor,
-                            lam: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Active-set solve (Lawson-Hanson for ``1/2 u'Gu - b'u, u >= 0``) of each PFV's working
-        set, all PFVs at once. Finite: every step adds the most violating atom and solves its
-        support exactly, stepping back to feasibility where a coefficient would turn negative,
-        so nearly parallel concept vectors (ill-conditioned G) cost no extra iterations."""
-        G = self._G[index[:, :, None], index[:, None, :]]  # (r, m, m)
-        b = correlation[rows[:, None], index] - lam[:, None]  # (r, m)
-        r, m = b.shape
-        first = index[:, :, None] == index[:, None, :]
-        free = ~(first & torch.ones_like(first).tril(-1)).any(2)  # a repeated atom is one variable
-        eye = torch.eye(m, device=b.device, dtype=b.dtype)
-        tol = self.tol * scale[:, None]
-
-        # Warm start from the previous working set's solution: its support, made feasible.
-        support = (value > 0) & free
-        u = torch.zeros_like(b)
-        pending = torch.ones(r, dtype=torch.bool, device=b.device)
-        for _ in range(4 * m + 8):
-            act = torch.nonzero(pending).flatten()  # only PFVs still changing are solved
-            if len(act) == 0:
-                break
-            G_a, b_a, s_a, u_a, tol_a = G[act], b[act], support[act], u[act], tol[act]
-            eye_a = eye.expand(len(act), m, m)
-
-            def solve(sup: torch.Tensor) -> torch.Tensor:
-                mask = sup.to(b.dtype)
-                system = G_a * mask[:, :, None] * mask[:, None, :] + eye_a * (1 - mask)[:, :, None]
-                return torch.linalg.solve(system, (b_a * mask)[..., None])[..., 0] * mask
-
-            # Feasibility: solve the support; where a coefficient is not positive, move to the
-            # boundary along the segment and drop the atoms that reach zero.
-            for _ in range(m + 1):
-                sol = solve(s_a)
-                bad = s_a & (sol <= 0)
-                fix = bad.any(1)
-                u_a = torch.where(fix[:, None], u_a, sol)
-                if not fix.any():
-                    break
-                step = torch.where(bad, u_a / (u_a - sol).clamp_min(1e-300), torch.full_like(u_a, float("inf")))
-                step = step.min(1).values.clamp(0, 1)
-                u_a = torch.where(fix[:, None], u_a + step[:, None] * (sol - u_a), u_a)
-                s_a = s_a & ~(fix[:, None] & (u_a <= tol_a * 1e-3))
-                u_a = u_a * s_a
-            gradient = b_a - torch.einsum("rij,rj->ri", G_a, u_a)  # negative gradient
-            candidate = torch.where(~s_a & free[act] & (gradient > tol_a), gradient, torch.full_like(gradient, -1.0))
-            # One atom per step, as Lawson-Hanson: the newly added coefficient is then positive
-            # in the next solve, which is what makes the method finite.
-            best, atom = candidate.max(1)
-            add = best > 0
-            s_a[add, atom[add]] = True
-            u[act], support[act] = u_a, s_a
-            pending[act] = add
+    @staticmethod
+    def _feasible_solve(G: torch.Tensor, b: torch.Tensor, u: torch.Tensor, support: torch.Tensor,
+                        tol: torch.Tensor) -> torch.Tensor:
+        """Solve ``G_SS u_S = b_S`` on each support; where a coefficient would not be positive,
+        move from ``u`` towards that solution up to the boundary and drop the atoms that reach
+        zero, then solve again (Lawson-Hanson's inner loop)."""
+        r, s = b.shape
+        eye = torch.eye(s, dtype=b.dtype, device=b.device).expand(r, s, s)
+        for _ in range(s + 1):
+            mask = support.to(b.dtype)
+            system = G * mask[:, :, None] * mask[:, None, :] + eye * (1 - mask)[:, :, None]
+            sol = torch.linalg.solve(system, (b * mask)[..., None])[..., 0] * mask
+            bad = support & (sol <= 0)
+            fix = bad.any(1)
+            if not fix.any():
+                return sol
+            u = torch.where(fix[:, None], u, sol)
+            step = torch.where(bad, u / (u - sol).clamp_min(1e-300), torch.full_like(u, torch.inf))
+            step = step.min(1).values.clamp(0, 1)
+            u = torch.where(fix[:, None], u + step[:, None] * (sol - u), u)
+            support = support & ~(fix[:, None] & (u <= tol[:, None] * 1e-3))
+            u = u * support
         return u
