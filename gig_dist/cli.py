@@ -1,6 +1,6 @@
 """The ``gig-dist`` command line.
 
-    gig-dist run [--config FILE] [--out DIR] [-o key=value ...] [--overwrite]
+    gig-dist run [--config FILE] [--out DIR] [-o key=value ...] [--overwrite] [--until STAGE]
     gig-dist inspect DIR [--json]
     gig-dist taps [--config FILE] [-o key=value ...] [--all]
     gig-dist config [--config FILE] [-o key=value ...]
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import yaml
@@ -39,10 +40,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ray_address:
         args.overrides = ["runtime.kind=ray", f"runtime.address={args.ray_address}", *args.overrides]
     config = _config(args)
-    report = pipeline.run(config, args.out, overwrite=args.overwrite)
+    report = pipeline.run(config, args.out, overwrite=args.overwrite, until=args.until)
     for stage in report.stages:
         done_before = stage.units_total - stage.units_run
         resumed = f", {done_before} already done" if done_before else ""
+        if stage.stage == "concepts":
+            print(f"{stage.stage}: {stage.units_run}/{stage.units_total} taps clustered{resumed} in {stage.seconds:.1f}s")
+            continue
         print(
             f"{stage.stage}: {stage.units_run}/{stage.units_total} units run{resumed}; "
             f"{stage.images} images ({stage.skipped} skipped) in {stage.seconds:.1f}s "
@@ -65,16 +69,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 def inspect_summary(url: str) -> dict[str, Any]:
     from gig_dist.store import RunStore
 
+    from gig_dist.stages import STAGES
+
     store = RunStore.open(url)
     manifest = store.manifest
+    config = Config.model_validate(manifest["config"])
+    stages = {}
+    for stage_type in STAGES:
+        if stage_type.name in manifest["stages"]:
+            planned = [unit.index for unit in stage_type(config, store.url).plan(store)]
+            done = store.done_units(stage_type.name)[planned]
+            stages[stage_type.name] = {"complete": bool(done.all()), "units_done": int(done.sum()), "units": len(planned)}
     return {
         "store": store.url,
-        "stages": {name: {"complete": store.stage_complete(name), "units_done": int(store.done_units(name).sum()),
-                          "units": len(store.done_units(name))} for name in manifest["stages"]},
+        "stages": stages,
         "arrays": store.describe_arrays(),
         "images": store.image_counts(),
         "skipped": store.skipped_images(),
         "taps": manifest["taps"],
+        "concepts": {tap: store.concept_fit(tap) for tap in store.taps if store.has_concepts(tap)},
+        "codes": {tap: store.code_summary(tap) for tap in store.code_taps},
         "config": manifest["config"],
         "versions": manifest["versions"],
     }
@@ -107,6 +121,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  skipped #{row['index']} {row['path']}: {row['reason']}")
     if len(summary["skipped"]) > 20:
         print(f"  ... and {len(summary['skipped']) - 20} more (--json lists all)")
+    if summary["concepts"]:
+        print("concepts (bisecting k-means on the samples)")
+        for tap, fit in summary["concepts"].items():
+            explained = f"{fit['explained']:.3f}" if fit.get("explained") is not None else "-"
+            print(f"  {tap:<16} K {fit['k']:<6} from {fit['samples']} samples ({fit['mean_members']:.1f} per concept, "
+                  f"{fit['singletons']} singletons, {fit['zero_concepts']} zero)  variance explained {explained}")
+    if summary["codes"]:
+        print("codes (non-negative Lasso on every PFV)")
+        for tap, c in summary["codes"].items():
+            if not c["pfvs"]:
+                print(f"  {tap:<16} not decomposed yet")
+                continue
+            r2 = f"{c['r2']:.4f}" if c.get("r2") is not None else "-"
+            ratio = f"{c['l0_ratio']:.4f}" if c.get("l0_ratio") is not None else "-"
+            cut = f"  ({c['truncated']} PFVs cut to the stored slots)" if c["truncated"] else ""
+            print(f"  {tap:<16} {c['pfvs']} PFVs  mean l0 {c['mean_l0']:.2f}  l0 ratio {ratio}  R^2 {r2}  "
+                  f"max l0 {c['max_l0']}{cut}")
     print("arrays")
     for path, a in summary["arrays"].items():
         shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""
@@ -163,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--out", help="run store: a directory or fsspec URL (default: store.path, gig-dist-run.zarr)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run store at --out")
+    run.add_argument("--until", metavar="STAGE",
+                     help="stop after this stage (extract, sample, concepts, decompose); rerun without it to go on")
     run.add_argument(
         "--ray-address", metavar="ADDR",
         help="run on the Ray cluster at ADDR (e.g. 127.0.0.1:6379 or auto); same as -o runtime.kind=ray -o runtime.address=ADDR",
@@ -191,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from gig_dist.store import StoreError
 
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"gig-dist: warning: {message}\n"
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
     )

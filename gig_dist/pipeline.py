@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -18,8 +19,10 @@ from gig_dist.data.sources import build_index
 from gig_dist.kernels.taps import probe_model, resolve_taps
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.runtime.local import LocalRuntime, StageReport
-from gig_dist.stages import STAGES
-from gig_dist.store import RunStore, StoreError
+from gig_dist.stages import STAGES, ConceptsStage
+from gig_dist.stages.concepts import concept_count
+from gig_dist.stages.decompose import decompose_taps
+from gig_dist.store import RunStore, StoreError, unit_ranges
 
 #: Config keys (and key prefixes) that may change between a run and its resumption: they decide
 #: how and where work is executed, never what the results are. A store may be moved and resumed.
@@ -68,9 +71,21 @@ def _guard_foreign_directory(url: str) -> None:
         raise StoreError(f"--out {url} is a non-empty directory that is not a run store; refusing to write into it")
 
 
-def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False) -> RunStore:
+def stages_until(until: str | None) -> tuple[type, ...]:
+    """The stages to run: all, or the first ones up to and including ``until``."""
+    names = [stage.name for stage in STAGES]
+    if until is None:
+        return STAGES
+    if until not in names:
+        raise ConfigError(f"unknown stage {until!r}; the stages are {', '.join(names)}")
+    return STAGES[: names.index(until) + 1]
+
+
+def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False,
+            until: str | None = None) -> RunStore:
     """Validate the run against the model and the data, then create its store (at ``out``, else
-    ``store.path``) or reopen it to resume."""
+    ``store.path``) or reopen it to resume. With ``until``, only what the stages up to it need
+    is checked (a later run that goes further checks the rest then)."""
     model = build_model(config.model)
     taps = resolve_taps(model, config.taps)
     if config.sample.method == "srd":
@@ -78,6 +93,8 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
     transform = resolve_transform(config)
     index = build_index(config.dataset)
     shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
+    if ConceptsStage in stages_until(until):
+        _check_concepts(config, {tap: s.channels for tap, s in shapes.items()}, len(index.paths))
     config_dict = config.to_dict()
     url = store_url(out if out is not None else config.store.path)
     _guard_foreign_directory(url)
@@ -111,10 +128,40 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
         pfv_dtype=config.extract.dtype,
         zstd_level=config.store.zstd_level,
         part_mask_size=transform.crop if config.dataset.kind == "toy" else None,
-        stages=[stage.name for stage in STAGES],
+        stages={stage.name: stage.progress_size(len(unit_ranges(len(index.paths), config.store.images_per_unit)), taps)
+                for stage in STAGES},
         samples_per_image=config.sample.per_image,
         sample_scores=config.sample.method != "uniform",
+        code_taps=decompose_taps(config, taps),
+        code_width=config.decompose.max_nonzero,
     )
+
+
+def _check_concepts(config: Config, channels: dict[str, int], num_images: int) -> None:
+    """Concept and decomposition settings against the taps and the dataset, before any work."""
+    taps = list(channels)
+    for key, named in (("concepts.k", config.concepts.k), ("decompose.taps", config.decompose.taps or []),
+                       ("decompose.lambda_rel", config.decompose.lambda_rel
+                        if isinstance(config.decompose.lambda_rel, dict) else {})):
+        unknown = [tap for tap in named if tap not in channels]
+        if unknown:
+            raise ConfigError(f"{key} names taps that are not in this run: {unknown}; the run's taps are {taps}")
+    samples = num_images * config.sample.per_image
+    for tap, c in channels.items():
+        k = concept_count(config, tap, c)
+        if k > samples:
+            raise ConfigError(
+                f"tap {tap}: K = {k} concepts but the run draws at most {samples} samples "
+                f"({num_images} images x sample.per_image = {config.sample.per_image}); raise sample.per_image "
+                "or lower concepts.k_multiplier (or set concepts.k for this tap)"
+            )
+        if samples / k < 10:
+            warnings.warn(
+                f"tap {tap}: K = {k} concepts from at most {samples} samples leaves {samples / k:.1f} "
+                "members per concept on average; below about 10, concepts are single PFVs rather than "
+                "clusters (raise sample.per_image or lower concepts.k_multiplier)",
+                stacklevel=2,
+            )
 
 
 def _check_srd(model, taps: list[str]) -> None:
@@ -161,9 +208,11 @@ def make_runtime(config: Config):
     return RayRuntime(config.runtime)
 
 
-def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False) -> PipelineReport:
-    """Run every stage of the pipeline into the store at ``out``, resuming what is already done."""
-    store = prepare(config, out, overwrite)
+def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False,
+        until: str | None = None) -> PipelineReport:
+    """Run every stage of the pipeline (or those up to ``until``) into the store at ``out``,
+    resuming what is already done."""
+    store = prepare(config, out, overwrite, until)
     runtime = make_runtime(config)
-    reports = [runtime.run(stage_type(config, store.url)) for stage_type in STAGES]
+    reports = [runtime.run(stage_type(config, store.url)) for stage_type in stages_until(until)]
     return PipelineReport(store.url, reports)

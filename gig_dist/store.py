@@ -18,7 +18,21 @@ One Zarr v3 group per run, readable with plain ``zarr`` by someone who never ins
                               predicted class, or grad x act); absent for uniform sampling
     ierf/<name>/map  (M, H, W) float32 iERFs of requested PFVs; ierf/<name>/request (M, 3) holds
                               (image, tap index, position), ierf/<name>/kind 'srd' or 'gradient'
-    progress/<stage> (U,)     uint8, 1 once work unit u of the stage is committed
+    concepts/<tap>/vector (K, C) float32 concept vectors (unit-norm centroids; zero rows for
+                              clusters of all-zero PFVs, flagged in concepts/<tap>/zero (K,) bool)
+    concepts/<tap>/center (K, C) float32 centroids; size (K,) int64; inertia (K,) float64
+    concepts/<tap>/member (N, S) int32 the concept of each sample of samples/<tap> (-1: empty slot)
+    concepts/<tap>/tree/{parent,size,inertia,leaf,order} (2K-1,), children (2K-1, 2): the split
+                              tree (node 0 the root; leaf = concept index or -1); attributes hold
+                              the fit statistics
+    codes/<tap>/index (N, H*W, L) int32 concept indices of each PFV's code, by decreasing value,
+                              -1 in unused slots; codes/<tap>/value (N, H*W, L) float32 (0 unused);
+                              sharded like pfv/<tap>
+    codes/<tap>/unit_stats (U, 6) float64 per unit: PFVs, sum of l0, squared reconstruction error,
+                              sum of squared PFV norms, PFVs cut to L slots, largest l0;
+                              codes/<tap>/unit_sum (U, C) float64 the PFVs' sum (for R^2)
+    progress/<stage> (U,)     uint8, 1 once work unit u of the stage is committed (the concepts
+                              stage has one unit per tap, in manifest order)
 
 Writing rules that make concurrent, resumable work safe:
 
@@ -43,10 +57,13 @@ import zarr
 import zarr.errors
 from zarr.codecs import ZstdCodec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_KEY = "gig_dist"
 
 PENDING, PROCESSED, SKIPPED = 0, 1, 2
+
+#: Columns of codes/<tap>/unit_stats.
+CODE_STATS = ("pfvs", "l0_sum", "squared_error", "squared_norm", "truncated", "max_l0")
 
 
 class StoreError(RuntimeError):
@@ -102,9 +119,11 @@ class RunStore:
         pfv_dtype: str,
         zstd_level: int,
         part_mask_size: int | None,
-        stages: list[str],
+        stages: Mapping[str, int],
         samples_per_image: int,
         sample_scores: bool,
+        code_taps: list[str],
+        code_width: int,
     ) -> RunStore:
         """Create an empty store (overwriting whatever is at ``url``) and write the dataset index."""
         n = len(paths)
@@ -145,8 +164,22 @@ class RunStore:
             per_image(f"samples/{tap}/vector", (samples_per_image, channels), pfv_dtype, np.nan)
             if sample_scores:
                 per_image(f"relevance/{tap}", (height * width,), "float32", np.nan)
-        for stage in stages:
-            group.create_array(f"progress/{stage}", shape=(len(unit_ranges(n, unit)),), chunks=(1,), dtype="uint8", fill_value=0)
+        units = len(unit_ranges(n, unit))
+        for tap in code_taps:
+            channels, height, width = tap_shapes[tap]
+            for name, dtype, fill in (("index", "int32", -1), ("value", "float32", 0.0)):
+                group.create_array(
+                    f"codes/{tap}/{name}", shape=(n, height * width, code_width),
+                    shards=(unit, height * width, code_width), chunks=(images_per_chunk, height * width, code_width),
+                    dtype=dtype, fill_value=fill, compressors=compressors,
+                    dimension_names=("image", "position", "slot"),
+                )
+            group.create_array(f"codes/{tap}/unit_stats", shape=(units, len(CODE_STATS)), chunks=(1, len(CODE_STATS)),
+                               dtype="float64", fill_value=np.nan)
+            group.create_array(f"codes/{tap}/unit_sum", shape=(units, channels), chunks=(1, channels),
+                               dtype="float64", fill_value=np.nan)
+        for stage, count in stages.items():
+            group.create_array(f"progress/{stage}", shape=(count,), chunks=(1,), dtype="uint8", fill_value=0)
         # The index, written one unit at a time: each write covers whole chunks only.
         for r in unit_ranges(n, unit):
             group["meta/path"][r.start : r.stop] = np.asarray(paths[r.start : r.stop], dtype=str)
@@ -158,7 +191,8 @@ class RunStore:
             images_per_unit=unit,
             taps={tap: list(shape) for tap, shape in tap_shapes.items()},
             num_outputs=num_outputs,
-            stages=stages,
+            stages=list(stages),
+            code_taps=list(code_taps),
         )
         group.attrs[MANIFEST_KEY] = json.loads(json.dumps(full))  # the commit point of creation
         return cls(group, url)
@@ -282,6 +316,99 @@ class RunStore:
     def read_pfvs(self, tap: str, r: ImageRange) -> np.ndarray:
         """PFVs (images, positions, channels) of ``tap`` for images ``r``."""
         return self.group[f"pfv/{tap}"][r.start : r.stop]
+
+    def iter_samples(self, tap: str) -> Iterator[np.ndarray]:
+        """The sampled PFVs of ``tap`` (float32), one unit at a time, without the empty slots of
+        skipped images (slots whose position is -1)."""
+        vectors, positions = self.group[f"samples/{tap}/vector"], self.group[f"samples/{tap}/position"]
+        for r in self.units():
+            block = vectors[r.start : r.stop]
+            yield block[positions[r.start : r.stop] >= 0].astype(np.float32)
+
+    # -- concepts ----------------------------------------------------------------------------
+
+    def write_concepts(self, tap: str, *, vectors: np.ndarray, centers: np.ndarray, zero: np.ndarray,
+                       size: np.ndarray, inertia: np.ndarray, tree: Mapping[str, np.ndarray],
+                       labels: np.ndarray, stats: Mapping[str, Any]) -> None:
+        """One tap's dictionary, split tree and the concept of each sample (in the order of
+        :meth:`iter_samples`), written by that tap's unit only, replacing any."""
+        positions = self.group[f"samples/{tap}/position"]
+        member = np.full(positions.shape, -1, dtype=np.int32)
+        filled = 0
+        for r in self.units():
+            valid = positions[r.start : r.stop] >= 0
+            block = member[r.start : r.stop]
+            block[valid] = labels[filled : filled + int(valid.sum())]
+            filled += int(valid.sum())
+        if filled != len(labels):
+            raise ValueError(f"{len(labels)} sample labels for {filled} samples of tap {tap}")
+        group = self.group.require_group("concepts")
+        if tap in group:
+            del group[tap]
+        node = group.create_group(tap)
+        for name, values in [("vector", vectors), ("center", centers), ("zero", zero), ("size", size),
+                             ("inertia", inertia), ("member", member)] + [(f"tree/{k}", v) for k, v in tree.items()]:
+            values = np.asarray(values)
+            array = node.create_array(name, shape=values.shape, chunks=values.shape, dtype=values.dtype)
+            array[...] = values
+        node.attrs["fit"] = json.loads(json.dumps(dict(stats)))
+
+    def has_concepts(self, tap: str) -> bool:
+        return "concepts" in self.group and tap in self.group["concepts"] and "vector" in self.group[f"concepts/{tap}"]
+
+    def read_concepts(self, tap: str) -> np.ndarray:
+        """The concept vectors (K, C) of ``tap``."""
+        if not self.has_concepts(tap):
+            raise StoreError(f"{self.url} has no concepts for tap {tap!r}; run the concepts stage first")
+        return self.group[f"concepts/{tap}/vector"][...]
+
+    def concept_fit(self, tap: str) -> dict[str, Any]:
+        return dict(self.group[f"concepts/{tap}"].attrs["fit"]) if self.has_concepts(tap) else {}
+
+    # -- codes -------------------------------------------------------------------------------
+
+    @property
+    def code_taps(self) -> list[str]:
+        return list(self.manifest.get("code_taps", []))
+
+    @property
+    def code_width(self) -> int:
+        return int(self.group[f"codes/{self.code_taps[0]}/index"].shape[-1]) if self.code_taps else 0
+
+    def write_codes(self, r: ImageRange, tap: str, index: np.ndarray, value: np.ndarray,
+                    stats: np.ndarray, pfv_sum: np.ndarray) -> None:
+        """One decomposition unit's codes of ``tap`` and its statistics; ``r`` must be one whole unit."""
+        sl = self._unit_slice(r)
+        unit = self.units().index(r)
+        self.group[f"codes/{tap}/index"][sl] = index
+        self.group[f"codes/{tap}/value"][sl] = value
+        self.group[f"codes/{tap}/unit_sum"][unit] = pfv_sum
+        self.group[f"codes/{tap}/unit_stats"][unit] = stats
+
+    def read_codes(self, tap: str, r: ImageRange) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of images ``r``: indices and values, each (n, H*W, L)."""
+        return self.group[f"codes/{tap}/index"][r.start : r.stop], self.group[f"codes/{tap}/value"][r.start : r.stop]
+
+    def code_summary(self, tap: str) -> dict[str, Any]:
+        """Per-tap decomposition figures over the units done so far: mean l0, l0 ratio, R^2."""
+        stats = self.group[f"codes/{tap}/unit_stats"][...]
+        sums = self.group[f"codes/{tap}/unit_sum"][...]
+        done = ~np.isnan(stats).any(axis=1)
+        totals = dict(zip(CODE_STATS, stats[done].sum(axis=0))) if done.any() else dict.fromkeys(CODE_STATS, 0.0)
+        pfvs = totals["pfvs"]
+        k = int(self.concept_fit(tap).get("k", 0))
+        summary: dict[str, Any] = {"units_done": int(done.sum()), "pfvs": int(pfvs), "k": k}
+        if pfvs:
+            mean = sums[done].sum(axis=0) / pfvs
+            total_variance = totals["squared_norm"] - pfvs * float(mean @ mean)
+            summary.update(
+                mean_l0=totals["l0_sum"] / pfvs,
+                l0_ratio=totals["l0_sum"] / pfvs / k if k else None,
+                r2=1 - totals["squared_error"] / total_variance if total_variance > 0 else None,
+                max_l0=int(stats[done, CODE_STATS.index("max_l0")].max()),
+                truncated=int(totals["truncated"]),
+            )
+        return summary
 
     # -- summaries -------------------------------------------------------------------------
 

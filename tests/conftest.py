@@ -31,6 +31,7 @@ def toy_config(*overrides: str) -> Config:
         "extract.batch_size=8",
         "runtime.progress=false",
         "runtime.device=cpu",
+        "concepts.k_multiplier=0.25",  # K = C / 4: 16-64 concepts from 960 samples
     )
     return load_config(None, [*base, *overrides])
 

@@ -17,9 +17,20 @@ def test_embedded_default_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "extract: 16/16 units run; 1024 images (0 skipped)" in done.stdout
     assert "sample: 16/16 units run; 1024 images (0 skipped)" in done.stdout
+    assert "concepts: 5/5 taps clustered" in done.stdout
+    assert "decompose: 16/16 units run; 1024 images (0 skipped)" in done.stdout
+    assert "warning" not in done.stderr  # the toy defaults give every concept enough members
     summary = json.loads(run_cli("inspect", str(tmp_path / "gig-dist-run.zarr"), "--json").stdout)
-    assert summary["stages"]["extract"]["complete"] is True and summary["stages"]["sample"]["complete"] is True
-    assert summary["arrays"]["samples/layer3.1/vector"]["shape"] == [1024, 1, 256]
+    assert all(stage["complete"] for stage in summary["stages"].values()), summary["stages"]
+    assert list(summary["stages"]) == ["extract", "sample", "concepts", "decompose"]
+    assert summary["arrays"]["samples/layer3.1/vector"]["shape"] == [1024, 24, 256]
+    # K = 8 x C from 24 samples per image: at least 10 members per concept on average, every tap.
+    for tap, fit in summary["concepts"].items():
+        assert fit["k"] == 8 * summary["taps"][tap][0] and fit["mean_members"] >= 10, (tap, fit)
+    # The bar for the lambda default: R^2 >= 0.9 at a few percent l0 ratio, every tap.
+    for tap, codes in summary["codes"].items():
+        assert codes["pfvs"] == 1024 * summary["taps"][tap][1] * summary["taps"][tap][2]
+        assert codes["r2"] >= 0.9 and 0 < codes["l0_ratio"] <= 0.05 and codes["truncated"] == 0, (tap, codes)
     assert summary["images"] == {"total": 1024, "processed": 1024, "skipped": 0, "pending": 0}
     assert summary["arrays"]["pfv/layer3.1"] == {
         **summary["arrays"]["pfv/layer3.1"], "shape": [1024, 64, 256], "dtype": "float16"
@@ -29,6 +40,7 @@ def test_embedded_default_end_to_end(tmp_path):
     }
     text = run_cli("inspect", str(tmp_path / "gig-dist-run.zarr")).stdout
     assert "extract      complete" in text and "pfv/layer1.0" in text
+    assert "R^2 0.9" in text and "K 2048   from 24576 samples (12.0 per concept" in text
 
 
 def test_config_errors_exit_2_before_work(tmp_path):
@@ -46,7 +58,8 @@ def test_unknown_tap_exits_2_listing_valid_taps(tmp_path):
 
 
 def test_inspect_piped_into_head_stops_quietly(tmp_path):
-    assert run_cli("run", "--out", str(tmp_path / "r.zarr"), "-o", "dataset.toy.num_images=4").returncode == 0
+    assert run_cli("run", "--out", str(tmp_path / "r.zarr"), "-o", "dataset.toy.num_images=4",
+                   "-o", "concepts.k_multiplier=0.25").returncode == 0
     done = subprocess.run(f"{sys.executable} -m gig_dist.cli inspect {tmp_path / 'r.zarr'} | head -n 1",
                           shell=True, capture_output=True, text=True)
     assert done.stdout.startswith("store") and "Traceback" not in done.stderr

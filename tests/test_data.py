@@ -108,7 +108,7 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(tmp_path):
         "dataset.kind=imagefolder", f"dataset.path={tmp_path / 'data'}", "store.images_per_unit=8",
         "store.images_per_chunk=4",
     )
-    report = pipeline.run(config, tmp_path / "run.zarr")
+    report = pipeline.run(config, tmp_path / "run.zarr", until="sample")
     store = RunStore.open(report.url)
     paths, labels = store.read_index(store.units()[0])
     all_paths = [str(p) for p in store.group["meta/path"][:]]
@@ -141,7 +141,7 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(tmp_path):
 def test_missing_dataset_path_fails_before_any_work(tmp_path):
     config = toy_config("dataset.kind=imagefolder", f"dataset.path={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigError, match="no such directory"):
-        pipeline.run(config, tmp_path / "run.zarr")
+        pipeline.run(config, tmp_path / "run.zarr", until="sample")
     assert not (tmp_path / "run.zarr").exists()
 
 
@@ -149,7 +149,7 @@ def test_empty_dataset_fails_before_any_work(tmp_path):
     (tmp_path / "data" / "cls").mkdir(parents=True)
     config = toy_config("dataset.kind=imagefolder", f"dataset.path={tmp_path / 'data'}")
     with pytest.raises(ConfigError, match="is empty: no images"):
-        pipeline.run(config, tmp_path / "run.zarr")
+        pipeline.run(config, tmp_path / "run.zarr", until="sample")
     assert not (tmp_path / "run.zarr").exists()
 
 
@@ -162,7 +162,7 @@ def test_filelist_with_labels_comments_and_relative_paths(tmp_path):
     index = build_index(config.dataset)
     assert index.paths == [str(tmp_path / "a.jpg"), str(tmp_path / "b c.jpg"), str(tmp_path / "missing.jpg")]
     assert index.labels.tolist() == [3, 5, -1]
-    store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr").url)
+    store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr", until="sample").url)
     assert store.image_counts()["skipped"] == 1
     assert store.skipped_images()[0]["reason"] == "file not found"
 

@@ -21,3 +21,19 @@ def test_example_configs_validate_against_their_model(path):
 def test_imagenet_example_uses_the_four_stage_outputs():
     config = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "imagenet-resnet50.yaml")
     assert config.taps == ("layer1.2", "layer2.3", "layer3.5", "layer4.2")
+
+
+def test_imagenet_example_keeps_the_papers_concept_settings():
+    config = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "imagenet-resnet50.yaml")
+    assert (config.sample.per_image, config.concepts.k_multiplier, config.decompose.lambda_rel) == (1, 8, 0.1)
+
+
+def test_the_toy_world_sets_its_own_sample_count_and_lambda():
+    from gig_dist.config import TOY_LAMBDA_REL, TOY_SAMPLES_PER_IMAGE
+
+    toy = load_config(None)
+    assert (toy.sample.per_image, toy.decompose.lambda_rel) == (TOY_SAMPLES_PER_IMAGE, TOY_LAMBDA_REL)
+    # Explicit values win, and other datasets keep the paper's.
+    assert load_config(None, ["sample.per_image=3", "decompose.lambda_rel=0.2"]).sample.per_image == 3
+    folder = load_config(None, ["dataset.kind=imagefolder", "dataset.path=/x"])
+    assert (folder.sample.per_image, folder.decompose.lambda_rel) == (1, 0.1)

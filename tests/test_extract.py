@@ -23,7 +23,8 @@ from tests.conftest import assert_stores_equal, toy_config
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 SMALL = ["-o", "dataset.toy.num_images=40", "-o", "store.images_per_unit=8", "-o", "store.images_per_chunk=4",
-         "-o", "extract.batch_size=4", "-o", "runtime.progress=false", "-o", "runtime.device=cpu"]
+         "-o", "extract.batch_size=4", "-o", "runtime.progress=false", "-o", "runtime.device=cpu",
+         "-o", "concepts.k_multiplier=0.25"]
 SMALL_CONFIG = [s for s in SMALL if s != "-o"]
 
 
@@ -64,12 +65,15 @@ def test_units_are_exactly_the_shards_of_every_array(reference):
     store = RunStore.open(reference)
     units = store.units()
     assert [(u.start, u.stop) for u in units] == [(s, s + 8) for s in range(0, 40, 8)]
-    per_image = [p for p, n in store.group.members(max_depth=None)
-                 if isinstance(n, zarr.Array) and not p.startswith("progress/")]
-    assert "pfv/layer1.0" in per_image and "meta/status" in per_image
+    arrays = [p for p, n in store.group.members(max_depth=None) if isinstance(n, zarr.Array)]
+    per_image = [p for p in arrays if not p.startswith(("progress/", "concepts/")) and "/unit_" not in p]
+    assert {"pfv/layer1.0", "meta/status", "codes/layer1.0/index", "samples/layer1.0/vector"} <= set(per_image)
     for path in per_image:
         # Each unit covers exactly one shard (or chunk) of every array: one writer per shard.
         assert store.shard_ranges(path) == units, path
+    # Per-unit statistics: one chunk per unit. Concepts are written whole by their tap's unit.
+    for path in [p for p in arrays if "/unit_" in p]:
+        assert store.group[path].shape[0] == len(units) and store.group[path].chunks[0] == 1, path
     stage = ExtractStage(toy_config(*SMALL_CONFIG), reference)
     assert [(u.start, u.stop) for u in stage.plan(store)] == [(u.start, u.stop) for u in units]
 
@@ -107,6 +111,9 @@ def test_two_processes_writing_their_own_shards_lose_nothing(reference, tmp_path
     for w in workers:
         w.join(120)
         assert w.exitcode == 0
+    # The later stages, run after the two writers, find extraction complete and go on from it.
+    report = pipeline.run(toy_config(*SMALL_CONFIG), url)
+    assert report.stages[0].units_run == 0
     assert_stores_equal(reference, url)
 
 
@@ -150,7 +157,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path):
 
 def test_rerun_of_a_complete_run_does_nothing(reference, tmp_path):
     report = pipeline.run(toy_config(*SMALL_CONFIG), reference)
-    assert [(s.units_run, s.units_total) for s in report.stages] == [(0, 5), (0, 5)]
+    assert [(s.units_run, s.units_total) for s in report.stages] == [(0, 5)] * 4  # concepts: 5 taps
 
 
 def test_resume_with_another_config_is_refused(reference):
@@ -216,6 +223,8 @@ def test_inspect_json(reference):
     assert summary["stages"] == {
         "extract": {"complete": True, "units_done": 5, "units": 5},
         "sample": {"complete": True, "units_done": 5, "units": 5},
+        "concepts": {"complete": True, "units_done": 5, "units": 5},
+        "decompose": {"complete": True, "units_done": 5, "units": 5},
     }
     assert summary["arrays"]["pfv/layer1.0"]["shape"] == [40, 1024, 64]
     assert summary["arrays"]["pfv/layer1.0"]["dtype"] == "float16"

@@ -126,7 +126,7 @@ def test_skipped_images_get_no_samples(tmp_path):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / f"{i}.png")
     (root / "broken.png").write_bytes(b"not a png")
     config = toy_config("dataset.kind=imagefolder", f"dataset.path={tmp_path / 'data'}")
-    store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr").url)
+    store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr", until="sample").url)
     skipped = store.group["meta/status"][:] == SKIPPED
     positions = store.group["samples/layer2.0/position"][:]
     assert skipped.sum() == 1 and (positions[skipped] == -1).all() and (positions[~skipped] >= 0).all()

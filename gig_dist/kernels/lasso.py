@@ -87,12 +87,9 @@ class NonNegativeLassoCoder:
         """Sparse codes: ``(indices, values)``, each (n, m) with m the largest support (at least
         1); unused slots hold index -1 and value 0. Each row is sorted by decreasing value."""
         X = self._check(X)
-        lam = self.penalties(X)
         parts = []
         for first in range(0, len(X), self.batch_size):
-            rows = slice(first, first + self.batch_size)
-            index, value = self._solve(torch.from_numpy(X[rows]).to(self.device, self.dtype),
-                                       torch.from_numpy(lam[rows]).to(self.device, self.dtype))
+            index, value = self._solve(torch.from_numpy(X[first : first + self.batch_size]).to(self.device, self.dtype))
             parts.append((index.cpu().numpy(), value.cpu().numpy()))
         width = max([1] + [p[0].shape[1] for p in parts])
         index = np.full((len(X), width), -1, dtype=np.int32)
@@ -117,12 +114,17 @@ class NonNegativeLassoCoder:
         return codes
 
     @torch.no_grad()
-    def _solve(self, X: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _solve(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Lawson-Hanson on every PFV of the batch at once, over a working set of candidate atoms
         that grows by KKT violations. Returns (indices, values), (n, s); index -1 in unused slots."""
         n, K = len(X), len(self._V)
         V, G = self._V, self._G
-        b = X @ V.T - lam[:, None]  # (n, K): the negative gradient at u = 0
+        correlation = X @ V.T
+        if self.lam is not None:
+            lam = torch.full((n,), self.lam, dtype=X.dtype, device=X.device)
+        else:  # as penalties(), from the same product
+            lam = self.lambda_rel * correlation.max(1).values.clamp_min(0)
+        b = correlation - lam[:, None]  # (n, K): the negative gradient at u = 0
         tol = self.tol * X.norm(dim=1).clamp_min(1e-12)
         index = torch.empty(n, 0, dtype=torch.long, device=X.device)  # support slots
         value = torch.empty(n, 0, dtype=X.dtype, device=X.device)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from gig_dist.stages.base import Stage, execute_unit
+from gig_dist.stages.base import Stage, UnitFailed, execute_unit
 from gig_dist.store import RunStore
 
 
@@ -48,20 +48,27 @@ class LocalRuntime:
                 torch.set_num_threads(self.torch_threads)
             worker = stage.open_worker(self.device)
             bar = tqdm(
-                total=sum(u.size for u in pending), unit="img", desc=stage.name, disable=not self.progress,
+                total=sum(u.size for u in pending) or len(pending), unit="img" if pending[0].size else "tap",
+                desc=stage.name, disable=not self.progress,
                 dynamic_ncols=True,
             )
             # Up to `worker_concurrency` units at once, so one unit's writes overlap the next one's compute.
             concurrency = stage.worker_concurrency
             pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"gig-dist-{stage.name}")
-            queue, in_flight = list(reversed(pending)), set()
+            queue, in_flight, units = list(reversed(pending)), set(), {}
             try:
                 while queue or in_flight:
                     while queue and len(in_flight) < concurrency:
-                        in_flight.add(pool.submit(execute_unit, worker, store, queue.pop(), bar.update))
+                        unit = queue.pop()
+                        future = pool.submit(execute_unit, worker, store, unit, bar.update)
+                        units[future] = unit
+                        in_flight.add(future)
                     finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        report = future.result()
+                        try:
+                            report = future.result()
+                        except Exception as exc:
+                            raise UnitFailed(f"{units[future].describe()} failed: {exc}") from exc
                         images += report.images
                         skipped += report.skipped
             finally:

@@ -121,7 +121,7 @@ class RayRuntime:
                     retries += 1
                     if attempts[unit.index] >= self.config.max_unit_attempts:
                         raise UnitFailed(
-                            f"{stage.name} unit {unit.index} (images {unit.start}:{unit.stop}) lost its worker "
+                            f"{unit.describe()} lost its worker "
                             f"{attempts[unit.index]} times; last: {exc}"
                         ) from exc
                     log.warning("%s unit %d lost its worker; running it again", stage.name, unit.index)
@@ -138,7 +138,7 @@ class RayRuntime:
                     continue
                 except ray.exceptions.RayTaskError as exc:
                     raise UnitFailed(
-                        f"{stage.name} unit {unit.index} (images {unit.start}:{unit.stop}) failed: {exc.cause!r}"
+                        f"{unit.describe()} failed: {exc.cause!r}"
                     ) from exc.cause
                 idle.append(actor)
                 units_run += 1

@@ -1,10 +1,12 @@
 """Pipeline stages, in data-flow order."""
 
 from gig_dist.stages.base import Stage, StageWorker, UnitReport, WorkUnit, execute_unit
+from gig_dist.stages.concepts import ConceptsStage
+from gig_dist.stages.decompose import DecomposeStage
 from gig_dist.stages.extract import ExtractStage
 from gig_dist.stages.sample import SampleStage
 
 #: Every stage, in the order the pipeline runs them.
-STAGES: tuple[type[Stage], ...] = (ExtractStage, SampleStage)
+STAGES: tuple[type[Stage], ...] = (ExtractStage, SampleStage, ConceptsStage, DecomposeStage)
 
-__all__ = ["STAGES", "ExtractStage", "SampleStage", "Stage", "StageWorker", "UnitReport", "WorkUnit", "execute_unit"]
+__all__ = ["STAGES", "ConceptsStage", "DecomposeStage", "ExtractStage", "SampleStage", "Stage", "StageWorker", "UnitReport", "WorkUnit", "execute_unit"]

@@ -33,16 +33,21 @@ class UnitFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Unit ``index`` of ``stage``: images ``start:stop``, exactly one shard of each array it writes."""
+    """Unit ``index`` of ``stage``: images ``start:stop``, exactly one shard of each array it
+    writes; or, for per-tap stages, the tap ``tap`` (and no images)."""
 
     stage: str
     index: int
     start: int
     stop: int
+    tap: str | None = None
 
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+    def describe(self) -> str:
+        return f"{self.stage} unit {self.index} ({f'tap {self.tap}' if self.tap else f'images {self.start}:{self.stop}'})"
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,11 @@ class Stage(ABC):
         self.config = config
         self.store_url = store_url
 
+    @classmethod
+    def progress_size(cls, num_units: int, taps: list[str]) -> int:
+        """Length of the stage's progress array: its largest possible number of units."""
+        return num_units
+
     def plan(self, store: RunStore) -> list[WorkUnit]:
         """All units of the stage, in order. Default: one unit per image shard."""
         return [WorkUnit(self.name, i, r.start, r.stop) for i, r in enumerate(store.units())]
@@ -86,7 +96,7 @@ class Stage(ABC):
         return [unit for unit in self.plan(store) if not done[unit.index]]
 
     def is_complete(self, store: RunStore) -> bool:
-        return store.stage_complete(self.name)
+        return not self.pending(store)
 
     @abstractmethod
     def open_worker(self, device: str) -> StageWorker:
