@@ -2,6 +2,7 @@
 
     gig-dist run [--config FILE] [--out DIR] [-o key=value ...] [--overwrite] [--until STAGE]
     gig-dist inspect DIR [--json]
+    gig-dist graph DIR --class C [--top N] [--json]
     gig-dist taps [--config FILE] [-o key=value ...] [--all]
     gig-dist config [--config FILE] [-o key=value ...]
 """
@@ -44,8 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for stage in report.stages:
         done_before = stage.units_total - stage.units_run
         resumed = f", {done_before} already done" if done_before else ""
-        if stage.stage == "concepts":
-            print(f"{stage.stage}: {stage.units_run}/{stage.units_total} taps clustered{resumed} in {stage.seconds:.1f}s")
+        if stage.stage in ("concepts", "reduce", "graphs"):
+            what = {"concepts": "taps clustered", "reduce": "pairs reduced", "graphs": "class graphs built"}[stage.stage]
+            print(f"{stage.stage}: {stage.units_run}/{stage.units_total} {what}{resumed} in {stage.seconds:.1f}s")
             continue
         print(
             f"{stage.stage}: {stage.units_run}/{stage.units_total} units run{resumed}; "
@@ -89,6 +91,7 @@ def inspect_summary(url: str) -> dict[str, Any]:
         "taps": manifest["taps"],
         "concepts": {tap: store.concept_fit(tap) for tap in store.taps if store.has_concepts(tap)},
         "codes": {tap: store.code_summary(tap) for tap in store.code_taps},
+        "gig": store.gig_summary(),
         "config": manifest["config"],
         "versions": manifest["versions"],
     }
@@ -138,6 +141,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             cut = f"  ({c['truncated']} PFVs cut to the stored slots)" if c["truncated"] else ""
             print(f"  {tap:<16} {c['pfvs']} PFVs  mean l0 {c['mean_l0']:.2f}  l0 ratio {ratio}  R^2 {r2}  "
                   f"max l0 {c['max_l0']}{cut}")
+    if summary["gig"]:
+        print("GIG (dataset matrices; completeness gap |sum_k GIG - (S(F(X~)) - S(F(0)))| / |S(F(X~)) - S(F(0))|)")
+        for key, g in summary["gig"].items():
+            source, target = g["pair"]
+            gaps = (f"mean gap {g['mean_gap']:.2e}  median {g['median_gap']:.2e}  max {g['max_gap']:.2e}"
+                    if g.get("mean_gap") is not None else "no targets")
+            print(f"  {source} -> {target:<10} matrix {tuple(g['matrix'])}  {g['images']} images, "
+                  f"{g['targets']} targets, {g['steps']} steps ({g['rule']})  {gaps}")
     print("arrays")
     for path, a in summary["arrays"].items():
         shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""
@@ -148,6 +159,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("versions " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
     print("config")
     print("  " + yaml.safe_dump(summary["config"], sort_keys=False).replace("\n", "\n  ").rstrip())
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from gig_dist.store import RunStore
+
+    store = RunStore.open(args.dir)
+    names = list(store.manifest.get("class_names") or [])
+    cls = args.cls
+    if not cls.lstrip("-").isdigit():
+        if cls not in names:
+            raise ConfigError(f"unknown class {cls!r}; classes are indices 0..{store.manifest['num_outputs'] - 1}"
+                              + (f" or names ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""))
+        cls = str(names.index(cls))
+    if args.top is None:
+        graph = store.read_graph(int(cls))
+    else:
+        from gig_dist.stages.attribute import build_graphs
+
+        graphs = build_graphs(store, args.top)
+        if not 0 <= int(cls) < len(graphs):
+            raise ConfigError(f"class {cls} out of range: the model has {len(graphs)} classes")
+        graph = graphs[int(cls)]
+    if args.json:
+        print(json.dumps(graph, indent=2))
+        return 0
+    print(f"class {graph['class']} ({graph['class_name']}): top concepts by GIG, tap by tap ({' <- '.join(graph['taps'])})")
+    into: dict[tuple, list[dict[str, Any]]] = {}
+    for edge in graph["edges"]:
+        into.setdefault(tuple(edge["target"]), []).append(edge)
+    shared = {(n["tap"], n["concept"]): n["shared_with"] for n in graph["nodes"]}
+
+    def show(node: tuple, depth: int) -> None:
+        for edge in into.get(node, []):
+            source = tuple(edge["source"])
+            mark = f"  shared with classes {shared[source]}" if shared.get(source) else ""
+            print(f"{'  ' * depth}{source[0]}:{source[1]}  GIG {edge['weight']:+.4g}{mark}")
+            show(source, depth + 1)
+
+    show(("class", graph["class"]), 1)
     return 0
 
 
@@ -206,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("dir", metavar="DIR")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=cmd_inspect)
+
+    graph = sub.add_parser("graph", help="the concept graph of a class, from the GIG matrices of a finished run")
+    graph.add_argument("dir", metavar="DIR")
+    graph.add_argument("--class", dest="cls", required=True, metavar="C", help="class index or name")
+    graph.add_argument("--top", type=int, help="concepts per level (default: gig.graph_top of the run)")
+    graph.add_argument("--json", action="store_true", help="the graph as JSON (nodes, edges, shared concepts)")
+    graph.set_defaults(func=cmd_graph)
 
     taps = sub.add_parser("taps", help="list a model's taps and their shapes (no dataset needed)")
     _add_config_args(taps)

@@ -19,7 +19,9 @@ from gig_dist.data.sources import build_index
 from gig_dist.kernels.taps import probe_model, resolve_taps
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.runtime.local import LocalRuntime, StageReport
-from gig_dist.stages import STAGES, ConceptsStage
+from gig_dist.kernels.gig import forward_order
+from gig_dist.stages import STAGES, AttributeStage, ConceptsStage
+from gig_dist.stages.attribute import check_pairs, gig_pairs
 from gig_dist.stages.concepts import concept_count
 from gig_dist.stages.decompose import decompose_taps
 from gig_dist.store import RunStore, StoreError, unit_ranges
@@ -93,9 +95,15 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
     transform = resolve_transform(config)
     index = build_index(config.dataset)
     shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
+    channels = {tap: s.channels for tap, s in shapes.items()}
     if ConceptsStage in stages_until(until):
-        _check_concepts(config, {tap: s.channels for tap, s in shapes.items()}, len(index.paths))
+        _check_concepts(config, channels, len(index.paths))
+    order = forward_order(model, taps, (transform.crop, transform.crop))
+    pairs = gig_pairs(config, order)
+    if AttributeStage in stages_until(until):
+        check_pairs(config, pairs, order, channels, decompose_taps(config, taps))
     config_dict = config.to_dict()
+    tap_shapes = {tap: (s.channels, s.height, s.width) for tap, s in shapes.items()}
     url = store_url(out if out is not None else config.store.path)
     _guard_foreign_directory(url)
 
@@ -118,18 +126,20 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
             "dataset_fingerprint": index.fingerprint(),
             "class_names": index.class_names,
             "transform": vars(transform),
+            "gig_pairs": [list(pair) for pair in pairs],
+            "tap_order": order,
         },
         paths=index.paths,
         labels=index.labels,
-        tap_shapes={tap: (s.channels, s.height, s.width) for tap, s in shapes.items()},
+        tap_shapes=tap_shapes,
         num_outputs=num_outputs,
         images_per_unit=config.store.images_per_unit,
         images_per_chunk=config.store.images_per_chunk,
         pfv_dtype=config.extract.dtype,
         zstd_level=config.store.zstd_level,
         part_mask_size=transform.crop if config.dataset.kind == "toy" else None,
-        stages={stage.name: stage.progress_size(len(unit_ranges(len(index.paths), config.store.images_per_unit)), taps)
-                for stage in STAGES},
+        stages={stage.name: stage.progress_size(config, len(unit_ranges(len(index.paths), config.store.images_per_unit)),
+                                                {tap: tap_shapes[tap] for tap in order}) for stage in STAGES},
         samples_per_image=config.sample.per_image,
         sample_scores=config.sample.method != "uniform",
         code_taps=decompose_taps(config, taps),

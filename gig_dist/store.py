@@ -28,11 +28,23 @@ One Zarr v3 group per run, readable with plain ``zarr`` by someone who never ins
     codes/<tap>/index (N, H*W, L) int32 concept indices of each PFV's code, by decreasing value,
                               -1 in unused slots; codes/<tap>/value (N, H*W, L) float32 (0 unused);
                               sharded like pfv/<tap>
-    codes/<tap>/unit_stats (U, 6) float64 per unit: PFVs, sum of l0, squared reconstruction error,
-                              sum of squared PFV norms, PFVs cut to L slots, largest l0;
+    codes/<tap>/unit_stats (U, 7) float64 per unit: PFVs, sum of l0, squared reconstruction error,
+                              sum of squared PFV norms, PFVs cut to L slots, largest l0, most
+                              distinct concepts used by one image;
                               codes/<tap>/unit_sum (U, C) float64 the PFVs' sum (for R^2)
+    gig/<a>__<b>/...          GIG from tap a's concepts to tap b's (b = 'logits': to classes):
+                              source (N, W) each image's active source concepts (-1 pad),
+                              target (N, T) its targets (top code mass at b, or predicted and
+                              true class), delta (N, T) S(F(X~)) - S(F(0)), partial (S, N, T, W)
+                              the per-step-range sums over the image's sources, total and gap
+                              (N, T) sum_k GIG and the completeness gap, edges/{source,value}
+                              (N, T, E) the top sources per target, matrix (K_a, K_b or classes)
+                              the dataset Gamma, count its images per column; attributes: pair,
+                              completeness statistics
+    graphs (classes,)         one JSON class graph per class (method.md section 6)
     progress/<stage> (U,)     uint8, 1 once work unit u of the stage is committed (the concepts
-                              stage has one unit per tap, in manifest order)
+                              stage has one unit per tap, in manifest order; attribute and reduce
+                              as their stages plan them)
 
 Writing rules that make concurrent, resumable work safe:
 
@@ -63,7 +75,7 @@ MANIFEST_KEY = "gig_dist"
 PENDING, PROCESSED, SKIPPED = 0, 1, 2
 
 #: Columns of codes/<tap>/unit_stats.
-CODE_STATS = ("pfvs", "l0_sum", "squared_error", "squared_norm", "truncated", "max_l0")
+CODE_STATS = ("pfvs", "l0_sum", "squared_error", "squared_norm", "truncated", "max_l0", "max_active")
 
 
 class StoreError(RuntimeError):
@@ -409,6 +421,111 @@ class RunStore:
                 truncated=int(totals["truncated"]),
             )
         return summary
+
+    # -- GIG attributions ----------------------------------------------------------------------
+
+    @staticmethod
+    def pair_key(source: str, target: str) -> str:
+        return f"{source}__{target}"
+
+    def create_gig_arrays(self, source: str, target: str, *, targets: int, target_chunk: int, width: int,
+                          step_chunks: int, edges: int, matrix_shape: tuple[int, int]) -> None:
+        """The arrays of one tap pair (idempotent: existing arrays of the same shapes are kept)."""
+        key = self.pair_key(source, target)
+        n, unit = self.num_images, int(self.manifest["images_per_unit"])
+        zstd = ZstdCodec(level=1)
+        specs = {
+            "source": ((n, width), (unit, width), "int32", -1),
+            "target": ((n, targets), (unit, target_chunk), "int32", -1),
+            "delta": ((n, targets), (unit, target_chunk), "float64", np.nan),
+            "partial": ((step_chunks, n, targets, width), (1, unit, target_chunk, width), "float64", 0.0),
+            "total": ((n, targets), (unit, targets), "float64", np.nan),
+            "gap": ((n, targets), (unit, targets), "float64", np.nan),
+            "edges/source": ((n, targets, edges), (unit, targets, edges), "int32", -1),
+            "edges/value": ((n, targets, edges), (unit, targets, edges), "float32", 0.0),
+            "matrix": (matrix_shape, matrix_shape, "float64", 0.0),
+            "count": ((matrix_shape[1],), (matrix_shape[1],), "int64", 0),
+        }
+        group = self.group.require_group("gig")
+        if key in group and all(name in group[key] and group[key][name].shape == spec[0]
+                                for name, spec in specs.items()):
+            return
+        if key in group:
+            del group[key]
+        node = group.create_group(key)
+        for name, (shape, chunks, dtype, fill) in specs.items():
+            node.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=zstd)
+        node.attrs["pair"] = [source, target]
+
+    def gig_array(self, source: str, target: str, name: str) -> zarr.Array:
+        return self.group[f"gig/{self.pair_key(source, target)}/{name}"]
+
+    def write_gig_unit(self, source: str, target: str, r: ImageRange, *, step_chunk: int, targets: tuple[int, int],
+                       partial: np.ndarray, sources: np.ndarray | None, chosen: np.ndarray | None,
+                       delta: np.ndarray | None) -> None:
+        """One attribution unit: its chunk of partial sums (step range ``step_chunk``, images
+        ``r``, target slots ``targets``); the unit of the first step range also writes the chosen
+        targets and the completeness endpoints, and with the first target slots the sources."""
+        sl = self._unit_slice(r)
+        t = slice(*targets)
+        self.gig_array(source, target, "partial")[step_chunk, sl, t] = partial
+        if chosen is not None:
+            self.gig_array(source, target, "target")[sl, t] = chosen
+            self.gig_array(source, target, "delta")[sl, t] = delta
+        if sources is not None:
+            self.gig_array(source, target, "source")[sl] = sources
+
+    def read_gig_unit(self, source: str, target: str, r: ImageRange) -> dict[str, np.ndarray]:
+        """What the reduce step needs of images ``r``: partial sums (S, n, T, W), sources, targets, deltas."""
+        return {name: (self.gig_array(source, target, name)[:, r.start : r.stop] if name == "partial"
+                       else self.gig_array(source, target, name)[r.start : r.stop])
+                for name in ("partial", "source", "target", "delta")}
+
+    def write_gig_reduced(self, source: str, target: str, r: ImageRange, *, total: np.ndarray, gap: np.ndarray,
+                          edge_source: np.ndarray, edge_value: np.ndarray) -> None:
+        sl = self._unit_slice(r)
+        self.gig_array(source, target, "total")[sl] = total
+        self.gig_array(source, target, "gap")[sl] = gap
+        self.gig_array(source, target, "edges/source")[sl] = edge_source
+        self.gig_array(source, target, "edges/value")[sl] = edge_value
+
+    def write_gig_matrix(self, source: str, target: str, matrix: np.ndarray, count: np.ndarray,
+                         stats: Mapping[str, Any]) -> None:
+        self.gig_array(source, target, "matrix")[...] = matrix
+        self.gig_array(source, target, "count")[...] = count
+        self.group[f"gig/{self.pair_key(source, target)}"].attrs["completeness"] = json.loads(json.dumps(dict(stats)))
+
+    def gig_summary(self) -> dict[str, dict[str, Any]]:
+        """Per reduced pair: the matrix shape and the completeness statistics."""
+        found = {}
+        if "gig" not in self.group:
+            return found
+        for key, node in self.group["gig"].groups():
+            if "completeness" in node.attrs:
+                found[key] = {"pair": list(node.attrs["pair"]), "matrix": list(node["matrix"].shape),
+                              **dict(node.attrs["completeness"])}
+        return found
+
+    def read_gig_matrix(self, source: str, target: str) -> np.ndarray:
+        key = self.pair_key(source, target)
+        if "gig" not in self.group or key not in self.group["gig"] or "completeness" not in self.group[f"gig/{key}"].attrs:
+            raise StoreError(f"{self.url} has no reduced GIG matrix for {source} -> {target}")
+        return self.gig_array(source, target, "matrix")[...]
+
+    def write_graphs(self, graphs: list[str]) -> None:
+        """The class graphs, one JSON document per class."""
+        if "graphs" in self.group:
+            del self.group["graphs"]
+        array = self.group.create_array("graphs", shape=(len(graphs),), chunks=(max(len(graphs), 1),), dtype=str)
+        array[...] = np.asarray(graphs, dtype=str)
+
+    def read_graph(self, class_index: int) -> dict[str, Any]:
+        if "graphs" not in self.group:
+            raise StoreError(f"{self.url} has no class graphs yet; run the pipeline to the end")
+        graphs = self.group["graphs"]
+        if not 0 <= class_index < graphs.shape[0]:
+            raise StoreError(f"class {class_index} out of range: the model has {graphs.shape[0]} classes")
+        return json.loads(str(graphs[class_index]))
 
     # -- summaries -------------------------------------------------------------------------
 

@@ -22,18 +22,26 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+#: GIG on the first unit only, 4 target concepts, 8 steps: a few seconds instead of minutes.
+GIG_LIGHT = ("gig.images=1", "gig.targets=4", "gig.steps=8")
+GIG_LIGHT_CLI = [arg for kv in GIG_LIGHT for arg in ("-o", kv)]
+
+
 def toy_config(*overrides: str) -> Config:
     """A small, quiet toy-world run; overrides as on the command line."""
-    base = (
-        "dataset.toy.num_images=40",
-        "store.images_per_unit=16",
-        "store.images_per_chunk=4",
-        "extract.batch_size=8",
-        "runtime.progress=false",
-        "runtime.device=cpu",
-        "concepts.k_multiplier=0.25",  # K = C / 4: 16-64 concepts from 960 samples
-    )
-    return load_config(None, [*base, *overrides])
+    return load_config(None, [*TOY_BASE, *overrides])
+
+
+TOY_BASE = (
+    "dataset.toy.num_images=40",
+    "store.images_per_unit=16",
+    "store.images_per_chunk=4",
+    "extract.batch_size=8",
+    "runtime.progress=false",
+    "runtime.device=cpu",
+    "concepts.k_multiplier=0.25",  # K = C / 4: 16-64 concepts from 960 samples
+    *GIG_LIGHT,
+)
 
 
 def assert_stores_equal(url_a: str, url_b: str, float_rtol: float = 0.0) -> None:

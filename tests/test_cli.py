@@ -19,10 +19,18 @@ def test_embedded_default_end_to_end(tmp_path):
     assert "sample: 16/16 units run; 1024 images (0 skipped)" in done.stdout
     assert "concepts: 5/5 taps clustered" in done.stdout
     assert "decompose: 16/16 units run; 1024 images (0 skipped)" in done.stdout
+    assert "attribute: 5/5 units run" in done.stdout and "reduce: 5/5 pairs reduced" in done.stdout
     assert "warning" not in done.stderr  # the toy defaults give every concept enough members
     summary = json.loads(run_cli("inspect", str(tmp_path / "gig-dist-run.zarr"), "--json").stdout)
     assert all(stage["complete"] for stage in summary["stages"].values()), summary["stages"]
-    assert list(summary["stages"]) == ["extract", "sample", "concepts", "decompose"]
+    assert list(summary["stages"]) == ["extract", "sample", "concepts", "decompose", "attribute", "reduce", "graphs"]
+    # GIG on the first 64 images (the toy default), 5 pairs, 32 midpoint steps: completeness holds
+    # to under 1 % on average for every pair.
+    assert {tuple(g["pair"]) for g in summary["gig"].values()} == {
+        ("layer1.0", "layer2.1"), ("layer2.1", "layer3.1"), ("layer1.0", "logits"), ("layer2.1", "logits"),
+        ("layer3.1", "logits")}
+    for key, g in summary["gig"].items():
+        assert g["images"] == 64 and g["steps"] == 32 and g["mean_gap"] < 0.01, (key, g)
     assert summary["arrays"]["samples/layer3.1/vector"]["shape"] == [1024, 24, 256]
     # K = 8 x C from 24 samples per image: at least 10 members per concept on average, every tap.
     for tap, fit in summary["concepts"].items():
@@ -41,6 +49,9 @@ def test_embedded_default_end_to_end(tmp_path):
     text = run_cli("inspect", str(tmp_path / "gig-dist-run.zarr")).stdout
     assert "extract      complete" in text and "pfv/layer1.0" in text
     assert "R^2 0.9" in text and "K 2048   from 24576 samples (12.0 per concept" in text
+    assert "layer2.1 -> layer3.1   matrix (1024, 2048)" in text
+    graph = run_cli("graph", str(tmp_path / "gig-dist-run.zarr"), "--class", "0")
+    assert graph.returncode == 0 and graph.stdout.startswith("class 0") and "layer3.1:" in graph.stdout
 
 
 def test_config_errors_exit_2_before_work(tmp_path):

@@ -15,13 +15,13 @@ from gig_dist.config import ConfigError
 from gig_dist.kernels.lasso import NonNegativeLassoCoder, objective
 from gig_dist.stages.base import UnitFailed
 from gig_dist.store import RunStore
-from tests.conftest import assert_stores_equal, toy_config
+from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 # 40 images in units of 16, K = C / 4 (16 to 64 concepts), 24 samples per image (the toy default).
 SMALL = ["-o", "dataset.toy.num_images=40", "-o", "store.images_per_unit=16", "-o", "store.images_per_chunk=4",
          "-o", "extract.batch_size=8", "-o", "runtime.progress=false", "-o", "runtime.device=cpu",
-         "-o", "concepts.k_multiplier=0.25"]
+         "-o", "concepts.k_multiplier=0.25", *GIG_LIGHT_CLI]
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +93,15 @@ def test_codes_are_the_lasso_solution_of_every_pfv_and_the_summary_recomputes(ru
 
 def test_an_image_subset_and_a_tap_subset(tmp_path):
     store = RunStore.open(pipeline.run(
-        toy_config("decompose.images=20", "decompose.taps=[layer3.1]"), tmp_path / "subset.zarr").url)
+        toy_config("decompose.images=20", "decompose.taps=[layer3.1]"), tmp_path / "subset.zarr", until="decompose").url)
     assert store.code_taps == ["layer3.1"] and "codes/layer1.0" not in store.group
     index = store.group["codes/layer3.1/index"][...]
     # 20 images round up to 2 units of 16: images 0-31 decomposed, the last unit not.
     assert (index[:32, :, 0] >= 0).all() and (index[32:] == -1).all()
     assert store.code_summary("layer3.1")["pfvs"] == 32 * 64
-    again = pipeline.run(toy_config("decompose.images=20", "decompose.taps=[layer3.1]"), tmp_path / "subset.zarr")
-    assert [s.units_run for s in again.stages] == [0, 0, 0, 0]
+    again = pipeline.run(toy_config("decompose.images=20", "decompose.taps=[layer3.1]"), tmp_path / "subset.zarr",
+                         until="decompose")
+    assert [s.units_run for s in again.stages] == [0] * 4
 
 
 def test_sigkill_during_decomposition_then_resume_equals_uninterrupted(run, tmp_path):

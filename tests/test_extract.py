@@ -19,12 +19,12 @@ from gig_dist.data.sources import ImageLoader
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.stages import ExtractStage, SampleStage, execute_unit
 from gig_dist.store import RunStore, StoreError
-from tests.conftest import assert_stores_equal, toy_config
+from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 SMALL = ["-o", "dataset.toy.num_images=40", "-o", "store.images_per_unit=8", "-o", "store.images_per_chunk=4",
          "-o", "extract.batch_size=4", "-o", "runtime.progress=false", "-o", "runtime.device=cpu",
-         "-o", "concepts.k_multiplier=0.25"]
+         "-o", "concepts.k_multiplier=0.25", *GIG_LIGHT_CLI]
 SMALL_CONFIG = [s for s in SMALL if s != "-o"]
 
 
@@ -157,7 +157,8 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path):
 
 def test_rerun_of_a_complete_run_does_nothing(reference, tmp_path):
     report = pipeline.run(toy_config(*SMALL_CONFIG), reference)
-    assert [(s.units_run, s.units_total) for s in report.stages] == [(0, 5)] * 4  # concepts: 5 taps
+    # concepts: 5 taps; attribute: 5 pairs x 1 unit (gig.images); reduce: 5 pairs; graphs: 1.
+    assert [(s.units_run, s.units_total) for s in report.stages] == [(0, 5)] * 6 + [(0, 1)]
 
 
 def test_resume_with_another_config_is_refused(reference):
@@ -225,6 +226,9 @@ def test_inspect_json(reference):
         "sample": {"complete": True, "units_done": 5, "units": 5},
         "concepts": {"complete": True, "units_done": 5, "units": 5},
         "decompose": {"complete": True, "units_done": 5, "units": 5},
+        "attribute": {"complete": True, "units_done": 5, "units": 5},
+        "reduce": {"complete": True, "units_done": 5, "units": 5},
+        "graphs": {"complete": True, "units_done": 1, "units": 1},
     }
     assert summary["arrays"]["pfv/layer1.0"]["shape"] == [40, 1024, 64]
     assert summary["arrays"]["pfv/layer1.0"]["dtype"] == "float16"

@@ -13,11 +13,11 @@ from gig_dist import pipeline
 from gig_dist.stages import ExtractStage
 from gig_dist.stages.base import UnitFailed
 from gig_dist.store import RunStore
-from tests.conftest import REPO, assert_stores_equal, toy_config
+from tests.conftest import GIG_LIGHT, REPO, assert_stores_equal, toy_config
 
 # One torch thread in every worker, in-process and on Ray: thread count changes float summation
 # order, so bitwise equality across runtimes needs the same count (see runtime.torch_threads).
-BASE = ("concepts.k_multiplier=0.25", "dataset.toy.num_images=40", "store.images_per_unit=8", "store.images_per_chunk=4", "extract.batch_size=4",
+BASE = ("concepts.k_multiplier=0.25", *GIG_LIGHT, "dataset.toy.num_images=40", "store.images_per_unit=8", "store.images_per_chunk=4", "extract.batch_size=4",
         "runtime.torch_threads=1")
 
 
@@ -33,7 +33,8 @@ def ray_config(*extra):
 def test_ray_equals_in_process(ray_head, in_process, tmp_path):
     report = pipeline.run(ray_config(), tmp_path / "ray.zarr")
     assert [(s.stage, s.units_run, s.images, s.retries) for s in report.stages] == [
-        ("extract", 5, 40, 0), ("sample", 5, 40, 0), ("concepts", 5, 0, 0), ("decompose", 5, 40, 0)]
+        ("extract", 5, 40, 0), ("sample", 5, 40, 0), ("concepts", 5, 0, 0), ("decompose", 5, 40, 0),
+        ("attribute", 5, 40, 0), ("reduce", 5, 0, 0), ("graphs", 1, 0, 0)]
     assert_stores_equal(in_process, report.url)
 
 

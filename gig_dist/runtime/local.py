@@ -39,6 +39,7 @@ class LocalRuntime:
 
     def run(self, stage: Stage) -> StageReport:
         store = RunStore.open(stage.store_url, mode="r+")
+        stage.setup(store)
         units_total = len(stage.plan(store))
         pending = stage.pending(store)
         started = time.perf_counter()

@@ -82,7 +82,8 @@ class RayRuntime:
 
     def run(self, stage: Stage) -> StageReport:
         connect(self.config.address)
-        store = RunStore.open(stage.store_url, mode="r")
+        store = RunStore.open(stage.store_url, mode="r+")
+        stage.setup(store)
         units_total = len(stage.plan(store))
         pending = deque(stage.pending(store))
         started = time.perf_counter()

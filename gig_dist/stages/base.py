@@ -41,13 +41,23 @@ class WorkUnit:
     start: int
     stop: int
     tap: str | None = None
+    #: Attribution units only: the range of integration steps and of target slots they cover.
+    steps: tuple[int, int] | None = None
+    targets: tuple[int, int] | None = None
 
     @property
     def size(self) -> int:
         return self.stop - self.start
 
     def describe(self) -> str:
-        return f"{self.stage} unit {self.index} ({f'tap {self.tap}' if self.tap else f'images {self.start}:{self.stop}'})"
+        parts = [f"tap {self.tap}"] if self.tap else []
+        if self.size or not self.tap:
+            parts.append(f"images {self.start}:{self.stop}")
+        if self.steps:
+            parts.append(f"steps {self.steps[0]}:{self.steps[1]}")
+        if self.targets:
+            parts.append(f"targets {self.targets[0]}:{self.targets[1]}")
+        return f"{self.stage} unit {self.index} ({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -83,9 +93,13 @@ class Stage(ABC):
         self.store_url = store_url
 
     @classmethod
-    def progress_size(cls, num_units: int, taps: list[str]) -> int:
+    def progress_size(cls, config: Config, num_units: int, taps: dict[str, tuple[int, int, int]]) -> int:
         """Length of the stage's progress array: its largest possible number of units."""
         return num_units
+
+    def setup(self, store: RunStore) -> None:  # noqa: B027 - optional hook
+        """Run once on the driver before the stage's units: create arrays whose shape depends on
+        earlier stages' results. Must be idempotent."""
 
     def plan(self, store: RunStore) -> list[WorkUnit]:
         """All units of the stage, in order. Default: one unit per image shard."""

@@ -27,7 +27,7 @@ class ConceptsStage(Stage):
     name = "concepts"
 
     @classmethod
-    def progress_size(cls, num_units: int, taps: list[str]) -> int:
+    def progress_size(cls, config: Config, num_units: int, taps: dict[str, tuple[int, int, int]]) -> int:
         return len(taps)
 
     def plan(self, store: RunStore) -> list[WorkUnit]:

@@ -73,8 +73,10 @@ class DecomposeWorker(StageWorker):
                 residual = x.astype(np.float64)
                 for slot in range(kept_index.shape[1]):
                     residual -= kept_value[:, slot, None] * dictionary[np.maximum(kept_index[:, slot], 0)]
+                per_image = kept_index.reshape(len(rows), -1)
+                active = max(len(np.unique(row[row >= 0])) for row in per_image)
                 stats[:] = (len(x), l0.sum(), np.einsum("nc,nc->", residual, residual),
-                            np.einsum("nc,nc->", x, x, dtype=np.float64), (l0 > self.width).sum(), l0.max())
+                            np.einsum("nc,nc->", x, x, dtype=np.float64), (l0 > self.width).sum(), l0.max(), active)
                 pad = self.width - kept_index.shape[1]
                 index[rows] = np.pad(kept_index, ((0, 0), (0, pad)), constant_values=-1).reshape(len(rows), positions, -1)
                 value[rows] = np.pad(kept_value, ((0, 0), (0, pad))).reshape(len(rows), positions, -1)
