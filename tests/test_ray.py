@@ -6,6 +6,7 @@ import subprocess
 import sys
 import uuid
 
+import numpy as np
 import pytest
 import yaml
 
@@ -17,8 +18,8 @@ from tests.conftest import GIG_LIGHT, REPO, assert_stores_equal, toy_config
 
 # One torch thread in every worker, in-process and on Ray: thread count changes float summation
 # order, so bitwise equality across runtimes needs the same count (see runtime.torch_threads).
-BASE = ("concepts.k_multiplier=0.25", *GIG_LIGHT, "dataset.toy.num_images=40", "store.images_per_unit=8", "store.images_per_chunk=4", "extract.batch_size=4",
-        "runtime.torch_threads=1")
+BASE = ("concepts.k_multiplier=0.25", *GIG_LIGHT, "dataset.toy.num_images=40", "store.images_per_unit=8",
+        "store.images_per_chunk=4", "extract.batch_size=4", "runtime.torch_threads=1")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,20 @@ def test_actor_killed_mid_stage_its_unit_runs_again_and_lands_once(ray_head, in_
     store = RunStore.open(report.url)
     assert store.done_units("extract").all()
     assert_stores_equal(in_process, report.url)
+
+
+def test_gig_split_by_steps_on_two_workers_with_one_killed_gives_the_same_matrices(ray_head, in_process, tmp_path):
+    token = tmp_path / "killed-once"
+    failpoint = f"runtime.env={{GIG_DIST_FAILPOINT: 'attribute.before_commit:2@{token}'}}"
+    report = pipeline.run(ray_config(failpoint, "gig.step_chunks=2", "gig.targets_per_unit=2"), tmp_path / "ray.zarr")
+    assert token.exists(), "the actor was not killed"
+    attribute = next(s for s in report.stages if s.stage == "attribute")
+    # 2 concept pairs x 2 step ranges x 2 target chunks, 3 class pairs x 2 step ranges; one image unit.
+    assert attribute.retries >= 1 and attribute.units_run == 2 * 2 * 2 + 3 * 2
+    local, on_ray = RunStore.open(in_process), RunStore.open(report.url)
+    for key in local.gig_summary():
+        left, right = local.group[f"gig/{key}/matrix"][...], on_ray.group[f"gig/{key}/matrix"][...]
+        assert np.abs(left - right).max() <= 1e-6 * np.abs(left).max(), key
 
 
 def test_a_unit_that_keeps_killing_its_workers_fails_the_stage_with_its_name(ray_head, tmp_path):
