@@ -279,6 +279,7 @@ def test_graph_command_and_shared_concepts(reference):
         (("gig.steps=0",), "gig.steps = 0"),
         (("gig.targets=1000",), "gig.targets = 1000 is more than the 32 concepts of tap layer2.1"),
         (("gig.pairs=[[layer2.1,nowhere]]",), "'nowhere' is not a tap of this run"),
+        (("decompose.images=16", "gig.images=none"), "gig.images = None reaches past decompose.images = 16"),
     ],
 )
 def test_bad_gig_settings_are_refused_before_any_work(tmp_path, overrides, message):

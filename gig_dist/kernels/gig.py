@@ -243,11 +243,11 @@ class GIG:
                     # On CPUs one backward pass per target, sharing the forward pass, is about 2x
                     # faster than vmap-batched cotangents (measured on the toy model).
                     readout = self._readout(out, targets)
-                    grads = torch.stack([
-                        torch.autograd.grad(readout[:, t].sum(), x, retain_graph=t + 1 < len(targets))[0]
-                        for t in range(len(targets))
-                    ])
-            grad_sum += grads.sum(dim=1, dtype=torch.float64)
+                    for t in range(len(targets)):
+                        (grad,) = torch.autograd.grad(readout[:, t].sum(), x, retain_graph=t + 1 < len(targets))
+                        grad_sum[t] += grad.sum(dim=0)  # steps of a batch in float32, batches in float64
+                    continue
+            grad_sum += grads.sum(dim=1).to(torch.float64)
         # sum_p u_pk <G_p, v_k> over the code slots, scattered to the concepts.
         g = grad_sum.flatten(2).transpose(1, 2)  # (T, P, C)
         used = index >= 0

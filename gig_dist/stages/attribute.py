@@ -57,6 +57,10 @@ def gig_pairs(config: Config, taps: list[str]) -> list[Pair]:
 def check_pairs(config: Config, pairs: list[Pair], order: list[str], channels: dict[str, int],
                 code_taps: list[str]) -> None:
     """Every reason a pair cannot be attributed, before any work."""
+    decomposed, attributed = config.decompose.images, config.gig.images
+    if decomposed is not None and (attributed is None or attributed > decomposed):
+        raise ConfigError(f"gig.images = {attributed} reaches past decompose.images = {decomposed}: images without "
+                          "codes cannot be attributed; set gig.images to at most decompose.images")
     for source, target in pairs:
         for tap in (source, target):
             if tap != LOGITS and tap not in channels:
