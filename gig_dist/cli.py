@@ -41,6 +41,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ray_address:
         args.overrides = ["runtime.kind=ray", f"runtime.address={args.ray_address}", *args.overrides]
     config = _config(args)
+    if config.dataset.kind == "toy":
+        from gig_dist.config import TOY_GIG_IMAGES, TOY_LAMBDA_REL, TOY_SAMPLES_PER_IMAGE
+
+        toy = {"sample.per_image": (config.sample.per_image, TOY_SAMPLES_PER_IMAGE),
+               "decompose.lambda_rel": (config.decompose.lambda_rel, TOY_LAMBDA_REL),
+               "gig.images": (config.gig.images, TOY_GIG_IMAGES)}
+        used = [f"{key}={value}" for key, (value, default) in toy.items() if value == default]
+        if used:
+            print(f"toy world defaults: {', '.join(used)} (the paper's values suit ImageNet, not 1,024 toy images; "
+                  "see the README)")
     report = pipeline.run(config, args.out, overwrite=args.overwrite, until=args.until)
     for stage in report.stages:
         done_before = stage.units_total - stage.units_run

@@ -183,7 +183,7 @@ class GIGConfig(_Section):
     #: targets are always the predicted and the true class.
     targets: int = Field(default=32, ge=1)
     #: Attribute only the first N images (rounded up to whole store units). ``None``: all. The
-    #: toy world's default is 64 (``TOY_GIG_IMAGES``): GIG costs about 1 s per toy image on 2 cores.
+    #: toy world's default is 64 (``TOY_GIG_IMAGES``): GIG costs about 1.3 s per toy image on 2 cores.
     images: int | None = Field(default=None, ge=1)
     #: Work-unit splits: the M steps into ``step_chunks`` ranges, and the targets into chunks of
     #: ``targets_per_unit`` (``None``: all in one unit). Results do not depend on either.

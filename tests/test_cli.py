@@ -17,6 +17,7 @@ def test_embedded_default_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "extract: 16/16 units run; 1024 images (0 skipped)" in done.stdout
     assert "sample: 16/16 units run; 1024 images (0 skipped)" in done.stdout
+    assert "toy world defaults: sample.per_image=24, decompose.lambda_rel=0.05, gig.images=64" in done.stdout
     assert "concepts: 5/5 taps clustered" in done.stdout
     assert "decompose: 16/16 units run; 1024 images (0 skipped)" in done.stdout
     assert "attribute: 5/5 units run" in done.stdout and "reduce: 5/5 pairs reduced" in done.stdout

@@ -156,6 +156,19 @@ class GIGResult:
     attribution: torch.Tensor
     delta: torch.Tensor | None = None
 
+    @property
+    def total(self) -> torch.Tensor:
+        """``sum_k GIG(k -> t)`` per target."""
+        return self.attribution.sum(dim=1)
+
+    @property
+    def gap(self) -> torch.Tensor:
+        """The relative completeness gap per target, ``|total - delta| / |delta|`` (needs the
+        endpoints; NaN where delta is 0)."""
+        if self.delta is None:
+            raise GIGError("the completeness gap needs attribute(..., endpoints=True)")
+        return (self.total - self.delta).abs() / self.delta.abs()
+
 
 def reconstruct(index: torch.Tensor, value: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
     """``X~ = U V``: (P, C) from sparse codes ``index``/``value`` (P, L) (index -1: empty slot)."""
@@ -199,6 +212,16 @@ class GIG:
         if self.logits:
             return out[:, targets]
         return out.sum(dim=(2, 3)) @ self.W[targets].T.to(out.dtype)
+
+    def attribute_images(self, codes: Sequence[tuple[torch.Tensor, torch.Tensor]], targets: Sequence[torch.Tensor],
+                         step_range: tuple[int, int] | None = None, endpoints: bool = False,
+                         images: Sequence[torch.Tensor] | None = None) -> list[GIGResult]:
+        """:meth:`attribute` for many images: ``codes`` and ``targets`` per image."""
+        if len(codes) != len(targets) or (images is not None and len(images) != len(codes)):
+            raise GIGError(f"{len(codes)} images of codes, {len(targets)} target lists"
+                           + (f", {len(images)} images" if images is not None else ""))
+        return [self.attribute(index, value, goal, step_range, endpoints, None if images is None else images[i])
+                for i, ((index, value), goal) in enumerate(zip(codes, targets))]
 
     def attribute(self, index: torch.Tensor, value: torch.Tensor, targets: torch.Tensor,
                   step_range: tuple[int, int] | None = None, endpoints: bool = False,
