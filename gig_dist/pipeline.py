@@ -19,7 +19,6 @@ from gig_dist.data.sources import build_index
 from gig_dist.kernels.taps import probe_model, resolve_taps
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.runtime.local import LocalRuntime, StageReport
-from gig_dist.kernels.gig import forward_order
 from gig_dist.stages import STAGES, AttributeStage, ConceptsStage
 from gig_dist.stages.attribute import check_pairs, gig_pairs
 from gig_dist.stages.concepts import concept_count
@@ -98,7 +97,7 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
     channels = {tap: s.channels for tap, s in shapes.items()}
     if ConceptsStage in stages_until(until):
         _check_concepts(config, channels, len(index.paths))
-    order = forward_order(model, taps, (transform.crop, transform.crop))
+    order = list(shapes)  # forward order
     pairs = gig_pairs(config, order)
     if AttributeStage in stages_until(until):
         check_pairs(config, pairs, order, channels, decompose_taps(config, taps))

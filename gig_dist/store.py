@@ -257,9 +257,6 @@ class RunStore:
     def mark_unit_done(self, stage: str, unit: int) -> None:
         self.group[f"progress/{stage}"][unit] = 1
 
-    def stage_complete(self, stage: str) -> bool:
-        return bool(self.done_units(stage).all())
-
     # -- extraction ------------------------------------------------------------------------
 
     def read_index(self, r: ImageRange) -> tuple[list[str], np.ndarray]:

@@ -78,7 +78,8 @@ def test_codes_are_the_lasso_solution_of_every_pfv_and_the_summary_recomputes(ru
             total += x.sum(0)
             l0 += (dense > 0).sum()
             count += len(x)
-            # The stored codes solve the Lasso: the objective of an independent solve matches.
+            # The stored codes are the coder's solution for these PFVs (its
+            # exactness against scikit-learn is tested in test_kmeans_lasso).
             coder = NonNegativeLassoCoder(V, lambda_rel=0.05)
             lam = coder.penalties(x[:200])
             ours = objective(x[:200], V, dense[:200], lam)

@@ -192,7 +192,7 @@ def test_runs_smaller_than_one_unit_and_fsspec_urls(tmp_path):
 
 def test_store_path_from_the_config(tmp_path):
     report = pipeline.run(toy_config("dataset.toy.num_images=5", f"store.path={tmp_path / 'cfg.zarr'}"))
-    assert report.url == str(tmp_path / "cfg.zarr") and RunStore.open(report.url).stage_complete("extract")
+    assert report.url == str(tmp_path / "cfg.zarr") and RunStore.open(report.url).done_units("extract").all()
 
 
 def test_overwrite_discards_the_old_run(reference, tmp_path):
@@ -215,7 +215,7 @@ def test_a_store_interrupted_during_creation_is_created_again(tmp_path):
     with pytest.raises(StoreError, match="no manifest"):
         RunStore.open(str(out))
     report = pipeline.run(toy_config(*SMALL_CONFIG), out)
-    assert RunStore.open(report.url).stage_complete("extract")
+    assert RunStore.open(report.url).done_units("extract").all()
 
 
 def test_another_tools_zarr_array_is_not_a_store(tmp_path):

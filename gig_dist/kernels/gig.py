@@ -65,21 +65,6 @@ def _resnet_blocks(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     return blocks
 
 
-def forward_order(model: nn.Module, names: Sequence[str], input_size: tuple[int, int]) -> list[str]:
-    """``names`` sorted by when their modules run in a forward pass (a blank one)."""
-    modules = dict(model.named_modules())
-    seen: list[str] = []
-    handles = [modules[n].register_forward_hook(lambda *_, n=n: seen.append(n) if n not in seen else None)
-               for n in names if n != LOGITS]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *input_size))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen + ([LOGITS] if LOGITS in names else [])
-
-
 class _Stop(Exception):
     pass
 

@@ -123,8 +123,8 @@ def as_feature_map(name: str, output: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def probe_model(model: nn.Module, taps: Sequence[str], input_size: tuple[int, int]) -> tuple[dict[str, TapShape], int]:
-    """Per-image output shape of each tap and the number of model outputs, from one forward
-    pass of a blank image: no dataset needed."""
+    """Per-image output shape of each tap, in the order the taps run in a forward pass, and the
+    number of model outputs, from one forward pass of a blank image: no dataset needed."""
     device = next(model.parameters()).device
     blank = torch.zeros(1, 3, *input_size, device=device)
     was_training = model.training
@@ -134,8 +134,11 @@ def probe_model(model: nn.Module, taps: Sequence[str], input_size: tuple[int, in
             logits = model(blank)
     finally:
         model.train(was_training)
+    silent = [name for name in taps if name not in outputs]
+    if silent:
+        raise TapError(f"taps {silent} never run in a forward pass of {type(model).__name__}")
     shapes = {}
-    for name in taps:
+    for name in outputs:  # in the order the hooks first fired: forward order
         _, c, h, w = as_feature_map(name, outputs[name]).shape
         shapes[name] = TapShape(int(c), int(h), int(w))
     return shapes, int(logits.reshape(1, -1).shape[1])

@@ -215,14 +215,13 @@ class AttributeWorker(StageWorker):
                                  f"{width} the decomposition statistics recorded; rerun the decompose stage")
             sources[row, : len(active)] = active
             valid = np.flatnonzero(chosen[row] >= 0)
-            if len(valid) == 0:
-                continue
-            result = kernel.attribute(image_index, image_value, torch.from_numpy(chosen[row, valid].astype(np.int64)),
-                                      step_range=unit.steps, endpoints=first_steps, image=images.get(int(row)))
-            attribution = result.attribution.cpu().numpy()
-            partial[row, valid, : len(active)] = attribution[:, active]
-            if result.delta is not None:
-                delta[row, valid] = result.delta.cpu().numpy()
+            if len(valid):  # an image without targets (no code mass at b) has nothing to attribute
+                result = kernel.attribute(image_index, image_value,
+                                          torch.from_numpy(chosen[row, valid].astype(np.int64)), step_range=unit.steps,
+                                          endpoints=first_steps, image=images.get(int(row)))
+                partial[row, valid, : len(active)] = result.attribution.cpu().numpy()[:, active]
+                if result.delta is not None:
+                    delta[row, valid] = result.delta.cpu().numpy()
             if progress is not None:
                 progress(1)
         if progress is not None:

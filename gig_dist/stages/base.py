@@ -109,9 +109,6 @@ class Stage(ABC):
         done = store.done_units(self.name)
         return [unit for unit in self.plan(store) if not done[unit.index]]
 
-    def is_complete(self, store: RunStore) -> bool:
-        return not self.pending(store)
-
     @abstractmethod
     def open_worker(self, device: str) -> StageWorker:
         """Build the per-process state; called once per worker, never on the driver's hot path."""
