@@ -51,24 +51,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         if used:
             print(f"toy world defaults: {', '.join(used)} (the paper's values suit ImageNet, not 1,024 toy images; "
                   "see the README)")
-    report = pipeline.run(config, args.out, overwrite=args.overwrite, until=args.until)
+    def show_plan(decisions) -> None:
+        print("plan (stage, keep or redo, why):")
+        for decision in decisions:
+            print(f"  {decision.describe()}")
+
+    report = pipeline.run(config, args.out, overwrite=args.overwrite, until=args.until, on_plan=show_plan)
+    from gig_dist.stages.registry import by_name
+
     for stage in report.stages:
         done_before = stage.units_total - stage.units_run
         resumed = f", {done_before} already done" if done_before else ""
-        if stage.stage in ("concepts", "reduce", "graphs"):
-            what = {"concepts": "taps clustered", "reduce": "pairs reduced", "graphs": "class graphs built"}[stage.stage]
-            print(f"{stage.stage}: {stage.units_run}/{stage.units_total} {what}{resumed} in {stage.seconds:.1f}s")
+        noun = by_name(stage.stage).unit_noun
+        if stage.units_run == 0:
+            print(f"{stage.stage}: kept ({stage.units_total} units done)")
             continue
-        print(
-            f"{stage.stage}: {stage.units_run}/{stage.units_total} units run{resumed}; "
-            f"{stage.images} images ({stage.skipped} skipped) in {stage.seconds:.1f}s "
-            f"({stage.images_per_second:.1f} images/s)"
-        )
+        line = f"{stage.stage}: {stage.units_run}/{stage.units_total} units run{resumed} in {stage.seconds:.1f}s"
+        if noun == "images":
+            line += (f"; {stage.images} images ({stage.skipped} skipped, "
+                     f"{stage.images_per_second:.1f} images/s)")
+        print(line)
         if len(stage.placement) > 1 or stage.retries:
             print(f"  units per node: {dict(stage.placement)}; units rerun after a worker died: {stage.retries}")
     from gig_dist.store import RunStore
 
-    counts = RunStore.open(report.url).image_counts()
+    counts = RunStore.open(report.url).meta.image_counts()
     print(
         f"store: {report.url}\nimages: {counts['processed']} processed, {counts['skipped']} skipped, "
         f"{counts['pending']} pending of {counts['total']}"
@@ -78,32 +85,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_states(store) -> dict[str, dict[str, Any]]:
+    """Each recorded stage: units done of those planned, complete, and stale (an input it read
+    was redone since)."""
+    states = {}
+    records = store.manifest.stages
+    for key, record in records.items():
+        done = store.done_units(key)
+        stale = [k for k, fp in record.upstream.items() if k not in records or records[k].fingerprint != fp]
+        states[key] = {"complete": bool(record.finished and record.fingerprint), "units_done": int(done.sum()),
+                       "units": record.units, "stale": stale}
+    return states
+
+
 def inspect_summary(url: str) -> dict[str, Any]:
     from gig_dist.store import RunStore
 
-    from gig_dist.stages import STAGES
-
     store = RunStore.open(url)
     manifest = store.manifest
-    config = Config.model_validate(manifest["config"])
-    stages = {}
-    for stage_type in STAGES:
-        if stage_type.name in manifest["stages"]:
-            planned = [unit.index for unit in stage_type(config, store.url).plan(store)]
-            done = store.done_units(stage_type.name)[planned]
-            stages[stage_type.name] = {"complete": bool(done.all()), "units_done": int(done.sum()), "units": len(planned)}
+    dictionaries = {}
+    for name in store.dictionaries():
+        concepts, codes, gig = store.concepts(name), store.codes(name), store.gig(name)
+        dictionaries[name] = {
+            "concepts": {tap: concepts.fit(tap) for tap in store.taps if concepts.has(tap)},
+            "codes": {tap: codes.summary(tap, concepts.count(tap)) for tap in codes.taps() if concepts.has(tap)},
+            "gig": gig.summary(),
+        }
     return {
         "store": store.url,
-        "stages": stages,
+        "stages": stage_states(store),
         "arrays": store.describe_arrays(),
-        "images": store.image_counts(),
-        "skipped": store.skipped_images(),
-        "taps": manifest["taps"],
-        "concepts": {tap: store.concept_fit(tap) for tap in store.taps if store.has_concepts(tap)},
-        "codes": {tap: store.code_summary(tap) for tap in store.code_taps},
-        "gig": store.gig_summary(),
-        "config": manifest["config"],
-        "versions": manifest["versions"],
+        "images": store.meta.image_counts(),
+        "skipped": store.meta.skipped_images(),
+        "taps": {tap: list(shape) for tap, shape in store.taps.items()},
+        "dictionaries": dictionaries,
+        "config": manifest.config,
+        "versions": manifest.versions,
     }
 
 
@@ -124,7 +141,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("stages")
     for name, stage in summary["stages"].items():
         state = "complete" if stage["complete"] else "incomplete"
-        print(f"  {name:<12} {state:<10} {stage['units_done']}/{stage['units']} units")
+        stale = f"  stale: {', '.join(stage['stale'])} was redone since" if stage["stale"] else ""
+        print(f"  {name:<28} {state:<10} {stage['units_done']}/{stage['units']} units{stale}")
     images = summary["images"]
     print(
         f"images  {images['total']} total: {images['processed']} processed, {images['skipped']} skipped, "
@@ -134,36 +152,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  skipped #{row['index']} {row['path']}: {row['reason']}")
     if len(summary["skipped"]) > 20:
         print(f"  ... and {len(summary['skipped']) - 20} more (--json lists all)")
-    if summary["concepts"]:
-        print("concepts (bisecting k-means on the samples)")
-        for tap, fit in summary["concepts"].items():
-            explained = f"{fit['explained']:.3f}" if fit.get("explained") is not None else "-"
-            print(f"  {tap:<16} K {fit['k']:<6} from {fit['samples']} samples ({fit['mean_members']:.1f} per concept, "
-                  f"{fit['singletons']} singletons, {fit['zero_concepts']} zero)  variance explained {explained}")
-    if summary["codes"]:
-        print("codes (non-negative Lasso on every PFV)")
-        for tap, c in summary["codes"].items():
-            if not c["pfvs"]:
-                print(f"  {tap:<16} not decomposed yet")
-                continue
-            r2 = f"{c['r2']:.4f}" if c.get("r2") is not None else "-"
-            ratio = f"{c['l0_ratio']:.4f}" if c.get("l0_ratio") is not None else "-"
-            cut = f"  ({c['truncated']} PFVs cut to the stored slots)" if c["truncated"] else ""
-            print(f"  {tap:<16} {c['pfvs']} PFVs  mean l0 {c['mean_l0']:.2f}  l0 ratio {ratio}  R^2 {r2}  "
-                  f"max l0 {c['max_l0']}{cut}")
-    if summary["gig"]:
-        print("GIG (dataset matrices; completeness gap |sum_k GIG - (S(F(X~)) - S(F(0)))| / |S(F(X~)) - S(F(0))|)")
-        for key, g in summary["gig"].items():
-            source, target = g["pair"]
-            gaps = (f"mean gap {g['mean_gap']:.2e}  median {g['median_gap']:.2e}  max {g['max_gap']:.2e}"
-                    if g.get("mean_gap") is not None else "no targets")
-            print(f"  {source} -> {target:<10} matrix {tuple(g['matrix'])}  {g['images']} images, "
-                  f"{g['targets']} targets, {g['steps']} steps ({g['rule']})  {gaps}")
+    for name, found in summary["dictionaries"].items():
+        print(f"dictionary {name}")
+        if found["concepts"]:
+            print("  concepts (fit on the samples)")
+            for tap, fit in found["concepts"].items():
+                explained = f"{fit['explained']:.3f}" if fit.get("explained") is not None else "-"
+                print(f"    {tap:<16} K {fit['k']:<6} from {fit['samples']} samples ({fit['mean_members']:.1f} per "
+                      f"concept, {fit['singletons']} singletons, {fit['zero_concepts']} zero)  variance explained "
+                      f"{explained}")
+        if found["codes"]:
+            print("  codes (sparse codes of every PFV)")
+            for tap, c in found["codes"].items():
+                if not c["pfvs"]:
+                    print(f"    {tap:<16} not decomposed yet")
+                    continue
+                r2 = f"{c['r2']:.4f}" if c.get("r2") is not None else "-"
+                ratio = f"{c['l0_ratio']:.4f}" if c.get("l0_ratio") is not None else "-"
+                cut = f"  ({c['truncated']} PFVs cut to the stored slots)" if c["truncated"] else ""
+                print(f"    {tap:<16} {c['pfvs']} PFVs  mean l0 {c['mean_l0']:.2f}  l0 ratio {ratio}  R^2 {r2}  "
+                      f"max l0 {c['max_l0']}{cut}")
+        if found["gig"]:
+            print("  GIG (dataset matrices; completeness gap |sum_k GIG - (S(F(X~)) - S(F(0)))| / |S(F(X~)) - S(F(0))|)")
+            for key, g in found["gig"].items():
+                source, target = g["pair"]
+                gaps = (f"mean gap {g['mean_gap']:.2e}  median {g['median_gap']:.2e}  max {g['max_gap']:.2e}"
+                        if g.get("mean_gap") is not None else "no targets")
+                print(f"    {source} -> {target:<10} matrix {tuple(g['matrix'])}  {g['images']} images, "
+                      f"{g['targets']} targets, {g['steps']} steps ({g['rule']})  {gaps}")
     print("arrays")
     for path, a in summary["arrays"].items():
         shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""
         print(
-            f"  {path:<22} {str(tuple(a['shape'])):<20} {a['dtype']:<14} chunks {tuple(a['chunks'])}{shards}"
+            f"  {path:<40} {str(tuple(a['shape'])):<20} {a['dtype']:<14} chunks {tuple(a['chunks'])}{shards}"
             f"  {_bytes(a['stored_bytes'])}"
         )
     print("versions " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
@@ -176,19 +197,24 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from gig_dist.store import RunStore
 
     store = RunStore.open(args.dir)
-    names = list(store.manifest.get("class_names") or [])
+    names = list(store.facts.class_names)
+    dictionary = args.dict or Config.model_validate(store.manifest.config).concepts.method
+    if dictionary not in store.dictionaries():
+        raise ConfigError(f"no dictionary {dictionary!r} in {args.dir}; it has {', '.join(store.dictionaries()) or 'none'}")
     cls = args.cls
     if not cls.lstrip("-").isdigit():
         if cls not in names:
-            raise ConfigError(f"unknown class {cls!r}; classes are indices 0..{store.manifest['num_outputs'] - 1}"
+            raise ConfigError(f"unknown class {cls!r}; classes are indices 0..{store.facts.num_outputs - 1}"
                               + (f" or names ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""))
         cls = str(names.index(cls))
     if args.top is None:
-        graph = store.read_graph(int(cls))
+        graph = store.gig(dictionary).read_graph(int(cls))
     else:
-        from gig_dist.stages.attribute import build_graphs
+        from gig_dist.stages.attribute import gig_pairs
+        from gig_dist.stages.graphs import build_graphs
 
-        graphs = build_graphs(store, args.top)
+        config = Config.model_validate(store.manifest.config)
+        graphs = build_graphs(store, dictionary, gig_pairs(config, list(store.taps)), args.top)
         if not 0 <= int(cls) < len(graphs):
             raise ConfigError(f"class {cls} out of range: the model has {len(graphs)} classes")
         graph = graphs[int(cls)]
@@ -255,8 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--out", help="run store: a directory or fsspec URL (default: store.path, gig-dist-run.zarr)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run store at --out")
-    run.add_argument("--until", metavar="STAGE",
-                     help="stop after this stage (extract, sample, concepts, decompose); rerun without it to go on")
+    from gig_dist.stages.registry import stage_names
+
+    run.add_argument("--until", metavar="STAGE", choices=stage_names(),
+                     help=f"stop after this stage ({', '.join(stage_names())}); rerun without it to go on")
     run.add_argument(
         "--ray-address", metavar="ADDR",
         help="run on the Ray cluster at ADDR (e.g. 127.0.0.1:6379 or auto); same as -o runtime.kind=ray -o runtime.address=ADDR",
@@ -273,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--class", dest="cls", required=True, metavar="C", help="class index or name")
     graph.add_argument("--top", type=int, help="concepts per level (default: gig.graph_top of the run)")
     graph.add_argument("--json", action="store_true", help="the graph as JSON (nodes, edges, shared concepts)")
+    graph.add_argument("--dict", help="the dictionary (default: the run's concepts.method)")
     graph.set_defaults(func=cmd_graph)
 
     taps = sub.add_parser("taps", help="list a model's taps and their shapes (no dataset needed)")

@@ -1,33 +1,30 @@
-"""The pipeline: check everything a run needs, create or resume its store, run the stages.
+"""The pipeline: collect the run's facts, ask every stage to check, create or reopen the store,
+decide what each stage keeps or redoes, run the stages.
 
-Every check that can fail (config values, model name and weights, taps, dataset path, the
-store at ``out``) runs in :func:`prepare` before any unit of work starts.
+Every check that can fail (config values, model name and weights, taps, dataset path, every
+stage's own checks, the store at ``out``) runs in :func:`prepare` before any unit of work starts.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gig_dist.config import Config, ConfigError
-from gig_dist.data.sources import build_index
+from gig_dist.data.sources import DatasetIndex, build_index
 from gig_dist.kernels.taps import probe_model, resolve_taps
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.runtime.local import LocalRuntime, StageReport
-from gig_dist.stages import STAGES, AttributeStage, ConceptsStage
-from gig_dist.stages.attribute import check_pairs, gig_pairs
-from gig_dist.stages.concepts import concept_count
-from gig_dist.stages.decompose import decompose_taps
-from gig_dist.store import RunStore, StoreError, unit_ranges
+from gig_dist.stages.base import Stage
+from gig_dist.stages.registry import by_name, fingerprints, stages_until
+from gig_dist.store import Facts, Manifest, RunStore, StoreError
 
-#: Config keys (and key prefixes) that may change between a run and its resumption: they decide
-#: how and where work is executed, never what the results are. A store may be moved and resumed.
-EXECUTION_ONLY = ("runtime.", "store.path")
+#: Keys that fix the store's layout: a store cannot be resumed with other values.
+LAYOUT_KEYS = ("images_per_unit", "images_per_chunk", "zstd_level")
 
 
 def store_url(out: str | os.PathLike[str]) -> str:
@@ -47,166 +44,140 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _result_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in _flatten(config).items() if not k.startswith(EXECUTION_ONLY)}
-
-
-def _guard_foreign_directory(url: str) -> None:
-    """Never overwrite a directory that is not a Zarr group: it may hold the user's files."""
-    if "://" in url:
-        return
-    path = Path(url)
-    if path.is_file():
-        raise StoreError(f"--out {url} is a file, not a run store")
-    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
-        raise StoreError(f"--out {url} is a non-empty directory that is not a run store; refusing to write into it")
-
-
-def stages_until(until: str | None) -> tuple[type, ...]:
-    """The stages to run: all, or the first ones up to and including ``until``."""
-    names = [stage.name for stage in STAGES]
-    if until is None:
-        return STAGES
-    if until not in names:
-        raise ConfigError(f"unknown stage {until!r}; the stages are {', '.join(names)}")
-    return STAGES[: names.index(until) + 1]
-
-
-def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False,
-            until: str | None = None) -> RunStore:
-    """Validate the run against the model and the data, then create its store (at ``out``, else
-    ``store.path``) or reopen it to resume. With ``until``, only what the stages up to it need
-    is checked (a later run that goes further checks the rest then)."""
+def collect_facts(config: Config) -> tuple[Facts, DatasetIndex, Any]:
+    """The model, its taps and their shapes, the dataset: everything checks and plans need."""
     model = build_model(config.model)
     taps = resolve_taps(model, config.taps)
-    if config.sample.method == "srd":
-        _check_srd(model, taps)
     transform = resolve_transform(config)
     index = build_index(config.dataset)
     shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
-    channels = {tap: s.channels for tap, s in shapes.items()}
-    if ConceptsStage in stages_until(until):
-        _check_concepts(config, channels, len(index.paths))
-    order = list(shapes)  # forward order
-    pairs = gig_pairs(config, order)
-    if AttributeStage in stages_until(until):
-        check_pairs(config, pairs, order, channels, decompose_taps(config, taps))
-    config_dict = config.to_dict()
-    tap_shapes = {tap: (s.channels, s.height, s.width) for tap, s in shapes.items()}
-    url = store_url(out if out is not None else config.store.path)
-    _guard_foreign_directory(url)
-
-    if RunStore.exists(url) and not overwrite:
-        try:
-            store = RunStore.open(url, mode="r+")
-        except StoreError as exc:
-            if "no manifest" not in str(exc):
-                raise
-            # Interrupted while being created: no unit can have run, so nothing is lost by redoing it.
-        else:
-            _check_resumable(store, config_dict, index.fingerprint(), url)
-            return store
-
-    return RunStore.create(
-        url,
-        manifest={
-            "config": config_dict,
-            "versions": versions(),
-            "dataset_fingerprint": index.fingerprint(),
-            "class_names": index.class_names,
-            "transform": vars(transform),
-            "gig_pairs": [list(pair) for pair in pairs],
-            "tap_order": order,
-        },
-        paths=index.paths,
-        labels=index.labels,
-        tap_shapes=tap_shapes,
-        num_outputs=num_outputs,
-        images_per_unit=config.store.images_per_unit,
-        images_per_chunk=config.store.images_per_chunk,
-        pfv_dtype=config.extract.dtype,
-        zstd_level=config.store.zstd_level,
-        part_mask_size=transform.crop if config.dataset.kind == "toy" else None,
-        stages={stage.name: stage.progress_size(config, len(unit_ranges(len(index.paths), config.store.images_per_unit)),
-                                                {tap: tap_shapes[tap] for tap in order}) for stage in STAGES},
-        samples_per_image=config.sample.per_image,
-        sample_scores=config.sample.method != "uniform",
-        code_taps=decompose_taps(config, taps),
-        code_width=config.decompose.max_nonzero,
+    facts = Facts(
+        num_images=len(index.paths), images_per_unit=config.store.images_per_unit,
+        images_per_chunk=config.store.images_per_chunk, zstd_level=config.store.zstd_level,
+        taps={tap: (s.channels, s.height, s.width) for tap, s in shapes.items()},  # forward order
+        num_outputs=num_outputs, class_names=list(index.class_names), input_size=transform.crop,
+        part_masks=config.dataset.kind == "toy", model=model,
     )
+    return facts, index, transform
 
 
-def _check_concepts(config: Config, channels: dict[str, int], num_images: int) -> None:
-    """Concept and decomposition settings against the taps and the dataset, before any work."""
-    taps = list(channels)
-    for key, named in (("concepts.k", config.concepts.k), ("decompose.taps", config.decompose.taps or []),
-                       ("decompose.lambda_rel", config.decompose.lambda_rel
-                        if isinstance(config.decompose.lambda_rel, dict) else {})):
-        unknown = [tap for tap in named if tap not in channels]
-        if unknown:
-            raise ConfigError(f"{key} names taps that are not in this run: {unknown}; the run's taps are {taps}")
-    samples = num_images * config.sample.per_image
-    for tap, c in channels.items():
-        k = concept_count(config, tap, c)
-        if k > samples:
-            raise ConfigError(
-                f"tap {tap}: K = {k} concepts but the run draws at most {samples} samples "
-                f"({num_images} images x sample.per_image = {config.sample.per_image}); raise sample.per_image "
-                "or lower concepts.k_multiplier (or set concepts.k for this tap)"
-            )
-        if samples / k < 10:
-            warnings.warn(
-                f"tap {tap}: K = {k} concepts from at most {samples} samples leaves {samples / k:.1f} "
-                "members per concept on average; below about 10, concepts are single PFVs rather than "
-                "clusters (raise sample.per_image or lower concepts.k_multiplier)",
-                stacklevel=2,
-            )
+@dataclass(frozen=True)
+class Decision:
+    """What a rerun does with a stage: ``new`` (never run), ``keep`` (all done, unchanged),
+    ``resume`` (unchanged, units left: interrupted, or more images asked for) or ``redo``."""
+
+    key: str
+    action: str
+    reason: str
+    units_done: int
+    units_todo: int
+
+    def describe(self) -> str:
+        return f"{self.key:<28} {self.action:<7} {self.reason}"
 
 
-def _check_srd(model, taps: list[str]) -> None:
-    from gig_dist.kernels.srd import SRD, SRDUnsupported
-
-    try:
-        srd = SRD(model)
-        for tap in taps:
-            srd.check_tap(tap)
-    except SRDUnsupported as exc:
-        raise ConfigError(
-            f"sample.method = 'srd' cannot run: {exc}. Use sample.method=grad_x_act (any model) or uniform"
-        ) from None
+def _changed(before: dict[str, Any], now: dict[str, Any]) -> str:
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys[:4])
 
 
-def _check_resumable(store: RunStore, config: dict[str, Any], fingerprint: str, url: str) -> None:
-    before = _result_config(store.manifest["config"])
-    now = _result_config(config)
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if changed:
-        details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
-        raise ConfigError(
-            f"{url} holds a run with another config ({details}). Resume it with the same config, "
-            "write to another --out, or pass --overwrite to discard it"
-        )
-    if store.manifest["dataset_fingerprint"] != fingerprint:
+def decide(store: RunStore, config: Config, stages: list[type[Stage]]) -> list[Decision]:
+    """Keep or redo, stage by stage, and why; a stage whose input is redone is redone."""
+    prints = fingerprints(config)
+    decisions: dict[str, Decision] = {}
+    for stage_type in stages:
+        stage = stage_type(config, store.url)
+        key = stage.progress_key
+        fingerprint, upstream = prints[key]
+        covered = stage.covered_units(store.facts)
+        record = store.record(key)
+        redone_inputs = [k for k in upstream if k in decisions and decisions[k].action in ("redo", "new")]
+        if record is None:
+            decisions[key] = Decision(key, "new", f"{len(covered)} units", 0, len(covered))
+            continue
+        if record.fingerprint != fingerprint or redone_inputs:
+            if redone_inputs:
+                why = f"its input {', '.join(redone_inputs)} is recomputed"
+            elif record.fingerprint is None:
+                why = "an earlier redo of it was interrupted"
+            else:
+                why = _changed(record.keys, stage.key_values(config)) or "its inputs changed"
+            decisions[key] = Decision(key, "redo", why, 0, len(covered))
+            continue
+        done = store.done_units(key)
+        todo = sum(1 for u in covered if not (u.index < len(done) and done[u.index]))
+        finished = len(covered) - todo
+        if todo == 0:
+            decisions[key] = Decision(key, "keep", f"{finished} units done", finished, 0)
+        else:
+            why = f"{finished} of {len(covered)} units done, {todo} to run"
+            if stage.coverage_key:
+                why += f" ({stage.coverage_key} = {_flat_get(config, stage.coverage_key)})"
+            decisions[key] = Decision(key, "resume", why, finished, todo)
+    return [decisions[stage_type.key(config)] for stage_type in stages]
+
+
+def _flat_get(config: Config, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+@dataclass(frozen=True)
+class Prepared:
+    store: RunStore
+    decisions: list[Decision]
+
+
+def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False,
+            until: str | None = None) -> Prepared:
+    """Check the run against the model and the data, every stage's own checks included (all
+    errors together), then create its store (at ``out``, else ``store.path``) or reopen it, and
+    decide what each stage keeps or redoes. With ``until``, only the stages up to it are checked."""
+    facts, index, transform = collect_facts(config)
+    run_stages = stages_until(until)
+    errors = [error for stage in run_stages for error in stage.check(config, facts)]
+    if errors:
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"the run cannot start ({len(errors)} problems):\n  " + "\n  ".join(errors))
+    url = store_url(out if out is not None else config.store.path)
+    if RunStore.claim(url, overwrite):
+        store = RunStore.open(url, mode="r+")
+        _check_resumable(store, config, facts, index, url)
+    else:
+        store = RunStore.create(url, Manifest(0, "creating", config=config.to_dict(), versions=versions(),
+                                              dataset_fingerprint=index.fingerprint(), transform=vars(transform)),
+                                facts, index.paths, index.labels)
+    return Prepared(store, decide(store, config, run_stages))
+
+
+def _check_resumable(store: RunStore, config: Config, facts: Facts, index: DatasetIndex, url: str) -> None:
+    """A store may resume under another config, but not another layout or another dataset; the
+    facts that may change (the taps, with the model) are updated, and the stages they feed redone."""
+    before = store.facts
+    layout = [key for key in LAYOUT_KEYS if getattr(before, key) != getattr(facts, key)]
+    if layout:
+        details = "; ".join(f"store.{k}: {getattr(before, k)} -> {getattr(facts, k)}" for k in layout)
+        raise ConfigError(f"{url} was laid out with other store settings ({details}); rerun with those, write to "
+                          "another --out, or pass --overwrite to discard it")
+    if store.manifest.dataset_fingerprint != index.fingerprint() or before.num_images != facts.num_images:
         raise ConfigError(
             f"the dataset changed since {url} was created (its list of images and labels differs); "
             "write to another --out, or pass --overwrite to discard the old run"
         )
+    store.manifest.config = config.to_dict()
+    store.manifest.versions = versions()
+    store.manifest.facts = facts.to_json()
+    store.save_manifest()
+    store.__dict__.pop("facts", None)  # the cached facts follow the manifest
 
 
 @dataclass(frozen=True)
 class PipelineReport:
     url: str
     stages: list[StageReport]
+    decisions: list[Decision]
 
 
 def make_runtime(config: Config):
@@ -218,10 +189,18 @@ def make_runtime(config: Config):
 
 
 def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False,
-        until: str | None = None) -> PipelineReport:
+        until: str | None = None, on_plan: Callable[[list[Decision]], None] | None = None) -> PipelineReport:
     """Run every stage of the pipeline (or those up to ``until``) into the store at ``out``,
-    resuming what is already done."""
-    store = prepare(config, out, overwrite, until)
+    keeping what an earlier run computed with the same settings. ``on_plan`` sees the keep/redo
+    decisions before any work."""
+    prepared = prepare(config, out, overwrite, until)
+    if on_plan is not None:
+        on_plan(prepared.decisions)
     runtime = make_runtime(config)
-    reports = [runtime.run(stage_type(config, store.url)) for stage_type in stages_until(until)]
-    return PipelineReport(store.url, reports)
+    reports = [runtime.run(stage_type(config, prepared.store.url)) for stage_type in stages_until(until)]
+    prepared.store.consolidate()  # the manifest changed: fresh consolidated metadata for readers
+    return PipelineReport(prepared.store.url, reports, prepared.decisions)
+
+
+__all__ = ["Decision", "PipelineReport", "Prepared", "by_name", "collect_facts", "decide", "make_runtime",
+           "prepare", "run", "store_url", "StoreError"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from gig_dist.stages.base import Stage, UnitFailed, execute_unit
+from gig_dist.stages.base import Stage, UnitFailed, close_stage, execute_unit, open_stage
 from gig_dist.store import RunStore
 
 
@@ -39,8 +39,8 @@ class LocalRuntime:
 
     def run(self, stage: Stage) -> StageReport:
         store = RunStore.open(stage.store_url, mode="r+")
-        stage.setup(store)
-        units_total = len(stage.plan(store))
+        open_stage(stage, store)
+        units_total = len(stage.covered_units(store.facts))
         pending = stage.pending(store)
         started = time.perf_counter()
         images = skipped = 0
@@ -49,7 +49,7 @@ class LocalRuntime:
                 torch.set_num_threads(self.torch_threads)
             worker = stage.open_worker(self.device)
             bar = tqdm(
-                total=sum(u.size for u in pending) or len(pending), unit="img" if pending[0].size else "tap",
+                total=sum(u.size for u in pending) or len(pending), unit=stage.unit_noun,
                 desc=stage.name, disable=not self.progress,
                 dynamic_ncols=True,
             )
@@ -76,5 +76,6 @@ class LocalRuntime:
                 pool.shutdown(wait=True, cancel_futures=True)
                 bar.close()
                 worker.close()
+        close_stage(stage, store)
         return StageReport(stage.name, units_total, len(pending), images, skipped, time.perf_counter() - started,
                            placement={"local": len(pending)} if pending else {})

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from gig_dist.config import RuntimeConfig
 from gig_dist.runtime.local import StageReport
-from gig_dist.stages.base import Stage, UnitFailed, UnitReport, WorkUnit, execute_unit
+from gig_dist.stages.base import Stage, UnitFailed, UnitReport, WorkUnit, close_stage, execute_unit, open_stage
 from gig_dist.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,13 @@ class RayRuntime:
     def run(self, stage: Stage) -> StageReport:
         connect(self.config.address)
         store = RunStore.open(stage.store_url, mode="r+")
-        stage.setup(store)
-        units_total = len(stage.plan(store))
+        open_stage(stage, store)
+        units_total = len(stage.covered_units(store.facts))
         pending = deque(stage.pending(store))
         started = time.perf_counter()
         if not pending:
-            return StageReport(stage.name, units_total, 0, 0, 0, 0.0)
+            close_stage(stage, store)
+            return StageReport(stage.name, units_total, 0, 0, 0, time.perf_counter() - started)
 
         options, num_workers, device = self._actor_options()
         num_workers = min(num_workers, len(pending))
@@ -106,7 +107,7 @@ class RayRuntime:
         attempts: Counter[int] = Counter()
         placement: Counter[str] = Counter()
         images = skipped = units_run = retries = 0
-        bar = tqdm(total=sum(u.size for u in pending), unit="img", desc=f"{stage.name} x{num_workers}",
+        bar = tqdm(total=sum(u.size for u in pending) or len(pending), unit=stage.unit_noun, desc=f"{stage.name} x{num_workers}",
                    disable=not self.config.progress, dynamic_ncols=True)
         try:
             while pending or in_flight:
@@ -126,10 +127,10 @@ class RayRuntime:
                             f"{attempts[unit.index]} times; last: {exc}"
                         ) from exc
                     log.warning("%s unit %d lost its worker; running it again", stage.name, unit.index)
-                    if not store.is_unit_done(stage.name, unit.index):
+                    if not store.is_unit_done(unit.stage, unit.index):
                         pending.appendleft(unit)
                     else:  # committed just before the worker died: nothing to redo
-                        bar.update(unit.size)
+                        bar.update(unit.size or 1)
                     if actor not in dead:  # its other in-flight units fail the same way
                         dead.add(actor)
                         ray.kill(actor, no_restart=True)
@@ -146,10 +147,11 @@ class RayRuntime:
                 images += report.images
                 skipped += report.skipped
                 placement[node] += 1
-                bar.update(unit.size)
+                bar.update(unit.size or 1)
         finally:
             bar.close()
             for actor in {id(a): a for a in idle + [a for _, a in in_flight.values()]}.values():
                 ray.kill(actor, no_restart=True)
+        close_stage(stage, store)
         return StageReport(stage.name, units_total, units_run, images, skipped, time.perf_counter() - started,
                            retries=retries, placement=dict(placement))

@@ -1,28 +1,39 @@
-"""The stage contract every pipeline stage follows, and the one way a unit is committed.
+"""The stage contract: every pipeline stage is one module that owns its slice of the system.
 
-A stage plans its work as units, each a range of images aligned to the store's shards; a
-*worker* (one per process, GPU or CPU slot) holds the heavy state such as the model and runs
-units; :func:`execute_unit` runs a unit and then commits it. Runtimes (in-process, Ray) only
-decide where units run: they never touch the store layout, and a stage never knows which
-runtime drives it.
+A stage declares
+
+* ``name``, and ``reads``: the stages whose results it reads;
+* ``result_keys``: the config keys that decide its results (a key, or a section ending in ``.``);
+  with its upstream fingerprints they make its *fingerprint*. A rerun whose fingerprint is
+  unchanged keeps the stage's results; a changed one redoes it, and so everything downstream;
+* ``coverage_key``: the config key that says which images it covers (``gig.images``); raising
+  it only adds units, it never redoes done ones;
+* ``check(config, facts)``: every reason it cannot run, before any work;
+* ``arrays(store)``: the specs of the arrays it writes (from the run's facts and, where a shape
+  depends on it, its inputs' results), created when the stage starts;
+* ``plan(facts)``: its work units; a *worker* (one per process, holding the model) runs units.
+
+A stage never talks to Ray and never spells an array path: the store's sections do. Adding a
+stage is its module plus one line in :mod:`gig_dist.stages.registry`.
 
 Exactly-once: a unit's data is written before its completion marker, and a unit whose marker is
-missing is run again, writing the same bytes to the same shards. So a unit interrupted anywhere
-lands once, whichever worker reruns it.
+missing is run again, writing the same bytes to the same shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from gig_dist._failpoints import failpoint
 from gig_dist.config import Config
-from gig_dist.store import RunStore
+from gig_dist.store import ArraySpec, Facts, RunStore, StageRecord
 
 Progress = Callable[[int], None]
 
@@ -33,15 +44,16 @@ class UnitFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Unit ``index`` of ``stage``: images ``start:stop``, exactly one shard of each array it
-    writes; or, for per-tap stages, the tap ``tap`` (and no images)."""
+    """Unit ``index`` of the stage whose progress key is ``stage``: images ``start:stop`` (exactly
+    one shard of each array it writes, or a block of whole shards), and where the stage divides
+    its work further, a ``tap``, a tap ``pair``, a range of integration ``steps`` or ``targets``."""
 
     stage: str
     index: int
-    start: int
-    stop: int
+    start: int = 0
+    stop: int = 0
     tap: str | None = None
-    #: Attribution units only: the range of integration steps and of target slots they cover.
+    pair: tuple[str, str] | None = None
     steps: tuple[int, int] | None = None
     targets: tuple[int, int] | None = None
 
@@ -51,13 +63,15 @@ class WorkUnit:
 
     def describe(self) -> str:
         parts = [f"tap {self.tap}"] if self.tap else []
-        if self.size or not self.tap:
+        if self.pair:
+            parts.append(f"pair {self.pair[0]} -> {self.pair[1]}")
+        if self.size:
             parts.append(f"images {self.start}:{self.stop}")
         if self.steps:
             parts.append(f"steps {self.steps[0]}:{self.steps[1]}")
         if self.targets:
             parts.append(f"targets {self.targets[0]}:{self.targets[1]}")
-        return f"{self.stage} unit {self.index} ({', '.join(parts)})"
+        return f"{self.stage} unit {self.index}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 @dataclass(frozen=True)
@@ -82,8 +96,27 @@ class StageWorker(ABC):
         """Release threads or devices."""
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class Stage(ABC):
     name: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]] = ()
+    result_keys: ClassVar[tuple[str, ...]] = ()
+    coverage_key: ClassVar[str | None] = None
+    #: Results live under a dictionary level (``concepts.method``), one set per dictionary.
+    per_dictionary: ClassVar[bool] = False
+    #: What the progress bar and the summary count.
+    unit_noun: ClassVar[str] = "images"
+    #: Bump when the stage computes differently: stores made before then redo it.
+    version: ClassVar[int] = 1
     #: Units in flight per worker, in threads. A worker that serialises its compute internally
     #: and writes outside that lock overlaps one unit's writes with the next unit's compute.
     worker_concurrency: ClassVar[int] = 1
@@ -92,33 +125,100 @@ class Stage(ABC):
         self.config = config
         self.store_url = store_url
 
+    # -- identity -------------------------------------------------------------------------------
+
     @classmethod
-    def progress_size(cls, config: Config, num_units: int, taps: dict[str, tuple[int, int, int]]) -> int:
-        """Length of the stage's progress array: its largest possible number of units."""
-        return num_units
+    def key(cls, config: Config) -> str:
+        """Its name in the store's progress and manifest: ``<dictionary>/<name>`` per dictionary."""
+        return f"{config.concepts.method}/{cls.name}" if cls.per_dictionary else cls.name
 
-    def setup(self, store: RunStore) -> None:  # noqa: B027 - optional hook
-        """Run once on the driver before the stage's units: create arrays whose shape depends on
-        earlier stages' results. Must be idempotent."""
+    @property
+    def progress_key(self) -> str:
+        return self.key(self.config)
 
-    def plan(self, store: RunStore) -> list[WorkUnit]:
-        """All units of the stage, in order. Default: one unit per image shard."""
-        return [WorkUnit(self.name, i, r.start, r.stop) for i, r in enumerate(store.units())]
+    @property
+    def dictionary(self) -> str:
+        return self.config.concepts.method
+
+    @classmethod
+    def key_values(cls, config: Config) -> dict[str, Any]:
+        """The values of its result keys in ``config``."""
+        flat = _flatten(config.to_dict())
+        return {key: value for key, value in sorted(flat.items())
+                if any(key == want or (want.endswith(".") and key.startswith(want)) for want in cls.result_keys)}
+
+    @classmethod
+    def fingerprint(cls, config: Config, upstream: dict[str, str]) -> str:
+        text = json.dumps({"stage": cls.name, "version": cls.version, "keys": cls.key_values(config),
+                           "upstream": upstream}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    # -- before any work ---------------------------------------------------------------------------
+
+    @classmethod
+    def check(cls, config: Config, facts: Facts) -> list[str]:
+        """Every reason this stage cannot run with ``config`` on ``facts`` (empty: it can)."""
+        return []
+
+    @abstractmethod
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        """The arrays it writes."""
+
+    # -- the work ------------------------------------------------------------------------------------
+
+    def plan(self, facts: Facts) -> list[WorkUnit]:
+        """All units of the stage, in order, whatever the coverage. Default: one per image shard."""
+        return [WorkUnit(self.progress_key, i, r.start, r.stop) for i, r in enumerate(facts.units)]
+
+    def covers(self, unit: WorkUnit) -> bool:
+        """Whether the current config asks for ``unit`` (the stage's coverage key)."""
+        return True
 
     def pending(self, store: RunStore) -> list[WorkUnit]:
-        done = store.done_units(self.name)
-        return [unit for unit in self.plan(store) if not done[unit.index]]
+        done = store.done_units(self.progress_key)
+        return [u for u in self.plan(store.facts) if self.covers(u) and not (u.index < len(done) and done[u.index])]
+
+    def covered_units(self, facts: Facts) -> list[WorkUnit]:
+        return [u for u in self.plan(facts) if self.covers(u)]
 
     @abstractmethod
     def open_worker(self, device: str) -> StageWorker:
         """Build the per-process state; called once per worker, never on the driver's hot path."""
+
+    def finish(self, store: RunStore) -> None:  # noqa: B027 - optional hook
+        """Run on the driver once every unit is done (a fixed-order final combination)."""
 
 
 def execute_unit(worker: StageWorker, store: RunStore, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
     """Run ``unit`` and commit it: its data first, then its completion marker."""
     started = time.perf_counter()
     report = worker.run(unit, progress)
-    failpoint(f"{unit.stage}.before_commit")
+    failpoint(f"{unit.stage.rsplit('/', 1)[-1]}.before_commit")
     store.mark_unit_done(unit.stage, unit.index)
-    failpoint(f"{unit.stage}.after_commit")
+    failpoint(f"{unit.stage.rsplit('/', 1)[-1]}.after_commit")
     return dataclasses.replace(report, seconds=time.perf_counter() - started)
+
+
+def open_stage(stage: Stage, store: RunStore) -> None:
+    """On the driver, before a stage's units: if its fingerprint changed, forget its old results
+    (the manifest first); then create its arrays and progress and record the fingerprint."""
+    from gig_dist.stages.registry import fingerprints
+
+    key = stage.progress_key
+    fingerprint, upstream = fingerprints(stage.config)[key]
+    record = store.record(key)
+    if record is None or record.fingerprint != fingerprint:
+        store.reset_stage(key, store.owned_arrays(key))
+    kept = record is not None and record.fingerprint == fingerprint and record.finished
+    store.ensure_arrays(key, stage.arrays(store))
+    store.begin_stage(key, StageRecord(fingerprint, dict(upstream), len(stage.plan(store.facts)),
+                                       stage.key_values(stage.config), finished=kept and not stage.pending(store)))
+
+
+def close_stage(stage: Stage, store: RunStore) -> None:
+    """On the driver, once every unit is done: the stage's final step, then consolidated metadata."""
+    if store.record(stage.progress_key).finished:
+        return
+    stage.finish(store)
+    store.finish_stage(stage.progress_key)
+    store.consolidate()

@@ -1,5 +1,6 @@
-"""Stage ``concepts``: one unit per tap, bisecting k-means on the tap's samples (method.md
-section 4), writing the concept vectors, centroids, split tree and fit statistics to the store.
+"""Stage ``concepts``: one unit per tap, the run's dictionary (``concepts.method``, default
+bisecting k-means, method.md section 4) fit to the tap's samples, written under the dictionary's
+own level of the store.
 
 The samples of one tap are the only data a unit holds in memory: ``sample.per_image`` PFVs per
 image (ImageNet validation at the paper's 1 per image and 2,048 channels: 200 MB in float16),
@@ -9,13 +10,15 @@ which k-means needs all at once.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 
 from gig_dist.config import Config
-from gig_dist.kernels.kmeans import BisectingKMeans, concept_vectors
+from gig_dist.kernels.dictionary import make_dictionary
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
-from gig_dist.store import RunStore
+from gig_dist.store import ArraySpec, Facts, RunStore
+from gig_dist.store.concepts import member_specs
 
 
 def concept_count(config: Config, tap: str, channels: int) -> int:
@@ -23,15 +26,47 @@ def concept_count(config: Config, tap: str, channels: int) -> int:
     return int(config.concepts.k.get(tap, max(1, round(config.concepts.k_multiplier * channels))))
 
 
+def fit_params(config: Config) -> dict:
+    """The dictionary's fit hyper-parameters from ``concepts.*`` (K is per tap)."""
+    options = config.concepts
+    return {"seed": options.seed, "n_init": options.n_init, "backend": options.backend}
+
+
 class ConceptsStage(Stage):
     name = "concepts"
+    reads = ("sample",)
+    result_keys = ("concepts.",)
+    per_dictionary = True
+    unit_noun = "taps"
 
     @classmethod
-    def progress_size(cls, config: Config, num_units: int, taps: dict[str, tuple[int, int, int]]) -> int:
-        return len(taps)
+    def check(cls, config: Config, facts: Facts) -> list[str]:
+        errors = []
+        unknown = [tap for tap in config.concepts.k if tap not in facts.taps]
+        if unknown:
+            errors.append(f"concepts.k names taps that are not in this run: {unknown}; the run's taps are {list(facts.taps)}")
+        samples = facts.num_images * config.sample.per_image
+        for tap, (channels, _, _) in facts.taps.items():
+            k = concept_count(config, tap, channels)
+            if k > samples:
+                errors.append(
+                    f"tap {tap}: K = {k} concepts but the run draws at most {samples} samples "
+                    f"({facts.num_images} images x sample.per_image = {config.sample.per_image}); raise "
+                    "sample.per_image or lower concepts.k_multiplier (or set concepts.k for this tap)")
+            elif samples / k < 10:
+                warnings.warn(
+                    f"tap {tap}: K = {k} concepts from at most {samples} samples leaves {samples / k:.1f} "
+                    "members per concept on average; below about 10, concepts are single PFVs rather than "
+                    "clusters (raise sample.per_image or lower concepts.k_multiplier)",
+                    stacklevel=2,
+                )
+        return errors
 
-    def plan(self, store: RunStore) -> list[WorkUnit]:
-        return [WorkUnit(self.name, i, 0, 0, tap=tap) for i, tap in enumerate(store.taps)]
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        return member_specs(store.facts, self.dictionary, self.config.sample.per_image)
+
+    def plan(self, facts: Facts) -> list[WorkUnit]:
+        return [WorkUnit(self.progress_key, i, tap=tap) for i, tap in enumerate(facts.taps)]
 
     def open_worker(self, device: str) -> ConceptsWorker:
         return ConceptsWorker(self)
@@ -39,42 +74,29 @@ class ConceptsStage(Stage):
 
 class ConceptsWorker(StageWorker):
     def __init__(self, stage: ConceptsStage) -> None:
+        self.stage = stage
         self.config = stage.config
         self.store = RunStore.open(stage.store_url, mode="r+")
+        self.concepts = self.store.concepts(stage.dictionary)
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         tap = unit.tap
-        channels = self.store.taps[tap][0]
-        k = concept_count(self.config, tap, channels)
-        samples = np.concatenate(list(self.store.iter_samples(tap)))
+        k = concept_count(self.config, tap, self.store.taps[tap][0])
+        samples = np.concatenate(list(self.store.samples.iter_valid(tap)))
         if len(samples) < k:
             raise ValueError(
                 f"tap {tap}: K = {k} concepts need at least {k} sampled PFVs, the store has {len(samples)}; "
                 "raise sample.per_image or lower concepts.k_multiplier / concepts.k"
             )
-        options = self.config.concepts
         started = time.perf_counter()
+        dictionary = make_dictionary(self.stage.dictionary, n_concepts=k, **fit_params(self.config))
         try:
-            model = BisectingKMeans(k, seed=options.seed, n_init=options.n_init, backend=options.backend).fit(samples)
+            dictionary.fit(samples)
         except ValueError as exc:
             raise ValueError(f"tap {tap}: {exc}") from None
-        seconds = time.perf_counter() - started
-        vectors, zero = concept_vectors(model.cluster_centers_)
-        tree = model.tree_
-        self.store.write_concepts(
-            tap, vectors=vectors, centers=model.cluster_centers_, zero=zero, size=model.cluster_size_,
-            inertia=model.cluster_inertia_, labels=model.labels_,
-            tree={"parent": tree.parent, "children": tree.children, "size": tree.size, "inertia": tree.inertia,
-                  "leaf": tree.leaf, "order": tree.order},
-            stats={
-                "k": k, "samples": len(samples), "inertia": model.inertia_,
-                "total_inertia": float(tree.inertia[0]),
-                "explained": 1 - model.inertia_ / tree.inertia[0] if tree.inertia[0] > 0 else None,
-                "mean_members": len(samples) / k, "smallest": int(model.cluster_size_.min()),
-                "largest": int(model.cluster_size_.max()), "singletons": int((model.cluster_size_ == 1).sum()),
-                "zero_concepts": int(zero.sum()), "seconds": seconds, "backend": model._backend(),
-            },
-        )
+        stats = {**dictionary.fit_statistics(), "seconds": time.perf_counter() - started}
+        self.concepts.write(tap, dictionary.fitted_arrays(), getattr(dictionary, "labels_", None), stats,
+                            owner=self.stage.progress_key)
         if progress is not None:
             progress(1)
         return UnitReport(unit.index, 0, 0)

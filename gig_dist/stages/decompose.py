@@ -1,10 +1,11 @@
-"""Stage ``decompose``: every PFV of the chosen taps as a sparse non-negative combination of its
-tap's concept vectors (method.md section 5), one unit per store shard.
+"""Stage ``decompose``: every PFV of the chosen taps as a sparse code over its tap's concepts
+(method.md section 5: the non-negative Lasso for the paper's dictionary), one unit per shard.
 
-A unit reads its images' PFVs, solves the non-negative Lasso for all of them in batches (torch,
-on the worker's device), and writes fixed-width codes (``decompose.max_nonzero`` slots of index
-and value, by decreasing value) and the unit's statistics: PFV count, sum of l0, reconstruction
-error of the *stored* codes, and the sums needed for R^2. Skipped images keep empty codes.
+A unit reads its images' PFVs, encodes all of them with the run's dictionary (on the worker's
+device), and writes fixed-width codes (``decompose.max_nonzero`` slots of index and value, by
+decreasing value) and the unit's statistics (``kernels.metrics.reconstruction_stats``).
+Skipped images keep empty codes. ``decompose.images`` limits the images decomposed: raising it
+later decomposes only the new ones.
 """
 
 from __future__ import annotations
@@ -12,22 +13,53 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gig_dist.kernels.lasso import NonNegativeLassoCoder
+from gig_dist.config import Config
+from gig_dist.kernels.dictionary import DICTIONARIES
+from gig_dist.kernels.metrics import reconstruction_stats
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.stages.extract import resolve_device
-from gig_dist.store import CODE_STATS, PROCESSED, ImageRange, RunStore
+from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
+from gig_dist.store.codes import code_specs
 
 
-def decompose_taps(config, taps: list[str]) -> list[str]:
+def decompose_taps(config: Config, taps: list[str]) -> list[str]:
     return list(config.decompose.taps) if config.decompose.taps is not None else list(taps)
+
+
+def encode_params(config: Config, tap: str, device: str) -> dict:
+    options = config.decompose
+    return {"lambda_rel": options.lambda_for(tap), "lam": options.lam, "tol": options.tol,
+            "batch_size": options.batch_size, "device": device}
 
 
 class DecomposeStage(Stage):
     name = "decompose"
+    reads = ("concepts",)
+    result_keys = ("decompose.taps", "decompose.lambda_rel", "decompose.lam", "decompose.max_nonzero",
+                   "decompose.tol", "decompose.batch_size")
+    coverage_key = "decompose.images"
+    per_dictionary = True
 
-    def plan(self, store: RunStore) -> list[WorkUnit]:
+    @classmethod
+    def check(cls, config: Config, facts: Facts) -> list[str]:
+        errors = []
+        lambdas = config.decompose.lambda_rel if isinstance(config.decompose.lambda_rel, dict) else {}
+        for key, named in (("decompose.taps", config.decompose.taps or []), ("decompose.lambda_rel", lambdas)):
+            unknown = [tap for tap in named if tap not in facts.taps]
+            if unknown:
+                errors.append(f"{key} names taps that are not in this run: {unknown}; the run's taps are "
+                              f"{list(facts.taps)}")
+        return errors
+
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        return code_specs(store.facts, self.dictionary, self.taps(store.facts), self.config.decompose.max_nonzero)
+
+    def taps(self, facts: Facts) -> list[str]:
+        return decompose_taps(self.config, list(facts.taps))
+
+    def covers(self, unit: WorkUnit) -> bool:
         limit = self.config.decompose.images
-        return [unit for unit in super().plan(store) if limit is None or unit.start < limit]
+        return limit is None or unit.start < limit
 
     def open_worker(self, device: str) -> DecomposeWorker:
         return DecomposeWorker(self, resolve_device(device))
@@ -35,52 +67,45 @@ class DecomposeStage(Stage):
 
 class DecomposeWorker(StageWorker):
     def __init__(self, stage: DecomposeStage, device: torch.device) -> None:
-        options = stage.config.decompose
         self.store = RunStore.open(stage.store_url, mode="r+")
-        self.width = self.store.code_width
-        self.coders = {
-            tap: NonNegativeLassoCoder(
-                self.store.read_concepts(tap), lambda_rel=options.lambda_for(tap), lam=options.lam,
-                tol=options.tol, batch_size=options.batch_size, device=str(device),
-            )
-            for tap in self.store.code_taps
+        self.codes = self.store.codes(stage.dictionary)
+        concepts = self.store.concepts(stage.dictionary)
+        kind = DICTIONARIES[stage.dictionary]
+        self.width = stage.config.decompose.max_nonzero
+        self.dictionaries = {
+            tap: kind.from_arrays(concepts.arrays(tap), **encode_params(stage.config, tap, str(device)))
+            for tap in stage.taps(self.store.facts)
         }
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         r = ImageRange(unit.start, unit.stop)
-        status, _ = self.store.read_status(r)
+        status, _ = self.store.meta.read_status(r)
         rows = np.flatnonzero(status == PROCESSED)
-        for tap, coder in self.coders.items():
-            pfvs = self.store.read_pfvs(tap, r)  # (n, H*W, C)
+        for tap, dictionary in self.dictionaries.items():
+            pfvs = self.store.meta.read_pfvs(tap, r)  # (n, H*W, C)
             n, positions, channels = pfvs.shape
             x = pfvs[rows].reshape(-1, channels).astype(np.float32)
             index = np.full((n, positions, self.width), -1, dtype=np.int32)
             value = np.zeros((n, positions, self.width), dtype=np.float32)
-            stats = np.zeros(len(CODE_STATS))
+            if len(x) and not np.isfinite(x).all():
+                bad = np.flatnonzero(~np.isfinite(x.reshape(len(rows), -1)).all(1))
+                raise ValueError(
+                    f"tap {tap}: PFVs of images {[r.start + int(rows[b]) for b in bad[:5]]} hold NaN or "
+                    "infinite values (the model produced them, or the store is damaged); rerun extraction")
+            kept_index = np.zeros((0, self.width), dtype=np.int32)
+            kept_value = np.zeros((0, self.width), dtype=np.float32)
+            l0 = np.zeros(0, dtype=np.int64)
             if len(x):
-                if not np.isfinite(x).all():
-                    bad = np.flatnonzero(~np.isfinite(x.reshape(len(rows), -1)).all(1))
-                    raise ValueError(
-                        f"tap {tap}: PFVs of images {[r.start + int(rows[b]) for b in bad[:5]]} hold NaN or "
-                        "infinite values (the model produced them, or the store is damaged); rerun extraction"
-                    )
-                found_index, found_value = coder.encode(x)
+                found_index, found_value = dictionary.encode(x)
                 l0 = (found_index >= 0).sum(1)
                 kept_index = found_index[:, : self.width]
                 kept_value = found_value[:, : self.width]
-                # The error of the codes as stored (cut to `width` slots), in float64, slot by slot.
-                dictionary = coder.dictionary.astype(np.float64)
-                residual = x.astype(np.float64)
-                for slot in range(kept_index.shape[1]):
-                    residual -= kept_value[:, slot, None] * dictionary[np.maximum(kept_index[:, slot], 0)]
-                per_image = kept_index.reshape(len(rows), -1)
-                active = max(len(np.unique(row[row >= 0])) for row in per_image)
-                stats[:] = (len(x), l0.sum(), np.einsum("nc,nc->", residual, residual),
-                            np.einsum("nc,nc->", x, x, dtype=np.float64), (l0 > self.width).sum(), l0.max(), active)
                 pad = self.width - kept_index.shape[1]
                 index[rows] = np.pad(kept_index, ((0, 0), (0, pad)), constant_values=-1).reshape(len(rows), positions, -1)
                 value[rows] = np.pad(kept_value, ((0, 0), (0, pad))).reshape(len(rows), positions, -1)
-            self.store.write_codes(r, tap, index, value, stats, x.sum(axis=0, dtype=np.float64))
+            stats, pfv_sum = reconstruction_stats(x, kept_index, kept_value, dictionary.dictionary_, l0, self.width,
+                                                  len(rows))
+            self.codes.write(r, tap, index, value, stats, pfv_sum if len(x) else np.zeros(channels))
         if progress is not None:
             progress(len(r))
         return UnitReport(unit.index, len(r), int(len(r) - rows.size))

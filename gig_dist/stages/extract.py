@@ -21,7 +21,8 @@ from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.taps import as_feature_map, capture, pfvs
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
-from gig_dist.store import PROCESSED, SKIPPED, ImageRange, RunStore
+from gig_dist.store import PROCESSED, SKIPPED, ArraySpec, ImageRange, RunStore
+from gig_dist.store.meta import extraction_specs
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,14 @@ def resolve_device(requested: str) -> torch.device:
 
 class ExtractStage(Stage):
     name = "extract"
+    # What decides the PFVs: the model, the images and how they are read, the taps, the dtype.
+    # (The batch size too: convolution results may differ in the last bits between batch sizes.)
+    result_keys = ("model.", "dataset.kind", "dataset.path", "dataset.toy.", "dataset.stride", "dataset.limit",
+                   "dataset.max_image_pixels", "transform.", "taps", "extract.")
     worker_concurrency = 2
+
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        return extraction_specs(store.facts, self.config.extract.dtype)
 
     def open_worker(self, device: str) -> ExtractWorker:
         return ExtractWorker(self, resolve_device(device))
@@ -50,23 +58,24 @@ class ExtractWorker(StageWorker):
         self.model = build_model(config.model).to(device, memory_format=torch.channels_last)
         self.compute_lock = threading.Lock()
         self.taps = list(self.store.taps)
+        self.meta = self.store.meta
         self.dtype = getattr(torch, config.extract.dtype)
         self.dtype_np = np.dtype(config.extract.dtype)
         self.batch_size = config.extract.batch_size
         self.loader = ImageLoader(
             resolve_transform(config), config.dataset.max_image_pixels, config.dataset.loader_threads
         )
-        self.num_outputs = int(self.store.manifest["num_outputs"])
+        self.num_outputs = self.store.facts.num_outputs
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         r = ImageRange(unit.start, unit.stop)
         with self.compute_lock:
             pfv, logits, status, reasons, masks = self._compute(r, progress)
-        self.store.write_extraction(r, pfvs=pfv, logits=logits, status=status, skip_reasons=reasons, part_masks=masks)
+        self.meta.write_extraction(r, pfvs=pfv, logits=logits, status=status, skip_reasons=reasons, part_masks=masks)
         return UnitReport(unit.index, len(r), int((status == SKIPPED).sum()))
 
     def _compute(self, r: ImageRange, progress: Progress | None):
-        paths, _ = self.store.read_index(r)
+        paths, _ = self.meta.read_index(r)
         n = len(paths)
         outputs = {
             tap: np.full((n, h * w, c), np.nan, dtype=self.dtype_np) for tap, (c, h, w) in self.store.taps.items()

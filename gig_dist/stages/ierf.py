@@ -46,7 +46,7 @@ def compute_ierfs(config: Config, store_url: str, requests: list[tuple[int, str,
     kinds = [""] * len(requests)
     try:
         for image, indices in by_image.items():
-            path = store.group["meta/path"][image]
+            path = store.meta.path(image)
             loaded = loader.load(str(path))
             if loaded.image is None:
                 raise ValueError(f"image {image} ({path}) cannot be read: {loaded.reason}")
@@ -63,5 +63,5 @@ def compute_ierfs(config: Config, store_url: str, requests: list[tuple[int, str,
     finally:
         loader.close()
     table = np.array([(image, taps.index(tap), position) for image, tap, position in requests], dtype=np.int64)
-    store.write_ierfs(name, table.reshape(-1, 3), maps, kinds)
+    store.meta.write_ierfs(name, table.reshape(-1, 3), maps, kinds)
     return maps, kinds

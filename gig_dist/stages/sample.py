@@ -15,13 +15,35 @@ from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.sampling import draw_positions, grad_x_act
 from gig_dist.kernels.srd import SRD
 from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.config import Config
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.stages.extract import resolve_device
-from gig_dist.store import PROCESSED, ImageRange, RunStore
+from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
+from gig_dist.store.samples import sample_specs
 
 
 class SampleStage(Stage):
     name = "sample"
+    reads = ("extract",)
+    result_keys = ("sample.",)
+
+    @classmethod
+    def check(cls, config: Config, facts: Facts) -> list[str]:
+        if config.sample.method != "srd" or facts.model is None:
+            return []
+        from gig_dist.kernels.srd import SRD, SRDUnsupported
+
+        try:
+            srd = SRD(facts.model)
+            for tap in facts.taps:
+                srd.check_tap(tap)
+        except SRDUnsupported as exc:
+            return [f"sample.method = 'srd' cannot run: {exc}. Use sample.method=grad_x_act (any model) or uniform"]
+        return []
+
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        return sample_specs(store.facts, self.config.sample.per_image, self.config.extract.dtype,
+                            self.config.sample.method != "uniform")
 
     def open_worker(self, device: str) -> SampleWorker:
         return SampleWorker(self, resolve_device(device))
@@ -66,12 +88,12 @@ class SampleWorker(StageWorker):
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         r = ImageRange(unit.start, unit.stop)
-        status, predictions = self.store.read_status(r)
+        status, predictions = self.store.meta.read_status(r)
         rows = np.flatnonzero(status == PROCESSED)
         count = self.sample.per_image
         scores = None
         if self.model is not None and rows.size:
-            paths, _ = self.store.read_index(r)
+            paths, _ = self.store.meta.read_index(r)
             scores = self._scores(paths, rows, predictions, progress)  # reports the scored images
             if progress is not None:
                 progress(len(r) - rows.size)  # and the skipped ones
@@ -79,7 +101,7 @@ class SampleWorker(StageWorker):
             progress(len(r))
         for tap_index, tap in enumerate(self.taps):
             channels, height, width = self.store.taps[tap]
-            pfvs = self.store.read_pfvs(tap, r)  # (n, H*W, C)
+            pfvs = self.store.meta.read_pfvs(tap, r)  # (n, H*W, C)
             positions = np.full((len(r), count), -1, dtype=np.int32)
             vectors = np.full((len(r), count, channels), np.nan, dtype=pfvs.dtype)
             tap_scores = None if scores is None else np.full((len(r), height * width), np.nan, dtype=np.float32)
@@ -91,7 +113,7 @@ class SampleWorker(StageWorker):
                 vectors[row, : len(drawn)] = pfvs[row, drawn]
                 if tap_scores is not None:
                     tap_scores[row] = score
-            self.store.write_samples(r, tap, positions, vectors, tap_scores)
+            self.store.samples.write(r, tap, positions, vectors, tap_scores)
         return UnitReport(unit.index, len(r), int(len(r) - rows.size))
 
     def close(self) -> None:

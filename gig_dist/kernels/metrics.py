@@ -1,0 +1,78 @@
+"""Statistics computed once, here, and used by every stage and reader that reports them.
+
+Pure functions of arrays: no store, no Ray.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: |delta| at or below this counts as no change to attribute: the relative gap is undefined there.
+GAP_EPSILON = 1e-12
+
+
+def completeness_gap(total: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """The relative completeness gap ``|total - delta| / |delta|`` of GIG (method.md section 6),
+    elementwise; NaN where ``delta`` is NaN or ``|delta| <= GAP_EPSILON`` (nothing to complete)."""
+    total, delta = np.asarray(total, dtype=np.float64), np.asarray(delta, dtype=np.float64)
+    defined = np.abs(delta) > GAP_EPSILON  # False for NaN as well
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(defined, np.abs(total - delta) / np.where(defined, np.abs(delta), 1.0), np.nan)
+
+
+def gap_summary(gaps: np.ndarray) -> dict[str, float | int | None]:
+    """Count, mean, median and max of the defined (non-NaN) gaps."""
+    defined = np.asarray(gaps, dtype=np.float64)
+    defined = defined[~np.isnan(defined)]
+    if not defined.size:
+        return {"targets": 0, "mean_gap": None, "median_gap": None, "max_gap": None}
+    return {"targets": int(defined.size), "mean_gap": float(defined.mean()),
+            "median_gap": float(np.median(defined)), "max_gap": float(defined.max())}
+
+
+#: Columns of the per-unit reconstruction statistics that :func:`reconstruction_stats` returns
+#: and :func:`reconstruction_summary` reduces (they add up over units).
+RECONSTRUCTION_STATS = ("pfvs", "l0_sum", "squared_error", "squared_norm", "truncated", "max_l0", "max_active")
+
+
+def reconstruction_stats(x: np.ndarray, kept_index: np.ndarray, kept_value: np.ndarray, dictionary: np.ndarray,
+                         l0: np.ndarray, width: int, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics of one unit's codes as stored: ``x`` (n, C) the PFVs, ``kept_index`` and
+    ``kept_value`` (n, L') their codes cut to at most ``width`` slots, ``l0`` (n,) the support
+    before the cut, ``images`` how many images the n PFVs come from (in equal, consecutive runs).
+
+    Returns (stats, pfv_sum): stats in the order of :data:`RECONSTRUCTION_STATS` (float64) and the
+    PFVs' sum (C,) in float64, the two things R^2 needs once added over units."""
+    stats = np.zeros(len(RECONSTRUCTION_STATS))
+    if not len(x):
+        return stats, np.zeros(x.shape[1] if x.ndim == 2 else 0)
+    dictionary = np.asarray(dictionary, dtype=np.float64)
+    residual = x.astype(np.float64)
+    for slot in range(kept_index.shape[1]):  # slot by slot: never an (n, L, C) temporary
+        residual -= kept_value[:, slot, None] * dictionary[np.maximum(kept_index[:, slot], 0)]
+    per_image = kept_index.reshape(images, -1)
+    active = max(len(np.unique(row[row >= 0])) for row in per_image)
+    stats[:] = (len(x), l0.sum(), np.einsum("nc,nc->", residual, residual),
+                np.einsum("nc,nc->", x, x, dtype=np.float64), (l0 > width).sum(), l0.max(), active)
+    return stats, x.sum(axis=0, dtype=np.float64)
+
+
+def reconstruction_summary(unit_stats: np.ndarray, unit_sum: np.ndarray, concepts: int) -> dict:
+    """Mean l0, l0 ratio and R^2 = 1 - SSE / total variance over the units done (rows without NaN)."""
+    done = ~np.isnan(unit_stats).any(axis=1)
+    totals = dict(zip(RECONSTRUCTION_STATS, unit_stats[done].sum(axis=0))) if done.any() else \
+        dict.fromkeys(RECONSTRUCTION_STATS, 0.0)
+    pfvs = totals["pfvs"]
+    summary: dict = {"units_done": int(done.sum()), "pfvs": int(pfvs), "k": int(concepts)}
+    if pfvs:
+        mean = unit_sum[done].sum(axis=0) / pfvs
+        total_variance = totals["squared_norm"] - pfvs * float(mean @ mean)
+        summary.update(
+            mean_l0=totals["l0_sum"] / pfvs,
+            l0_ratio=totals["l0_sum"] / pfvs / concepts if concepts else None,
+            r2=1 - totals["squared_error"] / total_variance if total_variance > 0 else None,
+            max_l0=int(unit_stats[done, RECONSTRUCTION_STATS.index("max_l0")].max()),
+            max_active=int(unit_stats[done, RECONSTRUCTION_STATS.index("max_active")].max()),
+            truncated=int(totals["truncated"]),
+        )
+    return summary

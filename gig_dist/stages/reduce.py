@@ -1,0 +1,152 @@
+"""Stage ``reduce``: the attribute stage's partial sums into per-image results and the dataset
+Gamma matrices (method.md section 6), as a fixed tree over image units.
+
+Units are (pair, block of ``BLOCK_UNITS`` store units) and run in parallel. Each adds the
+partial sums of its images' step ranges in step order, writes their totals, completeness gaps
+and top edges, and its block's matrix sum (images added in image order, float64). When every
+block is done, :meth:`ReduceStage.finish` adds the blocks in block order and divides: so the
+matrices do not depend on where or in what order units ran.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gig_dist.kernels.gig import LOGITS
+from gig_dist.kernels.metrics import completeness_gap, gap_summary
+from gig_dist.stages.attribute import AttributeStage, Pair, num_targets
+from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
+from gig_dist.store.gig import reduction_specs
+
+#: Store units per reduce block: the first level of the reduction tree.
+BLOCK_UNITS = 16
+
+
+class ReduceStage(Stage):
+    name = "reduce"
+    reads = ("attribute",)
+    # Which images were attributed decides the dataset means, so gig.images is a result key here.
+    result_keys = ("gig.top_edges", "gig.images")
+    per_dictionary = True
+    unit_noun = "blocks"
+
+    def pairs(self, facts: Facts) -> list[Pair]:
+        return AttributeStage(self.config, self.store_url).pairs(facts)
+
+    def blocks(self, facts: Facts) -> list[ImageRange]:
+        step = BLOCK_UNITS * facts.images_per_unit
+        return [ImageRange(s, min(s + step, facts.num_images)) for s in range(0, facts.num_images, step)]
+
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        concepts = store.concepts(self.dictionary)
+        specs = []
+        for source, target in self.pairs(store.facts):
+            columns = store.facts.num_outputs if target == LOGITS else concepts.count(target)
+            specs += reduction_specs(store.facts, self.dictionary, (source, target),
+                                     targets=num_targets(self.config, target), edges=self.config.gig.top_edges,
+                                     blocks=len(self.blocks(store.facts)),
+                                     matrix_shape=(concepts.count(source), columns))
+        return specs
+
+    def plan(self, facts: Facts) -> list[WorkUnit]:
+        blocks = self.blocks(facts)
+        return [WorkUnit(self.progress_key, p * len(blocks) + b, block.start, block.stop, pair=pair)
+                for p, pair in enumerate(self.pairs(facts)) for b, block in enumerate(blocks)]
+
+    def covers(self, unit: WorkUnit) -> bool:
+        return self.config.gig.images is None or unit.start < self.config.gig.images
+
+    def open_worker(self, device: str) -> ReduceWorker:
+        return ReduceWorker(self)
+
+    def finish(self, store: RunStore) -> None:
+        """Add each pair's block sums in block order; divide into the dataset Gamma."""
+        gig = store.gig(self.dictionary)
+        units = self.covered_units(store.facts)
+        for pair in self.pairs(store.facts):
+            blocks = [u for u in units if u.pair == pair]
+            shape = gig.matrix_shape(pair)
+            matrix, count = np.zeros(shape), np.zeros(shape[1], dtype=np.int64)
+            images, gaps = 0, []
+            for unit in blocks:
+                block_matrix, block_count = gig.read_block(pair, unit.index % len(self.blocks(store.facts)))
+                matrix += block_matrix
+                count += block_count
+            for r in self._units_of(store, blocks):
+                status, _ = store.meta.read_status(r)
+                images += int((status == PROCESSED).sum())
+                gaps.append(gig.read_reduced(pair, r)["gap"].ravel())
+            if pair[1] == LOGITS:
+                matrix /= np.maximum(count, 1)[None, :]  # mean over the images of each class
+            elif images:
+                matrix /= images  # mean over all images; a concept not among an image's targets counts 0
+            gig.write_matrix(pair, matrix, count, {
+                "images": images, **gap_summary(np.concatenate(gaps) if gaps else np.zeros(0)),
+                "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1]})
+
+    def _units_of(self, store: RunStore, blocks: list[WorkUnit]) -> list[ImageRange]:
+        limit = self.config.gig.images
+        return [r for b in blocks for r in store.units()
+                if b.start <= r.start < b.stop and (limit is None or r.start < limit)]
+
+
+class ReduceWorker(StageWorker):
+    def __init__(self, stage: ReduceStage) -> None:
+        self.stage = stage
+        self.config = stage.config
+        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.gig = self.store.gig(stage.dictionary)
+
+    def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
+        pair = unit.pair
+        block = unit.index % len(self.stage.blocks(self.store.facts))
+        matrix = np.zeros(self.gig.matrix_shape(pair))
+        count = np.zeros(matrix.shape[1], dtype=np.int64)
+        images = 0
+        for r in self.stage._units_of(self.store, [unit]):
+            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, matrix, count)
+        self.gig.write_block(pair, block, matrix, count)
+        if progress is not None:
+            progress(unit.size)
+        return UnitReport(unit.index, images, 0)
+
+
+def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int, matrix: np.ndarray,
+                count: np.ndarray) -> int:
+    """Per-image results of store unit ``r``, and its images added into ``matrix``/``count`` in
+    image order. Returns the number of processed images."""
+    source, target = pair
+    parts = gig.read_unit(pair, r)
+    summed = parts["partial"][0].copy()
+    for s in range(1, len(parts["partial"])):  # always in step order
+        summed += parts["partial"][s]
+    sources, chosen, delta = parts["source"], parts["target"], parts["delta"]
+    status, prediction = store.meta.read_status(r)
+    _, labels = store.meta.read_index(r)
+    valid = chosen >= 0
+    total = np.where(valid, summed.sum(axis=2), np.nan)
+    gap = completeness_gap(total, delta)
+    order = np.argsort(-summed, axis=2, kind="stable")[:, :, :top_edges]
+    edge_value = np.take_along_axis(summed, order, axis=2)
+    edge_source = np.take_along_axis(np.broadcast_to(sources[:, None, :], summed.shape), order, axis=2)
+    keep = valid[:, :, None] & (edge_source >= 0)
+    pad = ((0, 0), (0, 0), (0, top_edges - order.shape[2]))
+    gig.write_reduced(pair, r, total=total, gap=gap,
+                      edge_source=np.pad(np.where(keep, edge_source, -1), pad, constant_values=-1).astype(np.int32),
+                      edge_value=np.pad(np.where(keep, edge_value, 0), pad).astype(np.float32))
+    processed = np.flatnonzero(status == PROCESSED)
+    for row in processed:
+        if target == LOGITS:
+            cls = labels[row] if labels[row] >= 0 else prediction[row]
+            slots = np.flatnonzero(chosen[row] == cls)
+            if len(slots) == 0:
+                continue
+            count[cls] += 1
+        else:
+            slots = np.flatnonzero(chosen[row] >= 0)
+            count[chosen[row, slots]] += 1
+        used = sources[row] >= 0
+        for slot in slots:
+            np.add.at(matrix, (sources[row, used], np.full(used.sum(), chosen[row, slot])), summed[row, slot, used])
+    return len(processed)

@@ -1,0 +1,76 @@
+"""Section ``codes``: every decomposed PFV's sparse code, per dictionary and tap.
+
+    codes/<dict>/<tap>/index (image, position, slot) int32 concept indices by decreasing value,
+                             -1 in unused slots; sharded like pfv/<tap>
+    codes/<dict>/<tap>/value (image, position, slot) float32 (0 in unused slots)
+    codes/<dict>/<tap>/unit_stats (unit, stat) float64 per unit, the columns of
+                             ``kernels.metrics.RECONSTRUCTION_STATS``
+    codes/<dict>/<tap>/unit_sum   (unit, channel) float64 the PFVs' sum (for R^2)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gig_dist.kernels.metrics import RECONSTRUCTION_STATS, reconstruction_summary
+from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, per_unit_spec
+
+
+def code_specs(facts: Facts, dictionary: str, taps: list[str], width: int) -> list[ArraySpec]:
+    specs = []
+    for tap in taps:
+        channels, height, width_px = facts.taps[tap]
+        positions = height * width_px
+        for name, dtype, fill in (("index", "int32", -1), ("value", "float32", 0.0)):
+            specs.append(ArraySpec(
+                f"codes/{dictionary}/{tap}/{name}", (facts.num_images, positions, width), dtype,
+                ("image", "position", "slot"), (facts.images_per_chunk, positions, width),
+                shards=(facts.images_per_unit, positions, width), fill_value=fill, zstd_level=facts.zstd_level))
+        specs += [per_unit_spec(facts, f"codes/{dictionary}/{tap}/unit_stats", (len(RECONSTRUCTION_STATS),),
+                                "float64", np.nan, ("stat",)),
+                  per_unit_spec(facts, f"codes/{dictionary}/{tap}/unit_sum", (channels,), "float64", np.nan,
+                                ("channel",))]
+    return specs
+
+
+class CodesSection:
+    def __init__(self, store: RunStore, dictionary: str) -> None:
+        self.store = store
+        self.dictionary = dictionary
+
+    def _path(self, tap: str, name: str) -> str:
+        return f"codes/{self.dictionary}/{tap}/{name}"
+
+    def taps(self) -> list[str]:
+        base = f"codes/{self.dictionary}"
+        return [tap for tap in self.store.taps if self.store.has(f"{base}/{tap}/index")]
+
+    def width(self, tap: str) -> int:
+        return int(self.store.array(self._path(tap, "index")).shape[-1])
+
+    def write(self, r: ImageRange, tap: str, index: np.ndarray, value: np.ndarray, stats: np.ndarray,
+              pfv_sum: np.ndarray) -> None:
+        """One decomposition unit's codes of ``tap`` and its statistics; ``r`` must be one whole unit."""
+        sl = self.store.unit_slice(r)
+        unit = self.store.unit_index(r)
+        self.store.array(self._path(tap, "index"))[sl] = index
+        self.store.array(self._path(tap, "value"))[sl] = value
+        self.store.array(self._path(tap, "unit_sum"))[unit] = pfv_sum
+        self.store.array(self._path(tap, "unit_stats"))[unit] = stats
+
+    def read(self, tap: str, r: ImageRange) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of images ``r``: indices and values, each (n, H*W, L)."""
+        return self.store.array(self._path(tap, "index"))[r.start : r.stop], \
+            self.store.array(self._path(tap, "value"))[r.start : r.stop]
+
+    def max_active(self, tap: str) -> int:
+        """The most distinct concepts one image uses at ``tap``, over the units decomposed."""
+        stats = self.store.array(self._path(tap, "unit_stats"))[...]
+        return int(np.nan_to_num(stats[:, RECONSTRUCTION_STATS.index("max_active")]).max())
+
+    def summary(self, tap: str, concepts: int) -> dict[str, Any]:
+        """Per-tap decomposition figures over the units done so far: mean l0, l0 ratio, R^2."""
+        return reconstruction_summary(self.store.array(self._path(tap, "unit_stats"))[...],
+                                      self.store.array(self._path(tap, "unit_sum"))[...], concepts)

@@ -1,0 +1,494 @@
+"""The store core: a run's lifecycle, its typed manifest, progress, ownership and array specs.
+
+One Zarr v3 group per run. The root's attributes hold the manifest under ``gig_dist``, written
+*first* when a store is created (``state: creating``) and completed last (``state: ready``), so
+a store always identifies itself before anything in it may be removed. Rules every write keeps:
+
+* **Never delete what is not ours.** A prefix is taken only when it is empty or is a gig-dist
+  store whose every key is a Zarr node or chunk; anything else (a user's file, another tool's
+  Zarr group, a finished run's sub-group) is refused, with or without ``--overwrite``, naming
+  what was found. The same code path serves local disks and fsspec stores (``memory://``,
+  ``s3://``). An array is deleted only when its attributes name the stage that owns it.
+* **No half-written result is ever claimed.** A stage being redone is first marked so in the
+  manifest (its fingerprint cleared), then its arrays are replaced; a unit is marked done in
+  ``progress/<stage>`` only after all its data is written.
+* **One writer per shard.** Arrays split along the image axis at ``images_per_unit`` (a shard,
+  or a chunk), and a work unit is exactly one such range: :meth:`RunStore.unit_slice` refuses
+  any other write.
+
+The section modules (``meta``, ``samples``, ``concepts``, ``codes``, ``gig``) own the layout
+of their families; nothing outside this package spells an array path or touches the group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+import zarr.errors
+from zarr.codecs import ZstdCodec
+
+FORMAT_VERSION = 3
+MARKER = "gig_dist"
+
+PENDING, PROCESSED, SKIPPED = 0, 1, 2
+
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, not gig-dist's, half-created, or from another run."""
+
+
+@dataclass(frozen=True)
+class ImageRange:
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def unit_ranges(num_images: int, images_per_unit: int) -> list[ImageRange]:
+    """The image ranges of the work units: one per shard along the image axis."""
+    return [ImageRange(s, min(s + images_per_unit, num_images)) for s in range(0, num_images, images_per_unit)]
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a run is made of, known before any work: collected from the model and the dataset,
+    and the input of every stage's checks, array specs and plans."""
+
+    num_images: int
+    images_per_unit: int
+    images_per_chunk: int
+    zstd_level: int
+    #: tap -> (channels, height, width), in forward order.
+    taps: dict[str, tuple[int, int, int]]
+    num_outputs: int
+    class_names: list[str] = field(default_factory=list)
+    #: Side of the model's input (the crop), and of the part masks on the toy world.
+    input_size: int = 0
+    part_masks: bool = False
+    #: The model itself, for checks before any work (never stored).
+    model: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def units(self) -> list[ImageRange]:
+        return unit_ranges(self.num_images, self.images_per_unit)
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                      if f.name != "model"}))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Facts:
+        return cls(**{**data, "taps": {tap: tuple(shape) for tap, shape in data["taps"].items()}})
+
+
+@dataclass
+class StageRecord:
+    """A stage's state in the manifest. ``fingerprint`` is None while the stage is being
+    (re)created: its arrays then hold nothing that counts."""
+
+    fingerprint: str | None
+    #: The fingerprints of the stages it reads, when it was planned: a reader can tell a stage
+    #: whose inputs were redone since (stale) from a current one.
+    upstream: dict[str, str] = field(default_factory=dict)
+    #: Length of its progress array (its full plan).
+    units: int = 0
+    #: The config values it was planned with, for the keep/redo explanation.
+    keys: dict[str, Any] = field(default_factory=dict)
+    #: Its units and its final step (``Stage.finish``) are all done.
+    finished: bool = False
+
+
+@dataclass
+class Manifest:
+    """The run's typed manifest (the root attributes' ``gig_dist``)."""
+
+    format_version: int
+    state: str  # "creating" or "ready"
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    dataset_fingerprint: str = ""
+    transform: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        data = dict(data)
+        data["stages"] = {key: StageRecord(**record) for key, record in data.get("stages", {}).items()}
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array a stage writes: path, shape, dtype, chunking along the image axis (``chunks``,
+    and ``shards`` for the arrays read in smaller pieces), fill value and dimension names.
+    ``growable``: a later plan may enlarge it (a resize keeps what is written)."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    dims: tuple[str, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None = None
+    fill_value: Any = 0
+    zstd_level: int = 1
+    growable: bool = False
+
+    def __post_init__(self) -> None:
+        if not (len(self.shape) == len(self.dims) == len(self.chunks)):
+            raise ValueError(f"{self.path}: shape {self.shape}, dims {self.dims} and chunks {self.chunks} differ in rank")
+
+    @property
+    def raw_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * (np.dtype(self.dtype).itemsize if self.dtype != "str" else 8)
+
+
+def per_image_spec(facts: Facts, path: str, tail: tuple[int, ...], dtype: str, fill: Any, dims: tuple[str, ...],
+                   chunk_images: int | None = None, **extra: Any) -> ArraySpec:
+    """An array of one row per image, chunked by work unit (a unit is its chunk's only writer)."""
+    unit = facts.images_per_unit
+    return ArraySpec(path, (facts.num_images, *tail), dtype, ("image", *dims), (chunk_images or unit, *tail),
+                     fill_value=fill, zstd_level=facts.zstd_level, **extra)
+
+
+def per_unit_spec(facts: Facts, path: str, tail: tuple[int, ...], dtype: str, fill: Any,
+                  dims: tuple[str, ...]) -> ArraySpec:
+    """An array of one row per work unit (statistics a unit adds to)."""
+    units = len(facts.units)
+    return ArraySpec(path, (units, *tail), dtype, ("unit", *dims), (1, *tail), fill_value=fill,
+                     zstd_level=facts.zstd_level)
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def _foreign_keys(fs: fsspec.AbstractFileSystem, base: str, keys: list[str]) -> list[str]:
+    """The keys (relative to ``base``) that are neither Zarr metadata nor chunks of an array."""
+    arrays = set()
+    for key in keys:
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            try:
+                if json.loads(fs.cat_file(f"{base}/{key}")).get("node_type") == "array":
+                    arrays.add(key[: -len("zarr.json")])
+            except (ValueError, OSError):
+                pass
+    return [key for key in keys if not (key == "zarr.json" or key.endswith("/zarr.json")
+                                        or any(key.startswith(a + "c") for a in arrays))]
+
+
+class RunStore:
+    """A handle on one run's Zarr group. Cheap to open; open one per process."""
+
+    def __init__(self, group: zarr.Group, url: str) -> None:
+        self._group = group
+        self.url = url
+        self.manifest = Manifest.from_json(group.attrs[MARKER])
+
+    # -- creating and opening --------------------------------------------------------------
+
+    @staticmethod
+    def inspect_prefix(url: str) -> tuple[str, list[str]]:
+        """What is at ``url``: ``("empty", [])``, ``("ours", [])`` (a gig-dist store holding only
+        Zarr nodes and chunks), or ``("foreign", keys)`` with the keys that are not ours."""
+        fs, root = _fs(url)
+        if fs.isfile(root):
+            return "foreign", [root]
+        keys = [key[len(root) + 1:] for key in fs.find(root)] if fs.isdir(root) else []
+        if not keys:
+            return "empty", []
+        if "zarr.json" not in keys:
+            return "foreign", keys[:5]
+        try:
+            root_meta = json.loads(fs.cat_file(f"{root}/zarr.json"))
+        except (ValueError, OSError):
+            return "foreign", ["zarr.json (unreadable)"]
+        if root_meta.get("node_type") != "group" or MARKER not in root_meta.get("attributes", {}):
+            return "foreign", ["zarr.json (a Zarr " + str(root_meta.get("node_type")) + " without gig-dist's marker)"]
+        foreign = _foreign_keys(fs, root, keys)
+        return ("foreign", foreign[:5]) if foreign else ("ours", [])
+
+    @classmethod
+    def claim(cls, url: str, overwrite: bool) -> bool:
+        """Make ``url`` ready for a new store, or say that one is there to resume (True).
+
+        Deletes only a gig-dist store, and only with ``overwrite`` or when its creation was
+        interrupted; refuses anything else before touching it."""
+        kind, found = cls.inspect_prefix(url)
+        if kind == "empty":
+            return False
+        if kind == "foreign":
+            listed = ", ".join(found)
+            raise StoreError(
+                f"{url} holds data that is not a gig-dist run store ({listed}); refusing to write there, "
+                "with or without --overwrite. Choose an empty or new --out"
+            )
+        group = zarr.open_group(url, mode="r", use_consolidated=False)
+        state = group.attrs[MARKER].get("state")
+        if not overwrite and state == "ready":
+            return True
+        fs, root = _fs(url)
+        fs.rm(root, recursive=True)  # every key was checked to be ours
+        return False
+
+    @classmethod
+    def create(cls, url: str, manifest: Manifest, facts: Facts, paths: list[str], labels: np.ndarray) -> RunStore:
+        """A new store at ``url`` (which :meth:`claim` cleared): the marker first, then the image
+        index, then the manifest's ``ready`` state, the commit point of creation."""
+        from gig_dist.store.meta import index_specs
+
+        group = zarr.open_group(url, mode="w-")  # fails rather than replace anything
+        manifest = dataclasses.replace(manifest, format_version=FORMAT_VERSION, state="creating",
+                                       facts=facts.to_json())
+        group.attrs[MARKER] = manifest.to_json()
+        store = cls(group, url)
+        store.ensure_arrays("index", index_specs(facts))
+        store.meta.write_index(paths, labels)
+        store.manifest.state = "ready"
+        store.save_manifest()
+        return store
+
+    @classmethod
+    def open(cls, url: str, mode: str = "r") -> RunStore:
+        try:
+            group = zarr.open_group(url, mode=mode, use_consolidated=False)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            raise StoreError(f"no run store at {url}") from None
+        except (zarr.errors.NodeTypeValidationError, zarr.errors.ContainsArrayError):
+            raise StoreError(f"{url} is a Zarr array, not a gig-dist run store") from None
+        if MARKER not in group.attrs:
+            raise StoreError(f"{url} is a Zarr group, but not a gig-dist run store (it has no gig-dist marker)")
+        found = group.attrs[MARKER]
+        version = found.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{url} has store format {version}; this gig-dist reads format {FORMAT_VERSION}. "
+                             "Rerun it into a new --out")
+        if found.get("state") != "ready":
+            raise StoreError(f"{url} is a gig-dist run whose creation was interrupted; rerun the same command "
+                             "(or with --overwrite) to create it again")
+        return cls(group, url)
+
+    def save_manifest(self) -> None:
+        """Write the manifest (driver only: workers never change it)."""
+        self._group.attrs[MARKER] = self.manifest.to_json()
+
+    def consolidate(self) -> None:
+        """Consolidated metadata for readers (xarray, open_run). Any later manifest write drops it
+        again, so readers never see stale consolidated metadata."""
+        zarr.consolidate_metadata(self._group.store_path.store, path=self._group.store_path.path or None)
+
+    # -- layout facts ------------------------------------------------------------------------
+
+    @cached_property
+    def facts(self) -> Facts:
+        return Facts.from_json(self.manifest.facts)
+
+    @property
+    def num_images(self) -> int:
+        return self.facts.num_images
+
+    @property
+    def taps(self) -> dict[str, tuple[int, int, int]]:
+        return self.facts.taps
+
+    def units(self) -> list[ImageRange]:
+        return self.facts.units
+
+    def unit_slice(self, r: ImageRange) -> slice:
+        """The slice of one whole unit: writes of anything else could share a shard with another unit."""
+        if r not in self.units():
+            raise ValueError(f"{r} is not a work unit of this store; units are shard-aligned")
+        return slice(r.start, r.stop)
+
+    def unit_index(self, r: ImageRange) -> int:
+        self.unit_slice(r)
+        return r.start // self.facts.images_per_unit
+
+    def shard_ranges(self, path: str) -> list[ImageRange]:
+        """Image ranges of the shards (or chunks, when unsharded) of array ``path`` along axis 0."""
+        array = self.array(path)
+        step = (array.shards or array.chunks)[0]
+        return unit_ranges(array.shape[0], step)
+
+    # -- arrays ------------------------------------------------------------------------------
+
+    def array(self, path: str) -> zarr.Array:
+        """The array at ``path`` (for the section modules only)."""
+        try:
+            node = self._group[path]
+        except KeyError:
+            raise StoreError(f"{self.url} has no array {path}; has the stage that writes it run?") from None
+        return node
+
+    def has(self, path: str) -> bool:
+        return path in self._group
+
+    def members(self, path: str = "") -> Iterator[tuple[str, zarr.Array | zarr.Group]]:
+        node = self._group[path] if path else self._group
+        return node.members()
+
+    def attrs(self, path: str) -> dict[str, Any]:
+        return dict(self._group[path].attrs)
+
+    def set_attrs(self, path: str, **values: Any) -> None:
+        node = self._group.require_group(path) if path not in self._group else self._group[path]
+        node.attrs.update(json.loads(json.dumps(values)))
+
+    def create_array(self, spec: ArraySpec, owner: str) -> zarr.Array:
+        array = self._group.create_array(
+            spec.path, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
+            fill_value=spec.fill_value, compressors=ZstdCodec(level=spec.zstd_level), dimension_names=spec.dims,
+        )
+        array.attrs[MARKER] = {"owner": owner}
+        return array
+
+    def write_whole(self, path: str, values: np.ndarray, dims: tuple[str, ...], owner: str) -> None:
+        """A small array written at once (a fit's results), replacing one the same owner wrote."""
+        values = np.asarray(values)
+        if path in self._group:
+            self.delete(path, owner)
+        dtype = "str" if values.dtype.kind in "UO" else values.dtype.str
+        array = self.create_array(ArraySpec(path, values.shape, dtype, dims, values.shape or (), fill_value=(
+            "" if dtype == "str" else 0)), owner)
+        array[...] = values.astype(str) if dtype == "str" else values
+
+    def ensure_arrays(self, owner: str, specs: Iterable[ArraySpec]) -> None:
+        """Create the arrays of ``owner`` that do not exist; keep those that match their spec; grow
+        the growable ones; anything else is an error (its stage should have been redone)."""
+        for spec in specs:
+            if spec.path not in self._group:
+                self.create_array(spec, owner)
+                continue
+            array = self._group[spec.path]
+            if tuple(array.shape) == spec.shape:
+                continue
+            grows = all(new >= old for new, old in zip(spec.shape, array.shape))
+            if spec.growable and grows and array.ndim == len(spec.shape):
+                array.resize(spec.shape)
+                continue
+            raise StoreError(f"{self.url}: array {spec.path} is {tuple(array.shape)}, its stage now plans "
+                             f"{spec.shape}; rerun with --overwrite")
+
+    def delete(self, path: str, owner: str) -> None:
+        """Delete the node at ``path``, only if ``owner`` wrote it (or, for a group, everything in it)."""
+        if path not in self._group:
+            return
+        node = self._group[path]
+        arrays = [node] if isinstance(node, zarr.Array) else [n for _, n in node.members(max_depth=None)
+                                                               if isinstance(n, zarr.Array)]
+        strangers = [a.path for a in arrays if a.attrs.get(MARKER, {}).get("owner") != owner]
+        if strangers:
+            raise StoreError(f"{self.url}: refusing to delete {path}: {', '.join(strangers[:3])} not written by {owner}")
+        fs, root = _fs(self.url)
+        base = f"{root}/{path}"
+        inside = _foreign_keys(fs, base, [key[len(base) + 1:] for key in fs.find(base)])
+        if inside:
+            raise StoreError(f"{self.url}: refusing to delete {path}: it holds {', '.join(inside[:5])}, not ours")
+        del self._group[path]
+
+    # -- stages and work-unit progress ---------------------------------------------------------
+
+    def record(self, key: str) -> StageRecord | None:
+        return self.manifest.stages.get(key)
+
+    def owned_arrays(self, owner: str) -> list[str]:
+        """Paths of the arrays ``owner`` (a stage's key) created."""
+        return sorted(path for path, node in self._group.members(max_depth=None)
+                      if isinstance(node, zarr.Array) and node.attrs.get(MARKER, {}).get("owner") == owner)
+
+    def reset_stage(self, key: str, arrays: Iterable[str]) -> None:
+        """Forget a stage's results before redoing it: first the manifest says so, then its
+        progress and its arrays go."""
+        if key in self.manifest.stages:
+            self.manifest.stages[key].fingerprint = None
+            self.save_manifest()
+        for path in [f"progress/{key}", *arrays]:
+            self.delete(path, key)
+
+    def begin_stage(self, key: str, record: StageRecord) -> None:
+        """Create (or keep) the stage's progress array, then record its fingerprint."""
+        self.ensure_arrays(key, [ArraySpec(f"progress/{key}", (max(record.units, 1),), "uint8",
+                                           (f"unit_{key.replace('/', '_')}",), (1,), fill_value=0)])
+        self.manifest.stages[key] = record
+        self.save_manifest()
+
+    def finish_stage(self, key: str) -> None:
+        self.manifest.stages[key].finished = True
+        self.save_manifest()
+
+    def is_unit_done(self, key: str, unit: int) -> bool:
+        return bool(self._group[f"progress/{key}"][unit])
+
+    def done_units(self, key: str) -> np.ndarray:
+        if f"progress/{key}" not in self._group:
+            return np.zeros(0, dtype=bool)
+        return self._group[f"progress/{key}"][:].astype(bool)
+
+    def mark_unit_done(self, key: str, unit: int) -> None:
+        self._group[f"progress/{key}"][unit] = 1
+
+    # -- sections --------------------------------------------------------------------------------
+
+    @cached_property
+    def meta(self):
+        from gig_dist.store.meta import MetaSection
+
+        return MetaSection(self)
+
+    @cached_property
+    def samples(self):
+        from gig_dist.store.samples import SamplesSection
+
+        return SamplesSection(self)
+
+    def concepts(self, dictionary: str):
+        from gig_dist.store.concepts import ConceptsSection
+
+        return ConceptsSection(self, dictionary)
+
+    def codes(self, dictionary: str):
+        from gig_dist.store.codes import CodesSection
+
+        return CodesSection(self, dictionary)
+
+    def gig(self, dictionary: str):
+        from gig_dist.store.gig import GIGSection
+
+        return GIGSection(self, dictionary)
+
+    def dictionaries(self) -> list[str]:
+        """The dictionaries this run has concepts for."""
+        return [name for name, _ in self.members("concepts")] if self.has("concepts") else []
+
+    # -- summaries -------------------------------------------------------------------------
+
+    def describe_arrays(self) -> dict[str, dict[str, Any]]:
+        described = {}
+        for path, node in sorted(self._group.members(max_depth=None)):
+            if isinstance(node, zarr.Array):
+                described[path] = {
+                    "shape": list(node.shape),
+                    "dtype": str(node.dtype),
+                    "chunks": list(node.chunks),
+                    "shards": list(node.shards) if node.shards else None,
+                    "compressors": [type(c).__name__ for c in node.compressors],
+                    "stored_bytes": node.nbytes_stored(),
+                }
+        return described

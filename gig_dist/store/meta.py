@@ -1,0 +1,147 @@
+"""Section ``meta`` and ``pfv``: the image index, what extraction wrote of every image, and PFVs.
+
+    meta/path        (image,)            image path (``toy://seed/index/size`` for the toy world)
+    meta/label       (image,)            int64 label, -1 when unknown
+    meta/status      (image,)            uint8: 0 pending, 1 processed, 2 skipped
+    meta/skip_reason (image,)            why an image was skipped ('' otherwise)
+    meta/logits      (image, output)     float32 model outputs (NaN for skipped images)
+    meta/prediction  (image,)            int64 argmax of the logits (-1 for skipped images)
+    meta/part_mask   (image, mask_y, mask_x)  uint8 ground-truth part ids (toy world only)
+    pfv/<tap>        (image, position_<tap>, channel_<tap>)  PFVs, float16 by default; positions
+                                         row-major in (h, w); sharded by unit, chunked for reading
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from gig_dist.store.core import (PENDING, PROCESSED, SKIPPED, ArraySpec, Facts, ImageRange, RunStore,
+                                 per_image_spec)
+
+
+def index_specs(facts: Facts) -> list[ArraySpec]:
+    """The index, written when the store is created."""
+    return [per_image_spec(facts, "meta/path", (), "str", "", ()),
+            per_image_spec(facts, "meta/label", (), "int64", -1, ())]
+
+
+def extraction_specs(facts: Facts, pfv_dtype: str) -> list[ArraySpec]:
+    """Everything the extract stage writes."""
+    specs = [
+        per_image_spec(facts, "meta/status", (), "uint8", PENDING, ()),
+        per_image_spec(facts, "meta/skip_reason", (), "str", "", ()),
+        per_image_spec(facts, "meta/logits", (facts.num_outputs,), "float32", np.nan, ("output",)),
+        per_image_spec(facts, "meta/prediction", (), "int64", -1, ()),
+    ]
+    if facts.part_masks:
+        size = facts.input_size
+        specs.append(per_image_spec(facts, "meta/part_mask", (size, size), "uint8", 0, ("mask_y", "mask_x")))
+    for tap, (channels, height, width) in facts.taps.items():
+        positions = height * width
+        specs.append(ArraySpec(
+            f"pfv/{tap}", (facts.num_images, positions, channels), pfv_dtype,
+            ("image", f"position_{tap}", f"channel_{tap}"), (facts.images_per_chunk, positions, channels),
+            shards=(facts.images_per_unit, positions, channels), fill_value=np.nan, zstd_level=facts.zstd_level))
+    return specs
+
+
+class MetaSection:
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+
+    # -- the index -----------------------------------------------------------------------------
+
+    def write_index(self, paths: list[str], labels: np.ndarray) -> None:
+        for r in self.store.units():  # one unit at a time: each write covers whole chunks only
+            self.store.array("meta/path")[r.start : r.stop] = np.asarray(paths[r.start : r.stop], dtype=str)
+            self.store.array("meta/label")[r.start : r.stop] = labels[r.start : r.stop]
+
+    def read_index(self, r: ImageRange) -> tuple[list[str], np.ndarray]:
+        paths = [str(p) for p in self.store.array("meta/path")[r.start : r.stop]]
+        return paths, self.store.array("meta/label")[r.start : r.stop]
+
+    def path(self, image: int) -> str:
+        return str(self.store.array("meta/path")[image])
+
+    # -- extraction ------------------------------------------------------------------------------
+
+    def write_extraction(self, r: ImageRange, *, pfvs: Mapping[str, np.ndarray], logits: np.ndarray,
+                         status: np.ndarray, skip_reasons: list[str], part_masks: np.ndarray | None) -> None:
+        """All outputs of one extraction unit. ``r`` must be one whole unit (one shard)."""
+        sl = self.store.unit_slice(r)
+        for tap, values in pfvs.items():
+            # PFV chunks are never all fill value; skipping Zarr's per-chunk check makes writes ~1.4x faster.
+            self.store.array(f"pfv/{tap}").with_config({"write_empty_chunks": True})[sl] = values
+        self.store.array("meta/logits")[sl] = logits
+        prediction = np.where(status == PROCESSED, np.nan_to_num(logits, nan=-np.inf).argmax(axis=1), -1)
+        self.store.array("meta/prediction")[sl] = prediction
+        self.store.array("meta/skip_reason")[sl] = np.asarray(skip_reasons, dtype=str)
+        if part_masks is not None and self.store.has("meta/part_mask"):
+            self.store.array("meta/part_mask")[sl] = part_masks
+        self.store.array("meta/status")[sl] = status
+
+    def read_status(self, r: ImageRange) -> tuple[np.ndarray, np.ndarray]:
+        """Status and prediction of images ``r``."""
+        return self.store.array("meta/status")[r.start : r.stop], self.store.array("meta/prediction")[r.start : r.stop]
+
+    def read_logits(self, r: ImageRange) -> np.ndarray:
+        return self.store.array("meta/logits")[r.start : r.stop]
+
+    def read_part_masks(self, r: ImageRange) -> np.ndarray | None:
+        return self.store.array("meta/part_mask")[r.start : r.stop] if self.store.has("meta/part_mask") else None
+
+    def read_pfvs(self, tap: str, r: ImageRange) -> np.ndarray:
+        """PFVs (images, positions, channels) of ``tap`` for images ``r``."""
+        return self.store.array(f"pfv/{tap}")[r.start : r.stop]
+
+    def pfv_path(self, tap: str) -> str:
+        return f"pfv/{tap}"
+
+    # -- iERFs of requested PFVs ---------------------------------------------------------------------
+
+    def write_ierfs(self, name: str, requests: np.ndarray, maps: np.ndarray, kinds: list[str]) -> None:
+        """iERFs (M, H, W) of the PFVs ``requests`` (M, 3) = (image, tap index, position), under
+        ``ierf/<name>``, replacing any of that name; ``complete`` is set last."""
+        base = f"ierf/{name}"
+        if self.store.has(base):
+            self.store.set_attrs(base, complete=False)
+        self.store.write_whole(f"{base}/map", maps.astype(np.float32), ("request", "y", "x"), owner="ierf")
+        self.store.write_whole(f"{base}/request", requests.astype(np.int64), ("request", "field"), owner="ierf")
+        self.store.write_whole(f"{base}/kind", np.asarray(kinds, dtype=str), ("request",), owner="ierf")
+        self.store.set_attrs(base, taps=list(self.store.taps), complete=True)
+
+    # -- summaries ---------------------------------------------------------------------------------
+
+    def iter_status(self) -> Iterator[tuple[ImageRange, np.ndarray]]:
+        """The status one unit at a time (never the whole dataset at once)."""
+        if not self.store.has("meta/status"):
+            return
+        array = self.store.array("meta/status")
+        for r in self.store.units():
+            yield r, array[r.start : r.stop]
+
+    def image_counts(self) -> dict[str, int]:
+        counts = np.zeros(3, dtype=np.int64)
+        for _, block in self.iter_status():
+            counts += np.bincount(block, minlength=3)[:3]
+        if not self.store.has("meta/status"):
+            counts[PENDING] = self.store.num_images
+        return {"total": self.store.num_images, "processed": int(counts[PROCESSED]),
+                "skipped": int(counts[SKIPPED]), "pending": int(counts[PENDING])}
+
+    def skipped_images(self, limit: int | None = None) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for r, status in self.iter_status():
+            rows = np.flatnonzero(status == SKIPPED)
+            if rows.size == 0:
+                continue
+            paths, _ = self.read_index(r)
+            reasons = self.store.array("meta/skip_reason")[r.start : r.stop]
+            for row in rows:
+                found.append({"index": r.start + int(row), "path": paths[row], "reason": str(reasons[row])})
+                if limit is not None and len(found) >= limit:
+                    return found
+        return found
