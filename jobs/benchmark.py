@@ -89,7 +89,7 @@ def bare_forward(config: Config, repeats: int = 2) -> tuple[float, float]:
 def extraction(config: Config, out: Path, trace_driver: bool = False) -> tuple[float, float, float]:
     """Images/s of the extraction stage (store prepared beforehand), busy cores, and (Ray only,
     where no work runs in this process) the driver's peak Python allocation in MiB."""
-    store = pipeline.prepare(config, out, overwrite=True)
+    store = pipeline.prepare(config, out, overwrite=True).store
     runtime = pipeline.make_runtime(config)
     if trace_driver:
         tracemalloc.start()

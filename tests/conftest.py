@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,6 +21,10 @@ from gig_dist.config import Config, load_config
 # read the token from ~/.ray/auth_token; Ray reads the mode once, at import, so it is set here.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# `ray start` with token auth refuses to start without a token, and a fresh machine (CI) has no
+# ~/.ray/auth_token: give this test session a random one of its own, which every subprocess inherits.
+if "RAY_AUTH_TOKEN" not in os.environ and not (Path.home() / ".ray" / "auth_token").exists():
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 #: GIG on the first unit only, 4 target concepts, 8 steps: a few seconds instead of minutes.
@@ -44,12 +49,21 @@ TOY_BASE = (
 )
 
 
+def zgroup(store_or_url, mode: str = "r"):
+    """The run's Zarr group as plain zarr sees it (tests read the layout as a user of zarr would,
+    and damage it on purpose with ``mode="r+"``)."""
+    import zarr
+
+    url = store_or_url if isinstance(store_or_url, str) else store_or_url.url
+    return zarr.open_group(str(url), mode=mode, use_consolidated=False)
+
+
 def assert_stores_equal(url_a: str, url_b: str, float_rtol: float = 0.0) -> None:
     """Every array of two run stores holds the same values (NaN equal to NaN); floats bitwise,
     or within ``float_rtol`` relative (plus the same absolute amount near zero)."""
     import zarr
 
-    a, b = zarr.open_group(url_a, mode="r"), zarr.open_group(url_b, mode="r")
+    a, b = zgroup(url_a), zgroup(url_b)
     arrays_a = {p: n for p, n in a.members(max_depth=None) if isinstance(n, zarr.Array)}
     arrays_b = {p: n for p, n in b.members(max_depth=None) if isinstance(n, zarr.Array)}
     assert sorted(arrays_a) == sorted(arrays_b)

@@ -15,16 +15,23 @@ def test_embedded_default_end_to_end(tmp_path):
     """`gig-dist run` with no arguments, then `gig-dist inspect`: the README's first steps."""
     done = run_cli("run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "extract: 16/16 units run; 1024 images (0 skipped)" in done.stdout
-    assert "sample: 16/16 units run; 1024 images (0 skipped)" in done.stdout
+    lines = done.stdout.splitlines()
+    for stage in ("extract", "sample", "decompose"):
+        line = next(line for line in lines if line.startswith(f"{stage}: "))
+        assert line.startswith(f"{stage}: 16/16 units run in") and "1024 images (0 skipped" in line, line
     assert "toy world defaults: sample.per_image=24, decompose.lambda_rel=0.05, gig.images=64" in done.stdout
-    assert "concepts: 5/5 taps clustered" in done.stdout
-    assert "decompose: 16/16 units run; 1024 images (0 skipped)" in done.stdout
-    assert "attribute: 5/5 units run" in done.stdout and "reduce: 5/5 pairs reduced" in done.stdout
+    assert "bisecting_kmeans/concepts    new     5 units" in done.stdout  # the plan, before any work
+    assert any(line.startswith("concepts: 5/5 units run") for line in lines)
+    # 5 pairs x the first unit of 64 images; 5 pairs x 1 reduce block
+    assert any(line.startswith("attribute: 5/5 units run") for line in lines)
+    assert any(line.startswith("reduce: 5/5 units run") for line in lines)
     assert "warning" not in done.stderr  # the toy defaults give every concept enough members
     summary = json.loads(run_cli("inspect", str(tmp_path / "gig-dist-run.zarr"), "--json").stdout)
-    assert all(stage["complete"] for stage in summary["stages"].values()), summary["stages"]
-    assert list(summary["stages"]) == ["extract", "sample", "concepts", "decompose", "attribute", "reduce", "graphs"]
+    assert all(stage["complete"] and not stage["stale"] for stage in summary["stages"].values()), summary["stages"]
+    d = "bisecting_kmeans"
+    assert list(summary["stages"]) == ["extract", "sample", *(f"{d}/{name}" for name in (
+        "concepts", "decompose", "attribute", "reduce", "graphs"))]
+    summary.update(summary["dictionaries"][d])
     # GIG on the first 64 images (the toy default), 5 pairs, 32 midpoint steps: completeness holds
     # to under 1 % on average for every pair.
     assert {tuple(g["pair"]) for g in summary["gig"].values()} == {
@@ -48,11 +55,22 @@ def test_embedded_default_end_to_end(tmp_path):
         f"pfv/{t}" for t in ("layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1")
     }
     text = run_cli("inspect", str(tmp_path / "gig-dist-run.zarr")).stdout
-    assert "extract      complete" in text and "pfv/layer1.0" in text
+    assert "extract                      complete" in text and "pfv/layer1.0" in text
     assert "R^2 0.9" in text and "K 2048   from 24576 samples (12.0 per concept" in text
     assert "layer2.1 -> layer3.1   matrix (1024, 2048)" in text
     graph = run_cli("graph", str(tmp_path / "gig-dist-run.zarr"), "--class", "0")
     assert graph.returncode == 0 and graph.stdout.startswith("class 0") and "layer3.1:" in graph.stdout
+    # Readable by the ecosystem: xarray opens the whole run from its consolidated metadata.
+    import warnings
+
+    import xarray as xr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # xarray warns when consolidated metadata is missing
+        tree = xr.open_datatree(str(tmp_path / "gig-dist-run.zarr"), engine="zarr")
+    assert tree["pfv/layer3.1"].dims == ("image", "position_layer3.1", "channel_layer3.1")
+    assert tree[f"gig/{d}/layer3.1__logits/matrix"].dims == ("source_concept", "class")
+    assert tree[f"codes/{d}/layer3.1/index"].sizes == {"image": 1024, "position": 64, "slot": 32}
 
 
 def test_config_errors_exit_2_before_work(tmp_path):
@@ -90,6 +108,14 @@ def test_taps_lists_resnet50_blocks_without_weights_or_data():
 
 
 def test_config_prints_every_default():
+    import yaml
+
+    from gig_dist.config import load_config
+
     done = run_cli("config", "-o", "dataset.limit=5")
     assert done.returncode == 0
-    assert "limit: 5" in done.stdout and "images_per_unit: 64" in done.stdout
+    printed = yaml.safe_load(done.stdout)
+    expected = load_config(None, ["dataset.limit=5"]).to_dict()
+    assert printed == expected  # every section and key, with its default (and the one override)
+    assert printed["dataset"]["limit"] == 5 and printed["store"]["images_per_unit"] == 64
+    assert printed["concepts"]["method"] == "bisecting_kmeans" and printed["gig"]["steps"] == 32

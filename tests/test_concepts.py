@@ -15,9 +15,10 @@ from gig_dist.config import ConfigError
 from gig_dist.kernels.lasso import NonNegativeLassoCoder, objective
 from gig_dist.stages.base import UnitFailed
 from gig_dist.store import RunStore
-from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config
+from tests.conftest import zgroup, GIG_LIGHT_CLI, assert_stores_equal, toy_config
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
+D = "bisecting_kmeans"
 # 40 images in units of 16, K = C / 4 (16 to 64 concepts), 24 samples per image (the toy default).
 SMALL = ["-o", "dataset.toy.num_images=40", "-o", "store.images_per_unit=16", "-o", "store.images_per_chunk=4",
          "-o", "extract.batch_size=8", "-o", "runtime.progress=false", "-o", "runtime.device=cpu",
@@ -33,9 +34,9 @@ def run(tmp_path_factory):
 def test_concepts_are_unit_centroids_of_the_samples_with_their_split_tree(run):
     for tap, (channels, _, _) in run.taps.items():
         k = channels // 4
-        samples = np.concatenate(list(run.iter_samples(tap)))
+        samples = np.concatenate(list(run.samples.iter_valid(tap)))
         assert len(samples) == 40 * 24
-        group = run.group[f"concepts/{tap}"]
+        group = zgroup(run)[f"concepts/bisecting_kmeans/{tap}"]
         vectors, centers, size = group["vector"][...], group["center"][...], group["size"][...]
         assert vectors.shape == centers.shape == (k, channels) and size.sum() == len(samples)
         assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
@@ -50,7 +51,7 @@ def test_concepts_are_unit_centroids_of_the_samples_with_their_split_tree(run):
         assert len(tree["parent"]) == 2 * k - 1 and tree["size"][0] == len(samples)
         leaves = tree["leaf"] >= 0
         assert np.array_equal(tree["size"][leaves][np.argsort(tree["leaf"][leaves])], size)
-        fit = run.concept_fit(tap)
+        fit = run.concepts(D).fit(tap)
         assert fit["k"] == k and fit["samples"] == len(samples)
         assert fit["inertia"] == pytest.approx(tree["inertia"][leaves].sum())
         assert fit["inertia"] == pytest.approx(
@@ -58,14 +59,14 @@ def test_concepts_are_unit_centroids_of_the_samples_with_their_split_tree(run):
 
 
 def test_codes_are_the_lasso_solution_of_every_pfv_and_the_summary_recomputes(run):
-    for tap in run.code_taps:
-        V = run.read_concepts(tap)
+    for tap in run.codes(D).taps():
+        V = run.concepts(D).vectors(tap)
         k, channels = V.shape
         error = norm = l0 = count = 0.0
         total = np.zeros(channels)
         for r in run.units():
-            pfvs = run.read_pfvs(tap, r).astype(np.float32)
-            index, value = run.read_codes(tap, r)
+            pfvs = run.meta.read_pfvs(tap, r).astype(np.float32)
+            index, value = run.codes(D).read(tap, r)
             assert index.shape[:2] == pfvs.shape[:2] and index.shape[2] == 32
             assert ((index >= -1) & (index < k)).all() and (value >= 0).all() and (value[index < 0] == 0).all()
             assert (np.diff(value, axis=2) <= 0).all()  # slots by decreasing value
@@ -84,7 +85,7 @@ def test_codes_are_the_lasso_solution_of_every_pfv_and_the_summary_recomputes(ru
             lam = coder.penalties(x[:200])
             ours = objective(x[:200], V, dense[:200], lam)
             assert np.allclose(ours, objective(x[:200], V, coder.transform(x[:200]), lam), rtol=1e-5)
-        summary = run.code_summary(tap)
+        summary = run.codes(D).summary(tap, k)
         mean = total / count
         assert summary["pfvs"] == count and summary["mean_l0"] == pytest.approx(l0 / count)
         assert summary["l0_ratio"] == pytest.approx(l0 / count / k)
@@ -95,11 +96,11 @@ def test_codes_are_the_lasso_solution_of_every_pfv_and_the_summary_recomputes(ru
 def test_an_image_subset_and_a_tap_subset(tmp_path):
     store = RunStore.open(pipeline.run(
         toy_config("decompose.images=20", "decompose.taps=[layer3.1]"), tmp_path / "subset.zarr", until="decompose").url)
-    assert store.code_taps == ["layer3.1"] and "codes/layer1.0" not in store.group
-    index = store.group["codes/layer3.1/index"][...]
+    assert store.codes(D).taps() == ["layer3.1"] and "codes/bisecting_kmeans/layer1.0" not in zgroup(store)
+    index = zgroup(store)["codes/bisecting_kmeans/layer3.1/index"][...]
     # 20 images round up to 2 units of 16: images 0-31 decomposed, the last unit not.
     assert (index[:32, :, 0] >= 0).all() and (index[32:] == -1).all()
-    assert store.code_summary("layer3.1")["pfvs"] == 32 * 64
+    assert store.codes(D).summary("layer3.1", 64)["pfvs"] == 32 * 64
     again = pipeline.run(toy_config("decompose.images=20", "decompose.taps=[layer3.1]"), tmp_path / "subset.zarr",
                          until="decompose")
     assert [s.units_run for s in again.stages] == [0] * 4
@@ -110,7 +111,7 @@ def test_sigkill_during_decomposition_then_resume_equals_uninterrupted(run, tmp_
     env = dict(os.environ, GIG_DIST_FAILPOINT="decompose.before_commit:2")
     killed = subprocess.run([*CLI, "run", "--out", str(out), *SMALL], env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert zarr.open_array(str(out / "progress" / "decompose"), mode="r")[:].sum() == 1
+    assert zarr.open_array(str(out / "progress" / D / "decompose"), mode="r")[:].sum() == 1
     resumed = subprocess.run([*CLI, "run", "--out", str(out), *SMALL], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "decompose: 2/3 units run, 1 already done" in resumed.stdout
@@ -125,7 +126,7 @@ def test_more_concepts_than_samples_is_refused_before_any_work(tmp_path):
 
 def test_few_members_per_concept_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"layer3.1: K = 256 concepts from at most 960 samples leaves 3.8"):
-        pipeline.prepare(toy_config("concepts.k_multiplier=1"), tmp_path / "x.zarr")
+        pipeline.prepare(toy_config("concepts.k_multiplier=1"), tmp_path / "x.zarr").store
 
 
 @pytest.mark.parametrize(
@@ -148,13 +149,13 @@ def test_duplicate_samples_fewer_distinct_than_k_fail_naming_the_tap(tmp_path):
     # Uniform draws from a model whose taps are all-zero give identical samples: K = 16 concepts
     # cannot be made from one distinct PFV.
     config = toy_config("sample.method=uniform", "taps=[layer1.0]")
-    store = pipeline.prepare(config, tmp_path / "dup.zarr")
+    store = pipeline.prepare(config, tmp_path / "dup.zarr").store
     runtime = pipeline.make_runtime(config)
     from gig_dist.stages import ConceptsStage, ExtractStage, SampleStage
 
     runtime.run(ExtractStage(config, store.url))
     runtime.run(SampleStage(config, store.url))
-    vectors = store.group["samples/layer1.0/vector"]
+    vectors = zgroup(store, "r+")["samples/layer1.0/vector"]
     for r in store.units():
         vectors[r.start : r.stop] = np.zeros((len(r), 24, 64), np.float16)
     with pytest.raises(UnitFailed, match=r"concepts unit 0 \(tap layer1.0\) failed: tap layer1.0: cannot make 16 clusters"):
@@ -163,13 +164,13 @@ def test_duplicate_samples_fewer_distinct_than_k_fail_naming_the_tap(tmp_path):
 
 def test_nan_pfvs_stop_decomposition_naming_the_images(tmp_path):
     config = toy_config("taps=[layer3.1]")
-    store = pipeline.prepare(config, tmp_path / "nan.zarr")
+    store = pipeline.prepare(config, tmp_path / "nan.zarr").store
     runtime = pipeline.make_runtime(config)
     from gig_dist.stages import ConceptsStage, DecomposeStage, ExtractStage, SampleStage
 
     for stage in (ExtractStage, SampleStage, ConceptsStage):
         runtime.run(stage(config, store.url))
-    pfv = store.group["pfv/layer3.1"]
+    pfv = zgroup(store, "r+")["pfv/layer3.1"]
     block = pfv[16:32]
     block[3, 5, 7] = np.nan
     pfv[16:32] = block

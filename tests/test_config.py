@@ -2,6 +2,8 @@ import pytest
 
 from gig_dist.config import ConfigError, load_config
 
+pytestmark = pytest.mark.fast
+
 
 def test_embedded_default_is_the_toy_world():
     config = load_config()

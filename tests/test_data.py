@@ -13,7 +13,7 @@ from gig_dist.config import ConfigError
 from gig_dist.data.images import SkippedImage, open_rgb
 from gig_dist.data.sources import build_index
 from gig_dist.store import PROCESSED, SKIPPED, RunStore
-from tests.conftest import toy_config
+from tests.conftest import zgroup, toy_config
 
 
 def _noise(mode: str, size=(80, 60)) -> Image.Image:
@@ -110,10 +110,10 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(tmp_path):
     )
     report = pipeline.run(config, tmp_path / "run.zarr", until="sample")
     store = RunStore.open(report.url)
-    paths, labels = store.read_index(store.units()[0])
-    all_paths = [str(p) for p in store.group["meta/path"][:]]
-    status = store.group["meta/status"][:]
-    reasons = [str(r) for r in store.group["meta/skip_reason"][:]]
+    paths, labels = store.meta.read_index(store.units()[0])
+    all_paths = [str(p) for p in zgroup(store)["meta/path"][:]]
+    status = zgroup(store)["meta/status"][:]
+    reasons = [str(r) for r in zgroup(store)["meta/skip_reason"][:]]
     assert len(all_paths) == len(expected)
     for path, state, reason in zip(all_paths, status, reasons):
         fragment = expected[Path(path).name]
@@ -123,19 +123,19 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(tmp_path):
             assert state == SKIPPED and fragment in reason, (path, reason)
 
     bad = [n for n, r in expected.items() if r is not None]
-    counts = store.image_counts()
+    counts = store.meta.image_counts()
     assert counts == {"total": len(expected), "processed": len(expected) - len(bad), "skipped": len(bad), "pending": 0}
     assert [r.skipped for r in report.stages] == [len(bad), len(bad)]  # extract, sample
-    assert sorted(Path(s["path"]).name for s in store.skipped_images()) == sorted(bad)
+    assert sorted(Path(s["path"]).name for s in store.meta.skipped_images()) == sorted(bad)
 
-    logits = store.group["meta/logits"][:]
+    logits = zgroup(store)["meta/logits"][:]
     assert np.isfinite(logits[status == PROCESSED]).all() and np.isnan(logits[status == SKIPPED]).all()
-    assert (store.group["meta/prediction"][:][status == SKIPPED] == -1).all()
-    pfv = store.group["pfv/layer3.1"][:]
+    assert (zgroup(store)["meta/prediction"][:][status == SKIPPED] == -1).all()
+    pfv = zgroup(store)["pfv/layer3.1"][:]
     assert np.isnan(pfv[status == SKIPPED]).all() and np.isfinite(pfv[status == PROCESSED]).all()
     # ImageFolder labels follow sorted class folders: good = 0, odd = 1.
-    assert store.manifest["class_names"] == ["good", "odd"]
-    assert all((lab == 0) == ("/good/" in p) for p, lab in zip(all_paths, store.group["meta/label"][:]))
+    assert store.facts.class_names == ["good", "odd"]
+    assert all((lab == 0) == ("/good/" in p) for p, lab in zip(all_paths, zgroup(store)["meta/label"][:]))
 
 
 def test_missing_dataset_path_fails_before_any_work(tmp_path):
@@ -163,8 +163,8 @@ def test_filelist_with_labels_comments_and_relative_paths(tmp_path):
     assert index.paths == [str(tmp_path / "a.jpg"), str(tmp_path / "b c.jpg"), str(tmp_path / "missing.jpg")]
     assert index.labels.tolist() == [3, 5, -1]
     store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr", until="sample").url)
-    assert store.image_counts()["skipped"] == 1
-    assert store.skipped_images()[0]["reason"] == "file not found"
+    assert store.meta.image_counts()["skipped"] == 1
+    assert store.meta.skipped_images()[0]["reason"] == "file not found"
 
 
 def test_filelist_bad_label_names_the_line(tmp_path):

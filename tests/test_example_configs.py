@@ -6,6 +6,8 @@ from gig_dist.config import load_config
 from gig_dist.kernels.taps import resolve_taps
 from gig_dist.models.loading import build_model, resolve_transform
 
+pytestmark = pytest.mark.fast
+
 CONFIGS = sorted((Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
 
 

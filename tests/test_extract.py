@@ -18,8 +18,9 @@ from gig_dist.config import ConfigError
 from gig_dist.data.sources import ImageLoader
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.stages import ExtractStage, SampleStage, execute_unit
-from gig_dist.store import RunStore, StoreError
-from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config
+from gig_dist.stages.base import open_stage
+from gig_dist.store import FORMAT_VERSION, RunStore, StoreError
+from tests.conftest import zgroup, GIG_LIGHT_CLI, assert_stores_equal, toy_config
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 SMALL = ["-o", "dataset.toy.num_images=40", "-o", "store.images_per_unit=8", "-o", "store.images_per_chunk=4",
@@ -41,23 +42,23 @@ def test_pfvs_equal_a_direct_forward_pass(reference):
     config = toy_config(*SMALL_CONFIG)
     model = build_model(config.model)
     loader = ImageLoader(resolve_transform(config), 10**8, 1)
-    paths = [str(p) for p in store.group["meta/path"][:5]]
+    paths = [str(p) for p in zgroup(store)["meta/path"][:5]]
     x = torch.stack([loader.load(p).image for p in paths])
     with torch.no_grad():
         stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
         layer1 = model.layer1(stem)
         layer2_0 = model.layer2[0](layer1)
         logits = model(x)
-    stored = store.group["pfv/layer2.0"][:5].astype(np.float32)  # (N, H*W, C)
+    stored = zgroup(store)["pfv/layer2.0"][:5].astype(np.float32)  # (N, H*W, C)
     expected = layer2_0.permute(0, 2, 3, 1).reshape(5, 16 * 16, 128).numpy()
     # Extraction runs channels-last, which sums in another order: equal up to float16 rounding.
     assert np.allclose(stored, expected, rtol=2**-10, atol=1e-3)
     assert (stored > 0).mean() > 0.05  # post-ReLU PFVs, not all zero
-    assert np.allclose(store.group["meta/logits"][:5], logits.numpy(), atol=1e-5)
-    assert (store.group["meta/prediction"][:5] == logits.argmax(1).numpy()).all()
+    assert np.allclose(zgroup(store)["meta/logits"][:5], logits.numpy(), atol=1e-5)
+    assert (zgroup(store)["meta/prediction"][:5] == logits.argmax(1).numpy()).all()
     # The toy model classifies its world; the part masks are stored in input coordinates.
-    assert (store.group["meta/prediction"][:] == store.group["meta/label"][:]).mean() > 0.95
-    masks = store.group["meta/part_mask"][:5]
+    assert (zgroup(store)["meta/prediction"][:] == zgroup(store)["meta/label"][:]).mean() > 0.95
+    masks = zgroup(store)["meta/part_mask"][:5]
     assert masks.shape == (5, 64, 64) and (masks > 0).any(axis=(1, 2)).all()
 
 
@@ -65,33 +66,35 @@ def test_units_are_exactly_the_shards_of_every_array(reference):
     store = RunStore.open(reference)
     units = store.units()
     assert [(u.start, u.stop) for u in units] == [(s, s + 8) for s in range(0, 40, 8)]
-    arrays = [p for p, n in store.group.members(max_depth=None) if isinstance(n, zarr.Array)]
-    whole = ("/unit_", "/matrix", "/count", "/partial")  # per-unit stats, dataset matrices, per step range
-    per_image = [p for p in arrays if not p.startswith(("progress/", "concepts/", "graphs"))
+    arrays = [p for p, n in zgroup(store).members(max_depth=None) if isinstance(n, zarr.Array)]
+    # per-unit stats, dataset matrices and their per-block sums, per step range, class graphs
+    whole = ("/unit_", "/matrix", "/count", "/partial", "/graphs")
+    arrays = [p for p in arrays if "/block_" not in p]
+    per_image = [p for p in arrays if not p.startswith(("progress/", "concepts/"))
                  and not p.endswith(whole) and "/unit_" not in p]
-    assert "gig/layer1.0__layer2.1/edges/source" in per_image
+    assert "gig/bisecting_kmeans/layer1.0__layer2.1/edges/source" in per_image
     # GIG partial sums: (step ranges, images, ...), one chunk per step range and unit.
     for path in [p for p in arrays if p.endswith("/partial")]:
-        assert store.group[path].chunks[:2] == (1, 8), path
-    assert {"pfv/layer1.0", "meta/status", "codes/layer1.0/index", "samples/layer1.0/vector"} <= set(per_image)
+        assert zgroup(store)[path].chunks[:2] == (1, 8), path
+    assert {"pfv/layer1.0", "meta/status", "codes/bisecting_kmeans/layer1.0/index", "samples/layer1.0/vector"} <= set(per_image)
     for path in per_image:
         # Each unit covers exactly one shard (or chunk) of every array: one writer per shard.
         assert store.shard_ranges(path) == units, path
     # Per-unit statistics: one chunk per unit. Concepts are written whole by their tap's unit.
     for path in [p for p in arrays if "/unit_" in p]:
-        assert store.group[path].shape[0] == len(units) and store.group[path].chunks[0] == 1, path
+        assert zgroup(store)[path].shape[0] == len(units) and zgroup(store)[path].chunks[0] == 1, path
     stage = ExtractStage(toy_config(*SMALL_CONFIG), reference)
-    assert [(u.start, u.stop) for u in stage.plan(store)] == [(u.start, u.stop) for u in units]
+    assert [(u.start, u.stop) for u in stage.plan(store.facts)] == [(u.start, u.stop) for u in units]
 
 
 def test_writes_that_are_not_one_whole_unit_are_refused(reference, tmp_path):
     out = tmp_path / "copy.zarr"
-    pipeline.prepare(toy_config(*SMALL_CONFIG), out)
+    pipeline.prepare(toy_config(*SMALL_CONFIG), out).store
     store = RunStore.open(str(out), mode="r+")
     from gig_dist.store import ImageRange
 
     with pytest.raises(ValueError, match="not a work unit"):
-        store.write_extraction(ImageRange(4, 12), pfvs={}, logits=np.zeros((8, 8)), status=np.zeros(8),
+        store.meta.write_extraction(ImageRange(4, 12), pfvs={}, logits=np.zeros((8, 8)), status=np.zeros(8),
                                skip_reasons=[""] * 8, part_masks=None)
 
 
@@ -101,7 +104,7 @@ def _run_units(url: str, indices: list[int]) -> None:
     store = RunStore.open(url, mode="r+")
     for stage in (ExtractStage(config, url), SampleStage(config, url)):
         worker = stage.open_worker("cpu")
-        units = stage.plan(store)
+        units = stage.plan(store.facts)
         for i in indices:
             execute_unit(worker, store, units[i])
         worker.close()
@@ -109,7 +112,11 @@ def _run_units(url: str, indices: list[int]) -> None:
 
 def test_two_processes_writing_their_own_shards_lose_nothing(reference, tmp_path):
     out = tmp_path / "parallel.zarr"
-    url = pipeline.prepare(toy_config(*SMALL_CONFIG), out).url
+    config = toy_config(*SMALL_CONFIG)
+    store = pipeline.prepare(config, out).store
+    url = store.url
+    for stage in (ExtractStage(config, url), SampleStage(config, url)):
+        open_stage(stage, store)  # what a runtime does on the driver before handing out units
     ctx = multiprocessing.get_context("spawn")
     workers = [ctx.Process(target=_run_units, args=(url, part)) for part in ([0, 2, 4], [1, 3])]
     for w in workers:
@@ -167,11 +174,17 @@ def test_rerun_of_a_complete_run_does_nothing(reference, tmp_path):
     assert [(s.units_run, s.units_total) for s in report.stages] == [(0, 5)] * 6 + [(0, 1)]
 
 
-def test_resume_with_another_config_is_refused(reference):
-    with pytest.raises(ConfigError, match=r"another config \(extract.batch_size: 4 -> 8\)"):
-        pipeline.run(toy_config(*SMALL_CONFIG, "extract.batch_size=8"), reference)
-    # Execution-only settings may change between a run and its resumption.
-    pipeline.run(toy_config(*SMALL_CONFIG, "runtime.progress=true"), reference)
+def test_another_layout_is_refused_and_execution_settings_change_nothing(reference, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(reference, copy)
+    with pytest.raises(ConfigError, match=r"other store settings \(store.images_per_unit: 8 -> 16\)"):
+        pipeline.run(toy_config(*SMALL_CONFIG, "store.images_per_unit=16"), copy)
+    # Execution-only settings may change between a run and its resumption: every stage is kept.
+    report = pipeline.run(toy_config(*SMALL_CONFIG, "runtime.progress=true", "dataset.loader_threads=2"), copy)
+    assert [d.action for d in report.decisions] == ["keep"] * 7
+    assert_stores_equal(reference, str(copy))
 
 
 def test_a_moved_store_resumes_and_file_urls_are_local_paths(reference, tmp_path):
@@ -186,8 +199,8 @@ def test_a_moved_store_resumes_and_file_urls_are_local_paths(reference, tmp_path
 def test_runs_smaller_than_one_unit_and_fsspec_urls(tmp_path):
     report = pipeline.run(toy_config("dataset.toy.num_images=5"), "memory://tiny.zarr")
     store = RunStore.open(report.url)
-    assert report.url == "memory://tiny.zarr" and store.image_counts()["processed"] == 5
-    assert store.group["pfv/layer1.0"].shards[0] == 16 and store.group["pfv/layer1.0"].chunks[0] == 4
+    assert report.url == "memory://tiny.zarr" and store.meta.image_counts()["processed"] == 5
+    assert zgroup(store)["pfv/layer1.0"].shards[0] == 16 and zgroup(store)["pfv/layer1.0"].chunks[0] == 4
 
 
 def test_store_path_from_the_config(tmp_path):
@@ -204,18 +217,29 @@ def test_overwrite_discards_the_old_run(reference, tmp_path):
 
 def test_a_foreign_directory_is_never_overwritten(tmp_path):
     (tmp_path / "thesis.tex").write_text("years of work")
-    with pytest.raises(StoreError, match="not a run store; refusing"):
+    with pytest.raises(StoreError, match=r"not a gig-dist run store \(thesis.tex\); refusing"):
         pipeline.run(toy_config(*SMALL_CONFIG), tmp_path, overwrite=True)
     assert (tmp_path / "thesis.tex").read_text() == "years of work"
 
 
 def test_a_store_interrupted_during_creation_is_created_again(tmp_path):
     out = tmp_path / "run.zarr"
-    zarr.open_group(str(out), mode="w").create_array("pfv/layer1.0", shape=(4,), dtype="uint8")
-    with pytest.raises(StoreError, match="no manifest"):
+    group = zarr.open_group(str(out), mode="w")
+    group.attrs["gig_dist"] = {"format_version": FORMAT_VERSION, "state": "creating"}  # the marker comes first
+    group.create_array("meta/path", shape=(4,), dtype="uint8")
+    with pytest.raises(StoreError, match="creation was interrupted"):
         RunStore.open(str(out))
     report = pipeline.run(toy_config(*SMALL_CONFIG), out)
     assert RunStore.open(report.url).done_units("extract").all()
+
+
+def test_a_zarr_group_without_the_marker_is_refused_and_kept(tmp_path):
+    out = tmp_path / "foreign.zarr"
+    zarr.open_group(str(out), mode="w").create_array("r", shape=(4,), dtype="f8")
+    for overwrite in (False, True):
+        with pytest.raises(StoreError, match="without gig-dist's marker"):
+            pipeline.run(toy_config(*SMALL_CONFIG), out, overwrite=overwrite)
+    assert (out / "r" / "zarr.json").exists()
 
 
 def test_another_tools_zarr_array_is_not_a_store(tmp_path):
@@ -227,14 +251,16 @@ def test_another_tools_zarr_array_is_not_a_store(tmp_path):
 def test_inspect_json(reference):
     done = subprocess.run([*CLI, "inspect", reference, "--json"], capture_output=True, text=True, check=True)
     summary = json.loads(done.stdout)
+    d = "bisecting_kmeans/"
+    # GIG_LIGHT attributes the first unit only: 1 of the 5 attribute units, 5 pairs x 1 reduce block.
     assert summary["stages"] == {
-        "extract": {"complete": True, "units_done": 5, "units": 5},
-        "sample": {"complete": True, "units_done": 5, "units": 5},
-        "concepts": {"complete": True, "units_done": 5, "units": 5},
-        "decompose": {"complete": True, "units_done": 5, "units": 5},
-        "attribute": {"complete": True, "units_done": 5, "units": 5},
-        "reduce": {"complete": True, "units_done": 5, "units": 5},
-        "graphs": {"complete": True, "units_done": 1, "units": 1},
+        "extract": {"complete": True, "units_done": 5, "units": 5, "stale": []},
+        "sample": {"complete": True, "units_done": 5, "units": 5, "stale": []},
+        f"{d}concepts": {"complete": True, "units_done": 5, "units": 5, "stale": []},
+        f"{d}decompose": {"complete": True, "units_done": 5, "units": 5, "stale": []},
+        f"{d}attribute": {"complete": True, "units_done": 5, "units": 25, "stale": []},
+        f"{d}reduce": {"complete": True, "units_done": 5, "units": 5, "stale": []},
+        f"{d}graphs": {"complete": True, "units_done": 1, "units": 1, "stale": []},
     }
     assert summary["arrays"]["pfv/layer1.0"]["shape"] == [40, 1024, 64]
     assert summary["arrays"]["pfv/layer1.0"]["dtype"] == "float16"

@@ -8,6 +8,8 @@ from sklearn.linear_model import Lasso
 from gig_dist.kernels.kmeans import BisectingKMeans, concept_vectors
 from gig_dist.kernels.lasso import NonNegativeLassoCoder, objective
 
+pytestmark = pytest.mark.fast
+
 
 def pfv_like(n: int, channels: int, modes: int, seed: int = 0) -> np.ndarray:
     """Post-ReLU vectors around `modes` sparse non-negative centres of varied scale."""

@@ -8,6 +8,8 @@ from gig_dist.config import ConfigError, ModelConfig
 from gig_dist.models.loading import build_model, resolve_torchvision_weights
 from gig_dist.toy.model import ToyResNet
 
+pytestmark = pytest.mark.fast
+
 
 def _perturbed_toy_state():
     torch.manual_seed(1)

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from gig_dist import pipeline
-from gig_dist.stages import ExtractStage
+from gig_dist.stages import AttributeStage, ExtractStage
 from gig_dist.stages.base import UnitFailed
 from gig_dist.store import RunStore
-from tests.conftest import GIG_LIGHT, REPO, assert_stores_equal, toy_config
+from tests.conftest import zgroup, GIG_LIGHT, REPO, assert_stores_equal, toy_config
 
 # One torch thread in every worker, in-process and on Ray: thread count changes float summation
 # order, so bitwise equality across runtimes needs the same count (see runtime.torch_threads).
@@ -35,7 +35,7 @@ def test_ray_equals_in_process(ray_head, in_process, tmp_path):
     report = pipeline.run(ray_config(), tmp_path / "ray.zarr")
     assert [(s.stage, s.units_run, s.images, s.retries) for s in report.stages] == [
         ("extract", 5, 40, 0), ("sample", 5, 40, 0), ("concepts", 5, 0, 0), ("decompose", 5, 40, 0),
-        ("attribute", 5, 40, 0), ("reduce", 5, 0, 0), ("graphs", 1, 0, 0)]
+        ("attribute", 5, 40, 0), ("reduce", 5, 40, 0), ("graphs", 1, 0, 0)]
     assert_stores_equal(in_process, report.url)
 
 
@@ -73,8 +73,8 @@ def test_gig_split_by_steps_on_two_workers_with_one_killed_gives_the_same_matric
     # 2 concept pairs x 2 step ranges x 2 target chunks, 3 class pairs x 2 step ranges; one image unit.
     assert attribute.retries >= 1 and attribute.units_run == 2 * 2 * 2 + 3 * 2
     local, on_ray = RunStore.open(in_process), RunStore.open(report.url)
-    for key in local.gig_summary():
-        left, right = local.group[f"gig/{key}/matrix"][...], on_ray.group[f"gig/{key}/matrix"][...]
+    for key in local.gig("bisecting_kmeans").summary():
+        left, right = zgroup(local)[f"gig/bisecting_kmeans/{key}/matrix"][...], zgroup(on_ray)[f"gig/bisecting_kmeans/{key}/matrix"][...]
         assert np.abs(left - right).max() <= 1e-6 * np.abs(left).max(), key
 
 
@@ -101,7 +101,7 @@ def test_cli_with_ray_address(ray_head, in_process, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "extract: 5/5 units run" in done.stdout
-    assert RunStore.open(str(out)).manifest["config"]["runtime"]["kind"] == "ray"
+    assert RunStore.open(str(out)).manifest.config["runtime"]["kind"] == "ray"
     assert_stores_equal(in_process, str(out))
 
 
@@ -173,8 +173,24 @@ def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
     assert "[gpu]" in setup and "faiss-cpu" in setup
 
 
-def test_stage_objects_travel_to_actors():
-    import pickle
+def test_stage_objects_travel_to_actors(ray_head, tmp_path):
+    """A stage sent to another Ray process plans the same units and writes to the same store key."""
+    import ray
 
-    stage = ExtractStage(toy_config(), "/tmp/x.zarr")
-    assert pickle.loads(pickle.dumps(stage)).config == stage.config
+    config = toy_config("dataset.toy.num_images=20")
+    store = pipeline.prepare(config, tmp_path / "run.zarr").store
+    stage = AttributeStage(config, store.url)
+
+    @ray.remote(num_cpus=0)
+    def plan_there(stage, url):
+        import os
+
+        from gig_dist.store import RunStore
+
+        return os.getpid(), stage.progress_key, stage.plan(RunStore.open(url).facts), stage.config
+
+    pid, key, units, travelled = ray.get(plan_there.remote(stage, store.url))
+    import os
+
+    assert pid != os.getpid() and travelled == config
+    assert key == "bisecting_kmeans/attribute" and units == stage.plan(store.facts) and len(units) == 10

@@ -10,7 +10,7 @@ from gig_dist.kernels.sampling import draw_positions, grad_x_act
 from gig_dist.stages.ierf import compute_ierfs
 from gig_dist.store import SKIPPED, RunStore
 from gig_dist.toy.model import load_toy_model
-from tests.conftest import toy_config
+from tests.conftest import zgroup, toy_config
 
 
 def test_draws_are_distinct_and_follow_the_scores():
@@ -51,11 +51,11 @@ def test_grad_x_act_is_gradient_times_activation():
 
 def _on_object_rate(store: RunStore) -> dict[str, float]:
     """Share of sampled PFVs whose cell centre lies on an object pixel of the part mask."""
-    masks = store.group["meta/part_mask"][:]
+    masks = zgroup(store)["meta/part_mask"][:]
     size = masks.shape[-1]
     rates = {}
     for tap, (_, h, w) in store.taps.items():
-        positions = store.group[f"samples/{tap}/position"][:].reshape(len(masks), -1)
+        positions = zgroup(store)[f"samples/{tap}/position"][:].reshape(len(masks), -1)
         images = np.repeat(np.arange(len(masks)), positions.shape[1])
         flat = positions.reshape(-1)
         cy = ((flat // w + 0.5) * size / h).astype(int)
@@ -84,24 +84,24 @@ def test_srd_samples_fall_on_objects_far_more_often_than_uniform(sampled):
 def test_sampled_vectors_are_the_stored_pfvs(sampled):
     store = sampled["srd"]
     for tap in ("layer1.0", "layer3.1"):
-        positions = store.group[f"samples/{tap}/position"][:]
-        vectors = store.group[f"samples/{tap}/vector"][:]
-        pfvs = store.group[f"pfv/{tap}"][:]
+        positions = zgroup(store)[f"samples/{tap}/position"][:]
+        vectors = zgroup(store)[f"samples/{tap}/vector"][:]
+        pfvs = zgroup(store)[f"pfv/{tap}"][:]
         assert positions.shape == (256, 2) and (positions >= 0).all()
         assert (positions[:, 0] != positions[:, 1]).all()
         expected = pfvs[np.arange(256)[:, None], positions]
         assert np.array_equal(vectors, expected)
-        scores = store.group[f"relevance/{tap}"][:]
+        scores = zgroup(store)[f"samples/{tap}/relevance"][:]
         chosen = np.take_along_axis(scores, positions.astype(np.int64), axis=1)
         assert (chosen > 0).mean() > 0.95  # drawn where the relevance is positive
 
 
 def test_srd_relevance_maps_sum_to_the_predicted_logit(sampled):
     store = sampled["srd"]
-    logits = store.group["meta/logits"][:]
-    predicted = logits[np.arange(len(logits)), store.group["meta/prediction"][:]]
+    logits = zgroup(store)["meta/logits"][:]
+    predicted = logits[np.arange(len(logits)), zgroup(store)["meta/prediction"][:]]
     for tap in store.taps:
-        relevance = store.group[f"relevance/{tap}"][:]
+        relevance = zgroup(store)[f"samples/{tap}/relevance"][:]
         assert np.allclose(relevance.sum(1), predicted, rtol=1e-3, atol=1e-3)
 
 
@@ -111,10 +111,10 @@ def test_draws_do_not_depend_on_how_images_are_split_into_units(tmp_path):
     a = RunStore.open(pipeline.run(small, tmp_path / "a.zarr").url)
     b = RunStore.open(pipeline.run(large, tmp_path / "b.zarr").url)
     for tap in a.taps:
-        assert np.array_equal(a.group[f"samples/{tap}/position"][:], b.group[f"samples/{tap}/position"][:])
+        assert np.array_equal(zgroup(a)[f"samples/{tap}/position"][:], zgroup(b)[f"samples/{tap}/position"][:])
     other_seed = RunStore.open(pipeline.run(toy_config("dataset.toy.num_images=24", "sample.method=uniform",
                                                        "sample.seed=7"), tmp_path / "c.zarr").url)
-    assert not np.array_equal(a.group["samples/layer1.0/position"][:], other_seed.group["samples/layer1.0/position"][:])
+    assert not np.array_equal(zgroup(a)["samples/layer1.0/position"][:], zgroup(other_seed)["samples/layer1.0/position"][:])
 
 
 def test_skipped_images_get_no_samples(tmp_path):
@@ -127,8 +127,8 @@ def test_skipped_images_get_no_samples(tmp_path):
     (root / "broken.png").write_bytes(b"not a png")
     config = toy_config("dataset.kind=imagefolder", f"dataset.path={tmp_path / 'data'}")
     store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr", until="sample").url)
-    skipped = store.group["meta/status"][:] == SKIPPED
-    positions = store.group["samples/layer2.0/position"][:]
+    skipped = zgroup(store)["meta/status"][:] == SKIPPED
+    positions = zgroup(store)["samples/layer2.0/position"][:]
     assert skipped.sum() == 1 and (positions[skipped] == -1).all() and (positions[~skipped] >= 0).all()
     # The progress of a unit counts its skipped images too, so the bar ends at 100%.
     from gig_dist.stages import SampleStage
@@ -136,11 +136,11 @@ def test_skipped_images_get_no_samples(tmp_path):
     stage = SampleStage(config, store.url)
     worker = stage.open_worker("cpu")
     counted = []
-    unit = stage.plan(store)[0]
+    unit = stage.plan(store.facts)[0]
     worker.run(unit, counted.append)
     worker.close()
     assert sum(counted) == unit.size == 4
-    assert np.isnan(store.group["samples/layer2.0/vector"][:][skipped]).all()
+    assert np.isnan(zgroup(store)["samples/layer2.0/vector"][:][skipped]).all()
 
 
 def test_srd_sampling_on_a_tap_that_is_not_a_block_output_fails_before_work(tmp_path):
@@ -149,7 +149,7 @@ def test_srd_sampling_on_a_tap_that_is_not_a_block_output_fails_before_work(tmp_
     assert not (tmp_path / "run.zarr").exists()
     store = RunStore.open(pipeline.run(toy_config("taps=[layer1.0.conv2]", "sample.method=grad_x_act",
                                                   "dataset.toy.num_images=8"), tmp_path / "ok.zarr").url)
-    assert (store.group["samples/layer1.0.conv2/position"][:] >= 0).all()
+    assert (zgroup(store)["samples/layer1.0.conv2/position"][:] >= 0).all()
 
 
 def test_ierfs_of_given_pfvs_are_stored(sampled, tmp_path):
@@ -158,7 +158,7 @@ def test_ierfs_of_given_pfvs_are_stored(sampled, tmp_path):
     maps, kinds = compute_ierfs(toy_config("dataset.toy.num_images=256"), store.url, requests, name="test")
     assert kinds == ["srd"] * 3 and np.allclose(maps.sum((1, 2)), 1, atol=1e-4)
     again = RunStore.open(store.url)
-    assert np.array_equal(again.group["ierf/test/map"][:], maps)
-    assert again.group["ierf/test/request"][:].tolist() == [[0, 4, 10], [0, 0, 500], [7, 1, 3]]
+    assert np.array_equal(zgroup(again)["ierf/test/map"][:], maps)
+    assert zgroup(again)["ierf/test/request"][:].tolist() == [[0, 4, 10], [0, 0, 500], [7, 1, 3]]
     with pytest.raises(ValueError, match="position 5000 is outside layer1.0"):
         compute_ierfs(toy_config(), store.url, [(0, "layer1.0", 5000)])

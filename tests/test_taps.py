@@ -5,6 +5,8 @@ import torchvision
 from gig_dist.kernels.taps import TapError, capture, pfvs, probe_model, resolve_taps, tap_shapes
 from gig_dist.toy.model import ToyResNet
 
+pytestmark = pytest.mark.fast
+
 RESNET50_STAGES = {"layer1": (256, 56, 3), "layer2": (512, 28, 4), "layer3": (1024, 14, 6), "layer4": (2048, 7, 3)}
 RESNET18_STAGES = {"layer1": (64, 56, 2), "layer2": (128, 28, 2), "layer3": (256, 14, 2), "layer4": (512, 7, 2)}
 

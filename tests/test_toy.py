@@ -1,9 +1,12 @@
 import numpy as np
+import pytest
 import torch
 
 from gig_dist.toy.model import ToyResNet, load_toy_model
 from gig_dist.toy.train import heldout_accuracy
 from gig_dist.toy.world import CLASSES, NUM_PARTS, render, render_batch, toy_label
+
+pytestmark = pytest.mark.fast
 
 
 def test_images_are_a_pure_function_of_seed_and_index():

@@ -148,11 +148,14 @@ class GIGResult:
 
     @property
     def gap(self) -> torch.Tensor:
-        """The relative completeness gap per target, ``|total - delta| / |delta|`` (needs the
-        endpoints; NaN where delta is 0)."""
+        """The relative completeness gap per target (``kernels.metrics.completeness_gap``: NaN
+        where delta is 0); needs the endpoints."""
+        from gig_dist.kernels.metrics import completeness_gap
+
         if self.delta is None:
             raise GIGError("the completeness gap needs attribute(..., endpoints=True)")
-        return (self.total - self.delta).abs() / self.delta.abs()
+        return torch.from_numpy(completeness_gap(self.total.detach().cpu().numpy(),
+                                                 self.delta.detach().cpu().numpy()))
 
 
 def reconstruct(index: torch.Tensor, value: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:

@@ -473,6 +473,11 @@ class RunStore:
 
         return GIGSection(self, dictionary)
 
+    def section(self, prefix: str) -> Section:
+        """A plain per-image section at ``prefix`` for a stage whose family has no module of its
+        own yet (a new stage's first version): its arrays are ``<prefix>/<name>``."""
+        return Section(self, prefix)
+
     def dictionaries(self) -> list[str]:
         """The dictionaries this run has concepts for."""
         return [name for name, _ in self.members("concepts")] if self.has("concepts") else []
@@ -492,3 +497,20 @@ class RunStore:
                     "stored_bytes": node.nbytes_stored(),
                 }
         return described
+
+
+class Section:
+    """Rows of per-image arrays under one prefix: specs, whole-unit writes and reads."""
+
+    def __init__(self, store: RunStore, prefix: str) -> None:
+        self.store = store
+        self.prefix = prefix.strip("/")
+
+    def spec(self, name: str, tail: tuple[int, ...], dtype: str, fill: Any, dims: tuple[str, ...] = ()) -> ArraySpec:
+        return per_image_spec(self.store.facts, f"{self.prefix}/{name}", tail, dtype, fill, dims)
+
+    def write(self, name: str, r: ImageRange, values: np.ndarray) -> None:
+        self.store.array(f"{self.prefix}/{name}")[self.store.unit_slice(r)] = values
+
+    def read(self, name: str, r: ImageRange) -> np.ndarray:
+        return self.store.array(f"{self.prefix}/{name}")[r.start : r.stop]

@@ -1,0 +1,166 @@
+"""The store package on its own: ownership and foreign data, specs, the manifest; the shared
+statistics; the dictionary interface. Fast: no model runs here."""
+
+import json
+
+import fsspec
+import numpy as np
+import pytest
+import zarr
+from sklearn.base import clone
+
+from gig_dist.kernels.dictionary import DICTIONARIES, BisectingKMeansDictionary, NotFittedError, make_dictionary
+from gig_dist.kernels.metrics import completeness_gap, gap_summary, reconstruction_stats, reconstruction_summary
+from gig_dist.store import ArraySpec, Facts, Manifest, RunStore, StageRecord, StoreError
+
+pytestmark = pytest.mark.fast
+
+FACTS = Facts(num_images=10, images_per_unit=4, images_per_chunk=2, zstd_level=1, taps={"t": (3, 2, 2)},
+              num_outputs=5, class_names=["a", "b"], input_size=8)
+
+
+def make_store(url: str) -> RunStore:
+    assert not RunStore.claim(url, overwrite=False)
+    return RunStore.create(url, Manifest(0, "creating", config={"x": 1}), FACTS, [f"p{i}" for i in range(10)],
+                           np.arange(10) % 2)
+
+
+def test_create_marks_first_and_reopens_with_a_typed_manifest(tmp_path):
+    store = make_store(str(tmp_path / "run.zarr"))
+    again = RunStore.open(store.url)
+    assert again.manifest.state == "ready" and again.manifest.config == {"x": 1}
+    assert again.facts == FACTS and again.units()[-1].stop == 10
+    assert again.meta.read_index(again.units()[1]) == (["p4", "p5", "p6", "p7"], pytest.approx([0, 1, 0, 1]))
+    assert RunStore.claim(store.url, overwrite=False) is True  # a ready store is resumed, not replaced
+    manifest = Manifest.from_json(json.loads(json.dumps(again.manifest.to_json())))
+    assert manifest == again.manifest
+
+
+@pytest.mark.parametrize("prefix", ["memory://bucket/prefix", "local"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_foreign_keys_under_a_prefix_are_refused_and_kept(tmp_path, prefix, overwrite):
+    url = str(tmp_path / "prefix") if prefix == "local" else f"{prefix}-{overwrite}"
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe(f"{root}/USER_DATA.csv", b"keep,me\n")
+    with pytest.raises(StoreError, match=r"not a gig-dist run store \(USER_DATA.csv\)"):
+        RunStore.claim(url, overwrite)
+    assert fs.cat_file(f"{root}/USER_DATA.csv") == b"keep,me\n"
+
+
+@pytest.mark.parametrize("where", ["memory://bucket/ours", "local"])
+def test_overwrite_of_a_store_holding_a_foreign_key_deletes_nothing(tmp_path, where):
+    url = str(tmp_path / "run.zarr") if where == "local" else where
+    store = make_store(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe(f"{root}/meta/NOTES.txt", b"mine")
+    kind, found = RunStore.inspect_prefix(url)
+    assert kind == "foreign" and found == ["meta/NOTES.txt"]
+    with pytest.raises(StoreError, match="meta/NOTES.txt"):
+        RunStore.claim(url, overwrite=True)
+    assert fs.cat_file(f"{root}/meta/NOTES.txt") == b"mine" and RunStore.open(store.url).num_images == 10
+
+
+def test_overwrite_of_our_own_store_starts_afresh_on_memory(tmp_path):
+    url = "memory://bucket/fresh"
+    make_store(url)
+    assert RunStore.claim(url, overwrite=True) is False
+    assert RunStore.inspect_prefix(url) == ("empty", [])
+
+
+def test_a_finished_runs_subgroup_is_not_a_store(tmp_path):
+    store = make_store(str(tmp_path / "run.zarr"))
+    with pytest.raises(StoreError, match="without gig-dist's marker"):
+        RunStore.claim(f"{store.url}/meta", overwrite=True)
+    assert RunStore.open(store.url).meta.read_index(store.units()[0])[0] == ["p0", "p1", "p2", "p3"]
+
+
+def test_arrays_are_deleted_only_by_their_owner_and_only_whole(tmp_path):
+    store = make_store(str(tmp_path / "run.zarr"))
+    spec = ArraySpec("extra/values", (10, 3), "float32", ("image", "channel"), (4, 3), fill_value=0.0)
+    store.ensure_arrays("mine", [spec])
+    store.ensure_arrays("mine", [spec])  # idempotent
+    with pytest.raises(StoreError, match="not written by other"):
+        store.delete("extra/values", "other")
+    (tmp_path / "run.zarr" / "extra" / "values" / "README").write_text("a user's note")
+    with pytest.raises(StoreError, match="README, not ours"):
+        store.delete("extra/values", "mine")
+    (tmp_path / "run.zarr" / "extra" / "values" / "README").unlink()
+    store.delete("extra/values", "mine")
+    assert not store.has("extra/values")
+
+
+def test_specs_become_arrays_with_dimension_names_and_grow_only_when_allowed(tmp_path):
+    store = make_store(str(tmp_path / "run.zarr"))
+    grow = ArraySpec("g/a", (10, 2), "int32", ("image", "slot"), (4, 2), fill_value=-1, growable=True)
+    fixed = ArraySpec("g/b", (10, 2), "int32", ("image", "slot"), (4, 2), fill_value=-1)
+    store.ensure_arrays("s", [grow, fixed])
+    section = store.section("g")
+    section.write("a", store.units()[0], np.ones((4, 2), dtype=np.int32))
+    with pytest.raises(ValueError, match="not a work unit"):
+        section.write("a", store.units()[0].__class__(1, 5), np.ones((4, 2), dtype=np.int32))
+    store.ensure_arrays("s", [ArraySpec("g/a", (10, 5), "int32", ("image", "slot"), (4, 5), fill_value=-1,
+                                        growable=True)])
+    assert section.read("a", store.units()[0]).tolist() == [[1, 1, -1, -1, -1]] * 4
+    with pytest.raises(StoreError, match="rerun with --overwrite"):
+        store.ensure_arrays("s", [ArraySpec("g/b", (10, 5), "int32", ("image", "slot"), (4, 5))])
+    assert zarr.open_array(store.url + "/g/a", mode="r").metadata.dimension_names == ("image", "slot")
+
+
+def test_reset_stage_clears_the_record_before_the_arrays(tmp_path):
+    store = make_store(str(tmp_path / "run.zarr"))
+    store.ensure_arrays("s", [ArraySpec("s/x", (10,), "int8", ("image",), (4,))])
+    store.begin_stage("s", StageRecord("abc", units=3))
+    store.mark_unit_done("s", 1)
+    assert store.done_units("s").tolist() == [False, True, False]
+    store.reset_stage("s", store.owned_arrays("s"))
+    reopened = RunStore.open(store.url)
+    assert reopened.record("s").fingerprint is None and not reopened.has("s/x") and len(reopened.done_units("s")) == 0
+
+
+def test_completeness_gap_is_relative_and_undefined_without_change():
+    gap = completeness_gap(np.array([1.1, 2.0, 5.0, np.nan]), np.array([1.0, 0.0, np.nan, 1.0]))
+    assert gap[0] == pytest.approx(0.1) and np.isnan(gap[1:]).all()
+    assert gap_summary(gap) == {"targets": 1, "mean_gap": pytest.approx(0.1), "median_gap": pytest.approx(0.1),
+                                "max_gap": pytest.approx(0.1)}
+    assert gap_summary(np.array([np.nan]))["mean_gap"] is None
+
+
+def test_r2_from_unit_statistics_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    dictionary = np.eye(4, dtype=np.float32)
+    x = np.abs(rng.normal(size=(12, 4))).astype(np.float32)
+    index = np.argsort(-x, axis=1)[:, :2].astype(np.int32)  # keep the two largest channels
+    value = np.take_along_axis(x, index, 1)
+    units = [reconstruction_stats(x[s : s + 6], index[s : s + 6], value[s : s + 6], dictionary,
+                                  np.full(6, 2), 2, 2) for s in (0, 6)]
+    summary = reconstruction_summary(np.stack([u[0] for u in units]), np.stack([u[1] for u in units]), 4)
+    kept = np.zeros_like(x)
+    np.put_along_axis(kept, index, value, 1)
+    expected = 1 - ((x - kept) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert summary["r2"] == pytest.approx(expected, rel=1e-6) and summary["mean_l0"] == 2 and summary["pfvs"] == 12
+
+
+def test_dictionary_interface_follows_the_estimator_contract():
+    rng = np.random.default_rng(1)
+    X = np.abs(rng.normal(size=(300, 8))).astype(np.float32)
+    dictionary = make_dictionary("bisecting_kmeans", n_concepts=6, lambda_rel=0.05)
+    with pytest.raises(NotFittedError):
+        dictionary.encode(X)
+    with pytest.raises(NotFittedError):
+        dictionary.decode(np.zeros((1, 1), dtype=np.int32), np.zeros((1, 1)))
+    assert dictionary.fit(X) is dictionary
+    assert dictionary.dictionary_.shape == (6, 8)
+    assert np.allclose(np.linalg.norm(dictionary.dictionary_, axis=1), 1, atol=1e-5)
+    assert len(dictionary.tree_.parent) == 11
+    index, value = dictionary.encode(X)
+    X_hat = dictionary.decode(index, value)
+    assert X_hat.shape == X.shape and ((X - X_hat) ** 2).sum() < ((X - X.mean(0)) ** 2).sum()
+    # Rebuilt from its stored arrays, with the encode parameters of another stage: the same codes.
+    again = BisectingKMeansDictionary.from_arrays(dictionary.fitted_arrays(), lambda_rel=0.05)
+    assert all(np.array_equal(a, b) for a, b in zip(again.encode(X), (index, value)))
+    params = dictionary.get_params()
+    assert params["n_concepts"] == 6 and clone(dictionary).set_params(seed=3).get_params()["seed"] == 3
+    assert set(DICTIONARIES) == {"bisecting_kmeans"}
+    with pytest.raises(ValueError, match="unknown dictionary 'sae'"):
+        make_dictionary("sae")
