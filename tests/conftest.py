@@ -54,7 +54,7 @@ def zgroup(store_or_url, mode: str = "r"):
     and damage it on purpose with ``mode="r+"``)."""
     import zarr
 
-    url = store_or_url if isinstance(store_or_url, str) else store_or_url.url
+    url = store_or_url if isinstance(store_or_url, (str, os.PathLike)) else store_or_url.url
     return zarr.open_group(str(url), mode=mode, use_consolidated=False)
 
 

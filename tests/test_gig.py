@@ -56,6 +56,7 @@ class _Head(nn.Module):
         return out if self.readout == LOGITS else out.sum(dim=(2, 3))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("source", "target", "goal"), [("layer2.1", LOGITS, 3), ("layer2.0", "layer3.1", 17)])
 def test_identity_dictionary_equals_captum_layer_integrated_gradients(source, target, goal):
     model, activation = toy_activation(source)
@@ -73,6 +74,7 @@ def test_identity_dictionary_equals_captum_layer_integrated_gradients(source, ta
     assert np.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max()), np.abs(ours - theirs).max()
 
 
+@pytest.mark.fast
 def test_completeness_on_the_toy_model_and_step_ranges_add_up():
     model, activation = toy_activation("layer2.1")
     pfvs = activation[0].reshape(128, -1).T.numpy()
@@ -95,6 +97,7 @@ def test_completeness_on_the_toy_model_and_step_ranges_add_up():
     assert torch.allclose(sum(parts), full.attribution, rtol=1e-5, atol=1e-7 * full.attribution.abs().max())
 
 
+@pytest.mark.fast
 def test_completeness_on_resnet50_with_random_weights():
     torch.manual_seed(0)
     model = build_model(toy_config("model.name=resnet50", "model.weights=none").model)
@@ -124,6 +127,7 @@ def test_completeness_on_resnet50_with_random_weights():
     assert max(gaps) < 0.01, gaps
 
 
+@pytest.mark.fast
 def test_jacobian_route_for_more_targets_than_channels_agrees():
     model, activation = toy_activation("layer2.1")
     index, value = identity_codes(activation[0])
@@ -134,6 +138,7 @@ def test_jacobian_route_for_more_targets_than_channels_agrees():
     assert torch.allclose(many[::37], few, rtol=1e-4, atol=1e-6 * few.abs().max())
 
 
+@pytest.mark.fast
 def test_kernel_refuses_bad_input():
     model, activation = toy_activation("layer2.1")
     index, value = identity_codes(activation[0])
@@ -152,6 +157,7 @@ def test_kernel_refuses_bad_input():
         GIG(model, "layer2.1", LOGITS, torch.eye(64), (128, 16, 16))
 
 
+@pytest.mark.fast
 def test_models_without_block_structure_run_whole_with_the_tap_replaced():
     from torchvision.models import mobilenet_v3_small
 
@@ -169,6 +175,7 @@ def test_models_without_block_structure_run_whole_with_the_tap_replaced():
     assert gap < 0.05
 
 
+@pytest.mark.fast
 def test_default_pairs_are_consecutive_stage_outputs_and_each_to_the_logits():
     taps = ["layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1"]
     assert stage_outputs(taps) == ["layer1.0", "layer2.1", "layer3.1"]

@@ -12,6 +12,8 @@ from gig_dist.kernels.ierf import gradient_ierf, ierf
 from gig_dist.kernels.srd import SRD, SRDUnsupported
 from gig_dist.toy.model import ToyResNet, load_toy_model
 
+pytestmark = pytest.mark.fast
+
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BN statistics and affine terms, so folded biases and scales are far from trivial."""

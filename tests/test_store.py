@@ -164,3 +164,16 @@ def test_dictionary_interface_follows_the_estimator_contract():
     assert set(DICTIONARIES) == {"bisecting_kmeans"}
     with pytest.raises(ValueError, match="unknown dictionary 'sae'"):
         make_dictionary("sae")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_run_on_a_memory_prefix_with_foreign_keys_refuses_and_deletes_nothing(overwrite):
+    from gig_dist import pipeline
+    from tests.conftest import toy_config
+
+    url = f"memory://bucket/user-{overwrite}"
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe(f"{root}/USER_DATA.csv", b"precious\n")
+    with pytest.raises(StoreError, match="USER_DATA.csv"):
+        pipeline.run(toy_config("dataset.toy.num_images=4"), url, overwrite=overwrite)
+    assert fs.find(root) == [f"{root}/USER_DATA.csv"] and fs.cat_file(f"{root}/USER_DATA.csv") == b"precious\n"

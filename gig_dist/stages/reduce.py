@@ -69,11 +69,11 @@ class ReduceStage(Stage):
             shape = gig.matrix_shape(pair)
             matrix, count = np.zeros(shape), np.zeros(shape[1], dtype=np.int64)
             images, gaps = 0, []
-            for unit in blocks:
+            for unit in blocks:  # in block order: the fixed second level of the tree
                 block_matrix, block_count = gig.read_block(pair, unit.index % len(self.blocks(store.facts)))
                 matrix += block_matrix
                 count += block_count
-            for r in self._units_of(store, blocks):
+            for r in self.store_units_in(store, blocks):
                 status, _ = store.meta.read_status(r)
                 images += int((status == PROCESSED).sum())
                 gaps.append(gig.read_reduced(pair, r)["gap"].ravel())
@@ -85,7 +85,8 @@ class ReduceStage(Stage):
                 "images": images, **gap_summary(np.concatenate(gaps) if gaps else np.zeros(0)),
                 "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1]})
 
-    def _units_of(self, store: RunStore, blocks: list[WorkUnit]) -> list[ImageRange]:
+    def store_units_in(self, store: RunStore, blocks: list[WorkUnit]) -> list[ImageRange]:
+        """The store units of ``blocks`` that ``gig.images`` covers, in image order."""
         limit = self.config.gig.images
         return [r for b in blocks for r in store.units()
                 if b.start <= r.start < b.stop and (limit is None or r.start < limit)]
@@ -104,7 +105,7 @@ class ReduceWorker(StageWorker):
         matrix = np.zeros(self.gig.matrix_shape(pair))
         count = np.zeros(matrix.shape[1], dtype=np.int64)
         images = 0
-        for r in self.stage._units_of(self.store, [unit]):
+        for r in self.stage.store_units_in(self.store, [unit]):
             images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, matrix, count)
         self.gig.write_block(pair, block, matrix, count)
         if progress is not None:
