@@ -42,7 +42,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.overrides = ["runtime.kind=ray", f"runtime.address={args.ray_address}", *args.overrides]
     config = _config(args)
     if config.dataset.kind == "toy":
-        from gig_dist.config import TOY_GIG_IMAGES, TOY_LAMBDA_REL, TOY_SAMPLES_PER_IMAGE
+        from gig_dist.config import (
+            TOY_GIG_IMAGES,
+            TOY_LAMBDA_REL,
+            TOY_SAMPLES_PER_IMAGE,
+        )
 
         toy = {"sample.per_image": (config.sample.per_image, TOY_SAMPLES_PER_IMAGE),
                "decompose.lambda_rel": (config.decompose.lambda_rel, TOY_LAMBDA_REL),

@@ -6,6 +6,10 @@ run. ``-o key=value`` overrides on the command line address nested keys with dot
 
 Errors name the key and the value: ``dataset.stride = 0: Input should be greater than or equal
 to 1``; an unknown key suggests the closest valid one.
+
+The run's inputs (model, dataset, transform, taps) and its execution (store, runtime) are
+configured here; each stage's own section lives in its module (``extract``, ``sample``,
+``concepts``, ``decompose``, and ``gig`` in ``stages/attribute.py``) and is assembled below.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from gig_dist.settings import ConfigError, Section
 
 #: Samples per image and tap for the toy world (the paper's 1 is for ImageNet's 50,000 images).
 TOY_SAMPLES_PER_IMAGE = 24
@@ -29,15 +34,7 @@ TOY_LAMBDA_REL = 0.05
 TOY_GIG_IMAGES = 64
 
 
-class ConfigError(ValueError):
-    """A config that cannot run, with a message that names the key and value at fault."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     #: ``toy`` (the embedded model) or any torchvision classifier name, e.g. ``resnet50``.
     name: str = "toy"
     #: ``shipped`` (toy default), a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``), a
@@ -47,13 +44,13 @@ class ModelConfig(_Section):
     num_classes: int | None = Field(default=None, ge=1)
 
 
-class ToyWorldConfig(_Section):
+class ToyWorldConfig(Section):
     num_images: int = Field(default=1024, ge=1)
     seed: int = 0
     image_size: int = Field(default=64, ge=16, le=512)
 
 
-class DatasetConfig(_Section):
+class DatasetConfig(Section):
     #: ``toy`` (generated, with part masks), ``imagefolder`` (``root/<class>/<image>``, e.g.
     #: ImageNet's ``val/<wnid>/*.JPEG``) or ``filelist`` (a text file of ``path[,label]`` lines).
     kind: Literal["toy", "imagefolder", "filelist"] = "toy"
@@ -74,7 +71,7 @@ class DatasetConfig(_Section):
         return self
 
 
-class TransformConfig(_Section):
+class TransformConfig(Section):
     """Input transform for image files. ``None`` values take the model's own defaults
     (torchvision weights' transforms, or the toy world's size and statistics)."""
 
@@ -90,123 +87,7 @@ class TransformConfig(_Section):
         return self
 
 
-class ExtractConfig(_Section):
-    batch_size: int = Field(default=32, ge=1)
-    dtype: Literal["float16", "float32"] = "float16"
-
-
-class SampleConfig(_Section):
-    """PFV sampling for concept discovery (method.md section 3)."""
-
-    #: ``srd``: probability proportional to max(R_p, 0), the SRD relevance of the predicted class
-    #: (ResNet-style models); ``grad_x_act``: to max(<dy_c/da_p, a_p>, 0), any model;
-    #: ``uniform``. Where every score is <= 0, an image's PFVs are drawn uniformly.
-    method: Literal["srd", "grad_x_act", "uniform"] = "srd"
-    #: PFVs drawn per image and tap, without replacement. The paper draws 1; the toy world's
-    #: default is 24 (``TOY_SAMPLES_PER_IMAGE``): its 1,024 images would otherwise give the
-    #: ``8 x C`` concepts of a 256-channel tap one or two members each, and 24 gives 12 on average.
-    per_image: int = Field(default=1, ge=1)
-    seed: int = 0
-    #: Images per SRD or gradient pass.
-    batch_size: int = Field(default=16, ge=1)
-
-
-class ConceptsConfig(_Section):
-    """Concept dictionaries: bisecting k-means on each tap's samples (method.md section 4)."""
-
-    #: The dictionary (``gig_dist.kernels.dictionary.DICTIONARIES``); also its level in the store
-    #: (``concepts/<method>/<tap>``), so several dictionaries of one run share its PFVs and samples.
-    method: Literal["bisecting_kmeans"] = "bisecting_kmeans"
-    #: ``K = round(k_multiplier * C)`` concepts for a tap of C channels (the paper: 8).
-    k_multiplier: float = Field(default=8.0, gt=0)
-    #: Absolute K per tap (``{layer4.2: 4096}``), overriding the multiplier for those taps.
-    k: dict[str, int] = Field(default_factory=dict)
-    seed: int = 0
-    #: 2-means runs per split; the lowest inertia is kept.
-    n_init: int = Field(default=1, ge=1)
-    #: ``numpy`` (fastest on CPUs), ``faiss`` (``faiss.Kmeans`` per split, on the GPU with
-    #: faiss-gpu) or ``auto`` (FAISS when it sees a GPU).
-    backend: Literal["auto", "numpy", "faiss"] = "auto"
-
-    @model_validator(mode="after")
-    def _positive_k(self) -> ConceptsConfig:
-        bad = {tap: k for tap, k in self.k.items() if k < 1}
-        if bad:
-            raise ValueError(f"concepts.k must be at least 1 per tap, got {bad}")
-        return self
-
-
-class DecomposeConfig(_Section):
-    """Every PFV as a sparse non-negative combination of its tap's concepts (method.md section 5)."""
-
-    #: Taps to decompose. ``None``: every tap.
-    taps: tuple[str, ...] | None = None
-    #: Decompose only the first N images (rounded up to whole store units). ``None``: all.
-    images: int | None = Field(default=None, ge=1)
-    #: ``lambda = lambda_rel * max_k <v_k, a>`` per PFV; one value, or one per tap
-    #: (``{layer1.0: 0.05, layer4.2: 0.1}``; taps not listed take 0.1). The paper's 0.1; the toy
-    #: world's default is 0.05 (``TOY_LAMBDA_REL``).
-    lambda_rel: float | dict[str, float] = 0.1
-    #: An absolute lambda for every PFV instead (``None``: use lambda_rel).
-    lam: float | None = Field(default=None, ge=0)
-    #: Code slots stored per PFV. A PFV whose support is larger keeps its largest coefficients;
-    #: how many PFVs were cut is counted per tap and shown by ``gig-dist inspect``.
-    max_nonzero: int = Field(default=32, ge=1)
-    #: KKT tolerance of the solver, relative to the PFV's norm.
-    tol: float = Field(default=1e-6, gt=0)
-    #: PFVs per batched solve.
-    batch_size: int = Field(default=4096, ge=1)
-
-    @model_validator(mode="after")
-    def _lambda_non_negative(self) -> DecomposeConfig:
-        values = self.lambda_rel.values() if isinstance(self.lambda_rel, dict) else [self.lambda_rel]
-        if any(v < 0 for v in values):
-            raise ValueError(f"decompose.lambda_rel must be non-negative, got {self.lambda_rel}")
-        if self.taps is not None and len(self.taps) == 0:
-            raise ValueError("decompose.taps is empty; leave it unset to decompose every tap")
-        return self
-
-    def lambda_for(self, tap: str) -> float:
-        if isinstance(self.lambda_rel, dict):
-            return self.lambda_rel.get(tap, 0.1)
-        return self.lambda_rel
-
-
-class GIGConfig(_Section):
-    """Generalized Integrated Gradients between taps and to the classes (method.md section 6)."""
-
-    #: ``[source, target]`` tap pairs; ``logits`` as target for concept -> class. ``None``:
-    #: consecutive stage outputs, plus every stage output to the logits (a stage output is the
-    #: last tap of each ``layerN``; taps without that naming are each their own stage).
-    pairs: tuple[tuple[str, str], ...] | None = None
-    #: Integration steps M and the quadrature rule (each step weighs 1/M).
-    steps: int = Field(default=32, ge=1)
-    rule: Literal["midpoint", "left", "right"] = "midpoint"
-    #: Target concepts per image: the T with the largest code mass at the target tap. Class
-    #: targets are always the predicted and the true class.
-    targets: int = Field(default=32, ge=1)
-    #: Attribute only the first N images (rounded up to whole store units). ``None``: all. The
-    #: toy world's default is 64 (``TOY_GIG_IMAGES``): GIG costs about 1.3 s per toy image on 2 cores.
-    images: int | None = Field(default=None, ge=1)
-    #: Work-unit splits: the M steps into ``step_chunks`` ranges, and the targets into chunks of
-    #: ``targets_per_unit`` (``None``: all in one unit). Results do not depend on either.
-    step_chunks: int = Field(default=1, ge=1)
-    targets_per_unit: int | None = Field(default=None, ge=1)
-    #: Steps per forward pass.
-    step_batch: int = Field(default=8, ge=1)
-    #: Strongest source concepts kept per (image, target) as the image's edges.
-    top_edges: int = Field(default=16, ge=1)
-    #: Concepts per level of a class graph (the top sources of each node, and of the class).
-    graph_top: int = Field(default=3, ge=1)
-
-    @model_validator(mode="after")
-    def _steps_split(self) -> GIGConfig:
-        if self.step_chunks > self.steps:
-            raise ValueError(f"gig.step_chunks ({self.step_chunks}) cannot exceed gig.steps ({self.steps})")
-        return self
-
-
-class StoreConfig(_Section):
+class StoreConfig(Section):
     #: Where the run store lives: a directory, or an fsspec URL (``s3://bucket/run.zarr``) that
     #: every worker can reach. ``gig-dist run --out`` overrides it.
     path: str = "gig-dist-run.zarr"
@@ -228,7 +109,7 @@ class StoreConfig(_Section):
         return self
 
 
-class RuntimeConfig(_Section):
+class RuntimeConfig(Section):
     #: ``local``: in-process, one worker (tests, debugging). ``ray``: Ray actors, one per GPU
     #: (or per ``cpus_per_worker`` CPUs where there is no GPU).
     kind: Literal["local", "ray"] = "local"
@@ -256,7 +137,15 @@ class RuntimeConfig(_Section):
     progress: bool = True
 
 
-class Config(_Section):
+# The stages' own sections, imported once the sections above (which the stages' inputs use) exist.
+from gig_dist.stages.attribute import GIGConfig  # noqa: E402
+from gig_dist.stages.concepts import ConceptsConfig  # noqa: E402
+from gig_dist.stages.decompose import DecomposeConfig  # noqa: E402
+from gig_dist.stages.extract import ExtractConfig  # noqa: E402
+from gig_dist.stages.sample import SampleConfig  # noqa: E402
+
+
+class Config(Section):
     model: ModelConfig = ModelConfig()
     dataset: DatasetConfig = DatasetConfig()
     transform: TransformConfig = TransformConfig()

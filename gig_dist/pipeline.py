@@ -183,7 +183,9 @@ class PipelineReport:
 def make_runtime(config: Config):
     if config.runtime.kind == "local":
         return LocalRuntime(config.runtime.device, config.runtime.progress, config.runtime.torch_threads)
-    from gig_dist.runtime.ray_runtime import RayRuntime  # Ray is imported only when asked for
+    from gig_dist.runtime.ray_runtime import (
+        RayRuntime,  # Ray is imported only when asked for
+    )
 
     return RayRuntime(config.runtime)
 

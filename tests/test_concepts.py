@@ -15,7 +15,7 @@ from gig_dist.config import ConfigError
 from gig_dist.kernels.lasso import NonNegativeLassoCoder, objective
 from gig_dist.stages.base import UnitFailed
 from gig_dist.store import RunStore
-from tests.conftest import zgroup, GIG_LIGHT_CLI, assert_stores_equal, toy_config
+from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config, zgroup
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 D = "bisecting_kmeans"

@@ -13,7 +13,7 @@ from gig_dist.config import ConfigError
 from gig_dist.data.images import SkippedImage, open_rgb
 from gig_dist.data.sources import build_index
 from gig_dist.store import PROCESSED, SKIPPED, RunStore
-from tests.conftest import zgroup, toy_config
+from tests.conftest import toy_config, zgroup
 
 
 def _noise(mode: str, size=(80, 60)) -> Image.Image:

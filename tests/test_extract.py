@@ -20,7 +20,7 @@ from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.stages import ExtractStage, SampleStage, execute_unit
 from gig_dist.stages.base import open_stage
 from gig_dist.store import FORMAT_VERSION, RunStore, StoreError
-from tests.conftest import zgroup, GIG_LIGHT_CLI, assert_stores_equal, toy_config
+from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config, zgroup
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 SMALL = ["-o", "dataset.toy.num_images=40", "-o", "store.images_per_unit=8", "-o", "store.images_per_chunk=4",

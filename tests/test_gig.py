@@ -23,7 +23,7 @@ from gig_dist.kernels.taps import capture, probe_model
 from gig_dist.models.loading import build_model
 from gig_dist.stages.attribute import gig_pairs, stage_outputs
 from gig_dist.store import RunStore
-from tests.conftest import zgroup, TOY_BASE, toy_config
+from tests.conftest import TOY_BASE, toy_config, zgroup
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 PAIRS = "gig.pairs=[[layer2.1,layer3.1],[layer3.1,logits],[layer2.1,logits]]"

@@ -14,7 +14,7 @@ from gig_dist import pipeline
 from gig_dist.stages import AttributeStage, ExtractStage
 from gig_dist.stages.base import UnitFailed
 from gig_dist.store import RunStore
-from tests.conftest import zgroup, GIG_LIGHT, REPO, assert_stores_equal, toy_config
+from tests.conftest import GIG_LIGHT, REPO, assert_stores_equal, toy_config, zgroup
 
 # One torch thread in every worker, in-process and on Ray: thread count changes float summation
 # order, so bitwise equality across runtimes needs the same count (see runtime.torch_threads).

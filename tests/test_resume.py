@@ -15,7 +15,7 @@ from gig_dist.config import Config
 from gig_dist.stages import registry
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.store import PROCESSED, ArraySpec, ImageRange, RunStore
-from tests.conftest import assert_stores_equal, zgroup, toy_config
+from tests.conftest import assert_stores_equal, toy_config, zgroup
 
 D = "bisecting_kmeans"
 # 32 images in 2 units of 16; GIG on 16 images (the first unit) with 4 targets and 8 steps.

@@ -10,7 +10,7 @@ from gig_dist.kernels.sampling import draw_positions, grad_x_act
 from gig_dist.stages.ierf import compute_ierfs
 from gig_dist.store import SKIPPED, RunStore
 from gig_dist.toy.model import load_toy_model
-from tests.conftest import zgroup, toy_config
+from tests.conftest import toy_config, zgroup
 
 
 def test_draws_are_distinct_and_follow_the_scores():

@@ -9,8 +9,18 @@ import pytest
 import zarr
 from sklearn.base import clone
 
-from gig_dist.kernels.dictionary import DICTIONARIES, BisectingKMeansDictionary, NotFittedError, make_dictionary
-from gig_dist.kernels.metrics import completeness_gap, gap_summary, reconstruction_stats, reconstruction_summary
+from gig_dist.kernels.dictionary import (
+    DICTIONARIES,
+    BisectingKMeansDictionary,
+    NotFittedError,
+    make_dictionary,
+)
+from gig_dist.kernels.metrics import (
+    completeness_gap,
+    gap_summary,
+    reconstruction_stats,
+    reconstruction_summary,
+)
 from gig_dist.store import ArraySpec, Facts, Manifest, RunStore, StageRecord, StoreError
 
 pytestmark = pytest.mark.fast

@@ -12,14 +12,18 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from gig_dist.config import ConfigError, DatasetConfig
 from gig_dist.data.images import SkippedImage, allow_pixels, open_rgb
+from gig_dist.settings import ConfigError
+
+if TYPE_CHECKING:
+    from gig_dist.config import DatasetConfig
 
 TOY_SCHEME = "toy://"
 UNLABELLED = -1

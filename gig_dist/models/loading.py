@@ -14,7 +14,10 @@ import torch
 import torchvision
 from torch import nn
 
-from gig_dist.config import Config, ConfigError, ModelConfig
+from gig_dist.settings import ConfigError
+
+if TYPE_CHECKING:
+    from gig_dist.config import Config, ModelConfig
 
 if TYPE_CHECKING:
     from gig_dist.data.sources import TransformSpec

@@ -13,14 +13,16 @@ over positions) at the target tap, or the predicted and the true class for ``log
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
-from gig_dist.config import Config
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.gig import GIG, LOGITS
 from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.settings import Section
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.stages.concepts import concept_count
 from gig_dist.stages.decompose import decompose_taps
@@ -28,7 +30,44 @@ from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.gig import attribution_specs
 
+if TYPE_CHECKING:
+    from gig_dist.config import Config
+
 Pair = tuple[str, str]
+
+
+class GIGConfig(Section):
+    """Generalized Integrated Gradients between taps and to the classes (method.md section 6)."""
+
+    #: ``[source, target]`` tap pairs; ``logits`` as target for concept -> class. ``None``:
+    #: consecutive stage outputs, plus every stage output to the logits (a stage output is the
+    #: last tap of each ``layerN``; taps without that naming are each their own stage).
+    pairs: tuple[tuple[str, str], ...] | None = None
+    #: Integration steps M and the quadrature rule (each step weighs 1/M).
+    steps: int = Field(default=32, ge=1)
+    rule: Literal["midpoint", "left", "right"] = "midpoint"
+    #: Target concepts per image: the T with the largest code mass at the target tap. Class
+    #: targets are always the predicted and the true class.
+    targets: int = Field(default=32, ge=1)
+    #: Attribute only the first N images (rounded up to whole store units). ``None``: all. The
+    #: toy world's default is 64 (``TOY_GIG_IMAGES``): GIG costs about 1.3 s per toy image on 2 cores.
+    images: int | None = Field(default=None, ge=1)
+    #: Work-unit splits: the M steps into ``step_chunks`` ranges, and the targets into chunks of
+    #: ``targets_per_unit`` (``None``: all in one unit). Results do not depend on either.
+    step_chunks: int = Field(default=1, ge=1)
+    targets_per_unit: int | None = Field(default=None, ge=1)
+    #: Steps per forward pass.
+    step_batch: int = Field(default=8, ge=1)
+    #: Strongest source concepts kept per (image, target) as the image's edges.
+    top_edges: int = Field(default=16, ge=1)
+    #: Concepts per level of a class graph (the top sources of each node, and of the class).
+    graph_top: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_split(self) -> GIGConfig:
+        if self.step_chunks > self.steps:
+            raise ValueError(f"gig.step_chunks ({self.step_chunks}) cannot exceed gig.steps ({self.steps})")
+        return self
 
 
 def stage_outputs(taps: list[str]) -> list[str]:

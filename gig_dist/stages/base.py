@@ -29,11 +29,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gig_dist._failpoints import failpoint
-from gig_dist.config import Config
 from gig_dist.store import ArraySpec, Facts, RunStore, StageRecord
+
+if TYPE_CHECKING:
+    from gig_dist.config import Config
 
 Progress = Callable[[int], None]
 

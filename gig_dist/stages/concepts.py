@@ -11,14 +11,44 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from gig_dist.config import Config
 from gig_dist.kernels.dictionary import make_dictionary
+from gig_dist.settings import Section
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.store import ArraySpec, Facts, RunStore
 from gig_dist.store.concepts import member_specs
+
+if TYPE_CHECKING:
+    from gig_dist.config import Config
+
+
+class ConceptsConfig(Section):
+    """Concept dictionaries: bisecting k-means on each tap's samples (method.md section 4)."""
+
+    #: The dictionary (``gig_dist.kernels.dictionary.DICTIONARIES``); also its level in the store
+    #: (``concepts/<method>/<tap>``), so several dictionaries of one run share its PFVs and samples.
+    method: Literal["bisecting_kmeans"] = "bisecting_kmeans"
+    #: ``K = round(k_multiplier * C)`` concepts for a tap of C channels (the paper: 8).
+    k_multiplier: float = Field(default=8.0, gt=0)
+    #: Absolute K per tap (``{layer4.2: 4096}``), overriding the multiplier for those taps.
+    k: dict[str, int] = Field(default_factory=dict)
+    seed: int = 0
+    #: 2-means runs per split; the lowest inertia is kept.
+    n_init: int = Field(default=1, ge=1)
+    #: ``numpy`` (fastest on CPUs), ``faiss`` (``faiss.Kmeans`` per split, on the GPU with
+    #: faiss-gpu) or ``auto`` (FAISS when it sees a GPU).
+    backend: Literal["auto", "numpy", "faiss"] = "auto"
+
+    @model_validator(mode="after")
+    def _positive_k(self) -> ConceptsConfig:
+        bad = {tap: k for tap, k in self.k.items() if k < 1}
+        if bad:
+            raise ValueError(f"concepts.k must be at least 1 per tap, got {bad}")
+        return self
 
 
 def concept_count(config: Config, tap: str, channels: int) -> int:

@@ -10,16 +10,58 @@ later decomposes only the new ones.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
-from gig_dist.config import Config
 from gig_dist.kernels.dictionary import DICTIONARIES
 from gig_dist.kernels.metrics import reconstruction_stats
+from gig_dist.settings import Section
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.codes import code_specs
+
+if TYPE_CHECKING:
+    from gig_dist.config import Config
+
+
+class DecomposeConfig(Section):
+    """Every PFV as a sparse non-negative combination of its tap's concepts (method.md section 5)."""
+
+    #: Taps to decompose. ``None``: every tap.
+    taps: tuple[str, ...] | None = None
+    #: Decompose only the first N images (rounded up to whole store units). ``None``: all.
+    images: int | None = Field(default=None, ge=1)
+    #: ``lambda = lambda_rel * max_k <v_k, a>`` per PFV; one value, or one per tap
+    #: (``{layer1.0: 0.05, layer4.2: 0.1}``; taps not listed take 0.1). The paper's 0.1; the toy
+    #: world's default is 0.05 (``TOY_LAMBDA_REL``).
+    lambda_rel: float | dict[str, float] = 0.1
+    #: An absolute lambda for every PFV instead (``None``: use lambda_rel).
+    lam: float | None = Field(default=None, ge=0)
+    #: Code slots stored per PFV. A PFV whose support is larger keeps its largest coefficients;
+    #: how many PFVs were cut is counted per tap and shown by ``gig-dist inspect``.
+    max_nonzero: int = Field(default=32, ge=1)
+    #: KKT tolerance of the solver, relative to the PFV's norm.
+    tol: float = Field(default=1e-6, gt=0)
+    #: PFVs per batched solve.
+    batch_size: int = Field(default=4096, ge=1)
+
+    @model_validator(mode="after")
+    def _lambda_non_negative(self) -> DecomposeConfig:
+        values = self.lambda_rel.values() if isinstance(self.lambda_rel, dict) else [self.lambda_rel]
+        if any(v < 0 for v in values):
+            raise ValueError(f"decompose.lambda_rel must be non-negative, got {self.lambda_rel}")
+        if self.taps is not None and len(self.taps) == 0:
+            raise ValueError("decompose.taps is empty; leave it unset to decompose every tap")
+        return self
+
+    def lambda_for(self, tap: str) -> float:
+        if isinstance(self.lambda_rel, dict):
+            return self.lambda_rel.get(tap, 0.1)
+        return self.lambda_rel
 
 
 def decompose_taps(config: Config, taps: list[str]) -> list[str]:

@@ -13,18 +13,26 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.taps import as_feature_map, capture, pfvs
 from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.settings import Section
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.store import PROCESSED, SKIPPED, ArraySpec, ImageRange, RunStore
 from gig_dist.store.meta import extraction_specs
 
 log = logging.getLogger(__name__)
+
+
+class ExtractConfig(Section):
+    batch_size: int = Field(default=32, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -7,16 +7,19 @@ all requested PFVs of one image share one SRD decomposition.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from gig_dist.config import Config
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.ierf import Method, ierf
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import RunStore
+
+if TYPE_CHECKING:
+    from gig_dist.config import Config
 
 
 def compute_ierfs(config: Config, store_url: str, requests: list[tuple[int, str, int]], name: str = "requested",

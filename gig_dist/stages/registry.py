@@ -7,6 +7,7 @@ this list.
 
 from __future__ import annotations
 
+from gig_dist.settings import ConfigError
 from gig_dist.stages.attribute import AttributeStage
 from gig_dist.stages.base import Stage
 from gig_dist.stages.concepts import ConceptsStage
@@ -40,8 +41,6 @@ def by_name(name: str) -> type[Stage]:
 
 def stages_until(until: str | None) -> list[type[Stage]]:
     """The stages to run: all, or the first ones up to and including ``until``."""
-    from gig_dist.config import ConfigError
-
     if until is None:
         return list(STAGES)
     if until not in stage_names():

@@ -18,8 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from gig_dist.store.core import (PENDING, PROCESSED, SKIPPED, ArraySpec, Facts, ImageRange, RunStore,
-                                 per_image_spec)
+from gig_dist.store.core import (
+    PENDING,
+    PROCESSED,
+    SKIPPED,
+    ArraySpec,
+    Facts,
+    ImageRange,
+    RunStore,
+    per_image_spec,
+)
 
 
 def index_specs(facts: Facts) -> list[ArraySpec]:
