@@ -154,10 +154,6 @@ class ArraySpec:
         if not (len(self.shape) == len(self.dims) == len(self.chunks)):
             raise ValueError(f"{self.path}: shape {self.shape}, dims {self.dims} and chunks {self.chunks} differ in rank")
 
-    @property
-    def raw_bytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * (np.dtype(self.dtype).itemsize if self.dtype != "str" else 8)
-
 
 def per_image_spec(facts: Facts, path: str, tail: tuple[int, ...], dtype: str, fill: Any, dims: tuple[str, ...],
                    chunk_images: int | None = None, **extra: Any) -> ArraySpec:
@@ -230,7 +226,16 @@ class RunStore:
         """Make ``url`` ready for a new store, or say that one is there to resume (True).
 
         Deletes only a gig-dist store, and only with ``overwrite`` or when its creation was
-        interrupted; refuses anything else before touching it."""
+        interrupted; refuses anything else before touching it. Resuming reads the root metadata
+        only: every key is listed just before something would be deleted."""
+        fs, root = _fs(url)
+        if not overwrite and fs.isfile(f"{root}/zarr.json"):
+            try:
+                marker = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes", {}).get(MARKER, {})
+            except (ValueError, OSError):
+                marker = {}
+            if marker.get("state") == "ready":
+                return True
         kind, found = cls.inspect_prefix(url)
         if kind == "empty":
             return False
@@ -240,12 +245,7 @@ class RunStore:
                 f"{url} holds data that is not a gig-dist run store ({listed}); refusing to write there, "
                 "with or without --overwrite. Choose an empty or new --out"
             )
-        group = zarr.open_group(url, mode="r", use_consolidated=False)
-        state = group.attrs[MARKER].get("state")
-        if not overwrite and state == "ready":
-            return True
-        fs, root = _fs(url)
-        fs.rm(root, recursive=True)  # every key was checked to be ours
+        fs.rm(root, recursive=True)  # every key was checked to be ours, and it is not a finished run to resume
         return False
 
     @classmethod
