@@ -187,3 +187,16 @@ def test_a_run_on_a_memory_prefix_with_foreign_keys_refuses_and_deletes_nothing(
     with pytest.raises(StoreError, match="USER_DATA.csv"):
         pipeline.run(toy_config("dataset.toy.num_images=4"), url, overwrite=overwrite)
     assert fs.find(root) == [f"{root}/USER_DATA.csv"] and fs.cat_file(f"{root}/USER_DATA.csv") == b"precious\n"
+
+
+def test_a_run_of_an_older_store_format_is_kept_unless_overwritten(tmp_path):
+    url = str(tmp_path / "old.zarr")
+    group = zarr.open_group(url, mode="w")
+    group.attrs["gig_dist"] = {"format_version": 2, "config": {}}  # what gig-dist wrote before format 3
+    group.create_array("pfv/layer1.0", shape=(4,), dtype="f2")
+    with pytest.raises(StoreError, match="store format 2; this gig-dist writes format 3"):
+        RunStore.claim(url, overwrite=False)
+    assert (tmp_path / "old.zarr" / "pfv" / "layer1.0" / "zarr.json").exists()
+    with pytest.raises(StoreError, match="store format 2; this gig-dist reads format 3"):
+        RunStore.open(url)
+    assert RunStore.claim(url, overwrite=True) is False and not (tmp_path / "old.zarr").exists()

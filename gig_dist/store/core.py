@@ -229,13 +229,17 @@ class RunStore:
         interrupted; refuses anything else before touching it. Resuming reads the root metadata
         only: every key is listed just before something would be deleted."""
         fs, root = _fs(url)
-        if not overwrite and fs.isfile(f"{root}/zarr.json"):
+        marker: dict[str, Any] = {}
+        if fs.isfile(f"{root}/zarr.json"):
             try:
                 marker = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes", {}).get(MARKER, {})
             except (ValueError, OSError):
-                marker = {}
-            if marker.get("state") == "ready":
-                return True
+                pass
+        if not overwrite and marker.get("state") == "ready":
+            return True
+        if not overwrite and marker and marker.get("state") != "creating":
+            raise StoreError(f"{url} is a gig-dist run of store format {marker.get('format_version')}; this gig-dist "
+                             f"writes format {FORMAT_VERSION}. Write to a new --out, or pass --overwrite to replace it")
         kind, found = cls.inspect_prefix(url)
         if kind == "empty":
             return False
