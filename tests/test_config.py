@@ -70,3 +70,34 @@ def test_missing_config_file(tmp_path):
 def test_malformed_override():
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(None, ["dataset.limit"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # NaN lambda gave all-zero codes and GIG, exit status 0; NaN mean failed three stages
+        # later naming a tap; an infinite multiplier was an OverflowError in the concepts stage.
+        ("decompose.lambda_rel=.nan", r"decompose.lambda_rel.* = nan: Input should be a finite number"),
+        ("decompose.lambda_rel={layer1.0: .inf}", r"decompose.lambda_rel.*layer1.0 = inf: Input should be a finite"),
+        ("transform.mean=[.nan,0.5,0.5]", r"transform.mean.0 = nan: Input should be a finite number"),
+        ("transform.std=[1,1,.inf]", r"transform.std.2 = inf: Input should be a finite number"),
+        ("concepts.k_multiplier=.inf", r"concepts.k_multiplier = inf: Input should be a finite number"),
+        # A boolean was read as 1 (or 0) wherever a number is expected.
+        ("store.images_per_unit=true", r"store: images_per_unit = true: a number is expected, not a boolean"),
+        ("gig.steps=true", r"gig: steps = true: a number is expected, not a boolean"),
+        ("dataset.limit=false", r"dataset: limit = false: a number is expected, not a boolean"),
+    ],
+)
+def test_values_that_would_pass_and_ruin_a_run_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("gig:\n  steps: 16\n  targets: 8\n  steps: 64\n")
+    with pytest.raises(ConfigError, match=r"key 'steps' appears twice in one section \(lines 2 and 4\)"):
+        load_config(path)
+    path.write_text("gig:\n  steps: 16\nsample:\n  steps: 3\n")  # the same name in two sections is fine
+    with pytest.raises(ConfigError, match="sample.steps: unknown key"):
+        load_config(path)
