@@ -200,3 +200,22 @@ def test_grouped_and_dilated_convolutions():
 def test_toy_model_srd_api_is_usable_alone():
     srd = SRD(ToyResNet().eval())
     assert srd.taps == ["layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1"]
+
+
+def test_kernels_refuse_a_model_in_training_mode():
+    """In training mode SRD conserved relevance only to a relative error of 0.83 and changed the
+    BatchNorm running statistics; GIG had the same exposure."""
+    from gig_dist.kernels.gig import GIG
+
+    model = load_toy_model().train()
+    running = model.bn1.running_mean.clone()
+    images = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="SRD needs the model in eval mode, but ToyResNet, conv1, bn1 and others"):
+        SRD(model).decompose(images)
+    kernel = GIG(model, "layer2.1", "logits", torch.eye(128), (128, 16, 16))
+    index = torch.arange(128).repeat(256, 1)[:, :1]
+    with pytest.raises(ValueError, match="GIG needs the model in eval mode"):
+        kernel.attribute(index, torch.ones(256, 1), torch.tensor([0]))
+    assert torch.equal(model.bn1.running_mean, running)  # refused before any forward pass
+    model.eval()
+    assert SRD(model).decompose(images).relevance(torch.tensor([0, 1]))["layer1.0"].shape == (2, 32, 32)

@@ -216,6 +216,9 @@ class GIG:
                   image: torch.Tensor | None = None) -> GIGResult:
         """GIG for one image: codes ``index``/``value`` (P, L) at the source tap, ``targets`` (T,)
         target concept or class indices; the steps ``step_range`` (default all)."""
+        from gig_dist.kernels.srd import refuse_training_mode
+
+        refuse_training_mode(self.subnet.model, "GIG")
         start, stop = step_range if step_range is not None else (0, self.steps)
         limit = self.num_targets()
         if len(targets) == 0 or int(targets.min()) < 0 or (limit > 0 and int(targets.max()) >= limit):

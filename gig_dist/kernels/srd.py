@@ -27,6 +27,17 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 _ZERO = 1e-12
 
 
+def refuse_training_mode(model: nn.Module, method: str) -> None:
+    """In training mode BatchNorm normalises by the batch's statistics and updates its running
+    ones: the decomposition would describe another function and change the model."""
+    training = [name or type(model).__name__ for name, module in model.named_modules() if module.training]
+    if training:
+        raise ValueError(f"{method} needs the model in eval mode, but {', '.join(training[:3])}"
+                         f"{' and others' if len(training) > 3 else ''} {'is' if len(training) == 1 else 'are'} in "
+                         "training mode (BatchNorm would use batch statistics and update its running ones); "
+                         "call model.eval() first")
+
+
 class SRDUnsupported(ValueError):
     """The model has a layer type or structure that SRD has no rule for."""
 
@@ -297,6 +308,7 @@ class SRD:
     @torch.no_grad()
     def decompose(self, images: torch.Tensor) -> Decomposition:
         model = self.model
+        refuse_training_mode(model, "SRD")
         stem = model.bn1(model.conv1(images))
         stem_source, stem_bias = conv_source(model.conv1, model.bn1)
         stem_ratios = sharing_ratios(stem, [images], [stem_source], stem_bias, tap_chunk=7)
