@@ -119,9 +119,45 @@ def test_sigkill_during_decomposition_then_resume_equals_uninterrupted(run, tmp_
 
 
 def test_more_concepts_than_samples_is_refused_before_any_work(tmp_path):
-    with pytest.warns(UserWarning), pytest.raises(ConfigError, match=r"tap layer2.0: K = 1024 concepts but the run draws at most 960 samples"):
+    with pytest.warns(UserWarning), pytest.raises(ConfigError) as refused:
         pipeline.run(toy_config("concepts.k_multiplier=8"), tmp_path / "x.zarr")
     assert not (tmp_path / "x.zarr").exists()
+    # Every tap that cannot be fit is named, each with values that work (40 images x 24 samples).
+    message = str(refused.value)
+    assert "(4 problems)" in message
+    assert ("tap layer2.0: K = 1024 concepts but the run has at most 960 samples (40 images x min(sample.per_image "
+            "= 24, 256 positions)); use sample.per_image >= 26 or concepts.k_multiplier <= 7.5 or "
+            "concepts.k={layer2.0: 960}") in message
+    assert "tap layer3.1: K = 2048" in message and "layer1.0" not in message
+
+
+def test_the_sample_count_check_counts_the_positions_a_tap_has(tmp_path):
+    # layer3.1 has 8 x 8 = 64 positions: 100 samples per image draw 64, so 40 images give 2,560
+    # samples, fewer than the K = 3,072 of a multiplier of 12 (the check used to count 4,000).
+    with pytest.warns(UserWarning, match=r"tap layer3.1: sample.per_image = 100 but the tap has 64 positions \(8 x 8\); "
+                                         "it draws at most 64 per image"), \
+            pytest.raises(ConfigError, match=r"tap layer3.1: K = 3072 concepts but the run has at most 2560 samples .*"
+                                             r"use concepts.k_multiplier <= 10.0 or concepts.k=\{layer3.1: 2560\}$"):
+        pipeline.run(toy_config("taps=[layer3.1]", "sample.per_image=100", "concepts.k_multiplier=12"),
+                     tmp_path / "x.zarr")
+
+
+def test_skipped_images_count_against_the_samples_before_any_concept_unit(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "data" / "cls"
+    root.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    for i in range(5):
+        (root / f"broken{i}.png").write_bytes(b"not a png")
+    config = toy_config("dataset.kind=imagefolder", f"dataset.path={tmp_path / 'data'}", "taps=[layer3.1]",
+                        "sample.per_image=64", "sample.method=uniform", "concepts.k={layer3.1: 300}")
+    with pytest.raises(ConfigError, match=r"tap layer3.1: K = 300 concepts but the run has 192 samples .* "
+                                          r"concepts.k=\{layer3.1: 192\}"):
+        pipeline.run(config, tmp_path / "run.zarr")
+    store = RunStore.open(str(tmp_path / "run.zarr"))
+    assert store.meta.image_counts()["skipped"] == 5 and len(store.done_units(f"{D}/concepts")) == 0
 
 
 def test_few_members_per_concept_warns(tmp_path):

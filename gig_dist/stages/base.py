@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from gig_dist._failpoints import failpoint
+from gig_dist.settings import ConfigError
 from gig_dist.store import ArraySpec, Facts, RunStore, StageRecord
 
 if TYPE_CHECKING:
@@ -162,6 +163,11 @@ class Stage(ABC):
         """Every reason this stage cannot run with ``config`` on ``facts`` (empty: it can)."""
         return []
 
+    def check_inputs(self, store: RunStore) -> list[str]:
+        """Checks that need what earlier stages wrote, run on the driver when the stage starts,
+        before any of its units (empty: it can run)."""
+        return []
+
     @abstractmethod
     def arrays(self, store: RunStore) -> list[ArraySpec]:
         """The arrays it writes."""
@@ -207,6 +213,10 @@ def open_stage(stage: Stage, store: RunStore) -> None:
     from gig_dist.stages.registry import fingerprints
 
     key = stage.progress_key
+    errors = stage.check_inputs(store)
+    if errors:
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"stage {stage.name} cannot run ({len(errors)} problems):\n  " + "\n  ".join(errors))
     fingerprint, upstream = fingerprints(stage.config)[key]
     record = store.record(key)
     if record is None or record.fingerprint != fingerprint:

@@ -9,6 +9,7 @@ which k-means needs all at once.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import TYPE_CHECKING, Literal
@@ -62,6 +63,31 @@ def fit_params(config: Config) -> dict:
     return {"seed": options.seed, "n_init": options.n_init, "backend": options.backend}
 
 
+def sample_count_errors(config: Config, facts: Facts, samples: dict[str, int], bound: str, warn: bool) -> list[str]:
+    """Every tap whose K exceeds its samples, each with values that work."""
+    errors = []
+    for tap, count in samples.items():
+        channels, height, width = facts.taps[tap]
+        k = concept_count(config, tap, channels)
+        if k > count:
+            fixes = [f"concepts.k_multiplier <= {math.floor(count / channels * 1000) / 1000}",
+                     f"concepts.k={{{tap}: {count}}}"]
+            per_image = math.ceil(k / max(facts.num_images, 1))
+            if per_image <= height * width and per_image > config.sample.per_image:
+                fixes.insert(0, f"sample.per_image >= {per_image}")
+            errors.append(f"tap {tap}: K = {k} concepts but the run has {bound}{count} samples ({facts.num_images} "
+                          f"images x min(sample.per_image = {config.sample.per_image}, {height * width} positions)); "
+                          f"use {' or '.join(fixes)}")
+        elif warn and count / k < 10:
+            warnings.warn(
+                f"tap {tap}: K = {k} concepts from {bound}{count} samples leaves {count / k:.1f} "
+                "members per concept on average; below about 10, concepts are single PFVs rather than "
+                "clusters (raise sample.per_image or lower concepts.k_multiplier)",
+                stacklevel=3,
+            )
+    return errors
+
+
 class ConceptsStage(Stage):
     name = "concepts"
     reads = ("sample",)
@@ -75,22 +101,19 @@ class ConceptsStage(Stage):
         unknown = [tap for tap in config.concepts.k if tap not in facts.taps]
         if unknown:
             errors.append(f"concepts.k names taps that are not in this run: {unknown}; the run's taps are {list(facts.taps)}")
-        samples = facts.num_images * config.sample.per_image
-        for tap, (channels, _, _) in facts.taps.items():
-            k = concept_count(config, tap, channels)
-            if k > samples:
-                errors.append(
-                    f"tap {tap}: K = {k} concepts but the run draws at most {samples} samples "
-                    f"({facts.num_images} images x sample.per_image = {config.sample.per_image}); raise "
-                    "sample.per_image or lower concepts.k_multiplier (or set concepts.k for this tap)")
-            elif samples / k < 10:
-                warnings.warn(
-                    f"tap {tap}: K = {k} concepts from at most {samples} samples leaves {samples / k:.1f} "
-                    "members per concept on average; below about 10, concepts are single PFVs rather than "
-                    "clusters (raise sample.per_image or lower concepts.k_multiplier)",
-                    stacklevel=2,
-                )
-        return errors
+        known = {tap: shape for tap, shape in facts.taps.items()}
+        for tap, (_, height, width) in known.items():
+            if config.sample.per_image > height * width:
+                warnings.warn(f"tap {tap}: sample.per_image = {config.sample.per_image} but the tap has {height * width} "
+                              f"positions ({height} x {width}); it draws at most {height * width} per image",
+                              stacklevel=2)
+        capacity = {tap: facts.num_images * min(config.sample.per_image, h * w) for tap, (_, h, w) in known.items()}
+        return errors + sample_count_errors(config, facts, capacity, "at most ", warn=True)
+
+    def check_inputs(self, store: RunStore) -> list[str]:
+        """Against the samples actually drawn: skipped images gave none."""
+        drawn = {tap: sum(int(block.sum()) for _, block in store.samples.valid_mask_blocks(tap)) for tap in store.taps}
+        return sample_count_errors(self.config, store.facts, drawn, "", warn=False)
 
     def arrays(self, store: RunStore) -> list[ArraySpec]:
         return member_specs(store.facts, self.dictionary, self.config.sample.per_image)
