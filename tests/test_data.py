@@ -184,3 +184,33 @@ def test_flat_folder_is_read_unlabelled(tmp_path):
 def test_stride_then_limit():
     index = build_index(toy_config("dataset.toy.num_images=100", "dataset.stride=7", "dataset.limit=5").dataset)
     assert [int(p.split("/")[-2]) for p in index.paths] == [0, 7, 14, 21, 28]
+
+
+def test_a_thin_image_is_skipped_before_its_resize_blows_up(tmp_path):
+    # A 1 x 100,000 strip (300 KB) used to be resized to 72 x 7,200,000 and took 2.8 GB of RSS.
+    Image.fromarray(np.zeros((1, 100_000, 3), dtype=np.uint8)).save(tmp_path / "strip.png")
+    with pytest.raises(SkippedImage, match=r"too thin: 100000x1 has an aspect ratio over 20:1"):
+        open_rgb(str(tmp_path / "strip.png"), 89_478_485)
+    _noise("RGB", (600, 100)).save(tmp_path / "panorama.png")  # 6:1 is an ordinary panorama
+    assert open_rgb(str(tmp_path / "panorama.png"), 89_478_485).size == (600, 100)
+
+
+def test_symlinked_folders_are_read_once_and_never_relabel(tmp_path):
+    import os
+
+    root = tmp_path / "data"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+    for i in range(3):
+        _noise("RGB").save(root / "cat" / f"{i}.png")
+    _noise("RGB").save(root / "dog" / "0.png")
+    os.symlink(".", root / "cat" / "self")  # a loop: 3 images became 124 entries
+    os.symlink("..", root / "dog" / "up")  # the parent: cat's images were read again as dogs
+    (tmp_path / "extra").mkdir()
+    _noise("RGB").save(tmp_path / "extra" / "e.png")
+    os.symlink(tmp_path / "extra", root / "dog" / "more")  # a folder outside the dataset is followed
+    with pytest.warns(UserWarning, match=r"2 symlinked folders lead to folders already in the dataset"):
+        index = build_index(toy_config("dataset.kind=imagefolder", f"dataset.path={root}").dataset)
+    names = sorted((Path(p).parent.name, Path(p).name, label) for p, label in zip(index.paths, index.labels))
+    assert names == [("cat", "0.png", 0), ("cat", "1.png", 0), ("cat", "2.png", 0), ("dog", "0.png", 1),
+                     ("more", "e.png", 1)]

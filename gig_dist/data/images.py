@@ -14,6 +14,12 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 
+#: Wider or taller images are skipped: the resize to the model's input scales the short side, so
+#: a 1 x 100,000 strip became a 72 x 7,200,000 tensor (2.8 GB) from a 300 KB file. Panoramas
+#: stay well inside (about 6:1).
+MAX_ASPECT_RATIO = 20
+
+
 class SkippedImage(Exception):
     """An input that cannot be used; ``str(exc)`` is the reason stored for it."""
 
@@ -40,6 +46,11 @@ def open_rgb(path: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
+                if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+                    raise SkippedImage(
+                        f"too thin: {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO}:1, and resizing "
+                        "its short side to the model's input would blow up its long side"
+                    )
                 if width * height > max_pixels:
                     raise SkippedImage(
                         f"too large: {width}x{height} = {width * height} pixels exceeds "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,21 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _walk_files(folder: Path) -> list[str]:
+def _walk_files(folder: Path, visited: set[str], skipped: list[str]) -> list[str]:
+    """Files under ``folder``, following symlinked directories, each real directory once: a link
+    to a directory already in the dataset (``ln -s . self``, ``ln -s .. up``) would repeat its
+    images, or give another class's images this class's label. Skipped links go to ``skipped``."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        keep = []
+        for name in sorted(d for d in dirnames if _visible(d)):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in visited:
+                skipped.append(f"{os.path.join(dirpath, name)} -> {real}")
+            else:
+                visited.add(real)
+                keep.append(name)
+        dirnames[:] = keep
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if _visible(f)]
     return found
 
@@ -84,10 +96,17 @@ def _imagefolder_index(root: Path) -> tuple[list[str], list[int], list[str]]:
     class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and _visible(entry.name))
     paths: list[str] = []
     labels: list[int] = []
+    # The root and every class folder are in the dataset before any walk starts.
+    visited = {os.path.realpath(root)} | {os.path.realpath(root / name) for name in class_names}
+    skipped: list[str] = []
     for label, name in enumerate(class_names):
-        files = _walk_files(root / name)
+        files = _walk_files(root / name, visited, skipped)
         paths += files
         labels += [label] * len(files)
+    if skipped:
+        warnings.warn(f"dataset.path: {len(skipped)} symlinked folders lead to folders already in the dataset and "
+                      f"were skipped (each real folder is read once): {'; '.join(skipped[:5])}"
+                      f"{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
     if not class_names:
         paths = [str(root / f) for f in sorted(os.listdir(root)) if _visible(f) and (root / f).is_file()]
         labels = [UNLABELLED] * len(paths)
