@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                "gig.images": (config.gig.images, TOY_GIG_IMAGES)}
         used = [f"{key}={value}" for key, (value, default) in toy.items() if value == default]
         if used:
-            print(f"toy world defaults: {', '.join(used)} (the paper's values suit ImageNet, not 1,024 toy images; "
+            print(f"toy world defaults: {', '.join(used)} (the ImageNet defaults do not suit 1,024 toy images; "
                   "see the README)")
     def show_plan(decisions) -> None:
         print("plan (stage, keep or redo, why):")

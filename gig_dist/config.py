@@ -26,7 +26,7 @@ from gig_dist.settings import ConfigError, Section
 
 #: Samples per image and tap for the toy world (the paper's 1 is for ImageNet's 50,000 images).
 TOY_SAMPLES_PER_IMAGE = 24
-#: The toy world's lambda_rel: at the paper's 0.1 its first tap's R^2 sits right at 0.90; 0.05
+#: The toy world's lambda_rel: at the default 0.1 its first tap's R^2 sits right at 0.90; 0.05
 #: gives 0.91-0.92 there (and 0.93-0.98 deeper) at under 1 % l0 ratio.
 TOY_LAMBDA_REL = 0.05
 #: Images the toy world's default run attributes with GIG (one store unit): about 1 s per image

@@ -30,6 +30,19 @@ def test_imagenet_example_keeps_the_papers_concept_settings():
     assert (config.sample.per_image, config.concepts.k_multiplier, config.decompose.lambda_rel) == (1, 8, 0.1)
 
 
+def test_the_v1_config_is_the_papers_weights_and_preprocessing():
+    v1 = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "imagenet-resnet50-v1.yaml")
+    v2 = load_config(Path(__file__).parent.parent / "jobs" / "configs" / "imagenet-resnet50.yaml")
+    assert v1.model.weights == "IMAGENET1K_V1" and v2.model.weights == "IMAGENET1K_V2"
+    transform = resolve_transform(v1)
+    assert (transform.resize, transform.crop) == (256, 224)
+    assert transform.mean == (0.485, 0.456, 0.406) and transform.std == (0.229, 0.224, 0.225)
+    # Everything else is the same run.
+    assert v1.model_copy(update={"model": v2.model, "transform": v2.transform}) == v2
+    text = (Path(__file__).parent.parent / "jobs" / "configs" / "imagenet-resnet50.yaml").read_text()
+    assert "the paper's default" not in text and "departs from the paper" in text
+
+
 def test_the_toy_world_sets_its_own_sample_count_and_lambda():
     from gig_dist.config import TOY_LAMBDA_REL, TOY_SAMPLES_PER_IMAGE
 

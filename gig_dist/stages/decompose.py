@@ -36,8 +36,8 @@ class DecomposeConfig(Section):
     #: Decompose only the first N images (rounded up to whole store units). ``None``: all.
     images: int | None = Field(default=None, ge=1)
     #: ``lambda = lambda_rel * max_k <v_k, a>`` per PFV; one value, or one per tap
-    #: (``{layer1.0: 0.05, layer4.2: 0.1}``; taps not listed take 0.1). The paper's 0.1; the toy
-    #: world's default is 0.05 (``TOY_LAMBDA_REL``).
+    #: (``{layer1.0: 0.05, layer4.2: 0.1}``; taps not listed take 0.1). 0.1 is gig-dist's choice
+    #: (the paper states none); the toy world's default is 0.05 (``TOY_LAMBDA_REL``).
     lambda_rel: float | dict[str, float] = 0.1
     #: An absolute lambda for every PFV instead (``None``: use lambda_rel).
     lam: float | None = Field(default=None, ge=0)
