@@ -2,6 +2,7 @@
 a simulated 2-node cluster, and the cluster launcher config."""
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -103,6 +104,17 @@ def test_cli_with_ray_address(ray_head, in_process, tmp_path):
     assert "extract: 5/5 units run" in done.stdout
     assert RunStore.open(str(out)).manifest.config["runtime"]["kind"] == "ray"
     assert_stores_equal(in_process, str(out))
+
+
+def test_without_an_address_a_run_starts_its_own_ray_even_beside_a_ray_start_cluster(ray_head):
+    """`ray start` (the session's head) left a cluster on this machine; a bare ray.init() joined it."""
+    probe = ("from gig_dist.runtime.ray_runtime import connect; import ray; connect(None); "
+             "print(ray.get_runtime_context().gcs_address); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    gcs = done.stdout.strip().splitlines()[-1]
+    assert gcs.startswith("127.0.0.1:") and gcs != ray_head.address
 
 
 def test_ray_job_submit_runs_the_pipeline(ray_head, in_process, tmp_path):

@@ -143,3 +143,21 @@ def test_config_fingerprints_ignore_execution_settings():
     changed = registry.fingerprints(toy_config("gig.graph_top=5"))
     assert [k for k in base if base[k][0] != changed[k][0]] == [f"{D}/graphs"]
     assert isinstance(Config, type)
+
+
+def test_progress_counts_what_the_bar_names(first_run):
+    """The bar's total is the sum of each unit's work, and a unit reports exactly its work (the
+    graphs stage counted 1 for all of a model's class graphs)."""
+    from gig_dist.stages.graphs import GraphStage
+    from gig_dist.stages.reduce import ReduceStage
+
+    config = toy_config(*BASE)
+    store = RunStore.open(str(first_run))
+    for stage_type in (GraphStage, ReduceStage):
+        stage = stage_type(config, store.url)
+        worker = stage.open_worker("cpu")
+        for unit in stage.covered_units(store.facts)[:2]:
+            counted: list[int] = []
+            worker.run(unit, counted.append)
+            assert sum(counted) == stage.work(unit, store.facts), (stage.name, unit)
+    assert GraphStage(config, store.url).work(WorkUnit("g", 0), store.facts) == 8  # the toy world's classes

@@ -49,7 +49,7 @@ class LocalRuntime:
                 torch.set_num_threads(self.torch_threads)
             worker = stage.open_worker(self.device)
             bar = tqdm(
-                total=sum(u.size for u in pending) or len(pending), unit=stage.unit_noun,
+                total=sum(stage.work(u, store.facts) for u in pending), unit=stage.unit_noun,
                 desc=stage.name, disable=not self.progress,
                 dynamic_ncols=True,
             )

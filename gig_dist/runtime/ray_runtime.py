@@ -34,15 +34,16 @@ WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrash
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at ``address`` (or a job's ``RAY_ADDRESS``), else start a local Ray.
-
-    A new local Ray binds to loopback: nothing on the network can reach it.
+    """Join the cluster at ``address`` (or a job's ``RAY_ADDRESS``), else start a Ray of this
+    run's own (``address="local"``): a bare ``ray.init()`` would join any cluster that a
+    ``ray start`` left on the machine. A new local Ray binds to loopback: nothing on the network
+    can reach it.
     """
     if ray.is_initialized():
         return
     if address is None and "RAY_ADDRESS" not in os.environ:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
 
@@ -107,7 +108,7 @@ class RayRuntime:
         attempts: Counter[int] = Counter()
         placement: Counter[str] = Counter()
         images = skipped = units_run = retries = 0
-        bar = tqdm(total=sum(u.size for u in pending) or len(pending), unit=stage.unit_noun, desc=f"{stage.name} x{num_workers}",
+        bar = tqdm(total=sum(stage.work(u, store.facts) for u in pending), unit=stage.unit_noun, desc=f"{stage.name} x{num_workers}",
                    disable=not self.config.progress, dynamic_ncols=True)
         try:
             while pending or in_flight:
@@ -130,7 +131,7 @@ class RayRuntime:
                     if not store.is_unit_done(unit.stage, unit.index):
                         pending.appendleft(unit)
                     else:  # committed just before the worker died: nothing to redo
-                        bar.update(unit.size or 1)
+                        bar.update(stage.work(unit, store.facts))
                     if actor not in dead:  # its other in-flight units fail the same way
                         dead.add(actor)
                         ray.kill(actor, no_restart=True)
@@ -147,7 +148,7 @@ class RayRuntime:
                 images += report.images
                 skipped += report.skipped
                 placement[node] += 1
-                bar.update(unit.size or 1)
+                bar.update(stage.work(unit, store.facts))
         finally:
             bar.close()
             for actor in {id(a): a for a in idle + [a for _, a in in_flight.values()]}.values():

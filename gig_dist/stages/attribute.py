@@ -134,7 +134,7 @@ class AttributeStage(Stage):
                    "gig.step_batch")
     coverage_key = "gig.images"
     per_dictionary = True
-    unit_noun = "image-pairs"
+    unit_noun = "image-pairs"  # an image of one pair (times its step and target chunks, when split)
 
     @classmethod
     def check(cls, config: Config, facts: Facts) -> list[str]:

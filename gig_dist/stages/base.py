@@ -178,6 +178,10 @@ class Stage(ABC):
         """All units of the stage, in order, whatever the coverage. Default: one per image shard."""
         return [WorkUnit(self.progress_key, i, r.start, r.stop) for i, r in enumerate(facts.units)]
 
+    def work(self, unit: WorkUnit, facts: Facts) -> int:
+        """How many ``unit_noun`` a unit counts towards the progress bar (its images, else 1)."""
+        return unit.size or 1
+
     def covers(self, unit: WorkUnit) -> bool:
         """Whether the current config asks for ``unit`` (the stage's coverage key)."""
         return True

@@ -50,6 +50,9 @@ class GraphStage(Stage):
     def plan(self, facts: Facts) -> list[WorkUnit]:
         return [WorkUnit(self.progress_key, 0)]
 
+    def work(self, unit: WorkUnit, facts: Facts) -> int:
+        return facts.num_outputs  # one graph per class
+
     def open_worker(self, device: str) -> GraphWorker:
         return GraphWorker(self)
 

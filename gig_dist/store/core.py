@@ -150,6 +150,13 @@ class ArraySpec:
     zstd_level: int = 1
     growable: bool = False
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes before compression (strings: not counted, they have no fixed size)."""
+        if self.dtype == "str":
+            return 0
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
     def __post_init__(self) -> None:
         if not (len(self.shape) == len(self.dims) == len(self.chunks)):
             raise ValueError(f"{self.path}: shape {self.shape}, dims {self.dims} and chunks {self.chunks} differ in rank")
