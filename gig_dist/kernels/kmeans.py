@@ -88,6 +88,23 @@ def _lloyd(points: np.ndarray, total: np.ndarray, c0: np.ndarray, c1: np.ndarray
     return points @ (c1 - c0).astype(np.float32) > 0.5 * (c1 @ c1 - c0 @ c0)
 
 
+def _farthest_point_split(points: np.ndarray, total: np.ndarray, squared: np.ndarray, tol: float,
+                          max_iter: int) -> np.ndarray:
+    """A split that always separates distinct points: Lloyd from the centroid and the member
+    farthest from it; if Lloyd still puts everything on one side, that member alone. All False
+    when every member is the same point."""
+    if not len(points) or np.ptp(points, axis=0).max() == 0:
+        return np.zeros(len(points), dtype=bool)
+    mean = total / len(points)
+    farthest = int(np.argmax(squared - 2 * (points @ mean.astype(np.float32)) + mean @ mean))
+    side = _lloyd(points, total, mean, points[farthest].astype(np.float64), tol, max_iter)
+    if 0 < np.count_nonzero(side) < len(points):
+        return side
+    side = np.zeros(len(points), dtype=bool)
+    side[farthest] = True
+    return side
+
+
 class BisectingKMeans:
     """Bisecting k-means with the largest-inertia splitting rule.
 
@@ -141,8 +158,12 @@ class BisectingKMeans:
             # k-means++ for two centres: the second drawn with probability ~ squared distance.
             c0 = init_points[rng.integers(len(init_points))].astype(np.float64)
             d2 = np.maximum(init_squared - 2 * (init_points @ c0.astype(np.float32)) + c0 @ c0, 0)
+            if d2.sum() <= 0 and len(init_points) < n:
+                # The subsample holds copies of one point only: initialise on all members.
+                init_points, init_squared, init_total = points, squared, total
+                d2 = np.maximum(init_squared - 2 * (init_points @ c0.astype(np.float32)) + c0 @ c0, 0)
             if d2.sum() <= 0:
-                return np.zeros(n, dtype=bool)  # all drawn points coincide with c0
+                return np.zeros(n, dtype=bool)  # every member coincides with c0
             c1 = init_points[rng.choice(len(init_points), p=d2 / d2.sum())].astype(np.float64)
             side = _lloyd(init_points, init_total, c0, c1, tol, self.max_iter)
             if len(init_points) < n:
@@ -192,7 +213,12 @@ class BisectingKMeans:
             s, e = start[node], stop[node]
             side = self._two_means(points[s:e], sums[node], squared[s:e], tol, step)
             n1 = int(np.count_nonzero(side))
-            if n1 in (0, e - s):  # (near-)identical points: this leaf cannot split
+            if n1 in (0, e - s):
+                # 2-means put every member on one side, yet the leaf has distinct points: a leaf
+                # with positive inertia is never dropped, it is split from its farthest point.
+                side = _farthest_point_split(points[s:e], sums[node], squared[s:e], tol, self.max_iter)
+                n1 = int(np.count_nonzero(side))
+            if n1 in (0, e - s):  # identical points: this leaf cannot split
                 continue
             # Partition the segment: first half (side False) then second, order kept within each.
             mid = s + (e - s - n1)
