@@ -18,6 +18,7 @@ from gig_dist.config import Config, ConfigError
 from gig_dist.data.sources import DatasetIndex, build_index
 from gig_dist.kernels.taps import probe_model, resolve_taps
 from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.runtime.address import check_reachable
 from gig_dist.runtime.local import LocalRuntime, StageReport
 from gig_dist.stages.base import Stage
 from gig_dist.stages.registry import by_name, fingerprints, stages_until
@@ -135,6 +136,8 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
     """Check the run against the model and the data, every stage's own checks included (all
     errors together), then create its store (at ``out``, else ``store.path``) or reopen it, and
     decide what each stage keeps or redoes. With ``until``, only the stages up to it are checked."""
+    if config.runtime.kind == "ray":
+        check_reachable(config.runtime.address)
     facts, index, transform = collect_facts(config)
     run_stages = stages_until(until)
     errors = [error for stage in run_stages for error in stage.check(config, facts)]
@@ -142,13 +145,16 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"the run cannot start ({len(errors)} problems):\n  " + "\n  ".join(errors))
     url = store_url(out if out is not None else config.store.path)
-    if RunStore.claim(url, overwrite):
-        store = RunStore.open(url, mode="r+")
-        _check_resumable(store, config, facts, index, url)
-    else:
-        store = RunStore.create(url, Manifest(0, "creating", config=config.to_dict(), versions=versions(),
-                                              dataset_fingerprint=index.fingerprint(), transform=vars(transform)),
-                                facts, index.paths, index.labels)
+    try:
+        if RunStore.claim(url, overwrite):
+            store = RunStore.open(url, mode="r+")
+            _check_resumable(store, config, facts, index, url)
+        else:
+            store = RunStore.create(url, Manifest(0, "creating", config=config.to_dict(), versions=versions(),
+                                                  dataset_fingerprint=index.fingerprint(), transform=vars(transform)),
+                                    facts, index.paths, index.labels)
+    except OSError as exc:  # a read-only or missing location, a file in the way, no permission
+        raise StoreError(f"--out {url}: cannot write the run store there ({exc.strerror or exc})") from None
     return Prepared(store, decide(store, config, run_stages))
 
 

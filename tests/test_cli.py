@@ -119,3 +119,30 @@ def test_config_prints_every_default():
     assert printed == expected  # every section and key, with its default (and the one override)
     assert printed["dataset"]["limit"] == 5 and printed["store"]["images_per_unit"] == 64
     assert printed["concepts"]["method"] == "bisecting_kmeans" and printed["gig"]["steps"] == 32
+
+
+def test_errors_a_user_can_act_on_are_one_line_without_a_traceback(tmp_path):
+    """A read-only or impossible --out, an unreachable Ray address and an empty weights file each
+    used to print a traceback (or an empty reason); the store is never created."""
+    import socket
+
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    small = ["-o", "dataset.toy.num_images=4", "--until", "extract"]
+    cases = [
+        (["--out", "/proc/gig-dist-run.zarr"], "--out /proc/gig-dist-run.zarr: cannot write the run store there"),
+        (["--out", str(tmp_path / "a_file" / "run.zarr")], "cannot write the run store there (Not a directory)"),
+        (["--out", str(tmp_path / "r.zarr"), "--ray-address", f"127.0.0.1:{closed}"],
+         f"runtime.address = 127.0.0.1:{closed}: no Ray cluster answers there (Connection refused)"),
+        (["--out", str(tmp_path / "r.zarr"), "-o", f"model.weights={tmp_path / 'empty.pt'}"],
+         "is empty (0 bytes); was its download or copy interrupted?"),
+    ]
+    for args, message in cases:
+        done = run_cli("run", *args, *small)
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "r.zarr").exists()

@@ -80,10 +80,13 @@ def _unwrap_state_dict(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
 def load_state_dict_file(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"model.weights: state-dict file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"model.weights: {path} is empty (0 bytes); was its download or copy interrupted?")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for bad or unsafe pickles
-        raise ConfigError(f"model.weights: cannot load {path} as a state dict (weights_only=True): {exc}") from exc
+        reason = str(exc).strip() or type(exc).__name__
+        raise ConfigError(f"model.weights: cannot load {path} as a state dict (weights_only=True): {reason}") from exc
     state = _unwrap_state_dict(loaded, path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
