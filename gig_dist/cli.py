@@ -177,11 +177,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 print(f"    {tap:<16} {c['pfvs']} PFVs  mean l0 {c['mean_l0']:.2f}  l0 ratio {ratio}  R^2 {r2}  "
                       f"max l0 {c['max_l0']}{cut}")
         if found["gig"]:
-            print("  GIG (dataset matrices; completeness gap |sum_k GIG - (S(F(X~)) - S(F(0)))| / |S(F(X~)) - S(F(0))|)")
+            print("  GIG (dataset matrices; completeness gap |sum_k GIG - (S(F(X~)) - S(F(0)))| / |S(F(X~)) - S(F(0))|;\n"
+                  "       kept: the share of the real change the reconstruction keeps, "
+                  "[S(F(X~)) - S(F(0))] / [S(F(X)) - S(F(0))])")
             for key, g in found["gig"].items():
                 source, target = g["pair"]
                 gaps = (f"mean gap {g['mean_gap']:.2e}  median {g['median_gap']:.2e}  max {g['max_gap']:.2e}"
                         if g.get("mean_gap") is not None else "no targets")
+                if g.get("mean_kept") is not None:
+                    gaps += f"  kept {g['mean_kept']:.3f} (median {g['median_kept']:.3f})"
                 print(f"    {source} -> {target:<10} matrix {tuple(g['matrix'])}  {g['images']} images, "
                       f"{g['targets']} targets, {g['steps']} steps ({g['rule']})  {gaps}")
     print("arrays")

@@ -228,6 +228,20 @@ def test_reference_run_is_complete_and_reports_its_gaps(reference):
     partial = zgroup(reference)["gig/bisecting_kmeans/layer2.1__layer3.1/partial"][0, :16]
     assert np.allclose(partial.sum(-1), total)
     assert np.nanmean(np.abs(total - delta) / np.abs(delta)) == pytest.approx(summary["layer2.1__layer3.1"]["mean_gap"])
+    # The real change S(F(X)) - S(F(0)) of the class pair: with F(0) the head's bias alone, it is
+    # the model's own logit less that bias (up to the float16 rounding of the stored PFVs).
+    key = "gig/bisecting_kmeans/layer3.1__logits"
+    targets = zgroup(reference)[f"{key}/target"][:16]
+    real = zgroup(reference)[f"{key}/delta_real"][:16]
+    logits = zgroup(reference)["meta/logits"][:16]
+    bias = build_model(toy_config().model).fc.bias.detach().numpy()
+    valid = targets >= 0
+    expected = np.take_along_axis(logits, np.maximum(targets, 0), 1) - bias[np.maximum(targets, 0)]
+    assert np.allclose(real[valid], expected[valid], rtol=1e-2, atol=1e-2)
+    kept = zgroup(reference)[f"{key}/kept"][:16]
+    assert np.allclose(kept[valid], zgroup(reference)[f"{key}/delta"][:16][valid] / real[valid])
+    stats = summary["layer3.1__logits"]
+    assert stats["mean_kept"] == pytest.approx(np.nanmean(kept)) and 0.3 < stats["mean_kept"] < 1.5
     # Images beyond gig.images are not attributed.
     assert (zgroup(reference)["gig/bisecting_kmeans/layer2.1__layer3.1/target"][16:] == -1).all()
 
@@ -326,3 +340,39 @@ def test_bad_gig_settings_are_refused_before_any_work(tmp_path, overrides, messa
     with pytest.raises(ConfigError, match=message):
         pipeline.run(toy_config(*overrides), tmp_path / "x.zarr")
     assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.fast
+def test_the_change_of_real_activations_and_the_kept_fraction():
+    """``change`` equals the model run with the tap's output replaced; with exact codes the
+    reconstruction keeps the whole change, with sparse Lasso codes part of it."""
+    from gig_dist.kernels.lasso import NonNegativeLassoCoder
+    from gig_dist.kernels.metrics import kept_fraction
+
+    model, activation = toy_activation("layer2.1")
+    x = activation[0]
+    kernel = GIG(model, "layer2.1", LOGITS, torch.eye(128), (128, 16, 16))
+    targets = torch.tensor([0, 5])
+
+    def replaced(value):
+        handle = model.layer2[1].register_forward_hook(lambda *_: value[None])
+        try:
+            with torch.no_grad():
+                return model(torch.zeros(1, 3, 64, 64))[0, targets].double()
+        finally:
+            handle.remove()
+
+    real = kernel.change(x, targets)
+    assert torch.allclose(real, replaced(x) - replaced(torch.zeros_like(x)), rtol=1e-5, atol=1e-6)
+    index, value = identity_codes(x)
+    exact = kernel.attribute(index, value, targets, endpoints=True).delta
+    assert np.allclose(kept_fraction(exact.numpy(), real.numpy()), 1, atol=1e-5)
+    V = np.abs(np.random.default_rng(0).normal(size=(64, 128))).astype(np.float32)
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    coder = NonNegativeLassoCoder(V, lambda_rel=0.3)
+    sparse_index, sparse_value = coder.encode(x.reshape(128, -1).T.numpy())
+    lossy = GIG(model, "layer2.1", LOGITS, torch.from_numpy(V), (128, 16, 16)).attribute(
+        torch.from_numpy(sparse_index.astype(np.int64)), torch.from_numpy(sparse_value), targets, endpoints=True).delta
+    kept = kept_fraction(lossy.numpy(), real.numpy())
+    assert np.isfinite(kept).all() and not np.allclose(kept, 1, atol=1e-3)
+    assert np.isnan(kept_fraction(np.array([1.0]), np.array([0.0])))[0]

@@ -271,10 +271,19 @@ class GIG:
         attribution.scatter_add_(1, index.clamp_min(0).flatten()[None].expand(len(targets), -1),
                                  contrib.flatten(1))
         attribution /= self.steps
-        delta = None
-        if endpoints:
-            with torch.no_grad():
-                ends = torch.stack([x_full, torch.zeros_like(x_full)])
-                read = self._readout(self.subnet(ends, image), targets).to(torch.float64)
-            delta = read[0] - read[1]
+        delta = self.change(x_full, targets, None if image is None else image[0]) if endpoints else None
         return GIGResult(attribution, delta)
+
+    def change(self, activation: torch.Tensor, targets: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """``S_t(F(a)) - S_t(F(0))`` (T,) float64 for a source activation ``a`` (C, H, W): with the
+        reconstruction ``X~`` the side completeness compares GIG to; with the real activation
+        ``X`` the change the reconstruction should keep (``kernels.metrics.kept_fraction``)."""
+        from gig_dist.kernels.srd import refuse_training_mode
+
+        refuse_training_mode(self.subnet.model, "GIG")
+        with torch.no_grad():
+            activation = activation.to(self.V.device, self.V.dtype)
+            ends = torch.stack([activation, torch.zeros_like(activation)])
+            read = self._readout(self.subnet(ends, None if image is None else image[None]), targets)
+        read = read.to(torch.float64)
+        return read[0] - read[1]

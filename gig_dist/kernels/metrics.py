@@ -20,6 +20,24 @@ def completeness_gap(total: np.ndarray, delta: np.ndarray) -> np.ndarray:
         return np.where(defined, np.abs(total - delta) / np.where(defined, np.abs(delta), 1.0), np.nan)
 
 
+def kept_fraction(delta: np.ndarray, delta_real: np.ndarray) -> np.ndarray:
+    """The share of the real change the reconstruction keeps, ``[S(F(X~)) - S(F(0))] / [S(F(X)) -
+    S(F(0))]`` elementwise; NaN where the real change is NaN or at most ``GAP_EPSILON``."""
+    delta, delta_real = np.asarray(delta, dtype=np.float64), np.asarray(delta_real, dtype=np.float64)
+    defined = np.abs(delta_real) > GAP_EPSILON
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(defined, delta / np.where(defined, delta_real, 1.0), np.nan)
+
+
+def kept_summary(kept: np.ndarray) -> dict[str, float | None]:
+    """Mean and median of the defined kept fractions."""
+    defined = np.asarray(kept, dtype=np.float64)
+    defined = defined[~np.isnan(defined)]
+    if not defined.size:
+        return {"mean_kept": None, "median_kept": None}
+    return {"mean_kept": float(defined.mean()), "median_kept": float(np.median(defined))}
+
+
 def gap_summary(gaps: np.ndarray) -> dict[str, float | int | None]:
     """Count, mean, median and max of the defined (non-NaN) gaps."""
     defined = np.asarray(gaps, dtype=np.float64)

@@ -134,6 +134,7 @@ class AttributeStage(Stage):
                    "gig.step_batch")
     coverage_key = "gig.images"
     per_dictionary = True
+    version = 2  # 2: also S(F(X)) - S(F(0)) of the real PFVs, for the kept fraction
     unit_noun = "image-pairs"  # an image of one pair (times its step and target chunks, when split)
 
     @classmethod
@@ -247,6 +248,9 @@ class AttributeWorker(StageWorker):
         partial = np.zeros((len(r), t1 - t0, width))
         sources = np.full((len(r), width), -1, dtype=np.int32)
         delta = np.full((len(r), t1 - t0), np.nan)
+        delta_real = np.full((len(r), t1 - t0), np.nan)
+        channels, height, width_px = self.store.taps[source]
+        real = self.store.meta.read_pfvs(source, r) if first_steps else None  # the real X, as stored
         for row in rows:
             image_index = torch.from_numpy(index[row, :, :slots].astype(np.int64)).to(self.device)
             image_value = torch.from_numpy(value[row, :, :slots]).to(self.device)
@@ -263,13 +267,18 @@ class AttributeWorker(StageWorker):
                 partial[row, valid, : len(active)] = result.attribution.cpu().numpy()[:, active]
                 if result.delta is not None:
                     delta[row, valid] = result.delta.cpu().numpy()
+                    activation = torch.from_numpy(real[row].astype(np.float32).T.reshape(channels, height, width_px))
+                    delta_real[row, valid] = kernel.change(
+                        activation, torch.from_numpy(chosen[row, valid].astype(np.int64)),
+                        images.get(int(row))).cpu().numpy()
             if progress is not None:
                 progress(1)
         if progress is not None:
             progress(len(r) - len(rows))
         self.gig.write_unit(pair, r, step_chunk=step_chunk, targets=unit.targets, partial=partial,
                                   sources=sources if first_steps and t0 == 0 else None,
-                                  chosen=chosen if first_steps else None, delta=delta if first_steps else None)
+                                  chosen=chosen if first_steps else None, delta=delta if first_steps else None,
+                                  delta_real=delta_real if first_steps else None)
         return UnitReport(unit.index, len(r), int(len(r) - len(rows)))
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from gig_dist.kernels.gig import LOGITS
-from gig_dist.kernels.metrics import completeness_gap, gap_summary
+from gig_dist.kernels.metrics import completeness_gap, gap_summary, kept_fraction, kept_summary
 from gig_dist.stages.attribute import AttributeStage, Pair, num_targets
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
@@ -68,7 +68,7 @@ class ReduceStage(Stage):
             blocks = [u for u in units if u.pair == pair]
             shape = gig.matrix_shape(pair)
             matrix, count = np.zeros(shape), np.zeros(shape[1], dtype=np.int64)
-            images, gaps = 0, []
+            images, gaps, kept = 0, [], []
             for unit in blocks:  # in block order: the fixed second level of the tree
                 block_matrix, block_count = gig.read_block(pair, unit.index % len(self.blocks(store.facts)))
                 matrix += block_matrix
@@ -76,13 +76,16 @@ class ReduceStage(Stage):
             for r in self.store_units_in(store, blocks):
                 status, _ = store.meta.read_status(r)
                 images += int((status == PROCESSED).sum())
-                gaps.append(gig.read_reduced(pair, r)["gap"].ravel())
+                reduced = gig.read_reduced(pair, r)
+                gaps.append(reduced["gap"].ravel())
+                kept.append(reduced["kept"].ravel())
             if pair[1] == LOGITS:
                 matrix /= np.maximum(count, 1)[None, :]  # mean over the images of each class
             elif images:
                 matrix /= images  # mean over all images; a concept not among an image's targets counts 0
             gig.write_matrix(pair, matrix, count, {
                 "images": images, **gap_summary(np.concatenate(gaps) if gaps else np.zeros(0)),
+                **kept_summary(np.concatenate(kept) if kept else np.zeros(0)),
                 "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1]})
 
     def store_units_in(self, store: RunStore, blocks: list[WorkUnit]) -> list[ImageRange]:
@@ -128,12 +131,13 @@ def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int,
     valid = chosen >= 0
     total = np.where(valid, summed.sum(axis=2), np.nan)
     gap = completeness_gap(total, delta)
+    kept = np.where(valid, kept_fraction(delta, parts["delta_real"]), np.nan)
     order = np.argsort(-summed, axis=2, kind="stable")[:, :, :top_edges]
     edge_value = np.take_along_axis(summed, order, axis=2)
     edge_source = np.take_along_axis(np.broadcast_to(sources[:, None, :], summed.shape), order, axis=2)
     keep = valid[:, :, None] & (edge_source >= 0)
     pad = ((0, 0), (0, 0), (0, top_edges - order.shape[2]))
-    gig.write_reduced(pair, r, total=total, gap=gap,
+    gig.write_reduced(pair, r, total=total, gap=gap, kept=kept,
                       edge_source=np.pad(np.where(keep, edge_source, -1), pad, constant_values=-1).astype(np.int32),
                       edge_value=np.pad(np.where(keep, edge_value, 0), pad).astype(np.float32))
     processed = np.flatnonzero(status == PROCESSED)

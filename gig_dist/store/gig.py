@@ -6,11 +6,13 @@ classes). Written by the attribute stage:
     source  (image, source_slot)     int32 each image's active source concepts (-1 pad)
     target  (image, target_slot)     int32 its targets (top code mass at b, or predicted and true class)
     delta   (image, target_slot)     float64 S(F(X~)) - S(F(0))
+    delta_real (image, target_slot)  float64 S(F(X)) - S(F(0)) of the stored (real) PFVs
     partial (step_chunk, image, target_slot, source_slot) float64 per-step-range sums of GIG
 
 by the reduce stage:
 
     total, gap      (image, target_slot)        sum_k GIG and the relative completeness gap
+    kept            (image, target_slot)        the share of the real change the reconstruction keeps
     edges/source, edges/value (image, target_slot, edge)  the strongest sources per target
     block_matrix    (block, source_concept, <target>)  each reduce block's sum, in image order
     block_count     (block, <target>)           images per column in each block
@@ -52,6 +54,8 @@ def attribution_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int
                   fill_value=-1),
         ArraySpec(f"{base}/delta", (n, targets), "float64", ("image", "target_slot"), (unit, target_chunk),
                   fill_value=np.nan),
+        ArraySpec(f"{base}/delta_real", (n, targets), "float64", ("image", "target_slot"), (unit, target_chunk),
+                  fill_value=np.nan),
         ArraySpec(f"{base}/partial", (step_chunks, n, targets, width), "float64",
                   ("step_chunk", "image", "target_slot", "source_slot"), (1, unit, target_chunk, width),
                   fill_value=0.0, growable=True),
@@ -66,6 +70,7 @@ def reduction_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, 
     return [
         ArraySpec(f"{base}/total", (n, targets), "float64", ("image", "target_slot"), (unit, targets), fill_value=np.nan),
         ArraySpec(f"{base}/gap", (n, targets), "float64", ("image", "target_slot"), (unit, targets), fill_value=np.nan),
+        ArraySpec(f"{base}/kept", (n, targets), "float64", ("image", "target_slot"), (unit, targets), fill_value=np.nan),
         ArraySpec(f"{base}/edges/source", (n, targets, edges), "int32", ("image", "target_slot", "edge"),
                   (unit, targets, edges), fill_value=-1),
         ArraySpec(f"{base}/edges/value", (n, targets, edges), "float32", ("image", "target_slot", "edge"),
@@ -99,7 +104,7 @@ class GIGSection:
 
     def write_unit(self, pair: Pair, r: ImageRange, *, step_chunk: int, targets: tuple[int, int],
                    partial: np.ndarray, sources: np.ndarray | None, chosen: np.ndarray | None,
-                   delta: np.ndarray | None) -> None:
+                   delta: np.ndarray | None, delta_real: np.ndarray | None) -> None:
         """One attribution unit: its chunk of partial sums (step range ``step_chunk``, images
         ``r``, target slots ``targets``); the unit of the first step range also writes the chosen
         targets and the completeness endpoints, and with the first target slots the sources."""
@@ -109,6 +114,7 @@ class GIGSection:
         if chosen is not None:
             self.store.array(self._path(pair, "target"))[sl, t] = chosen
             self.store.array(self._path(pair, "delta"))[sl, t] = delta
+            self.store.array(self._path(pair, "delta_real"))[sl, t] = delta_real
         if sources is not None:
             self.store.array(self._path(pair, "source"))[sl, : sources.shape[1]] = sources
 
@@ -116,21 +122,23 @@ class GIGSection:
         """Partial sums (S, n, T, W), sources, targets and deltas of images ``r``."""
         return {"partial": self.store.array(self._path(pair, "partial"))[:, r.start : r.stop],
                 **{name: self.store.array(self._path(pair, name))[r.start : r.stop]
-                   for name in ("source", "target", "delta")}}
+                   for name in ("source", "target", "delta", "delta_real")}}
 
     # -- reduce --------------------------------------------------------------------------------------
 
-    def write_reduced(self, pair: Pair, r: ImageRange, *, total: np.ndarray, gap: np.ndarray,
+    def write_reduced(self, pair: Pair, r: ImageRange, *, total: np.ndarray, gap: np.ndarray, kept: np.ndarray,
                       edge_source: np.ndarray, edge_value: np.ndarray) -> None:
         sl = self.store.unit_slice(r)
         self.store.array(self._path(pair, "total"))[sl] = total
         self.store.array(self._path(pair, "gap"))[sl] = gap
+        self.store.array(self._path(pair, "kept"))[sl] = kept
         self.store.array(self._path(pair, "edges/source"))[sl] = edge_source
         self.store.array(self._path(pair, "edges/value"))[sl] = edge_value
 
     def read_reduced(self, pair: Pair, r: ImageRange) -> dict[str, np.ndarray]:
         return {name: self.store.array(self._path(pair, name))[r.start : r.stop]
-                for name in ("total", "gap", "edges/source", "edges/value", "target", "source", "delta")}
+                for name in ("total", "gap", "kept", "edges/source", "edges/value", "target", "source", "delta",
+                             "delta_real")}
 
     def write_block(self, pair: Pair, block: int, matrix: np.ndarray, count: np.ndarray) -> None:
         self.store.array(self._path(pair, "block_matrix"))[block] = matrix
