@@ -23,6 +23,7 @@ from gig_dist.runtime.local import LocalRuntime, StageReport
 from gig_dist.stages.base import Stage
 from gig_dist.stages.registry import by_name, fingerprints, stages_until
 from gig_dist.store import Facts, Manifest, RunStore, StoreError
+from gig_dist.store.lease import Lease
 
 #: Keys that fix the store's layout: a store cannot be resumed with other values.
 LAYOUT_KEYS = ("images_per_unit", "images_per_chunk", "zstd_level")
@@ -129,6 +130,8 @@ def _flat_get(config: Config, dotted: str) -> Any:
 class Prepared:
     store: RunStore
     decisions: list[Decision]
+    #: This driver's lease on the store; :func:`run` gives it back when it ends.
+    lease: Lease | None = None
 
 
 def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False,
@@ -145,7 +148,10 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"the run cannot start ({len(errors)} problems):\n  " + "\n  ".join(errors))
     url = store_url(out if out is not None else config.store.path)
+    lease = None
     try:
+        RunStore.refuse_foreign(url)  # before the lease is written there
+        lease = Lease.acquire(url)  # before anything is deleted: never under a live run
         if RunStore.claim(url, overwrite):
             store = RunStore.open(url, mode="r+")
             _check_resumable(store, config, facts, index, url)
@@ -153,9 +159,15 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
             store = RunStore.create(url, Manifest(0, "creating", config=config.to_dict(), versions=versions(),
                                                   dataset_fingerprint=index.fingerprint(), transform=vars(transform)),
                                     facts, index.paths, index.labels)
+        return Prepared(store, decide(store, config, run_stages), lease)
     except OSError as exc:  # a read-only or missing location, a file in the way, no permission
+        if lease is not None:
+            lease.release()
         raise StoreError(f"--out {url}: cannot write the run store there ({exc.strerror or exc})") from None
-    return Prepared(store, decide(store, config, run_stages))
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
 
 
 def _check_resumable(store: RunStore, config: Config, facts: Facts, index: DatasetIndex, url: str) -> None:
@@ -202,11 +214,14 @@ def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bo
     keeping what an earlier run computed with the same settings. ``on_plan`` sees the keep/redo
     decisions before any work."""
     prepared = prepare(config, out, overwrite, until)
-    if on_plan is not None:
-        on_plan(prepared.decisions)
-    runtime = make_runtime(config)
-    reports = [runtime.run(stage_type(config, prepared.store.url)) for stage_type in stages_until(until)]
-    prepared.store.consolidate()  # the manifest changed: fresh consolidated metadata for readers
+    try:
+        if on_plan is not None:
+            on_plan(prepared.decisions)
+        runtime = make_runtime(config)
+        reports = [runtime.run(stage_type(config, prepared.store.url)) for stage_type in stages_until(until)]
+        prepared.store.consolidate()  # the manifest changed: fresh consolidated metadata for readers
+    finally:
+        prepared.lease.release()
     return PipelineReport(prepared.store.url, reports, prepared.decisions)
 
 

@@ -146,3 +146,29 @@ def test_errors_a_user_can_act_on_are_one_line_without_a_traceback(tmp_path):
         assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "r.zarr").exists()
+
+
+def test_a_second_driver_on_a_live_run_refuses_naming_the_first(tmp_path):
+    """Two `gig-dist run` on one --out both did all the work, and --overwrite wiped a live run."""
+    import time
+
+    out = str(tmp_path / "run.zarr")
+    args = ["run", "--out", out, "-o", "dataset.toy.num_images=64", "-o", "concepts.k_multiplier=0.25",
+            "-o", "gig.images=64", "-o", "runtime.progress=false"]
+    first = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run.zarr" / "gig-dist.lease").exists():
+            assert time.time() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        for extra in ([], ["--overwrite"]):
+            second = run_cli(*args, *extra)
+            assert second.returncode == 2, second.stderr
+            assert f"in use by another gig-dist run: pid {first.pid} on host" in second.stderr, second.stderr
+        stdout, stderr = first.communicate(timeout=600)
+        assert first.returncode == 0, stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert not (tmp_path / "run.zarr" / "gig-dist.lease").exists()  # given back at the end
+    assert "graphs: 1/1 units run" in stdout

@@ -30,7 +30,7 @@ FACTS = Facts(num_images=10, images_per_unit=4, images_per_chunk=2, zstd_level=1
 
 
 def make_store(url: str) -> RunStore:
-    assert not RunStore.claim(url, overwrite=False)
+    assert not RunStore.claim(url, overwrite=False)  # (the pipeline holds a lease first; not needed here)
     return RunStore.create(url, Manifest(0, "creating", config={"x": 1}), FACTS, [f"p{i}" for i in range(10)],
                            np.arange(10) % 2)
 
@@ -199,4 +199,66 @@ def test_a_run_of_an_older_store_format_is_kept_unless_overwritten(tmp_path):
     assert (tmp_path / "old.zarr" / "pfv" / "layer1.0" / "zarr.json").exists()
     with pytest.raises(StoreError, match="store format 2; this gig-dist reads format 3"):
         RunStore.open(url)
-    assert RunStore.claim(url, overwrite=True) is False and not (tmp_path / "old.zarr").exists()
+    assert RunStore.claim(url, overwrite=True) is False and RunStore.inspect_prefix(url) == ("empty", [])
+
+
+def _plant_lease(url: str, **fields) -> None:
+    import time
+
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    record = {"host": "elsewhere", "pid": 4242, "token": "t", "started": time.time(), "heartbeat": time.time(), **fields}
+    fs.pipe_file(f"{root}/gig-dist.lease", json.dumps(record).encode())
+
+
+@pytest.mark.parametrize("where", ["memory://bucket/leased", "local"])
+def test_a_live_lease_of_another_driver_is_refused_naming_it(tmp_path, where):
+    from gig_dist.store.lease import Lease
+
+    url = str(tmp_path / "run.zarr") if where == "local" else where
+    _plant_lease(url)
+    with pytest.raises(StoreError, match=r"in use by another gig-dist run: pid 4242 on host elsewhere"):
+        Lease.acquire(url)
+    assert json.loads(fsspec.core.url_to_fs(url)[0].cat_file(
+        fsspec.core.url_to_fs(url)[1] + "/gig-dist.lease"))["pid"] == 4242  # untouched
+
+
+def test_a_stale_lease_is_taken_over_saying_so(tmp_path):
+    import time
+
+    from gig_dist.store.lease import STALE_AFTER_S, Lease
+
+    url = str(tmp_path / "run.zarr")
+    _plant_lease(url, heartbeat=time.time() - STALE_AFTER_S - 5)
+    with pytest.warns(UserWarning, match=r"taking over the lease of pid 4242 on host elsewhere .*last heartbeat"):
+        lease = Lease.acquire(url)
+    assert lease.read()["token"] == lease.record["token"]
+    lease.release()
+    assert lease.read() is None
+
+
+def test_a_lease_of_a_killed_process_on_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from gig_dist.store.lease import Lease
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    url = str(tmp_path / "run.zarr")
+    _plant_lease(url, host=socket.gethostname(), pid=int(done.stdout))  # a process that has exited
+    with pytest.warns(UserWarning, match="its process is gone"):
+        Lease.acquire(url).release()
+
+
+def test_the_lease_does_not_make_a_prefix_foreign_and_survives_overwrite(tmp_path):
+    from gig_dist.store.lease import Lease
+
+    url = str(tmp_path / "run.zarr")
+    lease = Lease.acquire(url)
+    assert RunStore.inspect_prefix(url) == ("empty", [])
+    make_store(url)
+    assert RunStore.inspect_prefix(url) == ("ours", [])
+    assert RunStore.claim(url, overwrite=True) is False
+    assert lease.read()["token"] == lease.record["token"] and RunStore.inspect_prefix(url) == ("empty", [])
+    lease.release()

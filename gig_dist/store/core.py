@@ -38,10 +38,14 @@ from zarr.codecs import ZstdCodec
 
 FORMAT_VERSION = 3
 MARKER = "gig_dist"
+#: The lease object (see ``store.lease``): one driver per run.
+LEASE_KEY = "gig-dist.lease"
 
 PENDING, PROCESSED, SKIPPED = 0, 1, 2
 
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+# The lease object sits beside the root's zarr.json; zarr notes any non-Zarr key it lists.
+warnings.filterwarnings("ignore", message="Object at gig-dist.lease is not recognized", category=UserWarning)
 
 
 class StoreError(RuntimeError):
@@ -183,6 +187,11 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root.rstrip("/")
 
 
+def _foreign_message(url: str, found: list[str]) -> str:
+    return (f"{url} holds data that is not a gig-dist run store ({', '.join(found)}); refusing to write there, "
+            "with or without --overwrite. Choose an empty or new --out")
+
+
 def _foreign_keys(fs: fsspec.AbstractFileSystem, base: str, keys: list[str]) -> list[str]:
     """The keys (relative to ``base``) that are neither Zarr metadata nor chunks of an array."""
     arrays = set()
@@ -193,7 +202,7 @@ def _foreign_keys(fs: fsspec.AbstractFileSystem, base: str, keys: list[str]) -> 
                     arrays.add(key[: -len("zarr.json")])
             except (ValueError, OSError):
                 pass
-    return [key for key in keys if not (key == "zarr.json" or key.endswith("/zarr.json")
+    return [key for key in keys if not (key == "zarr.json" or key.endswith("/zarr.json") or key == LEASE_KEY
                                         or any(key.startswith(a + "c") for a in arrays))]
 
 
@@ -215,7 +224,7 @@ class RunStore:
         if fs.isfile(root):
             return "foreign", [root]
         keys = [key[len(root) + 1:] for key in fs.find(root)] if fs.isdir(root) else []
-        if not keys:
+        if not [key for key in keys if key != LEASE_KEY]:
             return "empty", []
         if "zarr.json" not in keys:
             return "foreign", keys[:5]
@@ -228,20 +237,37 @@ class RunStore:
         foreign = _foreign_keys(fs, root, keys)
         return ("foreign", foreign[:5]) if foreign else ("ours", [])
 
+    @staticmethod
+    def _marker(url: str) -> dict[str, Any] | None:
+        """The gig-dist marker of the root ``zarr.json`` at ``url``, if there is one."""
+        fs, root = _fs(url)
+        if not fs.isfile(f"{root}/zarr.json"):
+            return None
+        try:
+            found = json.loads(fs.cat_file(f"{root}/zarr.json"))
+        except (ValueError, OSError):
+            return None
+        marker = found.get("attributes", {}).get(MARKER) if found.get("node_type") == "group" else None
+        return marker if isinstance(marker, dict) else None
+
+    @classmethod
+    def refuse_foreign(cls, url: str) -> None:
+        """Raise :class:`StoreError` unless ``url`` is empty or a gig-dist store (reading only the
+        root metadata when it is one)."""
+        if cls._marker(url) is not None:
+            return
+        kind, found = cls.inspect_prefix(url)
+        if kind == "foreign":
+            raise StoreError(_foreign_message(url, found))
+
     @classmethod
     def claim(cls, url: str, overwrite: bool) -> bool:
         """Make ``url`` ready for a new store, or say that one is there to resume (True).
 
         Deletes only a gig-dist store, and only with ``overwrite`` or when its creation was
         interrupted; refuses anything else before touching it. Resuming reads the root metadata
-        only: every key is listed just before something would be deleted."""
-        fs, root = _fs(url)
-        marker: dict[str, Any] = {}
-        if fs.isfile(f"{root}/zarr.json"):
-            try:
-                marker = json.loads(fs.cat_file(f"{root}/zarr.json")).get("attributes", {}).get(MARKER, {})
-            except (ValueError, OSError):
-                pass
+        only: every key is listed just before something would be deleted. The lease stays."""
+        marker = cls._marker(url) or {}
         if not overwrite and marker.get("state") == "ready":
             return True
         if not overwrite and marker and marker.get("state") != "creating":
@@ -251,12 +277,11 @@ class RunStore:
         if kind == "empty":
             return False
         if kind == "foreign":
-            listed = ", ".join(found)
-            raise StoreError(
-                f"{url} holds data that is not a gig-dist run store ({listed}); refusing to write there, "
-                "with or without --overwrite. Choose an empty or new --out"
-            )
-        fs.rm(root, recursive=True)  # every key was checked to be ours, and it is not a finished run to resume
+            raise StoreError(_foreign_message(url, found))
+        fs, root = _fs(url)
+        for key in fs.ls(root, detail=False):  # every key was checked to be ours
+            if key.rstrip("/").rsplit("/", 1)[-1] != LEASE_KEY:
+                fs.rm(key, recursive=True)
         return False
 
     @classmethod
@@ -265,7 +290,10 @@ class RunStore:
         index, then the manifest's ``ready`` state, the commit point of creation."""
         from gig_dist.store.meta import index_specs
 
-        group = zarr.open_group(url, mode="w-")  # fails rather than replace anything
+        # Mode "a" deletes nothing; claim() left nothing here but this run's lease.
+        group = zarr.open_group(url, mode="a", use_consolidated=False)
+        if MARKER in group.attrs or next(iter(group.members()), None) is not None:
+            raise StoreError(f"{url}: another gig-dist run created a store here at the same moment; rerun")
         manifest = dataclasses.replace(manifest, format_version=FORMAT_VERSION, state="creating",
                                        facts=facts.to_json())
         group.attrs[MARKER] = manifest.to_json()
