@@ -11,6 +11,7 @@ driver's lease: they never take one.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -67,6 +68,7 @@ class Lease:
         lease._write()
         lease._thread = threading.Thread(target=lease._beat, name="gig-dist-lease", daemon=True)
         lease._thread.start()
+        atexit.register(lease.release)  # a driver that ends without run()'s own release gives it back too
         return lease
 
     def _mine(self, held: dict[str, Any]) -> bool:
@@ -91,8 +93,8 @@ class Lease:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 held = self.read()
-                if held is not None and held.get("token") != self.record["token"]:
-                    return  # taken over (ours was stale): never refresh another run's lease
+                if held is None or held.get("token") != self.record["token"]:
+                    return  # given back, or taken over: never write a lease that is not ours
                 self._write()
             except OSError:
                 continue  # a passing storage error; the next beat tries again
@@ -100,6 +102,7 @@ class Lease:
     def release(self) -> None:
         """Stop the heartbeat and remove the lease, if it is still ours."""
         self._stop.set()
+        atexit.unregister(self.release)
         held = self.read()
         if held is not None and held.get("token") == self.record["token"]:
             try:
