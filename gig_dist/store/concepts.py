@@ -86,8 +86,5 @@ class ConceptsSection:
                 found.update({f"{name}/{sub}": child[...] for sub, child in node.members()})
         return found
 
-    def members(self, tap: str, r) -> np.ndarray:
-        return self.store.array(self._path(tap, "member"))[r.start : r.stop]
-
     def fit(self, tap: str) -> dict[str, Any]:
         return dict(self.store.attrs(self._path(tap)).get("fit", {})) if self.has(tap) else {}

@@ -165,9 +165,6 @@ class GIGSection:
             raise StoreError(f"{self.store.url} has no reduced GIG matrix for {pair[0]} -> {pair[1]}")
         return self.store.array(self._path(pair, "matrix"))[...]
 
-    def read_count(self, pair: Pair) -> np.ndarray:
-        return self.store.array(self._path(pair, "count"))[...]
-
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per reduced pair: the matrix shape and the completeness statistics."""
         found: dict[str, dict[str, Any]] = {}

@@ -98,15 +98,9 @@ class MetaSection:
     def read_logits(self, r: ImageRange) -> np.ndarray:
         return self.store.array("meta/logits")[r.start : r.stop]
 
-    def read_part_masks(self, r: ImageRange) -> np.ndarray | None:
-        return self.store.array("meta/part_mask")[r.start : r.stop] if self.store.has("meta/part_mask") else None
-
     def read_pfvs(self, tap: str, r: ImageRange) -> np.ndarray:
         """PFVs (images, positions, channels) of ``tap`` for images ``r``."""
         return self.store.array(f"pfv/{tap}")[r.start : r.stop]
-
-    def pfv_path(self, tap: str) -> str:
-        return f"pfv/{tap}"
 
     # -- iERFs of requested PFVs ---------------------------------------------------------------------
 

@@ -47,10 +47,6 @@ class SamplesSection:
     def vectors(self, tap: str, r: ImageRange) -> np.ndarray:
         return self.store.array(f"samples/{tap}/vector")[r.start : r.stop]
 
-    def relevance(self, tap: str, r: ImageRange) -> np.ndarray | None:
-        path = f"samples/{tap}/relevance"
-        return self.store.array(path)[r.start : r.stop] if self.store.has(path) else None
-
     def iter_valid(self, tap: str) -> Iterator[np.ndarray]:
         """The sampled PFVs of ``tap`` (float32), one unit at a time, without the empty slots of
         skipped images (slots whose position is -1)."""
