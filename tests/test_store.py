@@ -262,3 +262,15 @@ def test_the_lease_does_not_make_a_prefix_foreign_and_survives_overwrite(tmp_pat
     assert RunStore.claim(url, overwrite=True) is False
     assert lease.read()["token"] == lease.record["token"] and RunStore.inspect_prefix(url) == ("empty", [])
     lease.release()
+
+
+def test_an_unreadable_lease_is_taken_over_saying_so_and_no_lease_is_none(tmp_path):
+    from gig_dist.store.lease import Lease
+
+    url = str(tmp_path / "run.zarr")
+    (tmp_path / "run.zarr").mkdir()
+    (tmp_path / "run.zarr" / "gig-dist.lease").write_text("{ torn")
+    with pytest.warns(UserWarning, match="it cannot be read"):
+        Lease.acquire(url).release()
+    (tmp_path / "a_file").write_text("x")
+    assert Lease(str(tmp_path / "a_file" / "run.zarr")).read() is None  # a file in the path: no lease there

@@ -62,7 +62,8 @@ class Lease:
                     f"{url} is in use by another gig-dist run: pid {held.get('pid')} on host {held.get('host')} "
                     f"(its heartbeat {age:.0f} s ago). Wait for it to finish, or stop it; a lease whose "
                     f"heartbeat is older than {STALE_AFTER_S:.0f} s is taken over")
-            why = "its process is gone" if gone else f"its last heartbeat was {age:.0f} s ago"
+            why = "its process is gone" if gone else (f"its last heartbeat was {age:.0f} s ago" if held else
+                                                      "it cannot be read")
             warnings.warn(f"taking over the lease of pid {held.get('pid')} on host {held.get('host')} on {url}: {why}",
                           stacklevel=2)
         lease._write()
@@ -75,12 +76,16 @@ class Lease:
         return held.get("host") == self.record["host"] and held.get("pid") == self.record["pid"]
 
     def read(self) -> dict[str, Any] | None:
+        """The lease record; None when there is none (or its place cannot exist, a file in the
+        path); other storage errors propagate."""
         try:
-            return json.loads(self.fs.cat_file(self.path))
-        except FileNotFoundError:
+            data = self.fs.cat_file(self.path)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except (ValueError, OSError):
-            return {}  # unreadable: treated as held by someone unknown, stale after its timeout
+        try:
+            return json.loads(data)
+        except ValueError:
+            return {}  # unreadable: held by someone unknown, stale after its timeout
 
     def _write(self) -> None:
         self.record["heartbeat"] = time.time()
