@@ -160,13 +160,11 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
                                                   dataset_fingerprint=index.fingerprint(), transform=vars(transform)),
                                     facts, index.paths, index.labels)
         return Prepared(store, decide(store, config, run_stages), lease)
-    except OSError as exc:  # a read-only or missing location, a file in the way, no permission
+    except BaseException as exc:
         if lease is not None:
             lease.release()
-        raise StoreError(f"--out {url}: cannot write the run store there ({exc.strerror or exc})") from None
-    except BaseException:
-        if lease is not None:
-            lease.release()
+        if isinstance(exc, OSError):  # a read-only or missing location, a file in the way, no permission
+            raise StoreError(f"--out {url}: cannot write the run store there ({exc.strerror or exc})") from None
         raise
 
 
