@@ -17,6 +17,7 @@ import sys
 import warnings
 from typing import Any
 
+import numpy as np
 import yaml
 
 from gig_dist import __version__
@@ -118,6 +119,8 @@ def inspect_summary(url: str) -> dict[str, Any]:
     return {
         "store": store.url,
         "stages": stage_states(store),
+        "labels": label_summary(store),
+        "coverage": coverage_summary(store),
         "arrays": store.describe_arrays(),
         "images": store.meta.image_counts(),
         "skipped": store.meta.skipped_images(),
@@ -126,6 +129,35 @@ def inspect_summary(url: str) -> dict[str, Any]:
         "config": manifest.config,
         "versions": manifest.versions,
     }
+
+
+def label_summary(store) -> dict[str, Any]:
+    from gig_dist.data.labels import DESCRIPTIONS
+
+    facts = store.facts
+    return {"source": facts.label_source, "description": DESCRIPTIONS.get(facts.label_source, facts.label_source),
+            "dataset_classes": len(facts.dataset_classes), "outputs": facts.num_outputs}
+
+
+def coverage_summary(store) -> dict[str, dict[str, Any]]:
+    """Processed images per class in what each stage covers: every image (extract), the first
+    ``decompose.images`` and the first ``gig.images`` (whole store units)."""
+    if not store.has("meta/status"):
+        return {}
+    config = store.manifest.config
+    unit = store.facts.images_per_unit
+    found = {}
+    for name, limit in (("extract", None), ("decompose", config.get("decompose", {}).get("images")),
+                        ("attribute", config.get("gig", {}).get("images"))):
+        if limit is not None:
+            limit = min(store.num_images, -(-limit // unit) * unit)
+        counts = store.meta.class_counts(limit)
+        used = counts[counts > 0]
+        found[name] = {"images": int(counts.sum()), "classes": int(len(used)), "of_classes": len(counts),
+                       "per_class_min": int(used.min()) if len(used) else 0,
+                       "per_class_median": float(np.median(used)) if len(used) else 0.0,
+                       "per_class_max": int(used.max()) if len(used) else 0}
+    return found
 
 
 def _bytes(n: int) -> str:
@@ -152,6 +184,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"images  {images['total']} total: {images['processed']} processed, {images['skipped']} skipped, "
         f"{images['pending']} pending"
     )
+    labels = summary["labels"]
+    print(f"labels  {labels['description']} ({labels['dataset_classes']} dataset classes, "
+          f"{labels['outputs']} model outputs)")
+    for name, c in summary["coverage"].items():
+        print(f"  {name:<10} {c['images']} images over {c['classes']} of {c['of_classes']} classes, "
+              f"{c['per_class_min']}-{c['per_class_max']} per class (median {c['per_class_median']:g})")
     for row in summary["skipped"][:20]:
         print(f"  skipped #{row['index']} {row['path']}: {row['reason']}")
     if len(summary["skipped"]) > 20:

@@ -56,9 +56,19 @@ class DatasetConfig(Section):
     kind: Literal["toy", "imagefolder", "filelist"] = "toy"
     path: Path | None = None
     toy: ToyWorldConfig = ToyWorldConfig()
-    #: Subset: every ``stride``-th image, then the first ``limit`` of those.
+    #: Subset: every ``stride``-th image, then the first ``limit`` of those (in ``order``).
     stride: int = Field(default=1, ge=1)
     limit: int | None = Field(default=None, ge=1)
+    #: ``interleaved``: the store takes one image of each class in turn, so that the first N
+    #: images (``limit``, ``decompose.images``, ``gig.images``) spread over the classes;
+    #: ``listed``: the listing's order (an ImageFolder is sorted by class).
+    order: Literal["interleaved", "listed"] = "interleaved"
+    #: Which model output a label means: ``auto``, ``dataset`` (class i is output i),
+    #: ``imagenet`` (wnid folders, standard indices), ``prediction`` (group images by the
+    #: model's prediction), or a file mapping class names to output indices (JSON or
+    #: ``name index`` lines). ``auto`` warns and groups by prediction when the dataset's classes
+    #: are not the model's outputs. See the README.
+    label_map: str = "auto"
     #: Images with more pixels than this are skipped as absurdly large (PIL's bomb limit).
     max_image_pixels: int = Field(default=89_478_485, ge=1)
     #: Threads decoding images inside each worker.

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 from gig_dist.config import Config, ConfigError
-from gig_dist.data.sources import DatasetIndex, build_index
+from gig_dist.data.sources import (
+    DatasetIndex,
+    apply_label_map,
+    build_index,
+    with_labels,
+)
 from gig_dist.kernels.taps import probe_model, resolve_taps
-from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.models.loading import build_model, output_names, resolve_transform
 from gig_dist.runtime.address import check_reachable
 from gig_dist.runtime.local import LocalRuntime, StageReport
 from gig_dist.stages.base import Stage
@@ -53,11 +59,16 @@ def collect_facts(config: Config) -> tuple[Facts, DatasetIndex, Any]:
     transform = resolve_transform(config)
     index = build_index(config.dataset)
     shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
+    mapped = apply_label_map(index, config.dataset.label_map, num_outputs, output_names(config.model, num_outputs))
+    if mapped.warning:
+        warnings.warn(f"dataset.label_map: {mapped.warning}", stacklevel=2)
+    index = with_labels(index, mapped)
     facts = Facts(
         num_images=len(index.paths), images_per_unit=config.store.images_per_unit,
         images_per_chunk=config.store.images_per_chunk, zstd_level=config.store.zstd_level,
         taps={tap: (s.channels, s.height, s.width) for tap, s in shapes.items()},  # forward order
         num_outputs=num_outputs, class_names=list(index.class_names), input_size=transform.crop,
+        label_source=index.label_source, dataset_classes=list(index.dataset_classes),
         part_masks=config.dataset.kind == "toy", model=model,
     )
     return facts, index, transform

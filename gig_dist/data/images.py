@@ -13,7 +13,6 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-
 #: Wider or taller images are skipped: the resize to the model's input scales the short side, so
 #: a 1 x 100,000 strip became a 72 x 7,200,000 tensor (2.8 GB) from a 300 KB file. Panoramas
 #: stay well inside (about 6:1).

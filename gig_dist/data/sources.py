@@ -11,7 +11,7 @@ import hashlib
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,13 +21,13 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from gig_dist.data.images import SkippedImage, allow_pixels, open_rgb
+from gig_dist.data.labels import UNLABELLED, LabelMap, interleave, map_labels
 from gig_dist.settings import ConfigError
 
 if TYPE_CHECKING:
     from gig_dist.config import DatasetConfig
 
 TOY_SCHEME = "toy://"
-UNLABELLED = -1
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,15 @@ class DatasetIndex:
     """Paths and labels of the images to process, after the configured stride and limit."""
 
     paths: list[str]
-    labels: np.ndarray  # (N,) int64, UNLABELLED where unknown
+    #: (N,) int64 output index of each image's class, UNLABELLED where unknown or unmapped.
+    labels: np.ndarray
+    #: One name per model output once mapped (:func:`apply_label_map`); the dataset's before.
     class_names: list[str]
+    #: (N,) the dataset's own class of each image (-1: unlabelled), and those classes' names.
+    groups: np.ndarray | None = None
+    dataset_classes: list[str] = field(default_factory=list)
+    #: How labels became output indices: a key of ``labels.DESCRIPTIONS``.
+    label_source: str = "dataset"
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -56,9 +63,7 @@ def _toy_index(config: DatasetConfig) -> tuple[list[str], list[int], list[str]]:
     from gig_dist.toy.world import CLASS_NAMES, toy_label
 
     toy = config.toy
-    needed = range(0, toy.num_images, config.stride)
-    if config.limit is not None:
-        needed = needed[: config.limit]
+    needed = range(toy.num_images)
     paths = [toy_path(toy.seed, i, toy.image_size) for i in needed]
     return paths, [toy_label(toy.seed, i) for i in needed], list(CLASS_NAMES)
 
@@ -141,20 +146,37 @@ def _filelist_index(list_file: Path) -> tuple[list[str], list[int], list[str]]:
 
 
 def build_index(config: DatasetConfig) -> DatasetIndex:
-    """List the dataset; a missing path or an empty dataset is an error here, before any work."""
+    """List the dataset: every ``stride``-th image, in an order that takes the classes in turn
+    (``dataset.order``), then the first ``limit``. So every prefix (``limit``, ``decompose.images``,
+    ``gig.images``) spreads over the classes instead of covering the first few of a sorted
+    ImageFolder. A missing path or an empty dataset is an error here, before any work."""
     if config.kind == "toy":
         paths, labels, class_names = _toy_index(config)
     else:
         assert config.path is not None  # the config validator guarantees it
         lister = _imagefolder_index if config.kind == "imagefolder" else _filelist_index
         paths, labels, class_names = lister(config.path)
-        paths, labels = paths[:: config.stride], labels[:: config.stride]
-        if config.limit is not None:
-            paths, labels = paths[: config.limit], labels[: config.limit]
+    paths, labels = paths[:: config.stride], np.asarray(labels[:: config.stride], dtype=np.int64)
+    if config.order == "interleaved":
+        order = interleave(labels)
+        paths, labels = [paths[i] for i in order], labels[order]
+    if config.limit is not None:
+        paths, labels = paths[: config.limit], labels[: config.limit]
     if not paths:
         where = f" at '{config.path}'" if config.path else ""
         raise ConfigError(f"the {config.kind} dataset{where} is empty: no images to process")
-    return DatasetIndex(paths, np.asarray(labels, dtype=np.int64), class_names)
+    return DatasetIndex(paths, labels, class_names, groups=labels, dataset_classes=list(class_names))
+
+
+def apply_label_map(index: DatasetIndex, mode: str, num_outputs: int, output_names: list[str] | None) -> LabelMap:
+    """The index's labels as model outputs (see :mod:`gig_dist.data.labels`)."""
+    groups = index.groups if index.groups is not None else index.labels
+    return map_labels(mode, groups, index.dataset_classes, num_outputs, output_names,
+                      labelled=bool((groups >= 0).any()))
+
+
+def with_labels(index: DatasetIndex, mapped: LabelMap) -> DatasetIndex:
+    return replace(index, labels=mapped.labels, class_names=mapped.class_names, label_source=mapped.source)
 
 
 @dataclass(frozen=True)

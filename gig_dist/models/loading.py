@@ -131,6 +131,20 @@ def build_model(config: ModelConfig) -> nn.Module:
     return torchvision.models.get_model(config.name, weights=resolve_torchvision_weights(config.name, weights)).eval()
 
 
+def output_names(config: ModelConfig, num_outputs: int) -> list[str] | None:
+    """Names of the model's outputs where the model says them: the toy world's classes, or a
+    torchvision weights' categories. ``None`` where unknown (random or local weights)."""
+    if config.name == TOY:
+        from gig_dist.toy.world import CLASS_NAMES
+
+        names = list(CLASS_NAMES)
+    elif config.weights is not None and not is_weights_path(config.weights):
+        names = list(resolve_torchvision_weights(config.name, config.weights).meta.get("categories") or [])
+    else:
+        return None
+    return names if len(names) == num_outputs else None
+
+
 def resolve_transform(config: Config) -> TransformSpec:
     """The input transform: the config's values where set, else the model's own defaults
     (torchvision weights' preprocessing; the toy world's size and statistics; else ImageNet's)."""

@@ -19,12 +19,25 @@ from collections import Counter, deque
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    WorkerCrashedError,
+)
 from tqdm.auto import tqdm
 
 from gig_dist.config import RuntimeConfig
 from gig_dist.runtime.local import StageReport
-from gig_dist.stages.base import Stage, UnitFailed, UnitReport, WorkUnit, close_stage, execute_unit, open_stage
+from gig_dist.stages.base import (
+    Stage,
+    UnitFailed,
+    UnitReport,
+    WorkUnit,
+    close_stage,
+    execute_unit,
+    open_stage,
+)
 from gig_dist.store import RunStore
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 from gig_dist.kernels.gig import LOGITS
-from gig_dist.kernels.metrics import completeness_gap, gap_summary, kept_fraction, kept_summary
+from gig_dist.kernels.metrics import (
+    completeness_gap,
+    gap_summary,
+    kept_fraction,
+    kept_summary,
+)
 from gig_dist.stages.attribute import AttributeStage, Pair, num_targets
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore

@@ -7,8 +7,20 @@ array carries dimension names, and finished stages leave consolidated metadata, 
 ``xarray.open_datatree(url, engine="zarr")`` opens a run.
 """
 
-from gig_dist.store.core import (FORMAT_VERSION, PENDING, PROCESSED, SKIPPED, ArraySpec, Facts, ImageRange, Manifest,
-                                 RunStore, StageRecord, StoreError, unit_ranges)
+from gig_dist.store.core import (
+                                 FORMAT_VERSION,
+                                 PENDING,
+                                 PROCESSED,
+                                 SKIPPED,
+                                 ArraySpec,
+                                 Facts,
+                                 ImageRange,
+                                 Manifest,
+                                 RunStore,
+                                 StageRecord,
+                                 StoreError,
+                                 unit_ranges,
+)
 from gig_dist.store.gig import LOGITS, pair_key
 
 __all__ = ["FORMAT_VERSION", "LOGITS", "PENDING", "PROCESSED", "SKIPPED", "ArraySpec", "Facts", "ImageRange",

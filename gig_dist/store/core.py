@@ -82,6 +82,10 @@ class Facts:
     #: Side of the model's input (the crop), and of the part masks on the toy world.
     input_size: int = 0
     part_masks: bool = False
+    #: How the dataset's labels became output indices (``gig_dist.data.labels.DESCRIPTIONS``),
+    #: and the dataset's own class names.
+    label_source: str = "dataset"
+    dataset_classes: list[str] = field(default_factory=list)
     #: The model itself, for checks before any work (never stored).
     model: Any = field(default=None, compare=False, repr=False)
 

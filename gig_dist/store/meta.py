@@ -134,6 +134,26 @@ class MetaSection:
         return {"total": self.store.num_images, "processed": int(counts[PROCESSED]),
                 "skipped": int(counts[SKIPPED]), "pending": int(counts[PENDING])}
 
+    def image_classes(self, r: ImageRange) -> np.ndarray:
+        """The class each image of ``r`` counts for: its label where labels index the model's
+        outputs, else its prediction (-1: neither, e.g. skipped or not yet extracted)."""
+        _, labels = self.read_index(r)
+        if self.store.has("meta/prediction"):
+            labels = np.where(labels >= 0, labels, self.store.array("meta/prediction")[r.start : r.stop])
+        return labels
+
+    def class_counts(self, limit: int | None = None) -> np.ndarray:
+        """Processed images per class among the first ``limit`` images (all: ``None``), one unit
+        at a time; see :meth:`image_classes`."""
+        counts = np.zeros(self.store.facts.num_outputs, dtype=np.int64)
+        for r, status in self.iter_status():
+            if limit is not None and r.start >= limit:
+                break
+            classes = self.image_classes(r)[: (limit - r.start) if limit is not None else None]
+            used = (status[: len(classes)] == PROCESSED) & (classes >= 0)
+            counts += np.bincount(classes[used], minlength=len(counts))[: len(counts)]
+        return counts
+
     def skipped_images(self, limit: int | None = None) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         for r, status in self.iter_status():
