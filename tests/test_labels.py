@@ -3,6 +3,7 @@
 few classes of a sorted ImageFolder, are wrong results that pass every other check."""
 
 import json
+import warnings
 from collections import Counter
 
 import numpy as np

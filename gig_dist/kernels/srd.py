@@ -125,7 +125,6 @@ def sharing_ratios(
     n, c_out = z.shape[:2]
     z_flat = z.reshape(n, c_out, -1)  # (N, C_out, L)
     z_sq = (z_flat * z_flat).sum(1)  # (N, L)
-    z_hat = z_flat / z_sq.clamp_min(_ZERO)[:, None]
     dots, norms, valids = [], [], []
     for a, source in zip(inputs, sources):
         cols = _unfold(a, source)  # (N, C_in, T, L)
