@@ -253,31 +253,45 @@ def cmd_graph(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown class {cls!r}; classes are indices 0..{store.facts.num_outputs - 1}"
                               + (f" or names ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""))
         cls = str(names.index(cls))
-    if args.top is None:
+    config = Config.model_validate(store.manifest.config)
+    if args.top is None and args.gamma in (None, config.gig.graph_gamma):
         graph = store.gig(dictionary).read_graph(int(cls))
     else:
         from gig_dist.stages.attribute import gig_pairs
         from gig_dist.stages.graphs import build_graphs
 
-        config = Config.model_validate(store.manifest.config)
-        graphs = build_graphs(store, dictionary, gig_pairs(config, list(store.taps)), args.top)
-        if not 0 <= int(cls) < len(graphs):
-            raise ConfigError(f"class {cls} out of range: the model has {len(graphs)} classes")
+        top = args.top or config.gig.graph_top
+        if top > config.gig.top_edges and (args.gamma or config.gig.graph_gamma) == "class":
+            raise ConfigError(f"--top {top}: the run kept {config.gig.top_edges} sources per class and target concept "
+                              "(gig.top_edges); use --top at most that, or --gamma dataset")
+        if not 0 <= int(cls) < store.facts.num_outputs:
+            raise ConfigError(f"class {cls} out of range: the model has {store.facts.num_outputs} classes")
+        graphs = build_graphs(store, dictionary, gig_pairs(config, list(store.taps)), top,
+                              args.gamma or config.gig.graph_gamma)
         graph = graphs[int(cls)]
     if args.json:
         print(json.dumps(graph, indent=2))
         return 0
-    print(f"class {graph['class']} ({graph['class_name']}): top concepts by GIG, tap by tap ({' <- '.join(graph['taps'])})")
+    gamma = graph.get("gamma", "dataset")
+    print(f"class {graph['class']} ({graph['class_name']}): top concepts by GIG, tap by tap "
+          f"({' <- '.join(graph['taps'])}); lower levels from the {gamma} Gamma"
+          + (f" over {graph['images']} images of the class" if gamma == "class" and "images" in graph else ""))
+    if graph.get("empty"):
+        print(f"  empty graph: {graph['empty']}")
+        return 0
+    print("  (GIG value, and in brackets relative to the strongest edge of its level)")
     into: dict[tuple, list[dict[str, Any]]] = {}
     for edge in graph["edges"]:
         into.setdefault(tuple(edge["target"]), []).append(edge)
-    shared = {(n["tap"], n["concept"]): n["shared_with"] for n in graph["nodes"]}
+    shared = {(n["tap"], n["concept"]): n.get("shared_with_names", n["shared_with"]) for n in graph["nodes"]}
 
     def show(node: tuple, depth: int) -> None:
         for edge in into.get(node, []):
             source = tuple(edge["source"])
-            mark = f"  shared with classes {shared[source]}" if shared.get(source) else ""
-            print(f"{'  ' * depth}{source[0]}:{source[1]}  GIG {edge['weight']:+.4g}{mark}")
+            names = shared.get(source) or []
+            mark = f"  shared with {', '.join(map(str, names[:6]))}{' ...' if len(names) > 6 else ''}" if names else ""
+            relative = f" [{edge['relative']:.2f}]" if "relative" in edge else ""
+            print(f"{'  ' * depth}{source[0]}:{source[1]}  GIG {edge['weight']:+.4g}{relative}{mark}")
             show(source, depth + 1)
 
     show(("class", graph["class"]), 1)
@@ -348,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--top", type=int, help="concepts per level (default: gig.graph_top of the run)")
     graph.add_argument("--json", action="store_true", help="the graph as JSON (nodes, edges, shared concepts)")
     graph.add_argument("--dict", help="the dictionary (default: the run's concepts.method)")
+    graph.add_argument("--gamma", choices=("class", "dataset"),
+                       help="lower levels from the class's own GIG means or the dataset's (default: gig.graph_gamma)")
     graph.set_defaults(func=cmd_graph)
 
     taps = sub.add_parser("taps", help="list a model's taps and their shapes (no dataset needed)")

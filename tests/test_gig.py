@@ -17,7 +17,7 @@ from torch import nn
 from gig_dist import pipeline
 from gig_dist.config import ConfigError
 from gig_dist.kernels.gig import GIG, LOGITS, GIGError, SubNetwork, step_alphas
-from gig_dist.kernels.graphs import class_graph
+from gig_dist.kernels.graphs import class_graph, dense_sources
 from gig_dist.kernels.lasso import NonNegativeLassoCoder
 from gig_dist.kernels.taps import capture, probe_model
 from gig_dist.models.loading import build_model
@@ -308,9 +308,17 @@ def test_graph_command_and_shared_concepts(reference):
     assert done.returncode == 0, done.stderr
     graph = json.loads(done.stdout)
     assert graph["class"] == 0 and graph["taps"] == ["layer3.1", "layer2.1"]
+    # The default: lower levels from the class-conditional Gamma; --gamma dataset from the dataset's.
+    assert graph["gamma"] == "class"
+    done = subprocess.run([*CLI, "graph", reference.url, "--class", "0", "--json", "--gamma", "dataset"],
+                          capture_output=True, text=True)
+    dataset_graph = json.loads(done.stdout)
     expected = class_graph(zgroup(reference)["gig/bisecting_kmeans/layer3.1__logits/matrix"][...], ["layer3.1", "layer2.1"],
-                           {("layer2.1", "layer3.1"): zgroup(reference)["gig/bisecting_kmeans/layer2.1__layer3.1/matrix"][...]}, 0, 3)
-    assert graph["edges"] == expected["edges"]
+                           dense_sources({("layer2.1", "layer3.1"):
+                                          zgroup(reference)["gig/bisecting_kmeans/layer2.1__layer3.1/matrix"][...]}), 0, 3)
+    assert dataset_graph["edges"] == expected["edges"]
+    # the class level is the same matrix in both
+    assert [e for e in graph["edges"] if e["level"] == 0] == [e for e in expected["edges"] if e["level"] == 0]
     stored = [json.loads(g) for g in zgroup(reference)["gig/bisecting_kmeans/graphs"][...]]
     # A concept is shared exactly when another class's graph reaches it too.
     for g in stored:
@@ -376,3 +384,94 @@ def test_the_change_of_real_activations_and_the_kept_fraction():
     kept = kept_fraction(lossy.numpy(), real.numpy())
     assert np.isfinite(kept).all() and not np.allclose(kept, 1, atol=1e-3)
     assert np.isnan(kept_fraction(np.array([1.0]), np.array([0.0])))[0]
+
+
+@pytest.mark.fast
+def test_sparse_class_sums_and_top_sources_match_dense():
+    from gig_dist.kernels.graphs import class_offsets, sum_entries, top_sources
+
+    rng = np.random.default_rng(0)
+    classes, k_a, k_b, n = 3, 7, 5, 400
+    cls = rng.integers(0, classes, n)
+    src, tgt = rng.integers(0, k_a, n), rng.integers(0, k_b, n)
+    val = rng.normal(size=n)
+    dense = np.zeros((classes, k_a, k_b))
+    np.add.at(dense, (cls, src, tgt), val)
+    c, keys, sums = sum_entries(cls, src * k_b + tgt, val, k_a * k_b)
+    assert (np.diff(c) >= 0).all()
+    offsets = class_offsets(c, classes)
+    for k in range(classes):
+        part = slice(offsets[k], offsets[k + 1])
+        rebuilt = np.zeros(k_a * k_b)
+        rebuilt[keys[part]] = sums[part]
+        np.testing.assert_allclose(rebuilt.reshape(k_a, k_b), dense[k], atol=1e-12)
+        index, value = top_sources(keys[part], sums[part], k_b, 3)
+        for m in range(k_b):
+            present = [s for s in range(k_a) if any((keys[part] == s * k_b + m))]
+            expect = sorted(present, key=lambda s: (-dense[k, s, m], s))[:3]
+            assert index[m][: len(expect)].tolist() == expect and (index[m][len(expect):] == -1).all()
+            np.testing.assert_allclose(value[m][: len(expect)], dense[k, expect, m], rtol=1e-6)
+
+
+def test_class_conditional_gamma_is_the_mean_over_the_class_images(reference):
+    """Gamma_c^(a->b) rebuilt by brute force from the stored per-image partial sums."""
+    pair, key = ("layer2.1", "layer3.1"), "gig/bisecting_kmeans/layer2.1__layer3.1"
+    g = zgroup(reference)
+    partial = g[f"{key}/partial"][...].sum(axis=0)
+    sources, targets = g[f"{key}/source"][...], g[f"{key}/target"][...]
+    labels, prediction, status = g["meta/label"][...], g["meta/prediction"][...], g["meta/status"][...]
+    k_a, k_b = g[f"{key}/matrix"].shape
+    classes = reference.facts.num_outputs
+    dense, count = np.zeros((classes, k_a, k_b)), np.zeros(classes, dtype=int)
+    for i in range(16):  # gig.images = 16
+        if status[i] != 1:
+            continue
+        c = labels[i] if labels[i] >= 0 else prediction[i]
+        count[c] += 1
+        for slot, m in enumerate(targets[i]):
+            for w, k in enumerate(sources[i]):
+                if m >= 0 and k >= 0:
+                    dense[c, k, m] += partial[i, slot, w]
+    gig = reference.gig("bisecting_kmeans")
+    assert gig.read_class_count(pair).tolist() == count.tolist() and count.sum() == 16
+    dense /= np.maximum(count, 1)[:, None, None]
+    edges = 16
+    for c in range(classes):
+        index, value = gig.read_class_top(pair, c)
+        for m in range(k_b):
+            column = dense[c, :, m]
+            nonzero = np.flatnonzero(column != 0)
+            expect = nonzero[np.argsort(-column[nonzero], kind="stable")][:edges]
+            got = index[m][index[m] >= 0]
+            assert len(got) == len(expect), (c, m)
+            np.testing.assert_allclose(value[m][: len(got)], column[got], rtol=1e-5, atol=1e-9)
+            np.testing.assert_allclose(np.sort(column[got]), np.sort(column[expect]), rtol=1e-5, atol=1e-9)
+    assert edges == reference.manifest.config["gig"]["top_edges"]
+    # The class averages add up to the dataset mean (a concept not among an image's targets counts 0).
+    dataset = g[f"{key}/matrix"][...]
+    np.testing.assert_allclose((dense * count[:, None, None]).sum(0) / count.sum(), dataset, rtol=1e-9, atol=1e-12)
+
+
+def test_graphs_name_shared_classes_scale_levels_and_explain_empty_ones(tmp_path):
+    # A random 12-class head on the 8-class toy world: labels are not outputs, images are grouped
+    # by prediction, and most of the 12 classes get no image at all.
+    with pytest.warns(UserWarning, match="grouped by the model's prediction"):
+        store = RunStore.open(pipeline.run(toy_config(PAIRS, "gig.images=16", "model.weights=none",
+                                                      "model.num_classes=12"), tmp_path / "run.zarr").url)
+    graphs = [store.gig("bisecting_kmeans").read_graph(c) for c in range(12)]
+    empty = [g for g in graphs if g["images"] == 0]
+    full = [g for g in graphs if g["edges"]]
+    assert empty and full
+    for g in empty:
+        assert g["empty"].startswith(f"no attributed image of class {g['class_name']}") and not g["nodes"]
+    for g in full:
+        assert g["empty"] is None
+        for number, level in enumerate(g["levels"]):
+            mine = [e for e in g["edges"] if e["level"] == number]
+            assert level["scale"] == max((e["weight"] for e in mine), default=0.0)
+            if mine:
+                assert max(e["relative"] for e in mine) == 1.0 and all(0 < e["relative"] <= 1 for e in mine)
+        for node in g["nodes"]:
+            assert node["shared_with_names"] == [store.facts.class_names[c] for c in node["shared_with"]]
+    text = subprocess.run([*CLI, "graph", store.url, "--class", empty[0]["class_name"]], capture_output=True, text=True)
+    assert text.returncode == 0 and "empty graph: no attributed image of class" in text.stdout

@@ -62,11 +62,17 @@ class GIGConfig(Section):
     top_edges: int = Field(default=16, ge=1)
     #: Concepts per level of a class graph (the top sources of each node, and of the class).
     graph_top: int = Field(default=3, ge=1)
+    #: Where a class graph's lower levels come from: ``class``, the GIG means over the class's
+    #: own images (Gamma_c); ``dataset``, the means over all attributed images. See the README.
+    graph_gamma: Literal["class", "dataset"] = "class"
 
     @model_validator(mode="after")
     def _steps_split(self) -> GIGConfig:
         if self.step_chunks > self.steps:
             raise ValueError(f"gig.step_chunks ({self.step_chunks}) cannot exceed gig.steps ({self.steps})")
+        if self.graph_top > self.top_edges:
+            raise ValueError(f"gig.graph_top ({self.graph_top}) cannot exceed gig.top_edges ({self.top_edges}), the "
+                             "sources kept per class and target concept")
         return self
 
 

@@ -1,10 +1,12 @@
-"""Stage ``graphs``: every class's concept graph (method.md section 6) from the dataset Gamma
-matrices, written as one JSON document per class."""
+"""Stage ``graphs``: every class's concept graph (method.md section 6), written as one JSON
+document per class. Below the top level the sources come from the class-conditional Gamma_c
+(``gig.graph_gamma = class``, the default) or the dataset-wide Gamma (``dataset``); see
+:mod:`gig_dist.kernels.graphs`."""
 
 from __future__ import annotations
 
 from gig_dist.kernels.gig import LOGITS
-from gig_dist.kernels.graphs import class_graph, mark_shared
+from gig_dist.kernels.graphs import class_graph, dense_sources, mark_shared, top_table_sources
 from gig_dist.stages.attribute import Pair, gig_pairs
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.store import ArraySpec, Facts, RunStore
@@ -23,24 +25,42 @@ def chain_to_class(pairs: list[Pair], order: list[str]) -> list[str]:
     return chain
 
 
-def build_graphs(store: RunStore, dictionary: str, pairs: list[Pair], top: int) -> list[dict]:
+def build_graphs(store: RunStore, dictionary: str, pairs: list[Pair], top: int, gamma: str = "class",
+                 classes: list[int] | None = None) -> list[dict]:
+    """The graphs of ``classes`` (all: ``None``), shared concepts marked among them."""
     chain = chain_to_class(pairs, list(store.taps))
     if not chain:
         return []
     gig = store.gig(dictionary)
-    class_matrix = gig.read_matrix((chain[0], LOGITS))
-    matrices = {(lower, upper): gig.read_matrix((lower, upper)) for upper, lower in zip(chain, chain[1:])}
+    class_pair = (chain[0], LOGITS)
+    class_matrix = gig.read_matrix(class_pair)
+    class_count = gig.read_count(class_pair)
+    links = [(lower, upper) for upper, lower in zip(chain, chain[1:])]
+    if gamma == "dataset":
+        shared = dense_sources({link: gig.read_matrix(link) for link in links})
     names = store.facts.class_names
-    graphs = [class_graph(class_matrix, chain, matrices, c, top) for c in range(class_matrix.shape[1])]
-    for graph in graphs:
-        graph["class_name"] = names[graph["class"]] if graph["class"] < len(names) else str(graph["class"])
-    return mark_shared(graphs)
+    graphs = []
+    for c in range(class_matrix.shape[1]) if classes is None else classes:
+        sources = shared if gamma == "dataset" else top_table_sources({link: gig.read_class_top(link, c) for link in links})
+        graph = class_graph(class_matrix, chain, sources, c, top)
+        graph["class_name"] = names[c] if c < len(names) else str(c)
+        graph["gamma"] = gamma
+        graph["images"] = int(class_count[c])
+        graph["empty"] = None
+        if not graph["edges"]:
+            graph["empty"] = (f"no attributed image of class {graph['class_name']} (gig.images covers "
+                              f"{int(class_count.sum())} images; raise it, or none of them is of this class)"
+                              if class_count[c] == 0 else
+                              f"no concept of {chain[0]} contributes positively to class {graph['class_name']} "
+                              f"over its {int(class_count[c])} attributed images")
+        graphs.append(graph)
+    return mark_shared(graphs, names)
 
 
 class GraphStage(Stage):
     name = "graphs"
     reads = ("reduce",)
-    result_keys = ("gig.graph_top",)
+    result_keys = ("gig.graph_top", "gig.graph_gamma")
     per_dictionary = True
     unit_noun = "classes"
 
@@ -64,7 +84,8 @@ class GraphWorker(StageWorker):
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         pairs = gig_pairs(self.stage.config, list(self.store.taps))
-        graphs = build_graphs(self.store, self.stage.dictionary, pairs, self.stage.config.gig.graph_top)
+        gig = self.stage.config.gig
+        graphs = build_graphs(self.store, self.stage.dictionary, pairs, gig.graph_top, gig.graph_gamma)
         self.store.gig(self.stage.dictionary).write_graphs(graphs)
         if progress is not None:
             progress(len(graphs))

@@ -6,6 +6,12 @@ partial sums of its images' step ranges in step order, writes their totals, comp
 and top edges, and its block's matrix sum (images added in image order, float64). When every
 block is done, :meth:`ReduceStage.finish` adds the blocks in block order and divides: so the
 matrices do not depend on where or in what order units ran.
+
+For pairs between concepts, each block also writes its sums per class (sparse: the source and
+target concepts each image of the class attributed), and ``finish`` adds those up class group by
+class group into the class-conditional Gamma_c^(a->b) the class graphs read: per class and
+target concept its ``gig.top_edges`` strongest sources. No step holds more than one block's
+entries, or one class group's.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from gig_dist.kernels.gig import LOGITS
+from gig_dist.kernels.graphs import class_offsets, sum_entries, top_sources
 from gig_dist.kernels.metrics import (
     completeness_gap,
     gap_summary,
@@ -22,10 +29,17 @@ from gig_dist.kernels.metrics import (
 from gig_dist.stages.attribute import AttributeStage, Pair, num_targets
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
-from gig_dist.store.gig import reduction_specs
+from gig_dist.store.gig import class_specs, reduction_specs
 
 #: Store units per reduce block: the first level of the reduction tree.
 BLOCK_UNITS = 16
+#: Classes per step of the class-conditional reduction in ``finish``.
+CLASS_GROUP = 64
+
+
+def image_class(labels: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """The class an image counts for: its label where labels index the outputs, else its prediction."""
+    return np.where(labels >= 0, labels, prediction)
 
 
 class ReduceStage(Stage):
@@ -34,6 +48,7 @@ class ReduceStage(Stage):
     # Which images were attributed decides the dataset means, so gig.images is a result key here.
     result_keys = ("gig.top_edges", "gig.images")
     per_dictionary = True
+    version = 2  # 2: class-conditional Gamma of concept pairs
     unit_noun = "blocks"
 
     def pairs(self, facts: Facts) -> list[Pair]:
@@ -52,6 +67,12 @@ class ReduceStage(Stage):
                                      targets=num_targets(self.config, target), edges=self.config.gig.top_edges,
                                      blocks=len(self.blocks(store.facts)),
                                      matrix_shape=(concepts.count(source), columns))
+            if target != LOGITS:
+                block_images = min(BLOCK_UNITS * store.facts.images_per_unit, store.facts.num_images)
+                width = max(1, store.codes(self.dictionary).max_active(source))
+                specs += class_specs(store.facts, self.dictionary, (source, target), blocks=len(self.blocks(store.facts)),
+                                     capacity=block_images * width * num_targets(self.config, target),
+                                     k_b=columns, edges=self.config.gig.top_edges)
         return specs
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
@@ -88,10 +109,35 @@ class ReduceStage(Stage):
                 matrix /= np.maximum(count, 1)[None, :]  # mean over the images of each class
             elif images:
                 matrix /= images  # mean over all images; a concept not among an image's targets counts 0
+            if pair[1] != LOGITS:
+                self.finish_classes(store, gig, pair, [u.index % len(self.blocks(store.facts)) for u in blocks],
+                                    self.store_units_in(store, blocks))
             gig.write_matrix(pair, matrix, count, {
                 "images": images, **gap_summary(np.concatenate(gaps) if gaps else np.zeros(0)),
                 **kept_summary(np.concatenate(kept) if kept else np.zeros(0)),
                 "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1]})
+
+    def finish_classes(self, store: RunStore, gig, pair: Pair, blocks: list[int], units: list[ImageRange]) -> None:
+        """The class-conditional Gamma: each class group's block sums added in block order,
+        divided by the class's image count, cut to each target's strongest sources."""
+        classes = store.facts.num_outputs
+        count = np.zeros(classes, dtype=np.int64)
+        for r in units:
+            status, prediction = store.meta.read_status(r)
+            _, labels = store.meta.read_index(r)
+            cls = image_class(labels, prediction)[status == PROCESSED]
+            count += np.bincount(cls[cls >= 0], minlength=classes)[:classes]
+        k_a, k_b = gig.matrix_shape(pair)
+        for first in range(0, classes, CLASS_GROUP):
+            stop = min(first + CLASS_GROUP, classes)
+            parts = [gig.read_class_block(pair, b, first, stop) for b in blocks]
+            cls, keys, values = sum_entries(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                                            np.concatenate([p[2] for p in parts]), k_a * k_b)
+            offsets = class_offsets(cls - first, stop - first)
+            tops = [top_sources(keys[offsets[i] : offsets[i + 1]], values[offsets[i] : offsets[i + 1]] / max(count[c], 1),
+                                k_b, self.config.gig.top_edges) for i, c in enumerate(range(first, stop))]
+            gig.write_class_top(pair, first, np.stack([t[0] for t in tops]), np.stack([t[1] for t in tops]))
+        gig.write_class_count(pair, count)
 
     def store_units_in(self, store: RunStore, blocks: list[WorkUnit]) -> list[ImageRange]:
         """The store units of ``blocks`` that ``gig.images`` covers, in image order."""
@@ -113,18 +159,25 @@ class ReduceWorker(StageWorker):
         matrix = np.zeros(self.gig.matrix_shape(pair))
         count = np.zeros(matrix.shape[1], dtype=np.int64)
         images = 0
+        entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = [] if pair[1] != LOGITS else None
         for r in self.stage.store_units_in(self.store, [unit]):
-            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, matrix, count)
+            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, matrix, count, entries)
         self.gig.write_block(pair, block, matrix, count)
+        if entries is not None:
+            columns = [np.concatenate([e[i] for e in entries]) if entries else np.zeros(0, dtype=np.int64)
+                       for i in range(3)]
+            classes, keys, values = sum_entries(*columns, matrix.size)
+            self.gig.write_class_block(pair, block, keys, values, class_offsets(classes, self.store.facts.num_outputs))
         if progress is not None:
             progress(unit.size)
         return UnitReport(unit.index, images, 0)
 
 
 def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int, matrix: np.ndarray,
-                count: np.ndarray) -> int:
+                count: np.ndarray, entries: list | None = None) -> int:
     """Per-image results of store unit ``r``, and its images added into ``matrix``/``count`` in
-    image order. Returns the number of processed images."""
+    image order; with ``entries``, each image's (class, source * K_b + target, GIG) appended
+    to it. Returns the number of processed images."""
     source, target = pair
     parts = gig.read_unit(pair, r)
     summed = parts["partial"][0].copy()
@@ -146,9 +199,10 @@ def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int,
                       edge_source=np.pad(np.where(keep, edge_source, -1), pad, constant_values=-1).astype(np.int32),
                       edge_value=np.pad(np.where(keep, edge_value, 0), pad).astype(np.float32))
     processed = np.flatnonzero(status == PROCESSED)
+    classes = image_class(labels, prediction)
     for row in processed:
         if target == LOGITS:
-            cls = labels[row] if labels[row] >= 0 else prediction[row]
+            cls = classes[row]
             slots = np.flatnonzero(chosen[row] == cls)
             if len(slots) == 0:
                 continue
@@ -159,4 +213,8 @@ def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int,
         used = sources[row] >= 0
         for slot in slots:
             np.add.at(matrix, (sources[row, used], np.full(used.sum(), chosen[row, slot])), summed[row, slot, used])
+        if entries is not None and len(slots) and classes[row] >= 0:
+            keys = sources[row, used][None, :].astype(np.int64) * matrix.shape[1] + chosen[row, slots][:, None]
+            entries.append((np.full(keys.size, classes[row], dtype=np.int64), keys.ravel(),
+                            summed[row][slots][:, used].ravel()))
     return len(processed)

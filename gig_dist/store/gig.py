@@ -19,6 +19,16 @@ by the reduce stage:
     matrix          (source_concept, <target>)  the dataset Gamma, blocks added in block order
     count           (<target>,)                 its images per column; attributes: completeness
 
+and, for pairs between concepts, the class-conditional Gamma^(a->b) of each class c (the mean
+over the images of class c only), reduced per class:
+
+    class_block/key, class_block/value  (block, entry)  each block's per-class sums, sparse:
+                                        key = source * K_b + target, sorted within a class
+    class_block/offsets (block, class + 1)  where each class's entries start in its block
+    class_top/source, class_top/value (class, target_concept, edge)  per class and target
+                                        concept its strongest sources (value: the class mean)
+    class_count     (class,)            the images of each class the means are over
+
 ``<target>`` is ``target_concept`` or ``class``. ``gig/<dict>/graphs (class,)`` holds one JSON
 class graph per class (method.md section 6), written by the graphs stage.
 """
@@ -80,6 +90,31 @@ def reduction_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, 
         ArraySpec(f"{base}/block_count", (blocks, columns), "int64", ("block", dims[1]), (1, columns), fill_value=0),
         ArraySpec(f"{base}/matrix", (k_a, columns), "float64", dims, (k_a, columns), fill_value=0.0),
         ArraySpec(f"{base}/count", (columns,), "int64", (dims[1],), (columns,), fill_value=0),
+    ]
+
+
+#: Entries per chunk of the sparse per-class block sums.
+ENTRY_CHUNK = 1 << 16
+
+
+def class_specs(facts: Facts, dictionary: str, pair: Pair, *, blocks: int, capacity: int, k_b: int,
+                edges: int) -> list[ArraySpec]:
+    """The class-conditional Gamma of a concept pair: ``capacity`` bounds one block's entries
+    (images x source slots x targets); only the entries a block has are ever written."""
+    base, classes = f"gig/{dictionary}/{pair_key(*pair)}", facts.num_outputs
+    chunk = min(ENTRY_CHUNK, max(capacity, 1))
+    return [
+        ArraySpec(f"{base}/class_block/key", (blocks, capacity), "int64", ("block", "entry"), (1, chunk),
+                  fill_value=-1),
+        ArraySpec(f"{base}/class_block/value", (blocks, capacity), "float64", ("block", "entry"), (1, chunk),
+                  fill_value=0.0),
+        ArraySpec(f"{base}/class_block/offsets", (blocks, classes + 1), "int64", ("block", "class_edge"),
+                  (1, classes + 1), fill_value=0),
+        ArraySpec(f"{base}/class_top/source", (classes, k_b, edges), "int32", ("class", "target_concept", "edge"),
+                  (1, k_b, edges), fill_value=-1),
+        ArraySpec(f"{base}/class_top/value", (classes, k_b, edges), "float32", ("class", "target_concept", "edge"),
+                  (1, k_b, edges), fill_value=0.0),
+        ArraySpec(f"{base}/class_count", (classes,), "int64", ("class",), (classes,), fill_value=0),
     ]
 
 
@@ -148,6 +183,47 @@ class GIGSection:
         return self.store.array(self._path(pair, "block_matrix"))[block], \
             self.store.array(self._path(pair, "block_count"))[block]
 
+    def write_class_block(self, pair: Pair, block: int, keys: np.ndarray, values: np.ndarray,
+                          offsets: np.ndarray) -> None:
+        """One block's per-class sums: entries sorted by class, then key; ``offsets[c]`` is
+        where class c starts."""
+        self.store.array(self._path(pair, "class_block/key"))[block, : len(keys)] = keys
+        self.store.array(self._path(pair, "class_block/value"))[block, : len(values)] = values
+        self.store.array(self._path(pair, "class_block/offsets"))[block] = offsets
+
+    def read_class_block(self, pair: Pair, block: int, first: int, stop: int) -> tuple[np.ndarray, ...]:
+        """Classes ``first..stop-1`` of a block's sums: (class, key, value) of each entry."""
+        offsets = self.store.array(self._path(pair, "class_block/offsets"))[block]
+        lo, hi = int(offsets[first]), int(offsets[stop])
+        classes = np.repeat(np.arange(first, stop), np.diff(offsets[first : stop + 1]))
+        if hi == lo:
+            return classes, np.zeros(0, dtype=np.int64), np.zeros(0)
+        return (classes, self.store.array(self._path(pair, "class_block/key"))[block, lo:hi],
+                self.store.array(self._path(pair, "class_block/value"))[block, lo:hi])
+
+    def write_class_top(self, pair: Pair, first: int, source: np.ndarray, value: np.ndarray) -> None:
+        stop = first + len(source)
+        self.store.array(self._path(pair, "class_top/source"))[first:stop] = source
+        self.store.array(self._path(pair, "class_top/value"))[first:stop] = value
+
+    def write_class_count(self, pair: Pair, count: np.ndarray) -> None:
+        self.store.array(self._path(pair, "class_count"))[...] = count
+
+    def has_class_gamma(self, pair: Pair) -> bool:
+        return self.has_matrix(pair) and self.store.has(self._path(pair, "class_top/source"))
+
+    def read_class_top(self, pair: Pair, cls: int) -> tuple[np.ndarray, np.ndarray]:
+        """Class ``cls``'s strongest sources of each target concept: (K_b, E) indices (-1 pad)
+        and their class-conditional Gamma, strongest first."""
+        if not self.has_class_gamma(pair):
+            raise StoreError(f"{self.store.url} has no class-conditional GIG for {pair[0]} -> {pair[1]}; "
+                             "rerun the reduce stage")
+        return (self.store.array(self._path(pair, "class_top/source"))[cls],
+                self.store.array(self._path(pair, "class_top/value"))[cls])
+
+    def read_class_count(self, pair: Pair) -> np.ndarray:
+        return self.store.array(self._path(pair, "class_count"))[...]
+
     def matrix_shape(self, pair: Pair) -> tuple[int, int]:
         return tuple(self.store.array(self._path(pair, "matrix")).shape)
 
@@ -164,6 +240,10 @@ class GIGSection:
         if not self.has_matrix(pair):
             raise StoreError(f"{self.store.url} has no reduced GIG matrix for {pair[0]} -> {pair[1]}")
         return self.store.array(self._path(pair, "matrix"))[...]
+
+    def read_count(self, pair: Pair) -> np.ndarray:
+        """Images per column of the pair's matrix (per class for ``logits``)."""
+        return self.store.array(self._path(pair, "count"))[...]
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per reduced pair: the matrix shape and the completeness statistics."""
