@@ -152,6 +152,7 @@ from gig_dist.stages.attribute import GIGConfig  # noqa: E402
 from gig_dist.stages.concepts import ConceptsConfig  # noqa: E402
 from gig_dist.stages.decompose import DecomposeConfig  # noqa: E402
 from gig_dist.stages.extract import ExtractConfig  # noqa: E402
+from gig_dist.stages.members import AtlasConfig  # noqa: E402
 from gig_dist.stages.sample import SampleConfig  # noqa: E402
 
 
@@ -166,6 +167,7 @@ class Config(Section):
     concepts: ConceptsConfig = ConceptsConfig()
     decompose: DecomposeConfig = DecomposeConfig()
     gig: GIGConfig = GIGConfig()
+    atlas: AtlasConfig = AtlasConfig()
     store: StoreConfig = StoreConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 

@@ -2,7 +2,14 @@ import pytest
 import torch
 import torchvision
 
-from gig_dist.kernels.taps import TapError, capture, pfvs, probe_model, resolve_taps, tap_shapes
+from gig_dist.kernels.taps import (
+    TapError,
+    capture,
+    pfvs,
+    probe_model,
+    resolve_taps,
+    tap_shapes,
+)
 from gig_dist.toy.model import ToyResNet
 
 pytestmark = pytest.mark.fast

@@ -6,7 +6,12 @@ document per class. Below the top level the sources come from the class-conditio
 from __future__ import annotations
 
 from gig_dist.kernels.gig import LOGITS
-from gig_dist.kernels.graphs import class_graph, dense_sources, mark_shared, top_table_sources
+from gig_dist.kernels.graphs import (
+    class_graph,
+    dense_sources,
+    mark_shared,
+    top_table_sources,
+)
 from gig_dist.stages.attribute import Pair, gig_pairs
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.store import ArraySpec, Facts, RunStore

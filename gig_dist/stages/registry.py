@@ -14,6 +14,7 @@ from gig_dist.stages.concepts import ConceptsStage
 from gig_dist.stages.decompose import DecomposeStage
 from gig_dist.stages.extract import ExtractStage
 from gig_dist.stages.graphs import GraphStage
+from gig_dist.stages.members import MembersStage
 from gig_dist.stages.reduce import ReduceStage
 from gig_dist.stages.sample import SampleStage
 
@@ -25,6 +26,7 @@ STAGES: list[type[Stage]] = [
     AttributeStage,
     ReduceStage,
     GraphStage,
+    MembersStage,
 ]
 
 

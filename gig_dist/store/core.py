@@ -516,6 +516,11 @@ class RunStore:
 
         return GIGSection(self, dictionary)
 
+    def atlas(self, dictionary: str):
+        from gig_dist.store.atlas import AtlasSection
+
+        return AtlasSection(self, dictionary)
+
     def section(self, prefix: str) -> Section:
         """A plain per-image section at ``prefix`` for a stage whose family has no module of its
         own yet (a new stage's first version): its arrays are ``<prefix>/<name>``."""

@@ -1,0 +1,108 @@
+"""Stage ``members``: each concept's top members, the first step of the concept atlas.
+
+A concept's members are the PFVs whose codes give it the largest values, over every decomposed
+image. That is a dataset reduction, run as a fixed two-level tree: each unit (one store unit)
+writes the ``atlas.members`` strongest codes of every concept among its images, and
+:meth:`MembersStage.finish` merges the units' tables in unit order, a block of concepts at a
+time. Ties go to the smaller image index, then position, so the result does not depend on where
+units ran. Skipped images have no codes and so are never members.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import Field
+
+from gig_dist.kernels.topk import top_per_group
+from gig_dist.settings import Section
+from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.decompose import decompose_taps
+from gig_dist.store import PROCESSED, ArraySpec, ImageRange, RunStore
+from gig_dist.store.atlas import CONCEPT_CHUNK, FIELDS, member_specs
+
+if TYPE_CHECKING:
+    pass
+
+
+class AtlasConfig(Section):
+    """The concept atlas: each concept shown by its top members (issue: see the README)."""
+
+    #: Members shown per concept: the PFVs with the largest code value for it.
+    members: int = Field(default=8, ge=1, le=64)
+
+
+class MembersStage(Stage):
+    name = "members"
+    reads = ("decompose",)
+    # Which images were decomposed decides the merged members, so decompose.images redoes it.
+    result_keys = ("atlas.members", "decompose.images")
+    per_dictionary = True
+
+    def taps(self, store: RunStore) -> list[str]:
+        return decompose_taps(self.config, list(store.taps))
+
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        concepts = store.concepts(self.dictionary)
+        return [spec for tap in self.taps(store)
+                for spec in member_specs(store.facts, self.dictionary, tap, concepts.count(tap), self.config.atlas.members)]
+
+    def covers(self, unit: WorkUnit) -> bool:
+        limit = self.config.decompose.images
+        return limit is None or unit.start < limit
+
+    def open_worker(self, device: str) -> MembersWorker:
+        return MembersWorker(self)
+
+    def finish(self, store: RunStore) -> None:
+        atlas, concepts = store.atlas(self.dictionary), store.concepts(self.dictionary)
+        units = [u.index for u in self.covered_units(store.facts)]
+        m = self.config.atlas.members
+        for tap in self.taps(store):
+            k = concepts.count(tap)
+            for first in range(0, k, CONCEPT_CHUNK):
+                stop = min(first + CONCEPT_CHUNK, k)
+                found = atlas.read_units(tap, units, first, stop)  # each (units, block, m)
+                block = stop - first
+                flat = {name: found[name].transpose(1, 0, 2).reshape(block, -1) for name in found}
+                valid = flat["image"] >= 0
+                concept = np.broadcast_to(np.arange(block)[:, None], valid.shape)[valid]
+                entry = top_per_group(concept, flat["value"][valid],
+                                      (flat["image"][valid], flat["position"][valid]), block, m)
+                merged = {}
+                for name, dtype, fill in FIELDS:
+                    column = flat[name][valid]
+                    merged[name] = np.where(entry >= 0, column[np.maximum(entry, 0)], fill).astype(dtype)
+                atlas.write_members(tap, first, merged)
+            atlas.write_usage(tap, atlas.read_usage(tap, units))
+
+
+class MembersWorker(StageWorker):
+    def __init__(self, stage: MembersStage) -> None:
+        self.stage = stage
+        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.atlas = self.store.atlas(stage.dictionary)
+        self.codes = self.store.codes(stage.dictionary)
+        self.concepts = self.store.concepts(stage.dictionary)
+
+    def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
+        r = ImageRange(unit.start, unit.stop)
+        status, _ = self.store.meta.read_status(r)
+        processed = status == PROCESSED
+        m = self.stage.config.atlas.members
+        for tap in self.stage.taps(self.store):
+            k = self.concepts.count(tap)
+            index, value = self.codes.read(tap, r)  # (n, P, L)
+            used = (index >= 0) & processed[:, None, None]
+            image, position, _ = np.nonzero(used)
+            concept, strength = index[used].astype(np.int64), value[used]
+            image = image + r.start
+            entry = top_per_group(concept, strength, (image, position), k, m)
+            top = {}
+            for (name, dtype, fill), column in zip(FIELDS, (strength, image, position)):
+                top[name] = np.where(entry >= 0, column[np.maximum(entry, 0)] if len(column) else fill, fill).astype(dtype)
+            self.atlas.write_unit(tap, unit.index, top, np.bincount(concept, minlength=k))
+        if progress is not None:
+            progress(len(r))
+        return UnitReport(unit.index, int(processed.sum()), int((~processed).sum()))
