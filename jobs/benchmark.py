@@ -410,7 +410,7 @@ def bench_graphs(args: argparse.Namespace) -> None:
             graph = class_graph(class_matrix, chain, dense_sources(matrices), c, args.top)
             for number, link in enumerate(links, start=1):
                 edges = [e for e in graph["edges"] if e["level"] == number]
-                uppers = sorted({e["target"][1] for e in graph["edges"] if e["level"] == number - 1})
+                uppers = sorted({e["source"][1] for e in graph["edges"] if e["level"] == number - 1})
                 possible = np.clip(B[link][:, uppers], 0, None).sum()
                 if possible > 0:
                     kept[mode][number - 1].append(sum(B[link][e["source"][1], e["target"][1]] for e in edges) / possible)

@@ -59,3 +59,35 @@ def ierf(model: nn.Module, images: torch.Tensor, tap: str, positions: torch.Tens
         log.warning("gradient iERFs for %s: %s", tap, exc)
         return gradient_ierf(model, images, tap, positions), "gradient"
     return srd.decompose(images).ierf(tap, positions), "srd"
+
+
+def ierfs(model: nn.Module, images: torch.Tensor, requests: dict[str, torch.Tensor],
+          method: Method = "auto") -> dict[str, tuple[torch.Tensor, str]]:
+    """iERFs of PFVs at several taps of the same images, ``{tap: positions (N, P)}`` ->
+    ``{tap: (maps (N, P, H_img, W_img), kind)}``: one SRD decomposition serves every tap it has
+    rules for; the others take the gradient iERF (or raise, with ``method="srd"``)."""
+    found: dict[str, tuple[torch.Tensor, str]] = {}
+    srd_taps: list[str] = []
+    if method != "gradient":
+        try:
+            srd = SRD(model)
+            for tap in requests:
+                try:
+                    srd.check_tap(tap)
+                    srd_taps.append(tap)
+                except SRDUnsupported as exc:
+                    if method == "srd":
+                        raise
+                    log.warning("gradient iERFs for %s: %s", tap, exc)
+        except SRDUnsupported as exc:
+            if method == "srd":
+                raise
+            log.warning("gradient iERFs: %s", exc)
+    if srd_taps:
+        decomposition = srd.decompose(images)
+        for tap in srd_taps:
+            found[tap] = decomposition.ierf(tap, requests[tap]), "srd"
+    for tap, positions in requests.items():
+        if tap not in found:
+            found[tap] = gradient_ierf(model, images, tap, positions), "gradient"
+    return found

@@ -10,7 +10,7 @@ units ran. Skipped images have no codes and so are never members.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
@@ -31,6 +31,10 @@ class AtlasConfig(Section):
 
     #: Members shown per concept: the PFVs with the largest code value for it.
     members: int = Field(default=8, ge=1, le=64)
+    #: Side in pixels of each member's crop (and of the concept's thumbnail).
+    crop: int = Field(default=48, ge=8, le=512)
+    #: iERF kind: ``auto`` (SRD where it applies, else gradient), ``srd`` or ``gradient``.
+    ierf: Literal["auto", "srd", "gradient"] = "auto"
 
 
 class MembersStage(Stage):
@@ -38,6 +42,7 @@ class MembersStage(Stage):
     reads = ("decompose",)
     # Which images were decomposed decides the merged members, so decompose.images redoes it.
     result_keys = ("atlas.members", "decompose.images")
+    version = 2  # 2: the crop rows of the atlas stage
     per_dictionary = True
 
     def taps(self, store: RunStore) -> list[str]:
@@ -76,6 +81,27 @@ class MembersStage(Stage):
                     merged[name] = np.where(entry >= 0, column[np.maximum(entry, 0)], fill).astype(dtype)
                 atlas.write_members(tap, first, merged)
             atlas.write_usage(tap, atlas.read_usage(tap, units))
+        self.assign_rows(store, atlas)
+
+    def assign_rows(self, store: RunStore, atlas) -> None:
+        """Where each member's crop goes: rows grouped by the store unit of its image, so that
+        the atlas stage's units each write one shard of their own."""
+        taps = self.taps(store)
+        images = {tap: atlas.members(tap)["image"] for tap in taps}
+        entries = [(np.full(len(c), t), c, j, images[tap][c, j] // store.facts.images_per_unit)
+                   for t, tap in enumerate(taps) for c, j in [np.nonzero(images[tap] >= 0)]]
+        tap_index, concept, member, unit = (np.concatenate([e[i] for e in entries]) for i in range(4))
+        order = np.lexsort((member, concept, tap_index, unit))
+        unit_sorted = unit[order]
+        rank = np.arange(len(order)) - np.searchsorted(unit_sorted, unit_sorted)
+        capacity = max(1, int(rank.max()) + 1 if len(rank) else 1)
+        row = np.empty(len(order), dtype=np.int64)
+        row[order] = unit_sorted * capacity + rank
+        for t, tap in enumerate(taps):
+            rows = np.full(images[tap].shape, -1, dtype=np.int64)
+            mine = tap_index == t
+            rows[concept[mine], member[mine]] = row[mine]
+            atlas.write_rows(tap, rows, capacity)
 
 
 class MembersWorker(StageWorker):

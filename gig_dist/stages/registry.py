@@ -8,6 +8,7 @@ this list.
 from __future__ import annotations
 
 from gig_dist.settings import ConfigError
+from gig_dist.stages.atlas import AtlasStage
 from gig_dist.stages.attribute import AttributeStage
 from gig_dist.stages.base import Stage
 from gig_dist.stages.concepts import ConceptsStage
@@ -27,6 +28,7 @@ STAGES: list[type[Stage]] = [
     ReduceStage,
     GraphStage,
     MembersStage,
+    AtlasStage,
 ]
 
 

@@ -6,6 +6,18 @@
     atlas/<dict>/<tap>/member/{value,image,position} (concept, member)  the merged top members
                          over every decomposed unit, in the same order (-1: fewer members)
     atlas/<dict>/<tap>/usage (concept,) int64  PFVs using the concept over the decomposed images
+    atlas/<dict>/<tap>/row (concept, member) int64  where the member's crop is in atlas/<dict>/crops
+
+written by the members stage, and by the atlas stage:
+
+    atlas/<dict>/crops/crop (row, y, x, rgb) uint8  each member's crop around its iERF, the iERF
+                         overlaid; rows grouped by store unit (a shard of ``capacity`` rows each,
+                         its unit the only writer), -1 / empty where unused
+    atlas/<dict>/crops/box  (row, corner) int32      the crop's box in the model input (y0, x0, y1, x1)
+    atlas/<dict>/crops/kind (row,) str               the iERF's kind (srd or gradient)
+    atlas/<dict>/crops/part_mass (row, mask_value) float32  toy world: iERF mass per mask value
+    atlas/<dict>/<tap>/thumb (concept, y, x, rgb) uint8  the mean of the concept's crops
+    atlas/<dict>/<tap>/part_mass (concept, mask_value) float32  toy world: its members' mass summed
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ from gig_dist.store.core import ArraySpec, Facts, RunStore, StoreError
 FIELDS = (("value", "float32", np.nan), ("image", "int32", -1), ("position", "int32", -1))
 #: Concepts per chunk of the per-unit tables.
 CONCEPT_CHUNK = 1024
+#: Crops per inner chunk (at most; a divisor of the shard's rows).
+CROPS_PER_CHUNK = 64
 
 
 def member_specs(facts: Facts, dictionary: str, tap: str, concepts: int, members: int) -> list[ArraySpec]:
@@ -28,7 +42,9 @@ def member_specs(facts: Facts, dictionary: str, tap: str, concepts: int, members
                             (1, block, members), fill_value=fill),
                   ArraySpec(f"{base}/member/{name}", (concepts, members), dtype, ("concept", "member"),
                             (block, members), fill_value=fill)]
-    specs += [ArraySpec(f"{base}/unit_usage", (units, concepts), "int64", ("unit", "concept"), (1, concepts),
+    specs += [ArraySpec(f"{base}/row", (concepts, members), "int64", ("concept", "member"), (block, members),
+                        fill_value=-1),
+              ArraySpec(f"{base}/unit_usage", (units, concepts), "int64", ("unit", "concept"), (1, concepts),
                         fill_value=0),
               ArraySpec(f"{base}/usage", (concepts,), "int64", ("concept",), (concepts,), fill_value=0)]
     return specs
@@ -68,6 +84,72 @@ class AtlasSection:
     def write_usage(self, tap: str, usage: np.ndarray) -> None:
         self.store.array(self._path(tap, "usage"))[...] = usage
 
+    def write_rows(self, tap: str, rows: np.ndarray, capacity: int) -> None:
+        self.store.array(self._path(tap, "row"))[...] = rows
+        self.store.set_attrs(f"atlas/{self.dictionary}", crop_capacity=int(capacity))
+
+    def rows(self, tap: str) -> np.ndarray:
+        return self.store.array(self._path(tap, "row"))[...]
+
+    def capacity(self) -> int:
+        return int(self.store.attrs(f"atlas/{self.dictionary}")["crop_capacity"])
+
+    # -- the atlas stage ------------------------------------------------------------------------
+
+    def render_specs(self, taps: dict[str, int], size: int, parts: int) -> list[ArraySpec]:
+        """Crops (rows of ``capacity`` per store unit) and per-concept thumbnails; ``taps``
+        maps each tap to its number of concepts; ``parts`` > 0 on the toy world."""
+        base, cap, units = f"atlas/{self.dictionary}", self.capacity(), len(self.store.facts.units)
+        rows = units * cap
+        inner = max(d for d in range(1, min(cap, CROPS_PER_CHUNK) + 1) if cap % d == 0)  # divides the shard
+        specs = [
+            ArraySpec(f"{base}/crops/crop", (rows, size, size, 3), "uint8", ("row", "y", "x", "rgb"),
+                      (inner, size, size, 3), shards=(cap, size, size, 3), fill_value=0),
+            ArraySpec(f"{base}/crops/box", (rows, 4), "int32", ("row", "corner"), (cap, 4), fill_value=-1),
+            ArraySpec(f"{base}/crops/kind", (rows,), "str", ("row",), (cap,), fill_value=""),
+        ]
+        if parts:
+            specs.append(ArraySpec(f"{base}/crops/part_mass", (rows, parts), "float32", ("row", "mask_value"),
+                                   (cap, parts), fill_value=0.0))
+        for tap, k in taps.items():
+            specs.append(ArraySpec(f"{base}/{tap}/thumb", (k, size, size, 3), "uint8", ("concept", "y", "x", "rgb"),
+                                   (1, size, size, 3), shards=(min(k, CONCEPT_CHUNK), size, size, 3), fill_value=0))
+            if parts:
+                specs.append(ArraySpec(f"{base}/{tap}/part_mass", (k, parts), "float32", ("concept", "mask_value"),
+                                       (k, parts), fill_value=0.0))
+        return specs
+
+    def write_crops(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
+        """One store unit's shard of crops (``capacity`` rows)."""
+        cap = self.capacity()
+        for name, values in arrays.items():
+            self.store.array(f"atlas/{self.dictionary}/crops/{name}")[unit * cap : (unit + 1) * cap] = values
+
+    def read_crops(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of a crops array (any order; -1 rows give the fill)."""
+        array = self.store.array(f"atlas/{self.dictionary}/crops/{name}")
+        rows = np.asarray(rows).ravel()
+        valid = rows >= 0
+        out = np.full((len(rows), *array.shape[1:]), array.fill_value, dtype=array.dtype)
+        if valid.any():
+            unique, inverse = np.unique(rows[valid], return_inverse=True)
+            out[valid] = array.get_orthogonal_selection((unique,))[inverse]
+        return out
+
+    def write_concepts(self, tap: str, thumb: np.ndarray, part_mass: np.ndarray | None) -> None:
+        self.store.array(self._path(tap, "thumb"))[...] = thumb
+        if part_mass is not None:
+            self.store.array(self._path(tap, "part_mass"))[...] = part_mass
+
+    def has_render(self, tap: str) -> bool:
+        return self.store.has(self._path(tap, "thumb"))
+
+    def thumbs(self, tap: str, concepts: np.ndarray | slice) -> np.ndarray:
+        return self.store.array(self._path(tap, "thumb"))[concepts]
+
+    def part_mass(self, tap: str) -> np.ndarray | None:
+        return self.store.array(self._path(tap, "part_mass"))[...] if self.store.has(self._path(tap, "part_mass")) else None
+
     def members(self, tap: str, concept: int | None = None) -> dict[str, np.ndarray]:
         """The top members of one concept (member,), or of all (concept, member)."""
         if tap not in self.taps():
@@ -77,3 +159,5 @@ class AtlasSection:
 
     def usage(self, tap: str) -> np.ndarray:
         return self.store.array(self._path(tap, "usage"))[...]
+
+

@@ -98,6 +98,13 @@ class MetaSection:
     def read_logits(self, r: ImageRange) -> np.ndarray:
         return self.store.array("meta/logits")[r.start : r.stop]
 
+    def read_part_masks(self, r: ImageRange, images: list[int] | None = None) -> np.ndarray:
+        """Ground-truth part masks (toy world) of images ``r``, or of the listed ``images``."""
+        array = self.store.array("meta/part_mask")
+        if images is not None:
+            return np.stack([array[i] for i in images])
+        return array[r.start : r.stop]
+
     def read_pfvs(self, tap: str, r: ImageRange) -> np.ndarray:
         """PFVs (images, positions, channels) of ``tap`` for images ``r``."""
         return self.store.array(f"pfv/{tap}")[r.start : r.stop]

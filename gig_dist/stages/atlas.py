@@ -1,0 +1,151 @@
+"""Stage ``atlas``: each concept's top members shown on their images.
+
+Units are store units (images ``start:stop``): a unit takes every member (of every tap) whose
+image is among its images, decomposes each image once by SRD (the iERFs of all taps come from
+one decomposition; the gradient iERF where SRD has no rule, the kind recorded), and writes a
+crop per member around its iERF's mass with the iERF overlaid, into its own shard of the crop
+rows the members stage assigned. :meth:`AtlasStage.finish` makes each concept's thumbnail (the
+mean of its crops) and, on the toy world, sums its members' iERF mass per ground-truth part.
+Skipped images have no codes, so they are never members and never shown.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from gig_dist.data.sources import ImageLoader
+from gig_dist.kernels.crops import member_crop
+from gig_dist.kernels.ierf import ierfs
+from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.decompose import decompose_taps
+from gig_dist.stages.extract import resolve_device
+from gig_dist.store import ArraySpec, Facts, RunStore
+from gig_dist.store.atlas import CONCEPT_CHUNK
+
+#: Images per batched SRD decomposition.
+IMAGE_BATCH = 8
+
+
+def mask_values(facts: Facts) -> int:
+    """Values a toy part mask takes (0: background, part i: i + 1); 0 without masks."""
+    if not facts.part_masks:
+        return 0
+    from gig_dist.toy.world import NUM_PARTS
+
+    return NUM_PARTS + 1
+
+
+class AtlasStage(Stage):
+    name = "atlas"
+    reads = ("members",)
+    result_keys = ("atlas.crop", "atlas.ierf")
+    per_dictionary = True
+
+    def taps(self, facts: Facts) -> list[str]:
+        return decompose_taps(self.config, list(facts.taps))
+
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        concepts = store.concepts(self.dictionary)
+        return store.atlas(self.dictionary).render_specs(
+            {tap: concepts.count(tap) for tap in self.taps(store.facts)}, self.config.atlas.crop,
+            mask_values(store.facts))
+
+    def covers(self, unit: WorkUnit) -> bool:
+        limit = self.config.decompose.images
+        return limit is None or unit.start < limit
+
+    def open_worker(self, device: str) -> AtlasWorker:
+        return AtlasWorker(self, resolve_device(device))
+
+    def finish(self, store: RunStore) -> None:
+        atlas = store.atlas(self.dictionary)
+        parts = mask_values(store.facts)
+        for tap in self.taps(store.facts):
+            rows = atlas.rows(tap)
+            k, m = rows.shape
+            size = self.config.atlas.crop
+            thumb = np.zeros((k, size, size, 3), dtype=np.uint8)
+            mass = np.zeros((k, parts), dtype=np.float32) if parts else None
+            for first in range(0, k, CONCEPT_CHUNK):
+                block = rows[first : first + CONCEPT_CHUNK]
+                crops = atlas.read_crops("crop", block).reshape(*block.shape, size, size, 3).astype(np.float64)
+                count = (block >= 0).sum(1)
+                thumb[first : first + len(block)] = np.round(crops.sum(1) / np.maximum(count, 1)[:, None, None, None])
+                if parts:
+                    mass[first : first + len(block)] = atlas.read_crops("part_mass", block).reshape(
+                        *block.shape, parts).sum(1)
+            atlas.write_concepts(tap, thumb, mass)
+
+
+class AtlasWorker(StageWorker):
+    def __init__(self, stage: AtlasStage, device: torch.device) -> None:
+        self.stage = stage
+        self.config = stage.config
+        self.device = device
+        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.atlas = self.store.atlas(stage.dictionary)
+        self.model = build_model(self.config.model).to(device).eval()
+        self.spec = resolve_transform(self.config)
+        self.loader = ImageLoader(self.spec, self.config.dataset.max_image_pixels, self.config.dataset.loader_threads)
+        self.taps = stage.taps(self.store.facts)
+        self.tables = {tap: (self.atlas.members(tap), self.atlas.rows(tap)) for tap in self.taps}
+
+    def _image(self, image: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The model input and the picture (H, W, 3) in [0, 1] of a member's image."""
+        loaded = self.loader.load(self.store.meta.path(image))
+        if loaded.image is None:  # members come from processed images: the file changed since
+            raise ValueError(f"image {image} ({self.store.meta.path(image)}) cannot be read now: {loaded.reason}")
+        mean, std = np.asarray(self.spec.mean)[:, None, None], np.asarray(self.spec.std)[:, None, None]
+        return loaded.image, np.clip(loaded.image.numpy() * std + mean, 0, 1).transpose(1, 2, 0)
+
+    def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
+        a = self.config.atlas
+        cap = self.atlas.capacity()
+        base = unit.index * cap
+        parts = mask_values(self.store.facts)
+        crops = np.zeros((cap, a.crop, a.crop, 3), dtype=np.uint8)
+        boxes = np.full((cap, 4), -1, dtype=np.int32)
+        kinds = np.full(cap, "", dtype=object)
+        mass = np.zeros((cap, max(parts, 1)), dtype=np.float32)
+        # image -> tap -> [(position, local row)]
+        wanted: dict[int, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+        for tap, (members, rows) in self.tables.items():
+            inside = (members["image"] >= unit.start) & (members["image"] < unit.stop)
+            for c, j in zip(*np.nonzero(inside)):
+                wanted[int(members["image"][c, j])][tap].append((int(members["position"][c, j]), int(rows[c, j] - base)))
+        images = sorted(wanted)
+        min_side = max(4, self.spec.crop // 8)
+        for start in range(0, len(images), IMAGE_BATCH):
+            batch = images[start : start + IMAGE_BATCH]
+            loaded = [self._image(i) for i in batch]
+            x = torch.stack([t for t, _ in loaded]).to(self.device)
+            requests = {}
+            for tap in self.taps:
+                width = max(len(wanted[i][tap]) for i in batch)
+                if width:
+                    requests[tap] = torch.tensor([[p for p, _ in wanted[i][tap]] + [0] * (width - len(wanted[i][tap]))
+                                                  for i in batch], device=self.device)
+            found = ierfs(self.model, x, requests, a.ierf)
+            masks = self.store.meta.read_part_masks(None, batch) if parts else None
+            for tap, (maps, kind) in found.items():
+                maps = maps.detach().cpu().numpy()
+                for b, i in enumerate(batch):
+                    for p, (_, row) in enumerate(wanted[i][tap]):
+                        crops[row], boxes[row] = member_crop(loaded[b][1], maps[b, p], a.crop, min_side)
+                        kinds[row] = kind
+                        if parts:
+                            mass[row] = np.bincount(masks[b].ravel(), weights=maps[b, p].ravel(), minlength=parts)[:parts]
+        arrays = {"crop": crops, "box": boxes, "kind": kinds.astype(str)}
+        if parts:
+            arrays["part_mass"] = mass
+        self.atlas.write_crops(unit.index, arrays)
+        if progress is not None:
+            progress(unit.size)
+        return UnitReport(unit.index, len(images), 0)
+
+    def close(self) -> None:
+        self.loader.close()
