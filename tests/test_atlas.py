@@ -43,3 +43,57 @@ def test_members_are_the_strongest_codes_over_the_decomposed_images(tmp_path):
             np.testing.assert_array_equal(members["value"][c][: len(best)], [-b[0] for b in best])
             assert (members["image"][c][len(best):] == -1).all()
             assert usage[c] == len(candidates[c])
+
+
+@pytest.fixture(scope="module")
+def atlas_run(tmp_path_factory):
+    config = toy_config("atlas.members=4", "atlas.crop=24", "decompose.images=32")
+    return RunStore.open(pipeline.run(config, tmp_path_factory.mktemp("atlas") / "run.zarr", until="atlas").url)
+
+
+def test_atlas_crops_every_member_and_only_members(atlas_run):
+    store, atlas = atlas_run, atlas_run.atlas("bisecting_kmeans")
+    seen_rows = []
+    for tap in store.taps:
+        members, rows = atlas.members(tap), atlas.rows(tap)
+        assert ((rows >= 0) == (members["image"] >= 0)).all()
+        seen_rows += rows[rows >= 0].tolist()
+        valid = rows[rows >= 0]
+        crops, boxes, kinds = (atlas.read_crops(name, valid) for name in ("crop", "box", "kind"))
+        assert crops.shape[1:] == (24, 24, 3) and (crops.reshape(len(valid), -1).max(1) > 0).all()
+        assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (boxes >= 0).all(1)).all()
+        assert ((boxes[:, 2] - boxes[:, 0]) == (boxes[:, 3] - boxes[:, 1])).all()  # square
+        assert set(kinds.tolist()) == {"srd"}  # the toy model's taps are residual block outputs
+        # A thumbnail is the mean of its concept's crops; the toy part masses are iERF mass (1 each).
+        c = int(np.flatnonzero((rows >= 0).all(1))[0])
+        mine = atlas.read_crops("crop", rows[c]).astype(np.float64)
+        np.testing.assert_array_equal(atlas.thumbs(tap, c), np.round(mine.mean(0)).astype(np.uint8))
+        mass = atlas.part_mass(tap)
+        np.testing.assert_allclose(mass.sum(1), (rows >= 0).sum(1), rtol=1e-4)
+    # Rows are each used once, and each unit's rows lie in its own shard.
+    assert len(seen_rows) == len(set(seen_rows))
+
+
+def test_a_crop_shows_its_members_ierf(atlas_run):
+    """One member recomputed by hand: the iERF of its PFV by SRD, the crop around it."""
+    import torch
+
+    from gig_dist import open_run
+    from gig_dist.config import Config
+    from gig_dist.kernels.crops import member_crop
+    from gig_dist.kernels.ierf import ierf
+    from gig_dist.models.loading import build_model
+
+    store, atlas = atlas_run, atlas_run.atlas("bisecting_kmeans")
+    config = Config.model_validate(store.manifest.config)
+    tap = "layer2.1"
+    members, rows = atlas.members(tap), atlas.rows(tap)
+    image, position, row = int(members["image"][3, 0]), int(members["position"][3, 0]), int(rows[3, 0])
+    run = open_run(store.url)
+    picture = run.image(image)
+    x = torch.from_numpy(((picture.transpose(2, 0, 1) - np.asarray(run.store.manifest.transform["mean"])[:, None, None])
+                          / np.asarray(run.store.manifest.transform["std"])[:, None, None]).astype(np.float32))
+    maps, kind = ierf(build_model(config.model), x[None], tap, torch.tensor([[position]]))
+    expected, box = member_crop(picture, maps[0, 0].numpy(), 24, 8)
+    assert kind == "srd" and tuple(atlas.read_crops("box", [row])[0]) == box
+    assert np.abs(atlas.read_crops("crop", [row])[0].astype(int) - expected.astype(int)).max() <= 2

@@ -30,7 +30,7 @@ def test_embedded_default_end_to_end(tmp_path):
     assert all(stage["complete"] and not stage["stale"] for stage in summary["stages"].values()), summary["stages"]
     d = "bisecting_kmeans"
     assert list(summary["stages"]) == ["extract", "sample", *(f"{d}/{name}" for name in (
-        "concepts", "decompose", "attribute", "reduce", "graphs"))]
+        "concepts", "decompose", "attribute", "reduce", "graphs", "members", "atlas"))]
     summary.update(summary["dictionaries"][d])
     # GIG on the first 64 images (the toy default), 5 pairs, 32 midpoint steps: completeness holds
     # to under 1 % on average for every pair.
