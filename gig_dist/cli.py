@@ -3,6 +3,8 @@
     gig-dist run [--config FILE] [--out DIR] [-o key=value ...] [--overwrite] [--until STAGE]
     gig-dist inspect DIR [--json]
     gig-dist graph DIR --class C [--top N] [--json]
+    gig-dist report DIR [--out SITE]
+    gig-dist show DIR --tap T --concept K [--out FILE.png]  |  gig-dist show DIR --class C [--out FILE.png]
     gig-dist taps [--config FILE] [-o key=value ...] [--all]
     gig-dist config [--config FILE] [-o key=value ...]
 """
@@ -22,6 +24,7 @@ import yaml
 
 from gig_dist import __version__
 from gig_dist.config import Config, ConfigError, load_config
+from gig_dist.stages.registry import stage_names
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +90,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if counts["skipped"]:
         print(f"skipped images and reasons: gig-dist inspect {report.url}")
+    if config.report.enabled and args.until in (None, stage_names()[-1]):
+        site = report_folder(report.url, config.report.out)
+        if site is None:
+            print("report: the store is not on local disk; set report.out to build one (or gig-dist report)")
+        else:
+            _print_report(build_report(report.url, site))
+    return 0
+
+
+def report_folder(url: str, out: str | None) -> str | None:
+    if out is not None:
+        return out
+    return None if "://" in url else url.removesuffix("/").removesuffix(".zarr") + ".report"
+
+
+def _print_report(summary) -> None:
+    missing = f"; missing: {'; '.join(sorted(set(summary.missing)))}" if summary.missing else ""
+    print(f"report: {summary.site / 'index.html'} ({summary.pages} pages, {summary.images} images, "
+          f"{summary.bytes / 2**20:.1f} MiB, {summary.seconds:.1f}s; graphs: {summary.graph_layout or 'none'}){missing}")
+
+
+def build_report(url: str, site: str):
+    from gig_dist.report import build_report as build
+
+    return build(url, site)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gig_dist.store import RunStore
+
+    url = RunStore.open(args.dir).url
+    site = args.out or report_folder(url, None)
+    if site is None:
+        raise ConfigError("the store is not on local disk: give --out SITE for the report")
+    _print_report(build_report(url, site))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from gig_dist import open_run
+
+    run = open_run(args.dir)
+    if (args.cls is None) == (args.tap is None):
+        raise ConfigError("show needs --tap T --concept K, or --class C")
+    try:
+        if args.cls is not None:
+            figure = run.show_class(args.cls)
+            default = f"class-{args.cls}.png"
+        else:
+            if args.concept is None:
+                raise ConfigError("show --tap needs --concept K")
+            figure = run.show_concept(args.tap, args.concept)
+            default = f"{args.tap}-{args.concept}.png"
+    except (KeyError, IndexError) as exc:  # the notebook API's lookups: one line here
+        raise ConfigError(str(exc.args[0])) from None
+    out = args.out or default
+    figure.savefig(out, dpi=150, bbox_inches="tight")
+    print(f"wrote {out}")
     return 0
 
 
@@ -365,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--gamma", choices=("class", "dataset"),
                        help="lower levels from the class's own GIG means or the dataset's (default: gig.graph_gamma)")
     graph.set_defaults(func=cmd_graph)
+
+    report = sub.add_parser("report", help="a static site of a run: concepts with their members, class graphs, summary")
+    report.add_argument("dir", metavar="DIR")
+    report.add_argument("--out", metavar="SITE", help="folder for the site (default: DIR without .zarr, plus .report)")
+    report.set_defaults(func=cmd_report)
+
+    show = sub.add_parser("show", help="a figure of a concept (its members on their images) or of a class graph")
+    show.add_argument("dir", metavar="DIR")
+    show.add_argument("--tap", help="the concept's tap")
+    show.add_argument("--concept", type=int, metavar="K", help="the concept's index")
+    show.add_argument("--class", dest="cls", metavar="C", help="class index or name: its concept graph")
+    show.add_argument("--out", metavar="FILE", help="image file (.png, .svg, .pdf; default: named after it)")
+    show.set_defaults(func=cmd_show)
 
     taps = sub.add_parser("taps", help="list a model's taps and their shapes (no dataset needed)")
     _add_config_args(taps)

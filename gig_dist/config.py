@@ -147,6 +147,14 @@ class RuntimeConfig(Section):
     progress: bool = True
 
 
+class ReportConfig(Section):
+    #: ``gig-dist run`` ends by writing the report (``gig-dist report``) of a finished run.
+    enabled: bool = True
+    #: Where: a local folder. ``None``: beside a local store, ``<store>.report``; a store on
+    #: object storage gets no report unless this is set.
+    out: str | None = None
+
+
 # The stages' own sections, imported once the sections above (which the stages' inputs use) exist.
 from gig_dist.stages.attribute import GIGConfig  # noqa: E402
 from gig_dist.stages.concepts import ConceptsConfig  # noqa: E402
@@ -168,6 +176,7 @@ class Config(Section):
     decompose: DecomposeConfig = DecomposeConfig()
     gig: GIGConfig = GIGConfig()
     atlas: AtlasConfig = AtlasConfig()
+    report: ReportConfig = ReportConfig()
     store: StoreConfig = StoreConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 

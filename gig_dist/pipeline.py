@@ -227,7 +227,12 @@ def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bo
         if on_plan is not None:
             on_plan(prepared.decisions)
         runtime = make_runtime(config)
-        reports = [runtime.run(stage_type(config, prepared.store.url)) for stage_type in stages_until(until)]
+        reports = []
+        for stage_type in stages_until(until):
+            stage = stage_type(config, prepared.store.url)
+            reports.append(runtime.run(stage))
+            if reports[-1].units_run:
+                RunStore.open(prepared.store.url, mode="r+").add_seconds(stage.progress_key, reports[-1].seconds)
         prepared.store.consolidate()  # the manifest changed: fresh consolidated metadata for readers
     finally:
         prepared.lease.release()

@@ -139,13 +139,117 @@ class Run:
         return xr.DataArray(matrix, dims=(rows, columns), name=f"Gamma {source} -> {target}",
                             coords={rows: np.arange(matrix.shape[0]), columns: np.arange(matrix.shape[1])})
 
+    def _class_index(self, cls: int | str) -> int:
+        names = self.class_names
+        if isinstance(cls, str) and not cls.lstrip("-").isdigit():
+            if cls not in names:
+                raise StoreError(f"unknown class {cls!r}; classes are 0..{len(names) - 1} or names "
+                                 f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''})")
+            return names.index(cls)
+        if not 0 <= int(cls) < len(names):
+            raise StoreError(f"class {cls} out of range: the model has classes 0..{len(names) - 1}")
+        return int(cls)
+
     def graph(self, cls: int | str) -> dict[str, Any]:
         """The concept graph of a class (index or name)."""
-        if isinstance(cls, str):
-            if cls not in self.class_names:
-                raise KeyError(f"unknown class {cls!r}; classes: {', '.join(self.class_names[:10])} ...")
-            cls = self.class_names.index(cls)
-        return self.store.gig(self.dictionary).read_graph(int(cls))
+        return self.store.gig(self.dictionary).read_graph(self._class_index(cls))
+
+    # -- the atlas ----------------------------------------------------------------------------------
+
+    def members(self, tap: str, concept: int) -> dict[str, Any]:
+        """A concept's members: image, position, code value and crop (member, y, x, rgb) uint8
+        around its iERF, and the iERF kind. Members are the PFVs with the largest code value."""
+        self._tap(tap)
+        atlas = self.store.atlas(self.dictionary)
+        if tap not in atlas.taps():
+            found = atlas.taps()
+            raise StoreError(f"{self.url} has no atlas for tap {tap}" + (
+                f"; taps with one: {', '.join(found)}" if found else "; run the members and atlas stages"))
+        k = self.store.concepts(self.dictionary).count(tap)
+        if not 0 <= concept < k:
+            raise StoreError(f"concept {concept} out of range: tap {tap} has concepts 0..{k - 1}")
+        members = atlas.members(tap, concept)
+        valid = members["image"] >= 0
+        rows = atlas.rows(tap)[concept][valid]
+        crops = atlas.read_crops("crop", rows) if atlas.has_render(tap) else None
+        return {"image": members["image"][valid], "position": members["position"][valid],
+                "value": members["value"][valid], "crop": crops,
+                "kind": str(atlas.read_crops("kind", rows[:1])[0]) if crops is not None and len(rows) else ""}
+
+    def show_concept(self, tap: str, concept: int, columns: int = 4):
+        """A figure of a concept: its members' crops, the iERF overlaid, in a grid."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        found = self.members(tap, concept)
+        n = len(found["image"])
+        if found["crop"] is None:
+            raise StoreError(f"{self.url} has members but no crops for tap {tap}; run the atlas stage")
+        if n == 0:
+            fig, ax = plt.subplots(figsize=(3, 1))
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"{tap}:{concept} has no members\n(no decomposed PFV uses it)", ha="center", va="center")
+            return fig
+        rows = -(-n // columns)
+        fig, axes = plt.subplots(rows, min(columns, n), figsize=(2 * min(columns, n), 2.3 * rows), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for j in range(n):
+            ax = axes.ravel()[j]
+            ax.imshow(found["crop"][j], interpolation="nearest")
+            cls = int(self.store.meta.image_classes(ImageRange(int(found["image"][j]), int(found["image"][j]) + 1))[0])
+            ax.set_title(f"image {found['image'][j]}\n{self.class_names[cls] if cls >= 0 else ''} "
+                         f"({found['value'][j]:.2g})", fontsize=8)
+        fig.suptitle(f"{tap}: concept {concept} ({found['kind']} iERFs)", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def show_class(self, cls: int | str):
+        """A figure of a class's concept graph: concept thumbnails by tap, edges by Gamma (one
+        scale per level), shared concepts framed in orange."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        c = self._class_index(cls)
+        graph = self.graph(c)
+        atlas = self.store.atlas(self.dictionary)
+        levels = graph["taps"]
+        nodes = {tap: [n for n in graph["nodes"] if n["tap"] == tap] for tap in levels}
+        widest = max([len(v) for v in nodes.values()] + [1])
+        fig, ax = plt.subplots(figsize=(max(4, 1.3 * widest), 1.6 * (len(levels) + 1)))
+        ax.axis("off")
+        where = {("class", c): (widest / 2, len(levels))}
+        for level, tap in enumerate(levels):
+            for i, node in enumerate(nodes[tap]):
+                where[(tap, node["concept"])] = ((i + 0.5) * widest / len(nodes[tap]), len(levels) - 1 - level)
+        for edge in graph["edges"]:
+            (x1, y1), (x2, y2) = where[tuple(edge["source"])], where[tuple(edge["target"])]
+            ax.plot([x1, x2], [y1, y2], color="0.55", linewidth=0.5 + 4 * edge.get("relative", 1), zorder=1)
+        x, y = where[("class", c)]
+        ax.text(x, y, self.class_names[c], ha="center", va="center", fontsize=11,
+                bbox={"boxstyle": "round", "facecolor": "white"}, zorder=3)
+        for tap in levels:
+            rendered = atlas.has_render(tap) if tap in atlas.taps() else False
+            for node in nodes[tap]:
+                x, y = where[(tap, node["concept"])]
+                if rendered:
+                    ax.imshow(atlas.thumbs(tap, node["concept"]), extent=(x - 0.35, x + 0.35, y - 0.35, y + 0.35),
+                              zorder=2, interpolation="nearest")
+                colour = "orange" if node.get("shared") else "0.3"
+                ax.add_patch(plt.Rectangle((x - 0.36, y - 0.36), 0.72, 0.72, fill=not rendered, facecolor="white",
+                                           edgecolor=colour, linewidth=2, zorder=2))
+                ax.text(x, y - 0.48, f"{tap}:{node['concept']}", ha="center", fontsize=7)
+        ax.set_xlim(-0.2, widest + 0.2)
+        ax.set_ylim(-0.8, len(levels) + 0.6)
+        title = f"class {c} ({self.class_names[c]}): {graph.get('gamma', 'dataset')} Gamma"
+        if graph.get("empty"):
+            title += f"\nempty graph: {graph['empty']}"
+        ax.set_title(title, fontsize=9)
+        return fig
 
 
 def open_run(url: str, dictionary: str | None = None) -> Run:

@@ -228,7 +228,9 @@ def open_stage(stage: Stage, store: RunStore) -> None:
     kept = record is not None and record.fingerprint == fingerprint and record.finished
     store.ensure_arrays(key, stage.arrays(store))
     store.begin_stage(key, StageRecord(fingerprint, dict(upstream), len(stage.plan(store.facts)),
-                                       stage.key_values(stage.config), finished=kept and not stage.pending(store)))
+                                       stage.key_values(stage.config), finished=kept and not stage.pending(store),
+                                       seconds=record.seconds if record is not None and record.fingerprint == fingerprint
+                                       else 0.0))
 
 
 def close_stage(stage: Stage, store: RunStore) -> None:

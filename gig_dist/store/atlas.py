@@ -113,7 +113,7 @@ class AtlasSection:
                                    (cap, parts), fill_value=0.0))
         for tap, k in taps.items():
             specs.append(ArraySpec(f"{base}/{tap}/thumb", (k, size, size, 3), "uint8", ("concept", "y", "x", "rgb"),
-                                   (1, size, size, 3), shards=(min(k, CONCEPT_CHUNK), size, size, 3), fill_value=0))
+                                   (min(k, CROPS_PER_CHUNK), size, size, 3), fill_value=0))
             if parts:
                 specs.append(ArraySpec(f"{base}/{tap}/part_mass", (k, parts), "float32", ("concept", "mask_value"),
                                        (k, parts), fill_value=0.0))

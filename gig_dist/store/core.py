@@ -117,6 +117,8 @@ class StageRecord:
     keys: dict[str, Any] = field(default_factory=dict)
     #: Its units and its final step (``Stage.finish``) are all done.
     finished: bool = False
+    #: Wall-clock seconds its runs took, added up over resumes (0 when kept from before).
+    seconds: float = 0.0
 
 
 @dataclass
@@ -471,6 +473,11 @@ class RunStore:
                                            (f"unit_{key.replace('/', '_')}",), (1,), fill_value=0)])
         self.manifest.stages[key] = record
         self.save_manifest()
+
+    def add_seconds(self, key: str, seconds: float) -> None:
+        if key in self.manifest.stages:
+            self.manifest.stages[key].seconds += seconds
+            self.save_manifest()
 
     def finish_stage(self, key: str) -> None:
         self.manifest.stages[key].finished = True

@@ -1,0 +1,114 @@
+"""The report (a static site) in a real browser, `gig-dist show`, and what they do with partial runs.
+
+The browser is Debian's headless Chromium (`apt-get install chromium`; `.ci/run` installs it)."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gig_dist import open_run, pipeline
+from gig_dist.cli import main
+from gig_dist.report import build_report
+from gig_dist.store import RunStore
+from tests.conftest import toy_config, zgroup
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    url = pipeline.run(toy_config("gig.images=16", "atlas.members=4", "atlas.crop=24"), root / "run.zarr").url
+    # One concept without members (as a concept no decomposed PFV uses would be).
+    store = RunStore.open(url, mode="r+")
+    g = zgroup(store, "r+")
+    g["atlas/bisecting_kmeans/layer3.1/row"][5] = -1
+    g["atlas/bisecting_kmeans/layer3.1/member/image"][5] = -1
+    summary = build_report(url, root / "site")
+    return store, summary
+
+
+def _browser(page: Path, *extra: str) -> subprocess.CompletedProcess:
+    assert CHROMIUM, "the report test needs Debian's chromium (apt-get install chromium), as .ci/run installs"
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", *extra,
+                           page.as_uri()], capture_output=True, text=True, timeout=120)
+
+
+def test_every_link_and_image_of_the_site_resolves(finished):
+    store, summary = finished
+    site = summary.site
+    assert summary.missing == [] and summary.pages > 10
+    pages = list(site.rglob("*.html"))
+    checked = 0
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"""(?:href|src|xlink:href)=['"]([^'"#]+)['"]""", text):
+            if target.startswith(("http:", "https:", "data:", "javascript:")):
+                pytest.fail(f"{page} refers outside the site: {target}")
+            assert (page.parent / target).resolve().is_file(), (page, target)
+            checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize("page", ["index.html", "concept/layer3.1/0.html", "class/0.html", "tap/layer3.1/p0.html"])
+def test_pages_load_in_a_browser_without_a_broken_image_or_a_console_error(finished, page, tmp_path):
+    store, summary = finished
+    done = _browser(summary.site / page, "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'data-broken-images="0"' in done.stdout, page
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if re.search(r"error|uncaught|failed", line, re.I)], console
+    if page.startswith("class/"):
+        graph = store.gig("bisecting_kmeans").read_graph(0)
+        # the class graph is drawn: one node (a concept thumbnail linking to its page) per concept
+        assert done.stdout.count('class="node"') >= len(graph["nodes"]) > 0
+        assert done.stdout.count("<image") >= len(graph["nodes"])
+    shot = tmp_path / "shot.png"
+    taken = _browser(summary.site / page, f"--screenshot={shot}", "--window-size=1000,800")
+    assert taken.returncode == 0 and shot.stat().st_size > 10_000
+
+
+def test_a_concept_without_members_says_so(finished, tmp_path):
+    store, summary = finished
+    text = (summary.site / "concept/layer3.1/5.html").read_text()
+    assert "this concept has no members" in text
+    assert main(["show", store.url, "--tap", "layer3.1", "--concept", "5", "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_show_writes_figures_and_names_the_valid_range(finished, tmp_path, capsys):
+    store, _ = finished
+    assert main(["show", store.url, "--tap", "layer2.1", "--concept", "3", "--out", str(tmp_path / "k.png")]) == 0
+    assert main(["show", store.url, "--class", "0", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "k.png").stat().st_size > 5000 and (tmp_path / "g.png").stat().st_size > 5000
+    run = open_run(store.url)
+    found = run.members("layer2.1", 3)
+    assert found["crop"].shape == (len(found["image"]), 24, 24, 3) and found["kind"] == "srd"
+    assert (np.diff(found["value"]) <= 0).all()
+    k = store.concepts("bisecting_kmeans").count("layer2.1")
+    for args, message in ((["--tap", "layer9", "--concept", "0"], "tap 'layer9' is not in this run"),
+                          (["--tap", "layer2.1", "--concept", str(k)], f"concepts 0..{k - 1}"),
+                          (["--class", "99"], "classes 0..7"),
+                          (["--class", "zebra"], "unknown class 'zebra'")):
+        assert main(["show", store.url, *args, "--out", str(tmp_path / "x.png")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_partial_run_gives_a_report_of_what_exists(tmp_path):
+    url = pipeline.run(toy_config(), tmp_path / "run.zarr", until="decompose").url
+    summary = build_report(url, tmp_path / "site")
+    assert "class graphs (run the graphs stage)" in summary.missing
+    index = (summary.site / "index.html").read_text()
+    assert "missing: class graphs (run the graphs stage)" in index
+    assert "no members shown: the members and atlas stages have not run" in (
+        summary.site / "concept/layer1.0/0.html").read_text()
+    # a folder that is not a report is never deleted
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["report", url, "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
