@@ -26,6 +26,9 @@ def test_embedded_default_end_to_end(tmp_path):
     assert any(line.startswith("attribute: 5/5 units run") for line in lines)
     assert any(line.startswith("reduce: 5/5 units run") for line in lines)
     assert "warning" not in done.stderr  # the toy defaults give every concept enough members
+    # The run ends with its report, beside the store.
+    assert any(line.startswith(f"report: {tmp_path / 'gig-dist-run.report' / 'index.html'}") for line in lines)
+    assert "graphs: dot" in done.stdout and (tmp_path / "gig-dist-run.report" / "class" / "0.html").is_file()
     summary = json.loads(run_cli("inspect", str(tmp_path / "gig-dist-run.zarr"), "--json").stdout)
     assert all(stage["complete"] and not stage["stale"] for stage in summary["stages"].values()), summary["stages"]
     d = "bisecting_kmeans"
