@@ -189,9 +189,17 @@ def _check_resumable(store: RunStore, config: Config, facts: Facts, index: Datas
         raise ConfigError(f"{url} was laid out with other store settings ({details}); rerun with those, write to "
                           "another --out, or pass --overwrite to discard it")
     if store.manifest.dataset_fingerprint != index.fingerprint() or before.num_images != facts.num_images:
+        dataset = store.manifest.config.get("dataset", {})
+        hints = []
+        if dataset.get("order", "listed") != config.dataset.order:
+            hints.append(f"it was made with dataset.order = {dataset.get('order', 'listed')} "
+                         f"(stores made before that setting existed are listed); rerun with that")
+        if dataset.get("label_map", "auto") != config.dataset.label_map or before.label_source != facts.label_source:
+            hints.append(f"its labels were {before.label_source} (dataset.label_map = {dataset.get('label_map', 'auto')})")
         raise ConfigError(
-            f"the dataset changed since {url} was created (its list of images and labels differs); "
-            "write to another --out, or pass --overwrite to discard the old run"
+            f"the dataset changed since {url} was created (its list of images and labels differs"
+            + (f": {'; '.join(hints)}" if hints else "") + "); write to another --out, or pass --overwrite to "
+            "discard the old run"
         )
     store.manifest.config = config.to_dict()
     store.manifest.versions = versions()

@@ -136,3 +136,11 @@ def test_a_prefix_of_a_sorted_imagefolder_covers_every_class(tmp_path):
     assert sorted(index.paths) == sorted(listed.paths)
     limited = build_index(toy_config("dataset.kind=imagefolder", f"dataset.path={root}", "dataset.limit=4").dataset)
     assert sorted(limited.labels.tolist()) == [0, 1, 2, 3]
+
+
+def test_a_store_in_the_other_order_is_refused_naming_the_setting(tmp_path):
+    from gig_dist import pipeline
+
+    pipeline.run(toy_config("dataset.order=listed"), tmp_path / "run.zarr", until="extract")
+    with pytest.raises(ConfigError, match=r"made with dataset.order = listed .*rerun with that"):
+        pipeline.run(toy_config(), tmp_path / "run.zarr", until="extract")

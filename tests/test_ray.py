@@ -34,9 +34,11 @@ def ray_config(*extra):
 
 def test_ray_equals_in_process(ray_head, in_process, tmp_path):
     report = pipeline.run(ray_config(), tmp_path / "ray.zarr")
-    assert [(s.stage, s.units_run, s.images, s.retries) for s in report.stages] == [
+    assert [(s.stage, s.units_run, s.images, s.retries) for s in report.stages][:8] == [
         ("extract", 5, 40, 0), ("sample", 5, 40, 0), ("concepts", 5, 0, 0), ("decompose", 5, 40, 0),
-        ("attribute", 5, 40, 0), ("reduce", 5, 40, 0), ("graphs", 1, 0, 0)]
+        ("attribute", 5, 40, 0), ("reduce", 5, 40, 0), ("graphs", 1, 0, 0), ("members", 5, 40, 0)]
+    # the atlas: one unit per store unit, over the images that hold members
+    assert [(s.stage, s.units_run, s.retries) for s in report.stages[8:]] == [("atlas", 5, 0)]
     assert_stores_equal(in_process, report.url)
 
 
