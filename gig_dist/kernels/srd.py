@@ -195,10 +195,11 @@ def maxpool_ratios(pool: nn.MaxPool2d, a: torch.Tensor) -> MaxPoolRatios:
 def propagate_maxpool(ratios: MaxPoolRatios, relevance: torch.Tensor) -> torch.Tensor:
     n, p = relevance.shape[:2]
     h, w = ratios.input_size
-    values = ratios.share[:, None] * relevance.reshape(n, p, 1, -1)  # (N, P, C, L_out)
-    index = ratios.winner[:, None].expand_as(values)
-    down = relevance.new_zeros(n, p, values.shape[2], h * w).scatter_add_(3, index, values)
-    return down.sum(2).view(n, p, h, w)
+    values = (ratios.share[:, None] * relevance.reshape(n, p, 1, -1)).reshape(n, p, -1)  # (N, P, C * L_out)
+    index = ratios.winner.reshape(n, 1, -1).expand_as(values)
+    # Every channel's share lands on its winning input position: one scatter over channels and
+    # positions together (no (N, P, C, H*W) intermediate to sum over channels afterwards).
+    return relevance.new_zeros(n, p, h * w).scatter_add_(2, index, values).view(n, p, h, w)
 
 
 @dataclass
