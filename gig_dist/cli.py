@@ -24,7 +24,7 @@ import yaml
 
 from gig_dist import __version__
 from gig_dist.config import Config, ConfigError, load_config
-from gig_dist.stages.registry import stage_names
+from gig_dist.stages.registry import stage_names, stages_until
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if counts["skipped"]:
         print(f"skipped images and reasons: gig-dist inspect {report.url}")
-    if config.report.enabled and args.until in (None, stage_names()[-1]):
+    if config.report.enabled and args.until in (None, stages_until(None)[-1].name):
         site = report_folder(report.url, config.report.out)
         if site is None:
             print("report: the store is not on local disk; set report.out to build one (or gig-dist report)")
@@ -125,6 +125,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     if site is None:
         raise ConfigError("the store is not on local disk: give --out SITE for the report")
     _print_report(build_report(url, site))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Insertion/deletion of concepts on the first N attributed images of a run; tables."""
+    from gig_dist import pipeline
+    from gig_dist.kernels.evaluation import ORDERINGS
+    from gig_dist.stages.attribute import gig_pairs
+    from gig_dist.stages.evaluate import summarize
+    from gig_dist.store import RunStore
+
+    store = RunStore.open(args.dir)
+    base = store.manifest.config
+    images = args.images or min(64, base.get("gig", {}).get("images") or store.num_images)
+    overrides = [f"evaluate.images={images}", "report.enabled=false", *args.overrides]
+    from gig_dist.config import config_from_tree
+
+    config = config_from_tree(base, overrides)
+    report = pipeline.run(config, store.url, until="evaluate")
+    stage = report.stages[-1]
+    pairs = gig_pairs(config, list(store.taps))
+    found = summarize(RunStore.open(store.url), config.concepts.method, pairs, images)
+    if args.json:
+        print(json.dumps({"images": images, "steps": config.evaluate.steps, "pairs": found}, indent=2))
+        return 0
+    print(f"evaluate: {stage.units_run} units run ({stage.units_total - stage.units_run} already done) in "
+          f"{stage.seconds:.1f}s; {images} images, {config.evaluate.steps} steps")
+    for title, keep in (("C-Insertion - C-Deletion (AUC of the class probability; higher: the first concepts "
+                         "carry the class)", lambda key: key.endswith("-> logits")),
+                        (f"inter-layer insertion - deletion (AUC of max_q <a_q, v_m> / full, first "
+                         f"{config.evaluate.targets} targets per image)", lambda key: not key.endswith("-> logits"))):
+        columns = [key for key in found if keep(key)]
+        if not columns:
+            continue
+        print(f"\n{title}; mean +- 95% interval")
+        print(f"  {'ordering':<12}" + "".join(f"{key:>30}" for key in columns))
+        for ordering in ORDERINGS:
+            cells = []
+            for key in columns:
+                mean, half, n = found[key][ordering]["score"]
+                cells.append(f"{mean:+.3f} +- {half:.3f} (n={n})")
+            print(f"  {ordering:<12}" + "".join(f"{cell:>30}" for cell in cells))
     return 0
 
 
@@ -402,7 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--out", help="run store: a directory or fsspec URL (default: store.path, gig-dist-run.zarr)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run store at --out")
-    from gig_dist.stages.registry import stage_names
 
     run.add_argument("--until", metavar="STAGE", choices=stage_names(),
                      help=f"stop after this stage ({', '.join(stage_names())}); rerun without it to go on")
@@ -431,6 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", metavar="DIR")
     report.add_argument("--out", metavar="SITE", help="folder for the site (default: DIR without .zarr, plus .report)")
     report.set_defaults(func=cmd_report)
+
+    evaluate = sub.add_parser("evaluate", help="concept insertion/deletion: does GIG's order beat random, code "
+                                                "mass and gradient x code?")
+    evaluate.add_argument("dir", metavar="DIR")
+    evaluate.add_argument("--images", type=int, help="evaluate the first N attributed images (default 64)")
+    evaluate.add_argument("-o", "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                          help="override an evaluate.* setting, e.g. -o evaluate.steps=20")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     show = sub.add_parser("show", help="a figure of a concept (its members on their images) or of a class graph")
     show.add_argument("dir", metavar="DIR")

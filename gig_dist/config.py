@@ -159,6 +159,7 @@ class ReportConfig(Section):
 from gig_dist.stages.attribute import GIGConfig  # noqa: E402
 from gig_dist.stages.concepts import ConceptsConfig  # noqa: E402
 from gig_dist.stages.decompose import DecomposeConfig  # noqa: E402
+from gig_dist.stages.evaluate import EvaluateConfig  # noqa: E402
 from gig_dist.stages.extract import ExtractConfig  # noqa: E402
 from gig_dist.stages.members import AtlasConfig  # noqa: E402
 from gig_dist.stages.sample import SampleConfig  # noqa: E402
@@ -177,6 +178,7 @@ class Config(Section):
     gig: GIGConfig = GIGConfig()
     atlas: AtlasConfig = AtlasConfig()
     report: ReportConfig = ReportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     store: StoreConfig = StoreConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
@@ -305,6 +307,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
         tree = loaded or {}
+    return config_from_tree(tree, overrides, source)
+
+
+def config_from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                     source: str = "a run's config") -> Config:
+    """A config from a mapping (a run's stored config), with ``key=value`` overrides."""
+    import copy
+
+    tree = copy.deepcopy(tree)
     for text in overrides:
         key, value = _parse_override(text)
         _set_dotted(tree, key, value)

@@ -120,6 +120,8 @@ class Stage(ABC):
     unit_noun: ClassVar[str] = "images"
     #: Bump when the stage computes differently: stores made before then redo it.
     version: ClassVar[int] = 1
+    #: Run only when asked for by name (``--until``, or its own command), never by default.
+    on_demand: ClassVar[bool] = False
     #: Units in flight per worker, in threads. A worker that serialises its compute internally
     #: and writes outside that lock overlaps one unit's writes with the next unit's compute.
     worker_concurrency: ClassVar[int] = 1

@@ -13,6 +13,7 @@ from gig_dist.stages.attribute import AttributeStage
 from gig_dist.stages.base import Stage
 from gig_dist.stages.concepts import ConceptsStage
 from gig_dist.stages.decompose import DecomposeStage
+from gig_dist.stages.evaluate import EvaluateStage
 from gig_dist.stages.extract import ExtractStage
 from gig_dist.stages.graphs import GraphStage
 from gig_dist.stages.members import MembersStage
@@ -29,6 +30,7 @@ STAGES: list[type[Stage]] = [
     GraphStage,
     MembersStage,
     AtlasStage,
+    EvaluateStage,
 ]
 
 
@@ -44,12 +46,13 @@ def by_name(name: str) -> type[Stage]:
 
 
 def stages_until(until: str | None) -> list[type[Stage]]:
-    """The stages to run: all, or the first ones up to and including ``until``."""
+    """The stages to run: all, or the first ones up to and including ``until``; a stage that runs
+    on demand only when ``until`` names it."""
     if until is None:
-        return list(STAGES)
+        return [stage for stage in STAGES if not stage.on_demand]
     if until not in stage_names():
         raise ConfigError(f"unknown stage {until!r}; the stages are {', '.join(stage_names())}")
-    return list(STAGES[: stage_names().index(until) + 1])
+    return [stage for stage in STAGES[: stage_names().index(until) + 1] if not stage.on_demand or stage.name == until]
 
 
 def fingerprints(config) -> dict[str, tuple[str, dict[str, str]]]:

@@ -528,6 +528,11 @@ class RunStore:
 
         return AtlasSection(self, dictionary)
 
+    def evaluation(self, dictionary: str):
+        from gig_dist.store.evaluation import EvaluationSection
+
+        return EvaluationSection(self, dictionary)
+
     def section(self, prefix: str) -> Section:
         """A plain per-image section at ``prefix`` for a stage whose family has no module of its
         own yet (a new stage's first version): its arrays are ``<prefix>/<name>``."""

@@ -1,0 +1,105 @@
+"""Insertion and deletion of concepts (method.md section 7): do the concepts an attribution ranks
+first matter most to the model?
+
+For one image at a tap with sparse codes ``U`` over concepts ``V``, an *ordering* ranks the
+image's active concepts. For fractions ``f = 0, 1/F, ..., 1`` of them:
+
+* insertion keeps only the first ``round(f n)`` concepts' codes (from zero codes up);
+* deletion removes them (from the full codes down);
+
+the reconstruction ``X~`` of what is kept runs through the rest of the network to a readout: the
+softmax probability of the class (C-Insertion / C-Deletion), or for a concept ``m`` of a later
+tap ``max_q <a^b_q, v_m>`` divided by its value at full reconstruction (inter-layer). The area
+under each curve is taken by the trapezoid rule; the score is ``AUC_ins - AUC_del``: high when the
+first concepts carry the output.
+
+Orderings: ``gig`` (the image's GIG to the target), ``random``, ``code_mass`` (the sum of the
+concept's code values over positions) and ``grad_x_code`` (one step: the gradient at the full
+reconstruction times the code, the 1-step right-rule GIG).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+ORDERINGS = ("gig", "random", "code_mass", "grad_x_code")
+
+
+def fractions(steps: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, steps + 1)
+
+
+def auc(curves: np.ndarray, steps: int | None = None) -> np.ndarray:
+    """Trapezoid-rule area under curves sampled at ``fractions`` (last axis)."""
+    x = fractions(curves.shape[-1] - 1 if steps is None else steps)
+    return np.trapezoid(curves, x, axis=-1)
+
+
+def rank(scores: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """The active concepts by decreasing score (ties: smaller concept index first)."""
+    active = np.asarray(active)
+    return active[np.lexsort((active, -np.asarray(scores)[active]))]
+
+
+def code_mass(index: np.ndarray, value: np.ndarray, k: int) -> np.ndarray:
+    used = index >= 0
+    return np.bincount(index[used], weights=value[used], minlength=k)
+
+
+def random_scores(k: int, seed: int, image: int) -> np.ndarray:
+    return np.random.default_rng([seed, image]).random(k)
+
+
+@torch.no_grad()
+def curves(forward: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor, value: torch.Tensor,
+           dictionary: torch.Tensor, shape: tuple[int, int, int], order: np.ndarray, steps: int,
+           batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Insertion and deletion curves (steps + 1,) each for one image: codes ``index``/``value``
+    (P, L), concepts ``dictionary`` (K, C), tap ``shape`` (C, H, W), ``order`` of its active
+    concepts; ``forward`` maps reconstructions (B, C, H, W) to readouts (B,)."""
+    channels, height, width = shape
+    counts = np.round(fractions(steps) * len(order)).astype(int)
+    position = torch.full((len(dictionary),), len(order), dtype=torch.int64, device=index.device)
+    position[torch.as_tensor(np.ascontiguousarray(order), dtype=torch.int64, device=index.device)] = torch.arange(
+        len(order), device=index.device)
+    rank_of_slot = position[index.clamp_min(0)]  # (P, L): each slot's concept's place in the order
+    live = (index >= 0) & (value != 0)
+    masks = []
+    for k in counts:
+        first = rank_of_slot < int(k)
+        masks.append(live & first)  # insertion: the first k
+    for k in counts:
+        masks.append(live & ~(rank_of_slot < int(k)))  # deletion: all but the first k
+    mask = torch.stack(masks).to(value.dtype)  # (2F, P, L)
+    vectors = dictionary[index.clamp_min(0)]  # (P, L, C)
+    out = []
+    for first in range(0, len(mask), batch):
+        x = torch.einsum("bpl,plc->bpc", mask[first : first + batch] * value, vectors)
+        x = x.transpose(1, 2).reshape(-1, channels, height, width)
+        out.append(forward(x).to(torch.float64))
+    readout = torch.cat(out).cpu().numpy()
+    return readout[: len(counts)], readout[len(counts) :]
+
+
+def class_probability(cls: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Readout of logits: the softmax probability of ``cls``."""
+    return lambda logits: torch.softmax(logits.to(torch.float64), dim=1)[:, cls]
+
+
+def concept_peak(vector: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Readout of a feature map (B, C, H, W): ``max_q <a_q, v_m>``."""
+    return lambda a: torch.einsum("bchw,c->bhw", a, vector.to(a.dtype)).flatten(1).max(dim=1).values
+
+
+def mean_interval(values: np.ndarray) -> tuple[float, float, int]:
+    """Mean and the half-width of its 95 % confidence interval (normal approximation), over the
+    finite values; and how many there were."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan"), 0
+    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(half), len(values)

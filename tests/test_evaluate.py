@@ -1,0 +1,137 @@
+"""Concept insertion and deletion: the metrics on cases whose answer is known, and the stage."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gig_dist.kernels.evaluation import (
+    auc,
+    class_probability,
+    curves,
+    mean_interval,
+    rank,
+)
+
+
+class MeanHead(nn.Module):
+    """logits = W . (mean over positions of x): concept 0 alone drives class 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[8.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _codes():
+    # 4 positions (2 x 2), every position uses each of the 4 concepts (identity dictionary).
+    index = torch.arange(4).repeat(4, 1)
+    value = torch.ones(4, 4)
+    return index, value, torch.eye(4)
+
+
+@pytest.mark.fast
+def test_deleting_the_one_concept_that_drives_the_class_drops_it_at_once():
+    head, (index, value, V) = MeanHead(), _codes()
+    forward = lambda x: class_probability(0)(head(x))  # noqa: E731
+    right = np.array([0, 1, 2, 3])
+    ins, dele = curves(forward, index, value, V, (4, 2, 2), right, steps=4)
+    uniform = 1 / 3
+    full = float(torch.softmax(torch.tensor([8.0, 0, 0]), 0)[0])
+    assert ins[0] == pytest.approx(uniform) and dele[-1] == pytest.approx(uniform)  # no codes at all
+    assert ins[-1] == pytest.approx(full) and dele[0] == pytest.approx(full)  # every code
+    assert dele[1] == pytest.approx(uniform)  # the first quarter deleted is concept 0: the class drops at once
+    assert ins[1] == pytest.approx(full)  # inserting it alone restores it at once
+    scores = {}
+    for name, order in {"right": right, "reversed": right[::-1], "middle": np.array([1, 0, 2, 3]),
+                        "last": np.array([1, 2, 3, 0])}.items():
+        i, d = curves(forward, index, value, V, (4, 2, 2), order, steps=4)
+        scores[name] = (auc(i) - auc(d), auc(i))
+    assert all(scores["right"][0] > s[0] for name, s in scores.items() if name != "right"), scores
+    assert scores["reversed"][1] < scores["right"][1]  # insertion: the reversed ordering scores worse
+
+
+@pytest.mark.fast
+def test_rank_and_interval():
+    assert rank(np.array([0.5, 2.0, 2.0, -1.0]), np.array([0, 1, 2, 3])).tolist() == [1, 2, 0, 3]
+    mean, half, n = mean_interval(np.array([1.0, 2.0, 3.0, np.nan]))
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(1.96 * 1.0 / np.sqrt(3))
+
+
+# -- the stage and the command ---------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from gig_dist import pipeline  # noqa: E402
+from gig_dist.config import ConfigError  # noqa: E402
+from gig_dist.store import RunStore  # noqa: E402
+from tests.conftest import toy_config  # noqa: E402
+
+CLI = [sys.executable, "-m", "gig_dist.cli"]
+SMALL = ("gig.images=32", "gig.pairs=[[layer2.1,layer3.1],[layer3.1,logits]]")
+
+
+@pytest.fixture(scope="module")
+def attributed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    return pipeline.run(toy_config(*SMALL), root / "run.zarr", until="graphs").url
+
+
+def _evaluate(url, *extra, env=None):
+    return subprocess.run([*CLI, "evaluate", url, "--images", "32", "--json", *extra], capture_output=True, text=True,
+                          env=env)
+
+
+def test_evaluate_writes_curves_whose_ends_are_the_full_and_the_empty_codes(attributed, tmp_path):
+    import shutil
+
+    url = str(tmp_path / "run.zarr")
+    shutil.copytree(attributed, url)
+    done = _evaluate(url)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["images"] == 32 and set(found["pairs"]) == {"layer2.1 -> layer3.1", "layer3.1 -> logits"}
+    store = RunStore.open(url)
+    section = store.evaluation("bisecting_kmeans")
+    for pair in (("layer3.1", "logits"), ("layer2.1", "layer3.1")):
+        got = section.read(pair, store.units()[0])
+        ins, dele = got["insertion"].astype(np.float64), got["deletion"].astype(np.float64)
+        assert np.isfinite(ins).any()
+        # inserting everything and deleting nothing are both the full reconstruction; inserting
+        # nothing and deleting everything both the empty one: equal in every ordering
+        np.testing.assert_allclose(ins[..., -1], dele[..., 0], rtol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(ins[..., 0], dele[..., -1], rtol=1e-6, equal_nan=True)
+        if pair[1] == "logits":
+            assert np.nanmin(ins) >= 0 and np.nanmax(ins) <= 1
+        else:
+            np.testing.assert_allclose(ins[..., -1][np.isfinite(ins[..., -1])], 1.0, rtol=1e-5)  # normalised
+    score = found["pairs"]["layer3.1 -> logits"]
+    assert all(score[o]["score"][2] == 32 for o in ("gig", "random", "code_mass", "grad_x_code"))
+    # The run's other stages were kept, and evaluate is not part of a default run.
+    assert "evaluate" not in [k.split("/")[-1] for k in RunStore.open(attributed).manifest.stages]
+
+
+def test_evaluate_refuses_images_without_gig(attributed):
+    with pytest.raises(ConfigError, match="evaluate.images = 40 reaches past gig.images = 32"):
+        pipeline.run(toy_config(*SMALL, "evaluate.images=40"), attributed, until="evaluate")
+
+
+def test_sigkill_during_evaluation_resumes_to_the_same_tables(attributed, tmp_path):
+    import shutil
+
+    first, second = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    shutil.copytree(attributed, first)
+    shutil.copytree(attributed, second)
+    clean = _evaluate(first)
+    killed = _evaluate(second, env=dict(os.environ, GIG_DIST_FAILPOINT="evaluate.before_commit:2"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = _evaluate(second)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout) == json.loads(clean.stdout)
