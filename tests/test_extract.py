@@ -70,8 +70,8 @@ def test_units_are_exactly_the_shards_of_every_array(reference):
     # per-unit stats, dataset matrices and their per-block sums, per step range, class graphs
     whole = ("/unit_", "/matrix", "/count", "/partial", "/graphs")
     arrays = [p for p in arrays if "/block_" not in p]
-    per_image = [p for p in arrays if not p.startswith(("progress/", "concepts/"))
-                 and not p.endswith(whole) and "/unit_" not in p]
+    per_image = [p for p in arrays if not p.startswith(("progress/", "concepts/", "atlas/"))
+                 and not p.endswith(whole) and "/unit_" not in p and "/class_" not in p]
     assert "gig/bisecting_kmeans/layer1.0__layer2.1/edges/source" in per_image
     # GIG partial sums: (step ranges, images, ...), one chunk per step range and unit.
     for path in [p for p in arrays if p.endswith("/partial")]:
@@ -83,6 +83,10 @@ def test_units_are_exactly_the_shards_of_every_array(reference):
     # Per-unit statistics: one chunk per unit. Concepts are written whole by their tap's unit.
     for path in [p for p in arrays if "/unit_" in p]:
         assert zgroup(store)[path].shape[0] == len(units) and zgroup(store)[path].chunks[0] == 1, path
+    # The atlas's crops: rows grouped by store unit, one shard of `capacity` rows per unit.
+    crops = zgroup(store)["atlas/bisecting_kmeans/crops/crop"]
+    capacity = store.atlas("bisecting_kmeans").capacity()
+    assert crops.shape[0] == capacity * len(units) and crops.shards[0] == capacity
     stage = ExtractStage(toy_config(*SMALL_CONFIG), reference)
     assert [(u.start, u.stop) for u in stage.plan(store.facts)] == [(u.start, u.stop) for u in units]
 
@@ -170,8 +174,9 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path):
 
 def test_rerun_of_a_complete_run_does_nothing(reference, tmp_path):
     report = pipeline.run(toy_config(*SMALL_CONFIG), reference)
-    # concepts: 5 taps; attribute: 5 pairs x 1 unit (gig.images); reduce: 5 pairs; graphs: 1.
-    assert [(s.units_run, s.units_total) for s in report.stages] == [(0, 5)] * 6 + [(0, 1)]
+    # concepts: 5 taps; attribute: 5 pairs x 1 unit (gig.images); reduce: 5 pairs; graphs: 1;
+    # members and atlas: 5 store units.
+    assert [(s.units_run, s.units_total) for s in report.stages] == [(0, 5)] * 6 + [(0, 1)] + [(0, 5)] * 2
 
 
 def test_another_layout_is_refused_and_execution_settings_change_nothing(reference, tmp_path):
@@ -183,7 +188,7 @@ def test_another_layout_is_refused_and_execution_settings_change_nothing(referen
         pipeline.run(toy_config(*SMALL_CONFIG, "store.images_per_unit=16"), copy)
     # Execution-only settings may change between a run and its resumption: every stage is kept.
     report = pipeline.run(toy_config(*SMALL_CONFIG, "runtime.progress=true", "dataset.loader_threads=2"), copy)
-    assert [d.action for d in report.decisions] == ["keep"] * 7
+    assert [d.action for d in report.decisions] == ["keep"] * 9
     assert_stores_equal(reference, str(copy))
 
 
@@ -261,6 +266,8 @@ def test_inspect_json(reference):
         f"{d}attribute": {"complete": True, "units_done": 5, "units": 25, "stale": []},
         f"{d}reduce": {"complete": True, "units_done": 5, "units": 5, "stale": []},
         f"{d}graphs": {"complete": True, "units_done": 1, "units": 1, "stale": []},
+        f"{d}members": {"complete": True, "units_done": 5, "units": 5, "stale": []},
+        f"{d}atlas": {"complete": True, "units_done": 5, "units": 5, "stale": []},
     }
     assert summary["arrays"]["pfv/layer1.0"]["shape"] == [40, 1024, 64]
     assert summary["arrays"]["pfv/layer1.0"]["dtype"] == "float16"

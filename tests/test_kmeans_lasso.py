@@ -196,3 +196,35 @@ def test_over_many_seeds_no_leaf_is_dropped_and_inertia_matches_scikit_learn():
         theirs = SklearnBisectingKMeans(6, random_state=seed, bisecting_strategy="biggest_inertia").fit(X.astype(np.float64))
         ratios.append(model.inertia_ / theirs.inertia_)
     assert np.median(ratios) <= 1.01, np.round(ratios, 3)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "dictionary_learning", "nmf", "sae"])
+def test_baseline_dictionaries_keep_the_contract(method):
+    """Each baseline fits, encodes sparse non-negative codes by decreasing value, decodes, and
+    encodes the same again after the store's round trip (fitted_arrays -> from_arrays)."""
+    from gig_dist.kernels.dictionary import (
+        DICTIONARIES,
+        NotFittedError,
+        make_dictionary,
+    )
+
+    rng = np.random.default_rng(0)
+    centers = np.abs(rng.normal(size=(6, 16))).astype(np.float32)
+    X = np.maximum(centers[rng.integers(0, 6, 600)] + 0.05 * rng.normal(size=(600, 16)), 0).astype(np.float32)
+    d = make_dictionary(method, n_concepts=12, lambda_rel=0.05)
+    with pytest.raises(NotFittedError):
+        d.encode(X[:3])
+    d.fit(X)
+    assert d.dictionary_.shape == (12, 16)
+    norms = np.linalg.norm(d.dictionary_, axis=1)
+    assert np.allclose(norms[norms > 0], 1, atol=1e-5)
+    index, value = d.encode(X[:50])
+    assert index.shape == value.shape and (value >= 0).all() and ((index >= 0) | (value == 0)).all()
+    assert (np.diff(value, axis=1) <= 1e-6).all()  # largest first
+    explained = 1 - ((X[:50] - d.decode(index, value)) ** 2).sum() / ((X[:50] - X[:50].mean(0)) ** 2).sum()
+    assert explained > 0.5, explained
+    again = DICTIONARIES[method].from_arrays(d.fitted_arrays(), lambda_rel=0.05)
+    index2, value2 = again.encode(X[:50])
+    np.testing.assert_array_equal(index, index2)
+    np.testing.assert_allclose(value, value2, rtol=1e-5, atol=1e-6)
+    assert d.fit_statistics()["k"] == 12

@@ -35,7 +35,7 @@ def _chunk_bytes(root, prefixes: tuple[str, ...]) -> dict[str, bytes]:
 def first_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     report = pipeline.run(toy_config(*BASE), root / "run.zarr")
-    assert [d.action for d in report.decisions] == ["new"] * 7
+    assert [d.action for d in report.decisions] == ["new"] * 9
     return root / "run.zarr"
 
 

@@ -17,18 +17,21 @@ so a new dictionary is one class here and one entry in :data:`DICTIONARIES`.
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator
-from sklearn.exceptions import NotFittedError
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from gig_dist.kernels.kmeans import BisectingKMeans, concept_vectors
 from gig_dist.kernels.lasso import NonNegativeLassoCoder
 
-__all__ = ["DICTIONARIES", "BisectingKMeansDictionary", "Dictionary", "NotFittedError", "make_dictionary"]
+__all__ = ["DICTIONARIES", "BisectingKMeansDictionary", "Dictionary", "DictionaryLearningDictionary", "KMeansDictionary",
+           "NMFDictionary", "NotFittedError", "SparseAutoencoderDictionary", "make_dictionary"]
 
 
 class Dictionary(BaseEstimator):
@@ -151,9 +154,239 @@ class BisectingKMeansDictionary(Dictionary):
                 "zero_concepts": int(self.zero_.sum()), "backend": self.backend_}
 
 
+class LassoCodedDictionary(Dictionary):
+    """A baseline whose concept vectors come from another fit, coded by the same exact
+    non-negative Lasso as the paper's dictionary: the comparison is about the vectors."""
+
+    encode_params = ("lambda_rel", "lam", "tol", "batch_size", "device")
+
+    def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
+                 lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
+                 device: str = "cpu", max_iter: int = 100) -> None:
+        self.n_concepts = n_concepts
+        self.seed = seed
+        self.n_init = n_init
+        self.backend = backend
+        self.lambda_rel = lambda_rel
+        self.lam = lam
+        self.tol = tol
+        self.batch_size = batch_size
+        self.device = device
+        self.max_iter = max_iter
+
+    def _check(self, X: np.ndarray) -> np.ndarray:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2 or not np.isfinite(X).all():
+            raise ValueError(f"PFVs must be a finite (n, C) array, got shape {X.shape}")
+        if len(X) < self.n_concepts:
+            raise ValueError(f"{self.n_concepts} concepts need at least as many PFVs, got {len(X)}")
+        return X
+
+    def _finish(self, vectors: np.ndarray, X: np.ndarray, loss: list[float]) -> None:
+        self.dictionary_, self.zero_ = concept_vectors(np.asarray(vectors, dtype=np.float32))
+        self.loss_curve_ = [float(v) for v in loss]
+        similarity = X @ self.dictionary_.T
+        self.labels_ = similarity.argmax(1)  # each sample's most similar concept, for the atlas's sizes
+        self.cluster_size_ = np.bincount(self.labels_, minlength=self.n_concepts)
+        self._coder = None
+
+    encode = BisectingKMeansDictionary.encode
+    _coder_for = BisectingKMeansDictionary._coder_for
+
+    def fitted_arrays(self) -> dict[str, np.ndarray]:
+        return {**super().fitted_arrays(), "zero": self.zero_, "size": self.cluster_size_,
+                "loss": np.asarray(self.loss_curve_, dtype=np.float64)}
+
+    def fit_statistics(self) -> dict[str, Any]:
+        check_is_fitted(self, "dictionary_")
+        sizes = self.cluster_size_
+        return {"k": int(self.n_concepts), "samples": int(sizes.sum()), "mean_members": float(sizes.mean()),
+                "singletons": int((sizes == 1).sum()), "zero_concepts": int(self.zero_.sum()),
+                "explained": getattr(self, "explained_", None),
+                "loss_first": self.loss_curve_[0] if self.loss_curve_ else None,
+                "loss_last": self.loss_curve_[-1] if self.loss_curve_ else None}
+
+
+def _explained(X: np.ndarray, reconstruction: np.ndarray) -> float:
+    total = float(((X - X.mean(0)) ** 2).sum())
+    return 1 - float(((X - reconstruction) ** 2).sum()) / total if total > 0 else None
+
+
+class KMeansDictionary(LassoCodedDictionary):
+    """Plain k-means (FAISS, all points: ``max_points_per_centroid`` is raised so that FAISS does
+    not subsample), unit-normalised centroids, the same Lasso."""
+
+    def fit(self, X: np.ndarray) -> KMeansDictionary:
+        import faiss
+
+        X = self._check(X)
+        k = self.n_concepts
+        kmeans = faiss.Kmeans(X.shape[1], k, niter=max(1, self.max_iter // 4), seed=self.seed, nredo=self.n_init,
+                              max_points_per_centroid=-(-len(X) // k) + 1, verbose=False)
+        kmeans.train(X)
+        _, labels = kmeans.index.search(X, 1)
+        centers = kmeans.centroids
+        self._finish(centers, X, list(getattr(kmeans, "iteration_stats", None) and
+                                      [s["obj"] for s in kmeans.iteration_stats] or []))
+        self.explained_ = _explained(X, centers[labels[:, 0]])
+        return self
+
+
+class DictionaryLearningDictionary(LassoCodedDictionary):
+    """scikit-learn's ``MiniBatchDictionaryLearning`` with non-negative codes and atoms."""
+
+    def fit(self, X: np.ndarray) -> DictionaryLearningDictionary:
+        from sklearn.decomposition import MiniBatchDictionaryLearning
+
+        X = self._check(X)
+        learner = MiniBatchDictionaryLearning(n_components=self.n_concepts, alpha=0.1, batch_size=256,
+                                              max_iter=max(1, self.max_iter // 10), fit_algorithm="cd",
+                                              positive_code=True, positive_dict=True, random_state=self.seed,
+                                              transform_algorithm="lasso_cd")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # a budgeted fit: its steps are recorded
+            learner.fit(X)
+        self._finish(learner.components_, X, [])
+        self.n_iter_ = int(learner.n_steps_)
+        return self
+
+
+class NMFDictionary(LassoCodedDictionary):
+    """Non-negative matrix factorisation of the samples (as CRAFT builds its concept bank):
+    ``X ~ W H``, concepts the rows of ``H``."""
+
+    def fit(self, X: np.ndarray) -> NMFDictionary:
+        from sklearn.decomposition import NMF
+
+        X = self._check(X)
+        if (X < 0).any():
+            raise ValueError("NMF needs non-negative PFVs (post-ReLU taps); this tap has negative values")
+        # NNDSVD starts need K <= min(n, C); an overcomplete bank (K = 8C) starts at random
+        init = "nndsvda" if self.n_concepts <= min(X.shape) else "random"
+        model = NMF(n_components=self.n_concepts, init=init, max_iter=self.max_iter, random_state=self.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # a budgeted fit: its error is recorded
+            W = model.fit_transform(X)
+        self._finish(model.components_, X, [float(model.reconstruction_err_)])
+        self.explained_ = _explained(X, W @ model.components_)
+        return self
+
+
+class SparseAutoencoderDictionary(Dictionary):
+    """A sparse autoencoder trained in torch on the samples (Adam, at least ``steps`` batches):
+    ``z = ReLU(W_e x + c)``, ``x^ = z D`` with unit-norm decoder rows ``D`` and an L1 penalty
+    ``l1 * |z|_1`` (or only the ``top_k`` largest latents kept). No decoder bias, so that codes
+    reconstruct ``X~ = U V`` as the pipeline assumes. Concept vectors are the decoder rows; codes
+    are the encoder's own (largest first), not the Lasso's. ``loss_curve_`` holds the mean loss
+    per epoch."""
+
+    encode_params = ("lambda_rel", "lam", "tol", "batch_size", "device")
+
+    def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
+                 lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
+                 device: str = "cpu", l1: float = 0.03, top_k: int | None = None, steps: int = 3000,
+                 max_slots: int = 32) -> None:
+        self.n_concepts = n_concepts
+        self.seed = seed
+        self.n_init = n_init
+        self.backend = backend
+        self.lambda_rel = lambda_rel
+        self.lam = lam
+        self.tol = tol
+        self.batch_size = batch_size
+        self.device = device
+        self.l1 = l1
+        self.top_k = top_k
+        self.steps = steps
+        self.max_slots = max_slots
+
+    def _codes(self, X: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(X @ self.encoder_.T + self.encoder_bias_)
+        if self.top_k is not None:
+            kept = torch.topk(z, self.top_k, dim=1)
+            z = torch.zeros_like(z).scatter_(1, kept.indices, kept.values)
+        return z
+
+    def fit(self, X: np.ndarray) -> SparseAutoencoderDictionary:
+        generator = torch.Generator().manual_seed(self.seed)
+        device = torch.device(self.device if self.device != "auto" else "cpu")
+        data = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device)
+        n, c = data.shape
+        scale = float(data.norm(dim=1).mean().clamp_min(1e-12))
+        decoder = torch.randn(self.n_concepts, c, generator=generator).to(device)
+        decoder /= decoder.norm(dim=1, keepdim=True)
+        # tied start, scaled so that sum_k ReLU(<x, d_k>) d_k is about x for isotropic d_k
+        encoder = (decoder * (2 * c / self.n_concepts)).clone().requires_grad_(True)
+        decoder.requires_grad_(True)
+        bias = torch.zeros(self.n_concepts, device=device, requires_grad=True)
+        optimiser = torch.optim.Adam([encoder, decoder, bias], lr=3e-3)
+        loss_curve = []
+        batch = min(256, n)
+        epochs = max(1, -(-self.steps // -(-n // batch)))  # at least ``steps`` optimiser steps
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).to(device)
+            total = 0.0
+            for first in range(0, n, batch):
+                x = data[order[first : first + batch]] / scale
+                z = torch.relu(x @ encoder.T + bias)
+                if self.top_k is not None:
+                    kept = torch.topk(z, self.top_k, dim=1)
+                    z = torch.zeros_like(z).scatter(1, kept.indices, kept.values)
+                unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                loss = ((z @ unit - x) ** 2).sum(1).mean() + (0 if self.top_k is not None else self.l1 * z.abs().sum(1).mean())
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * len(x)
+            loss_curve.append(total / n)
+        with torch.no_grad():
+            unit = (decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
+            # trained on x / scale: scale * ReLU(W (x / scale) + c) = ReLU(W x + scale c)
+            self.encoder_ = encoder.detach().cpu()
+            self.encoder_bias_ = (bias * scale).detach().cpu()
+        self.dictionary_ = unit.astype(np.float32)
+        self.zero_ = np.zeros(self.n_concepts, dtype=bool)
+        self.loss_curve_ = loss_curve
+        codes = self._codes(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
+        self.labels_ = codes.argmax(1).numpy()
+        self.cluster_size_ = np.bincount(self.labels_, minlength=self.n_concepts)
+        self.explained_ = _explained(np.asarray(X, dtype=np.float64), (codes @ torch.from_numpy(unit)).numpy())
+        return self
+
+    def encode(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        check_is_fitted(self, "encoder_")
+        z = self._codes(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
+        slots = min(self.max_slots, self.n_concepts)
+        values, index = torch.topk(z, slots, dim=1)
+        index = torch.where(values > 0, index, torch.full_like(index, -1))
+        return index.numpy().astype(np.int32), torch.where(values > 0, values, 0).numpy().astype(np.float32)
+
+    def fitted_arrays(self) -> dict[str, np.ndarray]:
+        return {**super().fitted_arrays(), "encoder": self.encoder_.numpy(), "encoder_bias": self.encoder_bias_.numpy(),
+                "size": self.cluster_size_, "zero": self.zero_, "loss": np.asarray(self.loss_curve_)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], **params: Any) -> SparseAutoencoderDictionary:
+        dictionary = super().from_arrays(arrays, **params)
+        dictionary.n_concepts = len(dictionary.dictionary_)
+        dictionary.encoder_ = torch.from_numpy(np.asarray(arrays["encoder"], dtype=np.float32))
+        dictionary.encoder_bias_ = torch.from_numpy(np.asarray(arrays["encoder_bias"], dtype=np.float32))
+        return dictionary
+
+    def fit_statistics(self) -> dict[str, Any]:
+        sizes = self.cluster_size_
+        return {"k": int(self.n_concepts), "samples": int(sizes.sum()), "mean_members": float(sizes.mean()),
+                "singletons": int((sizes == 1).sum()), "zero_concepts": int((sizes == 0).sum()),
+                "explained": self.explained_, "loss_first": self.loss_curve_[0], "loss_last": self.loss_curve_[-1]}
+
+
 #: Every dictionary by the name ``concepts.method`` takes; the name is also its level in the store.
 DICTIONARIES: dict[str, type[Dictionary]] = {
     "bisecting_kmeans": BisectingKMeansDictionary,
+    "kmeans": KMeansDictionary,
+    "dictionary_learning": DictionaryLearningDictionary,
+    "nmf": NMFDictionary,
+    "sae": SparseAutoencoderDictionary,
 }
 
 

@@ -32,7 +32,7 @@ class ConceptsConfig(Section):
 
     #: The dictionary (``gig_dist.kernels.dictionary.DICTIONARIES``); also its level in the store
     #: (``concepts/<method>/<tap>``), so several dictionaries of one run share its PFVs and samples.
-    method: Literal["bisecting_kmeans"] = "bisecting_kmeans"
+    method: Literal["bisecting_kmeans", "kmeans", "dictionary_learning", "nmf", "sae"] = "bisecting_kmeans"
     #: ``K = round(k_multiplier * C)`` concepts for a tap of C channels (the paper: 8).
     k_multiplier: float = Field(default=8.0, gt=0)
     #: Absolute K per tap (``{layer4.2: 4096}``), overriding the multiplier for those taps.
