@@ -129,8 +129,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Insertion/deletion of concepts on the first N attributed images of a run; tables."""
+    """Insertion/deletion of concepts on the first N attributed images of a run, for each of its
+    dictionaries; tables with the dictionary and the ordering as rows."""
     from gig_dist import pipeline
+    from gig_dist.config import config_from_tree
     from gig_dist.kernels.evaluation import ORDERINGS
     from gig_dist.stages.attribute import gig_pairs
     from gig_dist.stages.evaluate import summarize
@@ -138,35 +140,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     store = RunStore.open(args.dir)
     base = store.manifest.config
+    attributed = [key.split("/")[0] for key, record in store.manifest.stages.items()
+                  if key.endswith("/attribute") and record.finished]
+    dictionaries = args.dicts or attributed
+    missing = [d for d in dictionaries if d not in attributed]
+    if missing or not dictionaries:
+        raise ConfigError(f"no finished GIG for dictionar{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} in "
+                          f"{args.dir}; it has {', '.join(attributed) or 'none'} (run gig-dist run -o concepts.method=NAME)"
+                          if missing else f"{args.dir} has no finished GIG yet: run the pipeline first")
     images = args.images or min(64, base.get("gig", {}).get("images") or store.num_images)
-    overrides = [f"evaluate.images={images}", "report.enabled=false", *args.overrides]
-    from gig_dist.config import config_from_tree
-
-    config = config_from_tree(base, overrides)
-    report = pipeline.run(config, store.url, until="evaluate")
-    stage = report.stages[-1]
-    pairs = gig_pairs(config, list(store.taps))
-    found = summarize(RunStore.open(store.url), config.concepts.method, pairs, images)
+    results, seconds = {}, 0.0
+    for dictionary in dictionaries:
+        config = config_from_tree(base, [f"concepts.method={dictionary}", f"evaluate.images={images}",
+                                         "report.enabled=false", *args.overrides])
+        report = pipeline.run(config, store.url, until="evaluate")
+        seconds += report.stages[-1].seconds
+        results[dictionary] = summarize(RunStore.open(store.url), dictionary, gig_pairs(config, list(store.taps)),
+                                        images)
     if args.json:
-        print(json.dumps({"images": images, "steps": config.evaluate.steps, "pairs": found}, indent=2))
+        print(json.dumps({"images": images, "steps": config.evaluate.steps, "results": results}, indent=2))
         return 0
-    print(f"evaluate: {stage.units_run} units run ({stage.units_total - stage.units_run} already done) in "
-          f"{stage.seconds:.1f}s; {images} images, {config.evaluate.steps} steps")
+    print(f"evaluate: {len(dictionaries)} dictionaries, {images} images, {config.evaluate.steps} steps, {seconds:.1f}s")
+    keys = list(next(iter(results.values())))
     for title, keep in (("C-Insertion - C-Deletion (AUC of the class probability; higher: the first concepts "
                          "carry the class)", lambda key: key.endswith("-> logits")),
                         (f"inter-layer insertion - deletion (AUC of max_q <a_q, v_m> / full, first "
                          f"{config.evaluate.targets} targets per image)", lambda key: not key.endswith("-> logits"))):
-        columns = [key for key in found if keep(key)]
+        columns = [key for key in keys if keep(key)]
         if not columns:
             continue
-        print(f"\n{title}; mean +- 95% interval")
-        print(f"  {'ordering':<12}" + "".join(f"{key:>30}" for key in columns))
-        for ordering in ORDERINGS:
-            cells = []
-            for key in columns:
-                mean, half, n = found[key][ordering]["score"]
-                cells.append(f"{mean:+.3f} +- {half:.3f} (n={n})")
-            print(f"  {ordering:<12}" + "".join(f"{cell:>30}" for cell in cells))
+        print(f"\n{title}; mean +- 95% interval over images")
+        print(f"  {'dictionary / ordering':<32}" + "".join(f"{key:>28}" for key in columns))
+        for dictionary, found in results.items():
+            for ordering in ORDERINGS:
+                cells = []
+                for key in columns:
+                    mean, half, n = found.get(key, {}).get(ordering, {}).get("score", (float("nan"),) * 2 + (0,))
+                    cells.append(f"{mean:+.3f} +- {half:.3f} ({n})")
+                print(f"  {dictionary + ' / ' + ordering:<32}" + "".join(f"{cell:>28}" for cell in cells))
     return 0
 
 
@@ -479,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", type=int, help="evaluate the first N attributed images (default 64)")
     evaluate.add_argument("-o", "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                           help="override an evaluate.* setting, e.g. -o evaluate.steps=20")
+    evaluate.add_argument("--dict", dest="dicts", action="append", metavar="NAME",
+                          help="a dictionary of the run (repeatable; default: every one with finished GIG)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -98,7 +98,9 @@ def test_evaluate_writes_curves_whose_ends_are_the_full_and_the_empty_codes(attr
     done = _evaluate(url)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
-    assert found["images"] == 32 and set(found["pairs"]) == {"layer2.1 -> layer3.1", "layer3.1 -> logits"}
+    assert found["images"] == 32
+    found = found["results"]["bisecting_kmeans"]
+    assert set(found) == {"layer2.1 -> layer3.1", "layer3.1 -> logits"}
     store = RunStore.open(url)
     section = store.evaluation("bisecting_kmeans")
     for pair in (("layer3.1", "logits"), ("layer2.1", "layer3.1")):
@@ -113,10 +115,16 @@ def test_evaluate_writes_curves_whose_ends_are_the_full_and_the_empty_codes(attr
             assert np.nanmin(ins) >= 0 and np.nanmax(ins) <= 1
         else:
             np.testing.assert_allclose(ins[..., -1][np.isfinite(ins[..., -1])], 1.0, rtol=1e-5)  # normalised
-    score = found["pairs"]["layer3.1 -> logits"]
+    score = found["layer3.1 -> logits"]
     assert all(score[o]["score"][2] == 32 for o in ("gig", "random", "code_mass", "grad_x_code"))
     # The run's other stages were kept, and evaluate is not part of a default run.
     assert "evaluate" not in [k.split("/")[-1] for k in RunStore.open(attributed).manifest.stages]
+
+
+def test_evaluate_names_a_dictionary_the_run_does_not_have(attributed):
+    done = subprocess.run([*CLI, "evaluate", attributed, "--dict", "sae"], capture_output=True, text=True)
+    assert done.returncode == 2 and "no finished GIG for dictionary sae" in done.stderr
+    assert "it has bisecting_kmeans" in done.stderr
 
 
 def test_evaluate_refuses_images_without_gig(attributed):
@@ -135,3 +143,23 @@ def test_sigkill_during_evaluation_resumes_to_the_same_tables(attributed, tmp_pa
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     resumed = _evaluate(second)
     assert resumed.returncode == 0 and json.loads(resumed.stdout) == json.loads(clean.stdout)
+
+
+def test_a_baseline_dictionary_flows_through_the_pipeline_into_its_own_level(attributed, tmp_path):
+    """Plain k-means shares the run's PFVs and samples, gets its own concepts, codes, GIG and
+    graphs under `kmeans/`, and is evaluated beside the paper's dictionary."""
+    import shutil
+
+    url = str(tmp_path / "run.zarr")
+    shutil.copytree(attributed, url)
+    report = pipeline.run(toy_config(*SMALL, "concepts.method=kmeans"), url, until="graphs")
+    actions = {d.key: d.action for d in report.decisions}
+    assert actions["extract"] == actions["sample"] == "keep" and actions["kmeans/concepts"] == "new"
+    store = RunStore.open(url)
+    assert sorted(store.dictionaries()) == ["bisecting_kmeans", "kmeans"]
+    assert store.gig("kmeans").has_graphs() and store.concepts("kmeans").fit("layer3.1")["k"] == 64
+    done = _evaluate(url, "--dict", "bisecting_kmeans", "--dict", "kmeans")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)["results"]
+    assert set(results) == {"bisecting_kmeans", "kmeans"}
+    assert results["kmeans"]["layer3.1 -> logits"]["gig"]["score"][2] == 32
