@@ -171,7 +171,7 @@ def test_dictionary_interface_follows_the_estimator_contract():
     assert all(np.array_equal(a, b) for a, b in zip(again.encode(X), (index, value)))
     params = dictionary.get_params()
     assert params["n_concepts"] == 6 and clone(dictionary).set_params(seed=3).get_params()["seed"] == 3
-    assert set(DICTIONARIES) == {"bisecting_kmeans"}
+    assert set(DICTIONARIES) == {"bisecting_kmeans", "kmeans", "dictionary_learning", "nmf", "sae"}
     with pytest.raises(ValueError, match="unknown dictionary 'sae'"):
         make_dictionary("sae")
 
