@@ -45,6 +45,8 @@ TOY_BASE = (
     "runtime.progress=false",
     "runtime.device=cpu",
     "concepts.k_multiplier=0.25",  # K = C / 4: 16-64 concepts from 960 samples
+    "atlas.members=2",  # the atlas's own tests ask for more
+    "report.enabled=false",  # the report's own tests build one
     *GIG_LIGHT,
 )
 

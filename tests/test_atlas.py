@@ -99,6 +99,7 @@ def test_a_crop_shows_its_members_ierf(atlas_run):
     assert np.abs(atlas.read_crops("crop", [row])[0].astype(int) - expected.astype(int)).max() <= 2
 
 
+@pytest.mark.slow  # a resume check of about half a minute, beside the run-wide ones; `pytest -m slow` runs it
 def test_sigkill_during_the_atlas_then_resume_gives_the_same_store(tmp_path):
     """The atlas's units are killed after writing their shard but before committing it; the
     rerun redoes exactly those and the store equals the uninterrupted one, byte for byte."""

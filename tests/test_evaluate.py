@@ -132,6 +132,7 @@ def test_evaluate_refuses_images_without_gig(attributed):
         pipeline.run(toy_config(*SMALL, "evaluate.images=40"), attributed, until="evaluate")
 
 
+@pytest.mark.slow  # a resume check of about half a minute, beside the run-wide ones; `pytest -m slow` runs it
 def test_sigkill_during_evaluation_resumes_to_the_same_tables(attributed, tmp_path):
     import shutil
 

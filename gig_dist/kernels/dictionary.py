@@ -222,7 +222,7 @@ class KMeansDictionary(LassoCodedDictionary):
         X = self._check(X)
         k = self.n_concepts
         kmeans = faiss.Kmeans(X.shape[1], k, niter=max(1, self.max_iter // 4), seed=self.seed, nredo=self.n_init,
-                              max_points_per_centroid=-(-len(X) // k) + 1, verbose=False)
+                              max_points_per_centroid=-(-len(X) // k) + 1, min_points_per_centroid=1, verbose=False)
         kmeans.train(X)
         _, labels = kmeans.index.search(X, 1)
         centers = kmeans.centroids
