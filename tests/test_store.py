@@ -172,8 +172,8 @@ def test_dictionary_interface_follows_the_estimator_contract():
     params = dictionary.get_params()
     assert params["n_concepts"] == 6 and clone(dictionary).set_params(seed=3).get_params()["seed"] == 3
     assert set(DICTIONARIES) == {"bisecting_kmeans", "kmeans", "dictionary_learning", "nmf", "sae"}
-    with pytest.raises(ValueError, match="unknown dictionary 'sae'"):
-        make_dictionary("sae")
+    with pytest.raises(ValueError, match="unknown dictionary 'ica'"):
+        make_dictionary("ica")
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
