@@ -28,7 +28,9 @@ if "RAY_AUTH_TOKEN" not in os.environ and not (Path.home() / ".ray" / "auth_toke
 
 
 #: GIG on the first unit only, 4 target concepts, 8 steps: a few seconds instead of minutes.
-GIG_LIGHT = ("gig.images=1", "gig.targets=4", "gig.steps=8")
+GIG_LIGHT = ("gig.images=1", "gig.targets=4", "gig.steps=8",
+             "atlas.members=2",  # the atlas's own tests ask for more
+             "report.enabled=false")  # the report's own tests build one
 GIG_LIGHT_CLI = [arg for kv in GIG_LIGHT for arg in ("-o", kv)]
 
 
@@ -45,8 +47,6 @@ TOY_BASE = (
     "runtime.progress=false",
     "runtime.device=cpu",
     "concepts.k_multiplier=0.25",  # K = C / 4: 16-64 concepts from 960 samples
-    "atlas.members=2",  # the atlas's own tests ask for more
-    "report.enabled=false",  # the report's own tests build one
     *GIG_LIGHT,
 )
 
