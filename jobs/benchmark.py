@@ -5,6 +5,7 @@
     python -m jobs.benchmark concepts [--points 200000 --channels 256 --clusters 1024 --pfvs 2000 --atoms 2048]
     python -m jobs.benchmark gig [--images 3 --targets 32 --steps 32]
     python -m jobs.benchmark graphs STORE [--top 3]
+    python -m jobs.benchmark gaps [--steps 32 --max-gap 0.01 --max-steps 256 --targets 8]
 
 extract: bare forward-pass throughput of the model on images already in memory (channels-last,
 as extraction runs it), against extraction into a store (decoding, forward, float16 copies,
@@ -332,6 +333,75 @@ def bench_gig(args: argparse.Namespace) -> None:
           "of the largest attribution")
 
 
+def bench_gaps(args: argparse.Namespace) -> None:
+    """``gig.max_gap`` on a model of real size: ResNet50 at 224 px (random weights, random
+    BatchNorm statistics and biases so that blocks are not positively homogeneous), one random
+    image, concepts from k-means of its own PFVs and the non-negative Lasso. Per pair: the gaps
+    at ``--steps``, after refinement, the steps the targets used, and the time of each."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from gig_dist.config import load_config
+    from gig_dist.kernels.gig import GIG, LOGITS, refine
+    from gig_dist.kernels.lasso import NonNegativeLassoCoder
+    from gig_dist.kernels.taps import capture
+    from gig_dist.models.loading import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, ["model.name=resnet50", "model.weights=none"]).model).eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.bias.data = torch.randn(m.num_features, generator=g) * args.bn
+            m.running_mean = torch.randn(m.num_features, generator=g) * args.bn
+            m.running_var = torch.rand(m.num_features, generator=g) + 0.5
+    for p in model.parameters():
+        p.requires_grad_(False)
+    taps = ["layer2.3", "layer3.5", "layer4.2"]
+    with capture(model, taps) as found, torch.no_grad():
+        model(torch.randn(1, 3, 224, 224, generator=g))
+    rng = np.random.default_rng(0)
+
+    def dictionary(tap: str, k: int = 64) -> np.ndarray:
+        pfvs = found[tap][0].flatten(1).T.numpy()
+        V = pfvs[rng.choice(len(pfvs), k, replace=len(pfvs) < k)] + 0.05 * np.abs(rng.normal(size=(k, pfvs.shape[1])))
+        return (V / np.linalg.norm(V, axis=1, keepdims=True)).astype(np.float32)
+
+    print(f"\nResNet50 224 px, random weights, BatchNorm biases and means ~ N(0, {args.bn}^2), one image; {args.steps} midpoint steps, refined while "
+          f"the relative gap > {args.max_gap}, up to {args.max_steps} steps")
+    print(f"  {'pair':<24}{'targets':>8}  {'mean gap before':>16}{'max before':>12}  {'mean after':>12}"
+          f"{'max after':>12}  {'steps used':<28}{'time':>8}{'refine':>8}")
+    for source, target in (("layer2.3", "layer3.5"), ("layer3.5", "layer4.2"), ("layer3.5", LOGITS)):
+        act = found[source][0]
+        V = dictionary(source)
+        index, value = NonNegativeLassoCoder(V, lambda_rel=0.05).encode(act.flatten(1).T.numpy())
+        index, value = torch.from_numpy(index).long(), torch.from_numpy(value)
+        W = None if target == LOGITS else torch.from_numpy(dictionary(target))
+        kernels: dict[int, GIG] = {}
+
+        def kernel(steps: int, source=source, target=target, V=V, W=W, shape=tuple(act.shape),
+                   kernels=kernels) -> GIG:
+            if steps not in kernels:
+                kernels[steps] = GIG(model, source, target, torch.from_numpy(V), shape, W, steps=steps)
+            return kernels[steps]
+
+        targets = torch.arange(args.targets) if target != LOGITS else \
+            model(torch.randn(1, 3, 224, 224, generator=g)).topk(args.targets).indices[0].clone()
+        started = time.perf_counter()
+        result = kernel(args.steps).attribute(index, value, targets, endpoints=True)
+        first_time = time.perf_counter() - started
+        started = time.perf_counter()
+        refined, used, before = refine(kernel, result, index, value, targets, None, args.steps, args.max_gap,
+                                       args.max_steps)
+        refine_time = time.perf_counter() - started
+        after = refined.gap.numpy()
+        steps, counts = np.unique(used, return_counts=True)
+        told = ", ".join(f"{c}x{s}" for s, c in zip(steps, counts))
+        print(f"  {source + ' -> ' + target:<24}{len(targets):>8}  {np.nanmean(before):>16.2e}{np.nanmax(before):>12.2e}"
+              f"  {np.nanmean(after):>12.2e}{np.nanmax(after):>12.2e}  {told:<28}{first_time:>7.1f}s{refine_time:>7.1f}s")
+
+
 def bench_graphs(args: argparse.Namespace) -> None:
     """Class graphs from the class-conditional Gamma_c against the dataset-wide Gamma, on a
     finished run: how much the node sets agree (Jaccard per tap), the share of nodes marked
@@ -446,8 +516,14 @@ def main(argv: list[str] | None = None) -> None:
     graphs = sub.add_parser("graphs", help="class graphs from Gamma_c against the dataset Gamma, on a finished run")
     graphs.add_argument("store", help="a finished run store (e.g. gig-dist run -o gig.images=256)")
     graphs.add_argument("--top", type=int, default=3)
+    gaps = sub.add_parser("gaps", help="gig.max_gap: completeness gaps before and after refinement on ResNet50")
+    gaps.add_argument("--steps", type=int, default=32)
+    gaps.add_argument("--max-gap", type=float, default=0.01)
+    gaps.add_argument("--max-steps", type=int, default=256)
+    gaps.add_argument("--targets", type=int, default=8)
+    gaps.add_argument("--bn", type=float, default=0.5, help="std of the random BatchNorm biases and means")
     args = parser.parse_args(argv)
-    {"extract": bench_extract, "ierf": bench_ierf, "concepts": bench_concepts, "gig": bench_gig,
+    {"gaps": bench_gaps, "extract": bench_extract, "ierf": bench_ierf, "concepts": bench_concepts, "gig": bench_gig,
      "graphs": bench_graphs}[args.which](args)
 
 

@@ -475,3 +475,57 @@ def test_graphs_name_shared_classes_scale_levels_and_explain_empty_ones(tmp_path
             assert node["shared_with_names"] == [store.facts.class_names[c] for c in node["shared_with"]]
     text = subprocess.run([*CLI, "graph", store.url, "--class", empty[0]["class_name"]], capture_output=True, text=True)
     assert text.returncode == 0 and "empty graph: no attributed image of class" in text.stdout
+
+
+def test_max_gap_integrates_coarse_targets_again_with_doubled_steps(reference, tmp_path):
+    """The reference run (8 steps) again with gig.max_gap = 0.01: a target over the gap is
+    integrated with 16, then 32 steps (the cap); the others are untouched. Off, the setting
+    leaves the attribute stage's fingerprint (and so earlier stores) as it was."""
+    import shutil
+
+    from gig_dist.stages.attribute import AttributeStage
+
+    assert "gig.max_gap" not in AttributeStage.key_values(toy_config(PAIRS))
+    assert "gig.max_gap" in AttributeStage.key_values(toy_config(PAIRS, "gig.max_gap=0.01"))
+    url = tmp_path / "refined.zarr"
+    shutil.copytree(reference.url, url)
+    refined = RunStore.open(pipeline.run(toy_config(PAIRS, "gig.images=16", "gig.max_gap=0.01", "gig.max_steps=32"),
+                                         url).url)
+    key = "gig/bisecting_kmeans/layer2.1__layer3.1"
+    before, after = zgroup(reference), zgroup(refined)
+    targets = before[f"{key}/target"][:16]
+    valid = targets >= 0
+    first_gap = after[f"{key}/gap_first"][:16]
+    steps = after[f"{key}/steps"][:16]
+    # The gap at 8 steps is the reference run's gap.
+    assert np.allclose(first_gap[valid], before[f"{key}/gap"][:16][valid], rtol=1e-9, atol=1e-15)
+    coarse = valid & (first_gap > 0.01)
+    assert coarse.sum() >= 3 and (valid & ~coarse).sum() >= 3  # both kinds occur in this small run
+    assert (steps[valid & ~coarse] == 8).all() and set(np.unique(steps[coarse])) <= {16, 32}
+    # Untouched targets keep their partial sums bitwise; refined ones equal a direct integration
+    # with the steps they used, and end at or under the gap unless the cap stopped them.
+    partial_before, partial_after = before[f"{key}/partial"][0, :16], after[f"{key}/partial"][0, :16]
+    assert np.array_equal(partial_before[valid & ~coarse], partial_after[valid & ~coarse])
+    gap = after[f"{key}/gap"][:16]
+    assert ((gap[coarse] <= 0.01) | (steps[coarse] == 32)).all()
+    assert np.nanmean(gap[valid]) < np.nanmean(first_gap[valid])
+    image, slot = map(int, np.argwhere(coarse)[0])
+    store = RunStore.open(refined.url)
+    index, value = store.codes("bisecting_kmeans").read("layer2.1", store.units()[0])
+    concepts = store.concepts("bisecting_kmeans")
+    kernel = GIG(build_model(toy_config().model).eval(), "layer2.1", "layer3.1",
+                 torch.from_numpy(concepts.vectors("layer2.1")), store.taps["layer2.1"],
+                 torch.from_numpy(concepts.vectors("layer3.1")), steps=int(steps[image, slot]))
+    direct = kernel.attribute(torch.from_numpy(index[image].astype(np.int64)), torch.from_numpy(value[image]),
+                              torch.tensor([int(targets[image, slot])])).attribution[0].numpy()
+    sources = after[f"{key}/source"][image]
+    used = sources >= 0
+    assert np.allclose(partial_after[image, slot, used], direct[sources[used]], rtol=1e-6, atol=1e-12)
+    # The summary counts the targets by steps and keeps the gaps before refinement.
+    stats = refined.gig("bisecting_kmeans").summary()["layer2.1__layer3.1"]
+    assert sum(stats["steps_used"].values()) == valid.sum() and stats["steps_used"]["8"] == (valid & ~coarse).sum()
+    assert stats["gap_before"]["max"] == pytest.approx(np.nanmax(first_gap))
+    shown = subprocess.run([*CLI, "inspect", refined.url], capture_output=True, text=True)
+    assert "refined by gig.max_gap" in shown.stdout, shown.stdout
+    with pytest.raises(ConfigError, match="needs gig.step_chunks = 1"):
+        toy_config("gig.max_gap=0.01", "gig.step_chunks=2")

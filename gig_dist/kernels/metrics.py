@@ -5,6 +5,8 @@ Pure functions of arrays: no store, no Ray.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 #: |delta| at or below this counts as no change to attribute: the relative gap is undefined there.
@@ -46,6 +48,15 @@ def gap_summary(gaps: np.ndarray) -> dict[str, float | int | None]:
         return {"targets": 0, "mean_gap": None, "median_gap": None, "max_gap": None}
     return {"targets": int(defined.size), "mean_gap": float(defined.mean()),
             "median_gap": float(np.median(defined)), "max_gap": float(defined.max())}
+
+
+def refinement_summary(steps: np.ndarray, gap_first: np.ndarray) -> dict[str, Any]:
+    """With ``gig.max_gap``: how many targets took how many steps, and the gaps they had at the
+    first step count (the ``*_gap`` figures beside them are after refinement)."""
+    used, counts = np.unique(np.asarray(steps), return_counts=True)
+    before = gap_summary(gap_first)
+    return {"steps_used": {str(int(s)): int(c) for s, c in zip(used, counts)},
+            "gap_before": {key.removesuffix("_gap"): value for key, value in before.items() if key != "targets"}}
 
 
 #: Columns of the per-unit reconstruction statistics that :func:`reconstruction_stats` returns
@@ -94,3 +105,23 @@ def reconstruction_summary(unit_stats: np.ndarray, unit_sum: np.ndarray, concept
             truncated=int(totals["truncated"]),
         )
     return summary
+
+
+def concept_purity(part_mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth (toy world): from each concept's iERF mass per mask value (K, 1 + parts),
+    column 0 background, its purity, the share of its mass on its strongest part type (NaN for a
+    concept without mass), and that part's index."""
+    total = part_mass.sum(1)
+    parts = part_mass[:, 1:]
+    purity = np.where(total > 0, parts.max(1) / np.maximum(total, 1e-30), np.nan)
+    return purity, parts.argmax(1)
+
+
+def part_recall(found: list[tuple[np.ndarray, np.ndarray]], parts: int, threshold: float = 0.8) -> dict[str, Any]:
+    """The share of the ``parts`` part types that some concept covers with purity at least
+    ``threshold``, over ``(purity, part)`` pairs of any number of taps."""
+    covered: set[int] = set()
+    for purity, part in found:
+        good = np.isfinite(purity) & (purity >= threshold)
+        covered |= set(np.asarray(part)[good].tolist())
+    return {"parts": parts, "covered": len(covered), "recall": len(covered) / parts, "names": sorted(covered)}

@@ -13,14 +13,14 @@ over positions) at the target tap, or the predicted and the true class for ``log
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from gig_dist.data.sources import ImageLoader
-from gig_dist.kernels.gig import GIG, LOGITS
+from gig_dist.kernels.gig import GIG, LOGITS, refine
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
@@ -65,11 +65,22 @@ class GIGConfig(Section):
     #: Where a class graph's lower levels come from: ``class``, the GIG means over the class's
     #: own images (Gamma_c); ``dataset``, the means over all attributed images. See the README.
     graph_gamma: Literal["class", "dataset"] = "class"
+    #: Refine the integral where it is coarse: a target whose relative completeness gap exceeds
+    #: ``max_gap`` after ``steps`` is integrated again with twice the steps, and again, up to
+    #: ``max_steps``. The steps each target used and its gap at ``steps`` are stored. ``None``: off.
+    max_gap: float | None = Field(default=None, gt=0)
+    max_steps: int = Field(default=256, ge=1)
 
     @model_validator(mode="after")
     def _steps_split(self) -> GIGConfig:
         if self.step_chunks > self.steps:
             raise ValueError(f"gig.step_chunks ({self.step_chunks}) cannot exceed gig.steps ({self.steps})")
+        if self.max_gap is not None:
+            if self.step_chunks > 1:
+                raise ValueError(f"gig.max_gap refines each image's whole integral, so it needs gig.step_chunks = 1 "
+                                 f"(got {self.step_chunks}); split the work with gig.targets_per_unit instead")
+            if self.max_steps < self.steps:
+                raise ValueError(f"gig.max_steps ({self.max_steps}) is below gig.steps ({self.steps})")
         if self.graph_top > self.top_edges:
             raise ValueError(f"gig.graph_top ({self.graph_top}) cannot exceed gig.top_edges ({self.top_edges}), the "
                              "sources kept per class and target concept")
@@ -137,11 +148,21 @@ class AttributeStage(Stage):
     name = "attribute"
     reads = ("decompose",)
     result_keys = ("gig.pairs", "gig.steps", "gig.rule", "gig.targets", "gig.step_chunks", "gig.targets_per_unit",
-                   "gig.step_batch")
+                   "gig.step_batch", "gig.max_gap", "gig.max_steps")
     coverage_key = "gig.images"
     per_dictionary = True
     version = 2  # 2: also S(F(X)) - S(F(0)) of the real PFVs, for the kept fraction
     unit_noun = "image-pairs"  # an image of one pair (times its step and target chunks, when split)
+
+    @classmethod
+    def key_values(cls, config: Config) -> dict[str, Any]:
+        """As for every stage, except that the refinement keys (added after stores were made)
+        count only while ``gig.max_gap`` is set: off, the results are those of before."""
+        found = super().key_values(config)
+        if config.gig.max_gap is None:
+            found.pop("gig.max_gap", None)
+            found.pop("gig.max_steps", None)
+        return found
 
     @classmethod
     def check(cls, config: Config, facts: Facts) -> list[str]:
@@ -161,7 +182,8 @@ class AttributeStage(Stage):
             t = num_targets(self.config, pair[1])
             specs += attribution_specs(store.facts, self.dictionary, pair, targets=t,
                                        target_chunk=self.config.gig.targets_per_unit or t,
-                                       width=max(1, codes.max_active(pair[0])), step_chunks=self.config.gig.step_chunks)
+                                       width=max(1, codes.max_active(pair[0])), step_chunks=self.config.gig.step_chunks,
+                                       refine=self.config.gig.max_gap is not None)
         return specs
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
@@ -185,6 +207,15 @@ class AttributeStage(Stage):
         return AttributeWorker(self, resolve_device(device))
 
 
+def pair_kernel(model: torch.nn.Module, store: RunStore, concepts, pair: Pair, device: torch.device,
+                **options: Any) -> GIG:
+    """The GIG kernel of a pair over the dictionary's concept vectors on ``device``."""
+    source, target = pair
+    V = torch.from_numpy(concepts.vectors(source)).to(device)
+    W = None if target == LOGITS else torch.from_numpy(concepts.vectors(target)).to(device)
+    return GIG(model, source, target, V, store.taps[source], W, **options)
+
+
 class AttributeWorker(StageWorker):
     def __init__(self, stage: AttributeStage, device: torch.device) -> None:
         self.config = stage.config
@@ -197,18 +228,16 @@ class AttributeWorker(StageWorker):
         self.codes = self.store.codes(stage.dictionary)
         self.concepts = self.store.concepts(stage.dictionary)
         self.bounds = step_bounds(self.config)
-        self._kernels: dict[Pair, GIG] = {}
+        self._kernels: dict[tuple[Pair, int], GIG] = {}
         self._loader: ImageLoader | None = None
 
-    def _kernel(self, pair: Pair) -> GIG:
-        if pair not in self._kernels:
-            source, target = pair
-            V = torch.from_numpy(self.concepts.vectors(source)).to(self.device)
-            W = None if target == LOGITS else torch.from_numpy(self.concepts.vectors(target)).to(self.device)
-            self._kernels[pair] = GIG(self.model, source, target, V, self.store.taps[source], W,
-                                     steps=self.config.gig.steps, rule=self.config.gig.rule,
-                                     step_batch=self.config.gig.step_batch)
-        return self._kernels[pair]
+    def _kernel(self, pair: Pair, steps: int | None = None) -> GIG:
+        steps = steps or self.config.gig.steps
+        if (pair, steps) not in self._kernels:
+            self._kernels[pair, steps] = pair_kernel(self.model, self.store, self.concepts, pair, self.device,
+                                                     steps=steps, rule=self.config.gig.rule,
+                                                     step_batch=self.config.gig.step_batch)
+        return self._kernels[pair, steps]
 
     def _images(self, r: ImageRange, rows: np.ndarray) -> dict[int, torch.Tensor]:
         if self._loader is None:
@@ -255,6 +284,9 @@ class AttributeWorker(StageWorker):
         sources = np.full((len(r), width), -1, dtype=np.int32)
         delta = np.full((len(r), t1 - t0), np.nan)
         delta_real = np.full((len(r), t1 - t0), np.nan)
+        refining = self.config.gig.max_gap is not None
+        steps_used = np.zeros((len(r), t1 - t0), dtype=np.int32)
+        gap_first = np.full((len(r), t1 - t0), np.nan)
         channels, height, width_px = self.store.taps[source]
         real = self.store.meta.read_pfvs(source, r) if first_steps else None  # the real X, as stored
         for row in rows:
@@ -267,9 +299,13 @@ class AttributeWorker(StageWorker):
             sources[row, : len(active)] = active
             valid = np.flatnonzero(chosen[row] >= 0)
             if len(valid):  # an image without targets (no code mass at b) has nothing to attribute
-                result = kernel.attribute(image_index, image_value,
-                                          torch.from_numpy(chosen[row, valid].astype(np.int64)), step_range=unit.steps,
+                goals = torch.from_numpy(chosen[row, valid].astype(np.int64))
+                result = kernel.attribute(image_index, image_value, goals, step_range=unit.steps,
                                           endpoints=first_steps, image=images.get(int(row)))
+                if refining:  # max_gap needs step_chunks = 1: this unit holds the whole integral
+                    result, steps_used[row, valid], gap_first[row, valid] = refine(
+                        lambda steps: self._kernel(pair, steps), result, image_index, image_value, goals,
+                        images.get(int(row)), self.config.gig.steps, self.config.gig.max_gap, self.config.gig.max_steps)
                 partial[row, valid, : len(active)] = result.attribution.cpu().numpy()[:, active]
                 if result.delta is not None:
                     delta[row, valid] = result.delta.cpu().numpy()
@@ -284,7 +320,8 @@ class AttributeWorker(StageWorker):
         self.gig.write_unit(pair, r, step_chunk=step_chunk, targets=unit.targets, partial=partial,
                                   sources=sources if first_steps and t0 == 0 else None,
                                   chosen=chosen if first_steps else None, delta=delta if first_steps else None,
-                                  delta_real=delta_real if first_steps else None)
+                                  delta_real=delta_real if first_steps else None,
+                                  refined={"steps": steps_used, "gap_first": gap_first} if refining else None)
         return UnitReport(unit.index, len(r), int(len(r) - len(rows)))
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from gig_dist.kernels.metrics import (
     gap_summary,
     kept_fraction,
     kept_summary,
+    refinement_summary,
 )
 from gig_dist.stages.attribute import AttributeStage, Pair, num_targets
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
@@ -94,7 +95,8 @@ class ReduceStage(Stage):
             blocks = [u for u in units if u.pair == pair]
             shape = gig.matrix_shape(pair)
             matrix, count = np.zeros(shape), np.zeros(shape[1], dtype=np.int64)
-            images, gaps, kept = 0, [], []
+            images, gaps, kept, steps, first = 0, [], [], [], []
+            refined = gig.has_refinement(pair)
             for unit in blocks:  # in block order: the fixed second level of the tree
                 block_matrix, block_count = gig.read_block(pair, unit.index % len(self.blocks(store.facts)))
                 matrix += block_matrix
@@ -105,6 +107,10 @@ class ReduceStage(Stage):
                 reduced = gig.read_reduced(pair, r)
                 gaps.append(reduced["gap"].ravel())
                 kept.append(reduced["kept"].ravel())
+                if refined:
+                    found = gig.read_refinement(pair, r)
+                    steps.append(found["steps"][reduced["target"] >= 0])
+                    first.append(found["gap_first"].ravel())
             if pair[1] == LOGITS:
                 matrix /= np.maximum(count, 1)[None, :]  # mean over the images of each class
             elif images:
@@ -115,7 +121,8 @@ class ReduceStage(Stage):
             gig.write_matrix(pair, matrix, count, {
                 "images": images, **gap_summary(np.concatenate(gaps) if gaps else np.zeros(0)),
                 **kept_summary(np.concatenate(kept) if kept else np.zeros(0)),
-                "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1]})
+                "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1],
+                **(refinement_summary(np.concatenate(steps), np.concatenate(first)) if refined and steps else {})})
 
     def finish_classes(self, store: RunStore, gig, pair: Pair, blocks: list[int], units: list[ImageRange]) -> None:
         """The class-conditional Gamma: each class group's block sums added in block order,

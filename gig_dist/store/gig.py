@@ -8,6 +8,8 @@ classes). Written by the attribute stage:
     delta   (image, target_slot)     float64 S(F(X~)) - S(F(0))
     delta_real (image, target_slot)  float64 S(F(X)) - S(F(0)) of the stored (real) PFVs
     partial (step_chunk, image, target_slot, source_slot) float64 per-step-range sums of GIG
+    steps, gap_first (image, target_slot)  with ``gig.max_gap`` only: the steps each target's
+                                     integral used, and its relative gap at ``gig.steps``
 
 by the reduce stage:
 
@@ -55,9 +57,14 @@ def _target_dim(target: str) -> str:
 
 
 def attribution_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, target_chunk: int, width: int,
-                      step_chunks: int) -> list[ArraySpec]:
+                      step_chunks: int, refine: bool = False) -> list[ArraySpec]:
     base, n, unit = f"gig/{dictionary}/{pair_key(*pair)}", facts.num_images, facts.images_per_unit
-    return [
+    refined = [
+        ArraySpec(f"{base}/steps", (n, targets), "int32", ("image", "target_slot"), (unit, target_chunk), fill_value=0),
+        ArraySpec(f"{base}/gap_first", (n, targets), "float64", ("image", "target_slot"), (unit, target_chunk),
+                  fill_value=np.nan),
+    ] if refine else []
+    return refined + [
         ArraySpec(f"{base}/source", (n, width), "int32", ("image", "source_slot"), (unit, width), fill_value=-1,
                   growable=True),
         ArraySpec(f"{base}/target", (n, targets), "int32", ("image", "target_slot"), (unit, target_chunk),
@@ -139,7 +146,8 @@ class GIGSection:
 
     def write_unit(self, pair: Pair, r: ImageRange, *, step_chunk: int, targets: tuple[int, int],
                    partial: np.ndarray, sources: np.ndarray | None, chosen: np.ndarray | None,
-                   delta: np.ndarray | None, delta_real: np.ndarray | None) -> None:
+                   delta: np.ndarray | None, delta_real: np.ndarray | None,
+                   refined: dict[str, np.ndarray] | None = None) -> None:
         """One attribution unit: its chunk of partial sums (step range ``step_chunk``, images
         ``r``, target slots ``targets``); the unit of the first step range also writes the chosen
         targets and the completeness endpoints, and with the first target slots the sources."""
@@ -150,8 +158,17 @@ class GIGSection:
             self.store.array(self._path(pair, "target"))[sl, t] = chosen
             self.store.array(self._path(pair, "delta"))[sl, t] = delta
             self.store.array(self._path(pair, "delta_real"))[sl, t] = delta_real
+        for name, values in (refined or {}).items():  # steps, gap_first
+            self.store.array(self._path(pair, name))[sl, t] = values
         if sources is not None:
             self.store.array(self._path(pair, "source"))[sl, : sources.shape[1]] = sources
+
+    def has_refinement(self, pair: Pair) -> bool:
+        return self.store.has(self._path(pair, "steps"))
+
+    def read_refinement(self, pair: Pair, r: ImageRange) -> dict[str, np.ndarray]:
+        """The steps each target used and its gap at ``gig.steps`` (``gig.max_gap`` runs)."""
+        return {name: self.store.array(self._path(pair, name))[r.start : r.stop] for name in ("steps", "gap_first")}
 
     def read_unit(self, pair: Pair, r: ImageRange) -> dict[str, np.ndarray]:
         """Partial sums (S, n, T, W), sources, targets and deltas of images ``r``."""
