@@ -134,8 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from gig_dist import pipeline
     from gig_dist.config import config_from_tree
     from gig_dist.kernels.evaluation import ORDERINGS
-    from gig_dist.stages.attribute import gig_pairs
-    from gig_dist.stages.evaluate import summarize
+    from gig_dist.stages.evaluate import EvaluateStage, summarize, summarize_ground
     from gig_dist.store import RunStore
 
     store = RunStore.open(args.dir)
@@ -149,16 +148,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           f"{args.dir}; it has {', '.join(attributed) or 'none'} (run gig-dist run -o concepts.method=NAME)"
                           if missing else f"{args.dir} has no finished GIG yet: run the pipeline first")
     images = args.images or min(64, base.get("gig", {}).get("images") or store.num_images)
-    results, seconds = {}, 0.0
+    taps = [f"evaluate.taps=[{','.join(args.taps)}]"] if args.taps else []
+    results, ground, seconds = {}, {}, 0.0
     for dictionary in dictionaries:
         config = config_from_tree(base, [f"concepts.method={dictionary}", f"evaluate.images={images}",
-                                         "report.enabled=false", *args.overrides])
+                                         "report.enabled=false", *taps, *args.overrides])
         report = pipeline.run(config, store.url, until="evaluate")
         seconds += report.stages[-1].seconds
-        results[dictionary] = summarize(RunStore.open(store.url), dictionary, gig_pairs(config, list(store.taps)),
-                                        images)
+        done = RunStore.open(store.url)
+        results[dictionary] = summarize(done, dictionary, EvaluateStage(config, store.url).pairs(done.facts), images)
+        ground[dictionary] = summarize_ground(done, dictionary, images, config.evaluate.top_concepts)
+    ground = {d: found for d, found in ground.items() if found is not None}
     if args.json:
-        print(json.dumps({"images": images, "steps": config.evaluate.steps, "results": results}, indent=2))
+        print(json.dumps({"images": images, "steps": config.evaluate.steps, "results": results, "ground_truth": ground},
+                         indent=2))
         return 0
     print(f"evaluate: {len(dictionaries)} dictionaries, {images} images, {config.evaluate.steps} steps, {seconds:.1f}s")
     keys = list(next(iter(results.values())))
@@ -178,7 +181,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     mean, half, n = found.get(key, {}).get(ordering, {}).get("score", (float("nan"),) * 2 + (0,))
                     cells.append(f"{mean:+.3f} +- {half:.3f} ({n})")
                 print(f"  {dictionary + ' / ' + ordering:<32}" + "".join(f"{cell:>28}" for cell in cells))
+    if ground:
+        _print_ground(ground, config.evaluate.top_concepts)
     return 0
+
+
+def _print_ground(ground: dict[str, dict], top: int) -> None:
+    """The toy world's ground-truth tables of ``gig-dist evaluate``."""
+    from gig_dist.store.evaluation import (
+        GROUND_ORDERINGS,
+        GROUND_REGIONS,
+        GROUND_VARIANTS,
+    )
+
+    def cell(found) -> str:
+        mean, half, n = found
+        return f"{mean:.3f} +- {half:.3f}" if n else "-"
+
+    first = next(iter(ground.values()))
+    accuracy = first["accuracy"]
+    print(f"\nground truth (toy world, {first['images']} images): model accuracy {accuracy['image']:.3f} on the "
+          f"images, {accuracy['with distractor']:.3f} with a distractor object of another class (which it predicts "
+          f"on {first['predicts_distractor']:.3f})")
+    if any("part_recall" in found for found in ground.values()):
+        print("\npurity (median over concepts of the share of their members' iERF mass on one part type) and "
+              "part recall (part types some concept covers with purity >= 0.8); all concepts | the classes' "
+              f"top {top} by GIG")
+        taps = list(first["taps"])
+        print(f"  {'dictionary':<22}" + "".join(f"{tap:>18}" for tap in taps) + f"{'part recall':>18}")
+        for dictionary, found in ground.items():
+            cells = []
+            for tap in taps:
+                purity = found["taps"][tap].get("purity")
+                cells.append(f"{purity['all']:.2f} | {purity['class_top']:.2f}" if purity and purity["class_top"]
+                             is not None else "-")
+            recall = found.get("part_recall")
+            cells.append(f"{recall['all']:.2f} | {recall['class_top']:.2f}" if recall else "(no atlas)")
+            print(f"  {dictionary:<22}" + "".join(f"{c:>18}" for c in cells))
+    print(f"\nwhere the iERF mass of the class's top {top} concepts by GIG falls, against random active concepts "
+          "and the pixels; mean +- 95% interval over images")
+    header = "".join(f"{region:>20}" for region in GROUND_REGIONS)
+    for v, variant in enumerate(GROUND_VARIANTS):
+        print(f"  {variant + ': dictionary / tap / concepts':<55}{header}{'active':>9}")
+        pixels = first["pixels"][variant]
+        print(f"    {'pixels':<53}" + "".join(f"{cell(pixels[region]):>20}" for region in GROUND_REGIONS))
+        for dictionary, found in ground.items():
+            for tap, entry in found["taps"].items():
+                for ordering in GROUND_ORDERINGS:
+                    e = entry[variant][ordering]
+                    active = f"{e['active']:.2f}" if e["active"] is not None else "-"
+                    print(f"    {dictionary + ' / ' + tap + ' / ' + ordering:<53}"
+                          + "".join(f"{cell(e[region]):>20}" for region in GROUND_REGIONS) + f"{active:>9}")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -340,6 +393,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     gaps += f"  kept {g['mean_kept']:.3f} (median {g['median_kept']:.3f})"
                 print(f"    {source} -> {target:<10} matrix {tuple(g['matrix'])}  {g['images']} images, "
                       f"{g['targets']} targets, {g['steps']} steps ({g['rule']})  {gaps}")
+                if g.get("steps_used"):
+                    before = g["gap_before"]
+                    used = ", ".join(f"{count} at {steps}" for steps, count in g["steps_used"].items())
+                    told = (f"mean {before['mean']:.2e}  median {before['median']:.2e}  max {before['max']:.2e}"
+                            if before.get("mean") is not None else "none")
+                    print(f"      refined by gig.max_gap: targets by steps used: {used}; gap at {g['steps']} steps: "
+                          f"{told}")
     print("arrays")
     for path, a in summary["arrays"].items():
         shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""
@@ -492,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="override an evaluate.* setting, e.g. -o evaluate.steps=20")
     evaluate.add_argument("--dict", dest="dicts", action="append", metavar="NAME",
                           help="a dictionary of the run (repeatable; default: every one with finished GIG)")
+    evaluate.add_argument("--taps", nargs="+", metavar="TAP",
+                          help="evaluate only the pairs from these taps (default: every GIG pair)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -32,7 +32,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from gig_dist.kernels import metrics
 from gig_dist.kernels.gig import LOGITS
+from gig_dist.kernels.metrics import concept_purity
 from gig_dist.store import RunStore, StoreError
 
 #: Concepts per index page.
@@ -164,10 +166,7 @@ class Report:
         part_mass = self.atlas.part_mass(tap) if tap in self.rendered else None
         purity = part = None
         if part_mass is not None:
-            total = part_mass.sum(1)
-            parts = part_mass[:, 1:]
-            purity = np.where(total > 0, parts.max(1) / np.maximum(total, 1e-30), np.nan)
-            part = parts.argmax(1)
+            purity, part = concept_purity(part_mass)
             self.purity[tap] = {"purity": purity, "part": part}
         order = np.argsort(-(importance if importance is not None else usage.astype(float)), kind="stable")
         tree = self.concepts.arrays(tap)
@@ -527,12 +526,7 @@ def part_recall(purity: dict[str, dict[str, Any]], threshold: float = 0.8) -> di
     """The share of part types that some concept (of any tap) covers with purity >= threshold."""
     from gig_dist.toy.world import NUM_PARTS
 
-    covered = set()
-    for found in purity.values():
-        good = np.isfinite(found["purity"]) & (found["purity"] >= threshold)
-        covered |= set(found["part"][good].tolist())
-    return {"parts": NUM_PARTS, "covered": len(covered), "recall": len(covered) / NUM_PARTS,
-            "names": sorted(covered)}
+    return metrics.part_recall([(found["purity"], found["part"]) for found in purity.values()], NUM_PARTS, threshold)
 
 
 def build_report(url: str, site: str | os.PathLike[str], dictionary: str | None = None) -> ReportSummary:

@@ -73,7 +73,7 @@ import sys  # noqa: E402
 from gig_dist import pipeline  # noqa: E402
 from gig_dist.config import ConfigError  # noqa: E402
 from gig_dist.store import RunStore  # noqa: E402
-from tests.conftest import toy_config  # noqa: E402
+from tests.conftest import toy_config, zgroup  # noqa: E402
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 SMALL = ("gig.images=32", "gig.pairs=[[layer2.1,layer3.1],[layer3.1,logits]]")
@@ -119,12 +119,76 @@ def test_evaluate_writes_curves_whose_ends_are_the_full_and_the_empty_codes(attr
     assert all(score[o]["score"][2] == 32 for o in ("gig", "random", "code_mass", "grad_x_code"))
     # The run's other stages were kept, and evaluate is not part of a default run.
     assert "evaluate" not in [k.split("/")[-1] for k in RunStore.open(attributed).manifest.stages]
+    check_ground_truth(store, json.loads(done.stdout)["ground_truth"]["bisecting_kmeans"])
+
+
+def check_ground_truth(store, summary):
+    """The toy world's ground truth as stored, against what it claims: shares that sum to one,
+    the model's own predictions, and one image's masses recomputed from per-position iERFs."""
+    import torch
+
+    from gig_dist.data.sources import ImageLoader
+    from gig_dist.kernels.srd import SRD
+    from gig_dist.models.loading import build_model, resolve_transform
+    from gig_dist.store import ImageRange
+
+    r = ImageRange(0, 32)  # the evaluated images (two store units)
+    section = store.evaluation("bisecting_kmeans")
+    assert section.ground_taps() == ["layer3.1"]  # the taps with a GIG pair to the classes
+    got = section.read_ground(r, ["layer3.1"])
+    mass, active, pixels = got["layer3.1/mass"][:32], got["layer3.1/active"][:32], got["pixels"][:32]
+    _, labels = store.meta.read_index(r)
+    _, predictions = store.meta.read_status(r)
+    assert np.allclose(pixels.sum(-1), 1) and (pixels[:, 0, 1] == 0).all() and (pixels[:, 1, 1] > 0).all()
+    assert (got["prediction"][:32, 0] == predictions[:32]).all()
+    assert ((got["distractor"][:32] >= 0) & (got["distractor"][:32] != labels[:32])).all()
+    defined = np.isfinite(mass[..., 0])
+    assert defined.mean() > 0.9 and (active[defined] > 0).all()
+    # each concept's iERF sums to one (SRD conserves relevance), so do the mean shares
+    assert np.allclose(mass[defined].sum(-1), 1, atol=1e-4)
+    assert (mass[:, 0, :, 1][defined[:, 0]] == 0).all()  # no distractor, no mass on one
+    # One image by hand: the class's top concepts by the class matrix, active in the image, each
+    # the code-weighted sum of its positions' iERFs, split by the object mask.
+    config = toy_config(*SMALL)
+    model = build_model(config.model).eval()
+    loader = ImageLoader(resolve_transform(config), config.dataset.max_image_pixels, 1)
+    row = 5
+    scene = loader.load_scene(store.meta.path(row), False)
+    d = SRD(model).decompose(scene.image[None])
+    matrix = store.gig("bisecting_kmeans").read_matrix(("layer3.1", "logits"))
+    top = [k for k in np.argsort(-matrix[:, labels[row]], kind="stable")[:3] if matrix[k, labels[row]] > 0]
+    index, value = store.codes("bisecting_kmeans").read("layer3.1", store.units()[0])
+    index, value = index[row], value[row]
+    present = [k for k in top if (index == k).any()]
+    every = d.ierf("layer3.1", torch.arange(len(index))[None])[0].double().numpy()  # (P, H, W)
+    shares = []
+    for k in present:
+        u = np.where(index == k, value, 0).sum(1)
+        ierf = np.einsum("p,pxy->xy", u / u.sum(), every)
+        own = scene.object_mask == 1
+        shares.append([ierf[own].sum(), 0.0, ierf[~own].sum()])
+    assert active[row, 0, 0] == len(present)
+    np.testing.assert_allclose(mass[row, 0, 0], np.mean(shares, 0), atol=1e-4)
+    # The summary: accuracy from the stored predictions, means of the stored masses.
+    assert summary["images"] == 32
+    assert summary["accuracy"]["image"] == pytest.approx((predictions[:32] == labels[:32]).mean())
+    assert summary["taps"]["layer3.1"]["with distractor"]["gig top"]["own object"][0] == pytest.approx(
+        np.nanmean(mass[:, 1, 0, 0]), rel=1e-5)
+    assert "purity" in summary["taps"]["layer3.1"] and 0 <= summary["part_recall"]["class_top"] <= 1
 
 
 def test_evaluate_names_a_dictionary_the_run_does_not_have(attributed):
     done = subprocess.run([*CLI, "evaluate", attributed, "--dict", "sae"], capture_output=True, text=True)
     assert done.returncode == 2 and "no finished GIG for dictionary sae" in done.stderr
     assert "it has bisecting_kmeans" in done.stderr
+
+
+def test_evaluate_refuses_taps_it_cannot_evaluate_before_any_work(attributed):
+    for taps, message in ((["nowhere"], "'nowhere' is not a tap of this run"),
+                          (["layer1.0"], "tap layer1.0 has no GIG pair")):
+        done = subprocess.run([*CLI, "evaluate", attributed, "--taps", *taps], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "eval" not in zgroup(attributed)
 
 
 def test_evaluate_refuses_images_without_gig(attributed):

@@ -219,3 +219,20 @@ def test_kernels_refuse_a_model_in_training_mode():
     assert torch.equal(model.bn1.running_mean, running)  # refused before any forward pass
     model.eval()
     assert SRD(model).decompose(images).relevance(torch.tensor([0, 1]))["layer1.0"].shape == (2, 32, 32)
+
+
+def test_the_ierf_of_weighted_positions_is_the_weighted_sum_of_their_ierfs(decomposed):
+    """SRD is linear in its starting relevance: a concept's code map over positions gives the
+    code-weighted sum of its positions' iERFs (what the evaluate stage's ground truth uses)."""
+    _, _, d = decomposed
+    tap = d.srd.taps[1]
+    h, w = d.outputs[tap].shape[-2:]
+    g = torch.Generator().manual_seed(3)
+    weights = torch.rand(2, 3, h, w, generator=g) * (torch.rand(2, 3, h, w, generator=g) > 0.7)
+    combined = d.ierf_of(tap, weights)
+    every = d.ierf(tap, torch.arange(h * w).expand(2, -1))  # (2, HW, H_img, W_img)
+    expected = torch.einsum("npq,nqxy->npxy", weights.flatten(2).to(every), every)
+    assert torch.allclose(combined, expected, atol=1e-5 * expected.abs().max())
+    assert torch.allclose(combined.sum((2, 3)), weights.sum((2, 3)).to(combined), rtol=1e-4)
+    with pytest.raises(ValueError, match="weights must be"):
+        d.ierf_of(tap, weights[:, :, :1])

@@ -53,3 +53,23 @@ def test_model_uses_torchvision_bottlenecks_with_downsampling():
 def test_shipped_weights_reach_95_percent_on_held_out_world():
     accuracy = heldout_accuracy(load_toy_model(), num_images=512)
     assert accuracy >= 0.95, accuracy
+
+
+def test_a_distractor_leaves_the_labelled_object_whole_and_is_of_another_class():
+    from gig_dist.toy.world import render_scene
+
+    for index in range(40):
+        clean, scene = render_scene(0, index), render_scene(0, index, distractor=True)
+        assert np.array_equal(clean.image, render(0, index)[0]) and clean.distractor == -1
+        assert scene.label == clean.label and scene.distractor not in (-1, scene.label)
+        own = scene.object_mask == 1
+        # the labelled object is drawn last, with the same random draws: the same pixels and parts
+        assert np.array_equal(own, clean.object_mask == 1)
+        assert np.array_equal(scene.image[own], clean.image[own])
+        assert np.array_equal(scene.part_mask[own], clean.part_mask[own])
+        other = scene.object_mask == 2
+        assert other.any() and set(np.unique(scene.part_mask[other])) <= {p + 1 for p, _, _ in
+                                                                           CLASSES[scene.distractor].parts}
+        # outside both objects the background is the clean image's
+        background = scene.object_mask == 0
+        assert np.array_equal(scene.image[background], clean.image[background])

@@ -215,6 +215,8 @@ class Loaded:
     image: torch.Tensor | None  # (3, crop, crop) float32
     reason: str = ""
     part_mask: np.ndarray | None = None  # (crop, crop) uint8, toy world only
+    object_mask: np.ndarray | None = None  # (crop, crop) uint8: 0 background, 1 object, 2 distractor (toy only)
+    distractor: int = -1  # the distractor's class (toy scenes with one)
 
 
 class ImageLoader:
@@ -236,14 +238,22 @@ class ImageLoader:
         except SkippedImage as exc:
             return Loaded(None, str(exc))
 
-    def _load_toy(self, path: str) -> Loaded:
-        from gig_dist.toy.world import render
+    def _load_toy(self, path: str, distractor: bool = False) -> Loaded:
+        from gig_dist.toy.world import render_scene
 
         seed, index, size = (int(p) for p in path.removeprefix(TOY_SCHEME).split("/"))
-        image, mask, _ = render(seed, index, size)
-        pil = Image.fromarray(np.round(image * 255).astype(np.uint8))
-        part_mask = self.mask_transform(Image.fromarray(mask))[0].numpy()
-        return Loaded(self.transform(pil), part_mask=part_mask)
+        scene = render_scene(seed, index, size, distractor)
+        pil = Image.fromarray(np.round(scene.image * 255).astype(np.uint8))
+        part_mask = self.mask_transform(Image.fromarray(scene.part_mask))[0].numpy()
+        object_mask = self.mask_transform(Image.fromarray(scene.object_mask))[0].numpy()
+        return Loaded(self.transform(pil), part_mask=part_mask, object_mask=object_mask, distractor=scene.distractor)
+
+    def load_scene(self, path: str, distractor: bool) -> Loaded:
+        """A toy-world record with its part and object masks; with ``distractor``, the same image
+        plus an object of another class (``toy.world.render_scene``)."""
+        if not path.startswith(TOY_SCHEME):
+            raise ValueError(f"{path} is not a toy-world record: only the toy world has ground truth")
+        return self._load_toy(path, distractor)
 
     def submit_all(self, paths: list[str]) -> list[Future[Loaded]]:
         return [self.pool.submit(self.load, path) for path in paths]

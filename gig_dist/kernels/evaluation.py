@@ -103,3 +103,29 @@ def mean_interval(values: np.ndarray) -> tuple[float, float, int]:
         return float("nan"), float("nan"), 0
     half = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
     return float(values.mean()), float(half), len(values)
+
+
+#: Object-mask values (0 background, 1 the labelled object, 2 the distractor) -> region index
+#: (0 own object, 1 distractor, 2 background), the order of ``store.evaluation.GROUND_REGIONS``.
+REGION_OF_OBJECT = np.array([2, 0, 1])
+
+
+def concept_weights(index: np.ndarray, value: np.ndarray, concepts: np.ndarray, size: tuple[int, int],
+                    width: int) -> np.ndarray:
+    """Each concept's code map over an image's positions, normalised to sum 1: (width, H, W),
+    rows past ``len(concepts)`` zero. ``index``/``value`` (P, L) are the image's codes; every
+    concept must be active in it."""
+    maps = np.zeros((max(width, len(concepts)), *size), dtype=np.float64)
+    for row, k in enumerate(concepts):
+        u = np.where(index == k, value, 0).sum(1)
+        if not u.sum() > 0:
+            raise ValueError(f"concept {k} is not active in this image")
+        maps[row] = (u / u.sum()).reshape(size)
+    return maps
+
+
+def region_shares(maps: np.ndarray, regions: np.ndarray, count: int) -> np.ndarray:
+    """The mass of each iERF map (n, H, W) on each region of ``regions`` (H, W; values
+    0..count-1): (n, count), rows summing to the maps' sums."""
+    return np.stack([np.bincount(regions.ravel(), weights=m.ravel(), minlength=count) for m in maps]) \
+        if len(maps) else np.zeros((0, count))

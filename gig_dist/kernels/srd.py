@@ -381,7 +381,6 @@ class Decomposition:
         """iERFs (N, P, H_img, W_img) of the PFVs at flat ``positions`` (N, P) of ``tap``: the
         relevance of each pixel in building that PFV. Each map sums to 1."""
         self.srd.check_tap(tap)
-        index = self.srd.taps.index(tap)
         out = self.outputs[tap]
         n, p = positions.shape
         positions_per_image = out.shape[-2] * out.shape[-1]
@@ -389,4 +388,17 @@ class Decomposition:
             raise ValueError(f"positions must lie in [0, {positions_per_image}) for {tap} ({out.shape[-2]}x{out.shape[-1]})")
         one_hot = out.new_zeros(n, p, out.shape[-2] * out.shape[-1])
         one_hot.scatter_(2, positions[..., None].to(torch.int64), 1.0)
-        return self._down(one_hot.view(n, p, *out.shape[-2:]), index)
+        return self.ierf_of(tap, one_hot.view(n, p, *out.shape[-2:]))
+
+    @torch.no_grad()
+    def ierf_of(self, tap: str, weights: torch.Tensor) -> torch.Tensor:
+        """iERFs (N, P, H_img, W_img) of weighted sets of PFVs of ``tap``: ``weights`` (N, P, H, W)
+        over its positions (a concept's code map, say). SRD is linear in the relevance it starts
+        from, so this is the weighted sum of the positions' iERFs; each map sums to its weights'
+        sum (normalise them to 1 for a map that sums to 1)."""
+        self.srd.check_tap(tap)
+        out = self.outputs[tap]
+        if weights.ndim != 4 or weights.shape[0] != out.shape[0] or weights.shape[-2:] != out.shape[-2:]:
+            raise ValueError(f"weights must be (N, P, {out.shape[-2]}, {out.shape[-1]}) for {tap} with N = "
+                             f"{out.shape[0]} images, got {tuple(weights.shape)}")
+        return self._down(weights.to(out.dtype), self.srd.taps.index(tap))

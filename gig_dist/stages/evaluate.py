@@ -10,6 +10,13 @@ interleaved order spreads them over the classes), and every GIG pair:
   its source concepts ranked toward m; the readout is ``max_q <a^b_q, v_m>`` over its value at
   full reconstruction.
 
+Ground truth, on the toy world: for each image of class c and each tap with a class matrix, the
+iERFs of c's top ``evaluate.top_concepts`` concepts by GIG (the dataset matrix's column c), each
+the SRD iERF of the concept's code map in the image, and how their mass splits between the
+image's object, a distractor object of another class (in a second version of the image, rendered
+with one and encoded with the dictionary on the fly) and background; the same for random active
+concepts, and each region's share of the pixels.
+
 The orderings (``kernels.evaluation.ORDERINGS``): GIG, read from the attribute stage's per-image
 sums; random; code mass; gradient x code (GIG with one right-rule step). ``evaluate.images = 0``
 (the default) evaluates nothing: ``gig-dist evaluate DIR`` sets it and runs this stage alone.
@@ -17,7 +24,7 @@ sums; random; code mass; gradient x code (GIG with one right-rule step). ``evalu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,21 +33,30 @@ from pydantic import Field
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.evaluation import (
     ORDERINGS,
+    REGION_OF_OBJECT,
     class_probability,
     code_mass,
     concept_peak,
+    concept_weights,
     curves,
     random_scores,
     rank,
+    region_shares,
 )
 from gig_dist.kernels.gig import GIG, LOGITS
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
-from gig_dist.stages.attribute import Pair, gig_pairs
+from gig_dist.stages.attribute import Pair, gig_pairs, pair_kernel
 from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
-from gig_dist.store.evaluation import eval_specs
+from gig_dist.store.evaluation import (
+    GROUND_ORDERINGS,
+    GROUND_REGIONS,
+    GROUND_VARIANTS,
+    eval_specs,
+    ground_specs,
+)
 
 if TYPE_CHECKING:
     from gig_dist.config import Config
@@ -57,12 +73,21 @@ class EvaluateConfig(Section):
     targets: int = Field(default=5, ge=1)
     #: Seed of the random ordering (per image: (seed, image index)).
     seed: int = 0
+    #: Evaluate only the pairs from these taps (and their ground truth). ``None``: every GIG pair.
+    taps: tuple[str, ...] | None = None
+    #: Toy world: where the iERF mass of each class's top concepts (by GIG) falls, on the image and
+    #: on the same image with a distractor object of another class, against random active concepts
+    #: and the pixels' shares.
+    ground_truth: bool = True
+    #: The class's top concepts per tap in that test.
+    top_concepts: int = Field(default=3, ge=1)
 
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    reads = ("attribute",)
-    result_keys = ("evaluate.steps", "evaluate.targets", "evaluate.seed")
+    reads = ("attribute", "reduce")  # per-image GIG for the orderings; the class matrices for ground truth
+    result_keys = ("evaluate.steps", "evaluate.targets", "evaluate.seed", "evaluate.ground_truth",
+                   "evaluate.top_concepts", "evaluate.taps")
     coverage_key = "evaluate.images"
     per_dictionary = True
     unit_noun = "images"
@@ -70,20 +95,37 @@ class EvaluateStage(Stage):
 
     @classmethod
     def check(cls, config: Config, facts: Facts) -> list[str]:
+        errors = []
         wanted, attributed = config.evaluate.images, config.gig.images
         if wanted and attributed is not None and wanted > attributed:
-            return [f"evaluate.images = {wanted} reaches past gig.images = {attributed}: the orderings need each "
-                    "image's GIG; set evaluate.images to at most gig.images"]
-        return []
+            errors.append(f"evaluate.images = {wanted} reaches past gig.images = {attributed}: the orderings need "
+                          "each image's GIG; set evaluate.images to at most gig.images")
+        sources = sorted({source for source, _ in gig_pairs(config, list(facts.taps))}, key=list(facts.taps).index)
+        for tap in config.evaluate.taps or ():
+            if tap not in facts.taps:
+                errors.append(f"evaluate.taps: {tap!r} is not a tap of this run; the taps are {list(facts.taps)}")
+            elif tap not in sources:
+                errors.append(f"evaluate.taps: tap {tap} has no GIG pair (no codes there, or not in gig.pairs); "
+                              f"the attributed taps are {sources}")
+        return errors
 
     def pairs(self, facts: Facts) -> list[Pair]:
-        return gig_pairs(self.config, list(facts.taps))
+        taps = self.config.evaluate.taps
+        return [pair for pair in gig_pairs(self.config, list(facts.taps)) if taps is None or pair[0] in taps]
+
+    def ground_taps(self, facts: Facts) -> list[str]:
+        """Taps of the ground-truth test: the toy world's taps with concepts -> classes GIG."""
+        if not (self.config.evaluate.ground_truth and facts.part_masks):
+            return []
+        return [source for source, target in self.pairs(facts) if target == LOGITS]
 
     def arrays(self, store: RunStore) -> list[ArraySpec]:
         e = self.config.evaluate
-        return [spec for pair in self.pairs(store.facts)
-                for spec in eval_specs(store.facts, self.dictionary, pair, len(ORDERINGS), e.steps + 1,
-                                       min(e.targets, self.config.gig.targets))]
+        specs = [spec for pair in self.pairs(store.facts)
+                 for spec in eval_specs(store.facts, self.dictionary, pair, len(ORDERINGS), e.steps + 1,
+                                        min(e.targets, self.config.gig.targets))]
+        taps = self.ground_taps(store.facts)
+        return specs + (ground_specs(store.facts, self.dictionary, taps) if taps else [])
 
     def covers(self, unit: WorkUnit) -> bool:
         return unit.start < self.config.evaluate.images
@@ -107,16 +149,15 @@ class EvaluateWorker(StageWorker):
         self.out = self.store.evaluation(stage.dictionary)
         self._kernels: dict[Pair, GIG] = {}
         self._loader: ImageLoader | None = None
+        ground = stage.ground_taps(self.store.facts)
+        self.ground = GroundTruth(self, ground) if ground else None
 
     def _kernel(self, pair: Pair) -> GIG:
         """A one-step right-rule GIG: its sub-network runs the curves, its attribution is the
         gradient x code ordering."""
         if pair not in self._kernels:
-            source, target = pair
-            V = torch.from_numpy(self.concepts.vectors(source)).to(self.device)
-            W = None if target == LOGITS else torch.from_numpy(self.concepts.vectors(target)).to(self.device)
-            self._kernels[pair] = GIG(self.model, source, target, V, self.store.taps[source], W, steps=1,
-                                      rule="right")
+            self._kernels[pair] = pair_kernel(self.model, self.store, self.concepts, pair, self.device, steps=1,
+                                              rule="right")
         return self._kernels[pair]
 
     def _image(self, image: int) -> torch.Tensor:
@@ -131,6 +172,8 @@ class EvaluateWorker(StageWorker):
         rows = [int(row) for row in np.flatnonzero(status == PROCESSED) if r.start + row < e.images]
         for pair in self.stage.pairs(self.store.facts):
             self.run_pair(pair, r, rows)
+        if self.ground is not None:
+            self.out.write_ground(r, self.ground.run(r, rows))
         if progress is not None:
             progress(len(r))
         return UnitReport(unit.index, len(rows), int((status != PROCESSED).sum()))
@@ -201,6 +244,86 @@ class EvaluateWorker(StageWorker):
     def close(self) -> None:
         if self._loader is not None:
             self._loader.close()
+        if self.ground is not None:
+            self.ground.close()
+
+
+class GroundTruth:
+    """The toy world's ground-truth test of one evaluate worker (see the module's text)."""
+
+    def __init__(self, worker: EvaluateWorker, taps: list[str]) -> None:
+        from gig_dist.kernels.dictionary import DICTIONARIES
+        from gig_dist.kernels.srd import SRD
+        from gig_dist.stages.decompose import encode_params
+
+        self.worker, self.taps = worker, taps
+        config, dictionary = worker.config, worker.stage.dictionary
+        self.top = {}
+        for tap in taps:
+            matrix = worker.gig.read_matrix((tap, LOGITS))  # (K, classes): the dataset's class means
+            order = np.argsort(-matrix, axis=0, kind="stable")[: config.evaluate.top_concepts].T  # (classes, n)
+            self.top[tap] = np.where(np.take_along_axis(matrix.T, order, 1) > 0, order, -1)
+        self.coders = {tap: DICTIONARIES[dictionary].from_arrays(worker.concepts.arrays(tap),
+                                                                 **encode_params(config, tap, str(worker.device)))
+                       for tap in taps}
+        self.srd = SRD(worker.model)
+        self.loader = ImageLoader(resolve_transform(config), config.dataset.max_image_pixels, 1)
+
+    def _codes(self, pfvs: torch.Tensor, tap: str) -> tuple[np.ndarray, np.ndarray]:
+        """Codes (P, L) of a distractor image's PFVs (C, H, W), as decompose would store them
+        (through float16, the stored PFVs' type)."""
+        index, value = self.coders[tap].encode(pfvs.flatten(1).T.to(torch.float16).float().cpu().numpy())
+        width = self.worker.config.decompose.max_nonzero
+        return index[:, :width], value[:, :width]
+
+    def run(self, r: ImageRange, rows: list[int]) -> dict[str, np.ndarray]:
+        worker, e = self.worker, self.worker.config.evaluate
+        n, (v, o, g) = len(r), (len(GROUND_VARIANTS), len(GROUND_ORDERINGS), len(GROUND_REGIONS))
+        out = {"pixels": np.full((n, v, g), np.nan, dtype=np.float32),
+               "prediction": np.full((n, v), -1, dtype=np.int32),
+               "distractor": np.full(n, -1, dtype=np.int32)}
+        for tap in self.taps:
+            out[f"{tap}/mass"] = np.full((n, v, o, g), np.nan, dtype=np.float32)
+            out[f"{tap}/active"] = np.full((n, v, o), -1, dtype=np.int16)
+        paths, labels = worker.store.meta.read_index(r)
+        _, predictions = worker.store.meta.read_status(r)
+        stored = {tap: worker.codes.read(tap, r) for tap in self.taps}
+        for row in rows:
+            cls = int(labels[row]) if labels[row] >= 0 else int(predictions[row])
+            scenes = [self.loader.load_scene(str(paths[row]), distractor) for distractor in (False, True)]
+            out["distractor"][row] = scenes[1].distractor
+            decomposition = self.srd.decompose(torch.stack([scene.image for scene in scenes]).to(worker.device))
+            out["prediction"][row] = decomposition.logits.argmax(1).cpu().numpy()
+            regions = np.stack([REGION_OF_OBJECT[scene.object_mask] for scene in scenes])
+            out["pixels"][row] = [np.bincount(m.ravel(), minlength=g) / m.size for m in regions]
+            rng = np.random.default_rng([e.seed, r.start + row])
+            for tap in self.taps:
+                feature_map = decomposition.outputs[tap]
+                codes = [(stored[tap][0][row], stored[tap][1][row]), self._codes(feature_map[1], tap)]
+                chosen = []  # per variant: per ordering, the concepts whose iERFs are taken
+                for index, _ in codes:
+                    active = np.unique(index[index >= 0])
+                    top = self.top[tap][cls]
+                    random = rng.choice(active, min(len(active), e.top_concepts), replace=False) if len(active) \
+                        else active
+                    chosen.append([np.intersect1d(top[top >= 0], active), random])
+                weights = torch.from_numpy(np.stack([
+                    concept_weights(index, value, np.concatenate(picks + [np.zeros(0, dtype=np.int64)]),
+                                    feature_map.shape[-2:], width=2 * e.top_concepts)
+                    for (index, value), picks in zip(codes, chosen)])).to(feature_map)
+                maps = decomposition.ierf_of(tap, weights).double().cpu().numpy()  # (variant, concept, H, W)
+                for variant, picks in enumerate(chosen):
+                    first = 0
+                    for ordering, concepts in enumerate(picks):
+                        out[f"{tap}/active"][row, variant, ordering] = len(concepts)
+                        if len(concepts):
+                            shares = region_shares(maps[variant, first : first + len(concepts)], regions[variant], g)
+                            out[f"{tap}/mass"][row, variant, ordering] = shares.mean(0)
+                        first += len(concepts)
+        return out
+
+    def close(self) -> None:
+        self.loader.close()
 
 
 def summarize(store: RunStore, dictionary: str, pairs: list[Pair], images: int) -> dict[str, dict]:
@@ -228,4 +351,69 @@ def summarize(store: RunStore, dictionary: str, pairs: list[Pair], images: int) 
         found[f"{pair[0]} -> {pair[1]}"] = {
             ordering: {"score": mean_interval(ins_auc[:, o] - del_auc[:, o]), "insertion": mean_interval(ins_auc[:, o]),
                        "deletion": mean_interval(del_auc[:, o])} for o, ordering in enumerate(ORDERINGS)}
+    return found
+
+
+def summarize_ground(store: RunStore, dictionary: str, images: int, top_concepts: int) -> dict[str, Any] | None:
+    """The toy world's ground truth of one dictionary: where the class's top concepts' and random
+    active concepts' iERF mass falls (mean and 95 % interval over images, per tap, variant and
+    region), each region's share of pixels, the model's accuracy on both variants; and, from the
+    atlas where it ran, the purity and part recall of all concepts and of the classes' top ones.
+    ``None`` where the store has no ground truth."""
+    from gig_dist.kernels.evaluation import mean_interval
+    from gig_dist.kernels.metrics import concept_purity, part_recall
+    from gig_dist.toy.world import NUM_PARTS
+
+    section = store.evaluation(dictionary)
+    taps = section.ground_taps()
+    if not taps:
+        return None
+    rows: dict[str, list[np.ndarray]] = {}
+    labels, status = [], []
+    for r in store.units():
+        if r.start >= images:
+            break
+        stop = min(len(r), images - r.start)
+        for name, values in section.read_ground(r, taps).items():
+            rows.setdefault(name, []).append(values[:stop])
+        labels.append(store.meta.read_index(r)[1][:stop])
+        status.append(store.meta.read_status(r)[0][:stop])
+    got = {name: np.concatenate(values) for name, values in rows.items()}
+    labels, done = np.concatenate(labels), np.concatenate(status) == PROCESSED
+    prediction, distractor = got["prediction"], got["distractor"]
+    seen = done & (prediction[:, 0] >= 0)
+    found: dict[str, Any] = {
+        "images": int(seen.sum()),
+        "accuracy": {variant: float((prediction[seen, v] == labels[seen]).mean()) if seen.any() else None
+                     for v, variant in enumerate(GROUND_VARIANTS)},
+        "predicts_distractor": float((prediction[seen, 1] == distractor[seen]).mean()) if seen.any() else None,
+        "pixels": {variant: {region: mean_interval(got["pixels"][seen, v, g].astype(np.float64))
+                             for g, region in enumerate(GROUND_REGIONS)} for v, variant in enumerate(GROUND_VARIANTS)},
+        "taps": {},
+    }
+    gig = store.gig(dictionary)
+    atlas = store.atlas(dictionary)
+    everything, tops = [], []
+    for tap in taps:
+        mass, active = got[f"{tap}/mass"][seen].astype(np.float64), got[f"{tap}/active"][seen]
+        entry: dict[str, Any] = {
+            variant: {ordering: {"active": float(active[:, v, o].mean()) if len(active) else None,
+                                 **{region: mean_interval(mass[:, v, o, g]) for g, region in enumerate(GROUND_REGIONS)}}
+                      for o, ordering in enumerate(GROUND_ORDERINGS)}
+            for v, variant in enumerate(GROUND_VARIANTS)}
+        part_mass = atlas.part_mass(tap) if tap in atlas.taps() and atlas.has_render(tap) else None
+        if part_mass is not None:
+            purity, part = concept_purity(part_mass)
+            matrix = gig.read_matrix((tap, LOGITS))
+            order = np.argsort(-matrix, axis=0, kind="stable")[:top_concepts]
+            top = np.unique(order[np.take_along_axis(matrix, order, 0) > 0])
+            entry["purity"] = {"all": float(np.nanmedian(purity)) if np.isfinite(purity).any() else None,
+                               "class_top": float(np.nanmedian(purity[top])) if np.isfinite(purity[top]).any() else None,
+                               "class_top_concepts": len(top)}
+            everything.append((purity, part))
+            tops.append((purity[top], part[top]))
+        found["taps"][tap] = entry
+    if everything:
+        found["part_recall"] = {"all": part_recall(everything, NUM_PARTS)["recall"],
+                                "class_top": part_recall(tops, NUM_PARTS)["recall"]}
     return found

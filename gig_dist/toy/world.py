@@ -125,22 +125,22 @@ def toy_label(seed: int, index: int) -> int:
     return int(np.random.default_rng([seed, index]).integers(NUM_CLASSES))
 
 
-def render(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, int]:
-    """Make toy image ``index`` of the world ``seed``.
+@dataclass(frozen=True)
+class Scene:
+    """A toy image with its ground truth: ``part_mask`` (0 background, part i: i + 1) and
+    ``object_mask`` (0 background, 1 the labelled object, 2 the distractor), both (H, W) uint8."""
 
-    Returns ``(image_HWC, part_mask_HW, label)``: float32 RGB in [0, 1], uint8 part ids
-    (0 = background, ``i + 1`` = ``PART_NAMES[i]``) and the class index.
-    """
-    rng = np.random.default_rng([seed, index])
-    label = int(rng.integers(NUM_CLASSES))  # the first draw, as in toy_label
-    obj = CLASSES[label]
+    image: np.ndarray
+    part_mask: np.ndarray
+    object_mask: np.ndarray
+    label: int
+    distractor: int  # the distractor's class, -1 without one
 
-    image = _background(rng, size)
-    mask = np.zeros((size, size), dtype=np.uint8)
 
-    part_radius = size * rng.uniform(0.09, 0.13)
+def _draw_object(image: np.ndarray, part_mask: np.ndarray, object_mask: np.ndarray, rng: np.random.Generator,
+                 obj: ObjectClass, centre: np.ndarray, part_radius: float, object_id: int) -> None:
+    size = image.shape[0]
     span = part_radius * 2.0
-    centre = rng.uniform(0.35, 0.65, size=2) * size
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     for part, oy, ox in obj.parts:
         cy = centre[0] + oy * span + rng.normal(0, 0.6)
@@ -149,8 +149,39 @@ def render(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, n
         footprint = _part_shape(part, dy, dx, part_radius)
         colour = np.clip(_PART_COLOURS[part] + rng.normal(0, 0.07, size=3), 0, 1).astype(np.float32)
         image[footprint] = _part_colour(part, dy, dx, colour)[footprint]
-        mask[footprint] = part + 1
-    return np.clip(image, 0.0, 1.0), mask, label
+        part_mask[footprint] = part + 1
+        object_mask[footprint] = object_id
+
+
+def render_scene(seed: int, index: int, size: int = IMAGE_SIZE, distractor: bool = False) -> Scene:
+    """Toy image ``index`` of world ``seed``; with ``distractor``, the same image (background and
+    object drawn from the same random stream) plus a smaller object of another class, drawn first
+    (the labelled object stays whole on top), in the corner diagonally away from the object."""
+    rng = np.random.default_rng([seed, index])
+    label = int(rng.integers(NUM_CLASSES))  # the first draw, as in toy_label
+    image = _background(rng, size)
+    part_mask = np.zeros((size, size), dtype=np.uint8)
+    object_mask = np.zeros((size, size), dtype=np.uint8)
+    part_radius = size * rng.uniform(0.09, 0.13)
+    centre = rng.uniform(0.35, 0.65, size=2) * size
+    other = -1
+    if distractor:
+        extra = np.random.default_rng([seed, index, 1])  # its own stream: the main image is unchanged
+        other = int((label + extra.integers(1, NUM_CLASSES)) % NUM_CLASSES)
+        corner = np.where(centre < size / 2, 0.8, 0.2) * size + extra.normal(0, 0.02 * size, size=2)
+        _draw_object(image, part_mask, object_mask, extra, CLASSES[other], corner, part_radius * 0.75, 2)
+    _draw_object(image, part_mask, object_mask, rng, CLASSES[label], centre, part_radius, 1)
+    return Scene(np.clip(image, 0.0, 1.0), part_mask, object_mask, label, other)
+
+
+def render(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, int]:
+    """Make toy image ``index`` of the world ``seed``.
+
+    Returns ``(image_HWC, part_mask_HW, label)``: float32 RGB in [0, 1], uint8 part ids
+    (0 = background, ``i + 1`` = ``PART_NAMES[i]``) and the class index.
+    """
+    scene = render_scene(seed, index, size)
+    return scene.image, scene.part_mask, scene.label
 
 
 def render_batch(seed: int, indices, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
