@@ -84,15 +84,10 @@ class Dictionary(BaseEstimator):
         return dictionary
 
 
-class BisectingKMeansDictionary(Dictionary):
-    """The paper's dictionary (method.md sections 4-5): concept vectors are the unit-normalised
-    centroids of bisecting k-means (largest-inertia splits); codes are exact non-negative Lasso
-    solutions, ``lambda = lambda_rel * max_k <v_k, a>`` per PFV (or an absolute ``lam``).
-
-    Learned besides ``dictionary_``: ``cluster_centers_``, ``cluster_size_``,
-    ``cluster_inertia_``, ``zero_`` (concepts from all-zero PFVs, their vector left zero),
-    ``labels_`` (the concept of each training PFV), ``inertia_`` and ``tree_``.
-    """
+class LassoCoded(Dictionary):
+    """A dictionary whose codes are exact non-negative Lasso solutions (method.md section 5),
+    ``lambda = lambda_rel * max_k <v_k, a>`` per PFV (or an absolute ``lam``): the paper's and
+    every baseline whose vectors come from another fit. Subclasses implement :meth:`fit`."""
 
     encode_params = ("lambda_rel", "lam", "tol", "batch_size", "device")
 
@@ -109,6 +104,29 @@ class BisectingKMeansDictionary(Dictionary):
         self.batch_size = batch_size
         self.device = device
 
+    def _coder_for(self) -> NonNegativeLassoCoder:
+        check_is_fitted(self, "dictionary_")
+        params = (self.lambda_rel, self.lam, self.tol, self.batch_size, self.device)
+        if getattr(self, "_coder", None) is None or self._coder_params != params:
+            self._coder = NonNegativeLassoCoder(self.dictionary_, lambda_rel=self.lambda_rel, lam=self.lam,
+                                                tol=self.tol, batch_size=self.batch_size, device=self.device)
+            self._coder_params = params
+        return self._coder
+
+    def encode(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._coder_for().encode(X)
+
+
+class BisectingKMeansDictionary(LassoCoded):
+    """The paper's dictionary (method.md sections 4-5): concept vectors are the unit-normalised
+    centroids of bisecting k-means (largest-inertia splits); codes are exact non-negative Lasso
+    solutions, ``lambda = lambda_rel * max_k <v_k, a>`` per PFV (or an absolute ``lam``).
+
+    Learned besides ``dictionary_``: ``cluster_centers_``, ``cluster_size_``,
+    ``cluster_inertia_``, ``zero_`` (concepts from all-zero PFVs, their vector left zero),
+    ``labels_`` (the concept of each training PFV), ``inertia_`` and ``tree_``.
+    """
+
     def fit(self, X: np.ndarray) -> BisectingKMeansDictionary:
         kmeans = BisectingKMeans(self.n_concepts, seed=self.seed, n_init=self.n_init, backend=self.backend).fit(X)
         self.dictionary_, self.zero_ = concept_vectors(kmeans.cluster_centers_)
@@ -121,18 +139,6 @@ class BisectingKMeansDictionary(Dictionary):
         self.backend_ = kmeans._backend()
         self._coder = None
         return self
-
-    def _coder_for(self) -> NonNegativeLassoCoder:
-        check_is_fitted(self, "dictionary_")
-        params = (self.lambda_rel, self.lam, self.tol, self.batch_size, self.device)
-        if getattr(self, "_coder", None) is None or self._coder_params != params:
-            self._coder = NonNegativeLassoCoder(self.dictionary_, lambda_rel=self.lambda_rel, lam=self.lam,
-                                                tol=self.tol, batch_size=self.batch_size, device=self.device)
-            self._coder_params = params
-        return self._coder
-
-    def encode(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._coder_for().encode(X)
 
     def fitted_arrays(self) -> dict[str, np.ndarray]:
         arrays = super().fitted_arrays()
@@ -154,24 +160,15 @@ class BisectingKMeansDictionary(Dictionary):
                 "zero_concepts": int(self.zero_.sum()), "backend": self.backend_}
 
 
-class LassoCodedDictionary(Dictionary):
+class LassoCodedDictionary(LassoCoded):
     """A baseline whose concept vectors come from another fit, coded by the same exact
     non-negative Lasso as the paper's dictionary: the comparison is about the vectors."""
-
-    encode_params = ("lambda_rel", "lam", "tol", "batch_size", "device")
 
     def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
                  lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
                  device: str = "cpu", max_iter: int = 100) -> None:
-        self.n_concepts = n_concepts
-        self.seed = seed
-        self.n_init = n_init
-        self.backend = backend
-        self.lambda_rel = lambda_rel
-        self.lam = lam
-        self.tol = tol
-        self.batch_size = batch_size
-        self.device = device
+        super().__init__(n_concepts, seed=seed, n_init=n_init, backend=backend, lambda_rel=lambda_rel, lam=lam,
+                         tol=tol, batch_size=batch_size, device=device)
         self.max_iter = max_iter
 
     def _check(self, X: np.ndarray) -> np.ndarray:
@@ -189,9 +186,6 @@ class LassoCodedDictionary(Dictionary):
         self.labels_ = similarity.argmax(1)  # each sample's most similar concept, for the atlas's sizes
         self.cluster_size_ = np.bincount(self.labels_, minlength=self.n_concepts)
         self._coder = None
-
-    encode = BisectingKMeansDictionary.encode
-    _coder_for = BisectingKMeansDictionary._coder_for
 
     def fitted_arrays(self) -> dict[str, np.ndarray]:
         return {**super().fitted_arrays(), "zero": self.zero_, "size": self.cluster_size_,
