@@ -41,6 +41,21 @@ class Dictionary(BaseEstimator):
     #: decompose stage sets them from its own config section.
     encode_params: ClassVar[tuple[str, ...]] = ()
 
+    #: Every dictionary takes these (the concepts stage passes them all); the Lasso coder uses
+    #: the encode ones.
+    def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
+                 lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
+                 device: str = "cpu") -> None:
+        self.n_concepts = n_concepts
+        self.seed = seed
+        self.n_init = n_init
+        self.backend = backend
+        self.lambda_rel = lambda_rel
+        self.lam = lam
+        self.tol = tol
+        self.batch_size = batch_size
+        self.device = device
+
     @abstractmethod
     def fit(self, X: np.ndarray) -> Dictionary:
         """Learn ``dictionary_`` (K, C) from PFVs ``X`` (n, C); returns self."""
@@ -90,19 +105,6 @@ class LassoCoded(Dictionary):
     every baseline whose vectors come from another fit. Subclasses implement :meth:`fit`."""
 
     encode_params = ("lambda_rel", "lam", "tol", "batch_size", "device")
-
-    def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
-                 lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
-                 device: str = "cpu") -> None:
-        self.n_concepts = n_concepts
-        self.seed = seed
-        self.n_init = n_init
-        self.backend = backend
-        self.lambda_rel = lambda_rel
-        self.lam = lam
-        self.tol = tol
-        self.batch_size = batch_size
-        self.device = device
 
     def _coder_for(self) -> NonNegativeLassoCoder:
         check_is_fitted(self, "dictionary_")
@@ -280,15 +282,8 @@ class SparseAutoencoderDictionary(Dictionary):
                  lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
                  device: str = "cpu", l1: float = 0.03, top_k: int | None = None, steps: int = 3000,
                  max_slots: int = 32) -> None:
-        self.n_concepts = n_concepts
-        self.seed = seed
-        self.n_init = n_init
-        self.backend = backend
-        self.lambda_rel = lambda_rel
-        self.lam = lam
-        self.tol = tol
-        self.batch_size = batch_size
-        self.device = device
+        super().__init__(n_concepts, seed=seed, n_init=n_init, backend=backend, lambda_rel=lambda_rel, lam=lam,
+                         tol=tol, batch_size=batch_size, device=device)
         self.l1 = l1
         self.top_k = top_k
         self.steps = steps

@@ -216,8 +216,12 @@ def pair_kernel(model: torch.nn.Module, store: RunStore, concepts, pair: Pair, d
     return GIG(model, source, target, V, store.taps[source], W, **options)
 
 
-class AttributeWorker(StageWorker):
-    def __init__(self, stage: AttributeStage, device: torch.device) -> None:
+class PairWorker(StageWorker):
+    """What a worker running a dictionary's GIG kernels holds: the store, the frozen model on its
+    device, the dictionary's GIG, codes and concepts, its kernels and (lazily) an image loader."""
+
+    def __init__(self, stage: Stage, device: torch.device) -> None:
+        self.stage = stage
         self.config = stage.config
         self.store = RunStore.open(stage.store_url, mode="r+")
         self.device = device
@@ -227,9 +231,18 @@ class AttributeWorker(StageWorker):
         self.gig = self.store.gig(stage.dictionary)
         self.codes = self.store.codes(stage.dictionary)
         self.concepts = self.store.concepts(stage.dictionary)
-        self.bounds = step_bounds(self.config)
-        self._kernels: dict[tuple[Pair, int], GIG] = {}
+        self._kernels: dict = {}
         self._loader: ImageLoader | None = None
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+
+
+class AttributeWorker(PairWorker):
+    def __init__(self, stage: AttributeStage, device: torch.device) -> None:
+        super().__init__(stage, device)
+        self.bounds = step_bounds(self.config)
 
     def _kernel(self, pair: Pair, steps: int | None = None) -> GIG:
         steps = steps or self.config.gig.steps
@@ -323,7 +336,3 @@ class AttributeWorker(StageWorker):
                                   delta_real=delta_real if first_steps else None,
                                   refined={"steps": steps_used, "gap_first": gap_first} if refining else None)
         return UnitReport(unit.index, len(r), int(len(r) - len(rows)))
-
-    def close(self) -> None:
-        if self._loader is not None:
-            self._loader.close()

@@ -44,10 +44,10 @@ from gig_dist.kernels.evaluation import (
     region_shares,
 )
 from gig_dist.kernels.gig import GIG, LOGITS
-from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.models.loading import resolve_transform
 from gig_dist.settings import Section
-from gig_dist.stages.attribute import Pair, gig_pairs, pair_kernel
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.attribute import Pair, PairWorker, gig_pairs, pair_kernel
+from gig_dist.stages.base import Progress, Stage, UnitReport, WorkUnit
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.evaluation import (
@@ -134,21 +134,10 @@ class EvaluateStage(Stage):
         return EvaluateWorker(self, resolve_device(device))
 
 
-class EvaluateWorker(StageWorker):
+class EvaluateWorker(PairWorker):
     def __init__(self, stage: EvaluateStage, device: torch.device) -> None:
-        self.stage = stage
-        self.config = stage.config
-        self.device = device
-        self.store = RunStore.open(stage.store_url, mode="r+")
-        self.model = build_model(self.config.model).to(device).eval()
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-        self.gig = self.store.gig(stage.dictionary)
-        self.codes = self.store.codes(stage.dictionary)
-        self.concepts = self.store.concepts(stage.dictionary)
+        super().__init__(stage, device)
         self.out = self.store.evaluation(stage.dictionary)
-        self._kernels: dict[Pair, GIG] = {}
-        self._loader: ImageLoader | None = None
         ground = stage.ground_taps(self.store.facts)
         self.ground = GroundTruth(self, ground) if ground else None
 
@@ -242,8 +231,7 @@ class EvaluateWorker(StageWorker):
         return reconstruct(index, value, V).T.reshape(channels, height, width)
 
     def close(self) -> None:
-        if self._loader is not None:
-            self._loader.close()
+        super().close()
         if self.ground is not None:
             self.ground.close()
 
