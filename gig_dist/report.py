@@ -457,6 +457,7 @@ class Report:
             f"<tr><td>{key}</td><td>{'complete' if s['complete'] else 'incomplete'}</td>"
             f"<td>{store.record(key).seconds:.1f}</td></tr>" for key, s in states.items()) + "</table>")
         parts.append(self._plots(stats, gig))
+        parts.append(self._evaluation())
         if self.gig.has_graphs():
             parts.append("<h2>classes</h2><p>" + " ".join(self.class_link(c, 0) for c in range(len(self.class_names)))
                          + "</p>")
@@ -514,6 +515,84 @@ class Report:
             out.append(f"<figure style='display:inline-block'><img src='img/{name}' alt='{caption}'>"
                        f"<figcaption>{caption}</figcaption></figure>")
         return "<h2>plots</h2>" + "".join(out) if out else ""
+
+
+    def _evaluation(self) -> str:
+        """``gig-dist evaluate``'s results, where it ran: each pair's mean insertion and deletion
+        curves per ordering, the AUC scores, and the toy world's ground truth."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from gig_dist.kernels.evaluation import ORDERINGS, fractions
+        from gig_dist.stages.evaluate import summarize, summarize_ground
+
+        section = self.store.evaluation(self.dictionary)
+        pairs = [p for p in self._pairs() if section.has(p)]
+        if not pairs:
+            return ""
+        images = 0
+        out = ["<h2>evaluation (<code>gig-dist evaluate</code>)</h2><p>mean curves over the evaluated images: the "
+               "class probability (to the logits) or <i>max_q &lt;a_q, v_m&gt;</i> over its full value (between "
+               "taps) as the concepts an ordering ranks first are inserted (solid) or deleted (dashed)</p>"]
+        for pair in pairs:
+            sums, counts = 0.0, 0
+            for r in self.store.units():
+                got = section.read(pair, r)
+                evaluated = np.isfinite(got["insertion"].reshape(len(r), -1)).any(1)
+                if evaluated.any():
+                    images = max(images, r.start + int(np.flatnonzero(evaluated).max()) + 1)
+                curves = np.stack([got["insertion"], got["deletion"]]).astype(np.float64)
+                curves = curves.reshape(2, -1, *curves.shape[-2:])  # (2, image [x target], ordering, fraction)
+                seen = np.isfinite(curves).all(axis=(0, 2, 3))
+                sums = sums + curves[:, seen].sum(1)
+                counts += int(seen.sum())
+            if not counts:
+                continue
+            mean = sums / counts  # (2, O, F)
+            fig, ax = plt.subplots(figsize=(4, 3))
+            x = fractions(mean.shape[-1] - 1)
+            for o, ordering in enumerate(ORDERINGS):
+                line, = ax.plot(x, mean[0, o], label=ordering)
+                ax.plot(x, mean[1, o], linestyle="--", color=line.get_color())
+            ax.set_xlabel("fraction of the image's concepts")
+            ax.set_title(f"{pair[0]} -> {pair[1]} ({counts})", fontsize=9)
+            ax.legend(fontsize=7)
+            name = f"eval_{safe(pair[0])}__{safe(pair[1])}.svg"
+            buffer = io.StringIO()
+            fig.tight_layout()
+            fig.savefig(buffer, format="svg")
+            plt.close(fig)
+            (self.site / "img").mkdir(exist_ok=True)
+            (self.site / "img" / name).write_text(buffer.getvalue())
+            out.append(f"<figure style='display:inline-block'><img src='img/{name}' alt='{pair[0]} to {pair[1]}'>"
+                       f"<figcaption>{pair[0]} &rarr; {pair[1]}</figcaption></figure>")
+        scores = summarize(self.store, self.dictionary, pairs, images)
+        out.append("<table><tr><th>ordering</th>" + "".join(f"<th>{html.escape(key)}</th>" for key in scores)
+                   + "</tr>" + "".join(
+                       f"<tr><td>{ordering}</td>" + "".join(
+                           "<td>{:+.3f} &plusmn; {:.3f} ({})</td>".format(*found[ordering]["score"])
+                           for found in scores.values()) + "</tr>" for ordering in ORDERINGS)
+                   + "</table><p>cells: AUC<sub>ins</sub> &minus; AUC<sub>del</sub>, mean &plusmn; 95 % interval "
+                     "(images, or image x target between taps)</p>")
+        ground = summarize_ground(self.store, self.dictionary, images, self.config.evaluate.top_concepts)
+        if ground is not None:
+            accuracy = ground["accuracy"]
+            out.append(f"<h3>ground truth (toy world)</h3><p>model accuracy {accuracy['image']:.3f} on the images, "
+                       f"{accuracy['with distractor']:.3f} with a distractor object of another class</p>"
+                       "<table><tr><th>image</th><th>tap / concepts</th><th>own object</th><th>distractor</th>"
+                       "<th>background</th></tr>")
+            for variant, pixels in ground["pixels"].items():
+                rows = [("pixels", pixels)] + [(f"{tap} / {ordering}", entry[variant][ordering])
+                                               for tap, entry in ground["taps"].items()
+                                               for ordering in entry[variant]]
+                out.extend(f"<tr><td>{variant}</td><td>{label}</td>" + "".join(
+                    "<td>{:.3f} &plusmn; {:.3f}</td>".format(*cells[region][:2]) if cells[region][2] else "<td>-</td>"
+                    for region in ("own object", "distractor", "background")) + "</tr>" for label, cells in rows)
+            out.append("</table><p>the share of the iERF mass of the class's top concepts by GIG (and of random "
+                       "active concepts) on each region, against each region's share of the pixels</p>")
+        return "".join(out)
 
 
 def _fmt(value: Any) -> str:

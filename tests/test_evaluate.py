@@ -120,6 +120,16 @@ def test_evaluate_writes_curves_whose_ends_are_the_full_and_the_empty_codes(attr
     # The run's other stages were kept, and evaluate is not part of a default run.
     assert "evaluate" not in [k.split("/")[-1] for k in RunStore.open(attributed).manifest.stages]
     check_ground_truth(store, json.loads(done.stdout)["ground_truth"]["bisecting_kmeans"])
+    # The report shows the curves, the scores and the ground truth.
+    from gig_dist.report import build_report
+
+    build_report(url, tmp_path / "site")
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert "evaluation (<code>gig-dist evaluate</code>)" in index and "ground truth (toy world)" in index
+    for pair in ("layer3.1__logits", "layer2.1__layer3.1"):
+        assert f"img/eval_{pair}.svg" in index and (tmp_path / "site" / "img" / f"eval_{pair}.svg").stat().st_size
+    mean, half, n = score["gig"]["score"]
+    assert f"{mean:+.3f} &plusmn; {half:.3f} ({n})" in index
 
 
 def check_ground_truth(store, summary):
