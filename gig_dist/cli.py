@@ -137,6 +137,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from gig_dist.stages.evaluate import EvaluateStage, summarize, summarize_ground
     from gig_dist.store import RunStore
 
+    others = [kv for kv in args.overrides if not kv.split("=", 1)[0].strip().startswith("evaluate.")]
+    if others:
+        raise ConfigError(f"gig-dist evaluate takes only evaluate.* settings, got {', '.join(others)}: the model, the "
+                          "data and the other stages are the run's own (change them with gig-dist run)")
     store = RunStore.open(args.dir)
     base = store.manifest.config
     attributed = [key.split("/")[0] for key, record in store.manifest.stages.items()
@@ -367,9 +371,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print("  concepts (fit on the samples)")
             for tap, fit in found["concepts"].items():
                 explained = f"{fit['explained']:.3f}" if fit.get("explained") is not None else "-"
+                loss = (f"  training loss {fit['loss_first']:.4g} -> {fit['loss_last']:.4g}"
+                        if fit.get("loss_first") is not None else "")
                 print(f"    {tap:<16} K {fit['k']:<6} from {fit['samples']} samples ({fit['mean_members']:.1f} per "
                       f"concept, {fit['singletons']} singletons, {fit['zero_concepts']} zero)  variance explained "
-                      f"{explained}")
+                      f"{explained}{loss}")
         if found["codes"]:
             print("  codes (sparse codes of every PFV)")
             for tap, c in found["codes"].items():

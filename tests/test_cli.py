@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from tests.conftest import GIG_LIGHT_CLI
+
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 
 
@@ -156,8 +158,9 @@ def test_a_second_driver_on_a_live_run_refuses_naming_the_first(tmp_path):
     import time
 
     out = str(tmp_path / "run.zarr")
+    # 64 images keep the first run busy while the second starts twice; GIG light (the lease is what matters)
     args = ["run", "--out", out, "-o", "dataset.toy.num_images=64", "-o", "concepts.k_multiplier=0.25",
-            "-o", "gig.images=64", "-o", "runtime.progress=false"]
+            *GIG_LIGHT_CLI, "-o", "runtime.progress=false"]
     first = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120

@@ -198,6 +198,10 @@ def test_evaluate_refuses_taps_it_cannot_evaluate_before_any_work(attributed):
                           (["layer1.0"], "tap layer1.0 has no GIG pair")):
         done = subprocess.run([*CLI, "evaluate", attributed, "--taps", *taps], capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+    # the model, data and other stages are the run's: evaluate does not change them (a model
+    # override would otherwise redo the whole store)
+    done = subprocess.run([*CLI, "evaluate", attributed, "-o", "model.name=resnet18"], capture_output=True, text=True)
+    assert done.returncode == 2 and "takes only evaluate.* settings, got model.name=resnet18" in done.stderr
     assert "eval" not in zgroup(attributed)
 
 
@@ -238,3 +242,8 @@ def test_a_baseline_dictionary_flows_through_the_pipeline_into_its_own_level(att
     results = json.loads(done.stdout)["results"]
     assert set(results) == {"bisecting_kmeans", "kmeans"}
     assert results["kmeans"]["layer3.1 -> logits"]["gig"]["score"][2] == 32
+    # the fit's loss curve is stored, and inspect shows its ends
+    shown = subprocess.run([*CLI, "inspect", url], capture_output=True, text=True).stdout
+    section = shown.split("dictionary kmeans")[1]
+    curve = store.concepts("kmeans").arrays("layer3.1")["loss"]
+    assert len(curve) > 1 and f"training loss {curve[0]:.4g} -> {curve[-1]:.4g}" in section

@@ -28,6 +28,13 @@ def in_process(tmp_path_factory):
     return pipeline.run(toy_config(*BASE), tmp_path_factory.mktemp("local") / "run.zarr").url
 
 
+@pytest.fixture(scope="module")
+def in_process_extract(tmp_path_factory):
+    """The same run stopped after extraction: the tests that kill or spread extraction compare
+    with it (the later stages have their own Ray tests; stopping there saves minutes of CI)."""
+    return pipeline.run(toy_config(*BASE), tmp_path_factory.mktemp("local") / "run.zarr", until="extract").url
+
+
 def ray_config(*extra):
     return toy_config(*BASE, "runtime.kind=ray", "runtime.num_workers=2", *extra)
 
@@ -52,11 +59,11 @@ def test_default_threads_agree_within_float16_rounding(ray_head, tmp_path):
     assert_stores_equal(local, on_ray, float_rtol=2**-10)  # one float16 ulp
 
 
-def test_actor_killed_mid_stage_its_unit_runs_again_and_lands_once(ray_head, in_process, tmp_path):
+def test_actor_killed_mid_stage_its_unit_runs_again_and_lands_once(ray_head, in_process_extract, tmp_path):
     token = tmp_path / "killed-once"
     # The first actor to reach its 2nd unit's commit SIGKILLs itself after writing the unit's data.
     failpoint = f"runtime.env={{GIG_DIST_FAILPOINT: 'extract.before_commit:2@{token}'}}"
-    report = pipeline.run(ray_config(failpoint), tmp_path / "ray.zarr")
+    report = pipeline.run(ray_config(failpoint), tmp_path / "ray.zarr", until="extract")
     assert token.exists(), "the actor was not killed"
     stage = report.stages[0]
     # The dead actor's units in flight (up to its two slots) ran again on its replacement.
@@ -64,7 +71,7 @@ def test_actor_killed_mid_stage_its_unit_runs_again_and_lands_once(ray_head, in_
     assert stage.units_run == 5 and stage.images == 40
     store = RunStore.open(report.url)
     assert store.done_units("extract").all()
-    assert_stores_equal(in_process, report.url)
+    assert_stores_equal(in_process_extract, report.url)
 
 
 def test_gig_split_by_steps_on_two_workers_with_one_killed_gives_the_same_matrices(ray_head, in_process, tmp_path):
@@ -91,7 +98,7 @@ def test_a_unit_that_keeps_killing_its_workers_fails_the_stage_with_its_name(ray
     # Nothing was committed, and a rerun without the fault completes the same store.
     url = str(tmp_path / "ray.zarr")
     assert not RunStore.open(url).done_units("extract").any()
-    assert pipeline.run(ray_config(), url).stages[0].units_run == 5
+    assert pipeline.run(ray_config(), url, until="extract").stages[0].units_run == 5
 
 
 def test_cli_with_ray_address(ray_head, in_process, tmp_path):
@@ -149,14 +156,14 @@ cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, logging_level="WARNING")
 config = load_config(None, sys.argv[2:])
-report = pipeline.run(config, sys.argv[1])
+report = pipeline.run(config, sys.argv[1], until="extract")
 print(json.dumps({"nodes": len(ray.nodes()), "placement": report.stages[0].placement}))
 ray.shutdown()
 cluster.shutdown()
 """
 
 
-def test_two_node_cluster_runs_a_stage_on_both_nodes(in_process, tmp_path):
+def test_two_node_cluster_runs_a_stage_on_both_nodes(in_process_extract, tmp_path):
     # A cluster of its own, in its own process: the session's Ray head stays untouched.
     out = tmp_path / "two-nodes.zarr"
     done = subprocess.run(
@@ -168,7 +175,7 @@ def test_two_node_cluster_runs_a_stage_on_both_nodes(in_process, tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["nodes"] == 2
     assert len(result["placement"]) == 2 and sum(result["placement"].values()) == 5
-    assert_stores_equal(in_process, str(out))
+    assert_stores_equal(in_process_extract, str(out))
 
 
 def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
