@@ -257,9 +257,12 @@ class NMFDictionary(LassoCodedDictionary):
         X = self._check(X)
         if (X < 0).any():
             raise ValueError("NMF needs non-negative PFVs (post-ReLU taps); this tap has negative values")
-        # NNDSVD starts need K <= min(n, C); an overcomplete bank (K = 8C) starts at random
+        # NNDSVD starts need K <= min(n, C); an overcomplete bank (K = 8C) starts at random.
+        # Multiplicative updates cost O(n K C) a step, coordinate descent O(n K^2): at K = 8C
+        # (2,048 concepts on 24,576 toy samples) cd took about 10 min for the smallest tap alone.
         init = "nndsvda" if self.n_concepts <= min(X.shape) else "random"
-        model = NMF(n_components=self.n_concepts, init=init, max_iter=self.max_iter, random_state=self.seed)
+        model = NMF(n_components=self.n_concepts, init=init, solver="mu", max_iter=self.max_iter,
+                    random_state=self.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # a budgeted fit: its error is recorded
             W = model.fit_transform(X)
