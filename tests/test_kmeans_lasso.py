@@ -228,3 +228,23 @@ def test_baseline_dictionaries_keep_the_contract(method):
     np.testing.assert_array_equal(index, index2)
     np.testing.assert_allclose(value, value2, rtol=1e-5, atol=1e-6)
     assert d.fit_statistics()["k"] == 12
+
+
+@pytest.mark.fast
+def test_a_support_with_twin_atoms_is_solved_not_refused():
+    """NMF's overcomplete atoms held exact twins (cosine 1.0 at the toy world's layer1.0), and the
+    active-set solve on a support holding both raised 'the input matrix is singular'. A tiny
+    ridge picks one of the (then many) solutions: positive, and solving the normal equations."""
+    import torch
+
+    from gig_dist.kernels.lasso import NonNegativeLassoCoder
+
+    v = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    G = (v @ v.T)[None]
+    b = torch.tensor([[2.0, 2.0, 1.0]], dtype=torch.float64)
+    support = torch.tensor([[True, True, True]])
+    u = NonNegativeLassoCoder._feasible_solve(G, b, torch.zeros(1, 3, dtype=torch.float64), support,
+                                              torch.full((1,), 1e-6, dtype=torch.float64))
+    assert torch.isfinite(u).all() and (u >= 0).all()
+    assert torch.allclose(G[0] @ u[0], b[0], atol=1e-6)  # the twins share the first coordinate's weight
+    assert u[0, 0] + u[0, 1] == pytest.approx(2.0, abs=1e-6) and u[0, 2] == pytest.approx(1.0, abs=1e-9)

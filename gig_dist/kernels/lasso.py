@@ -193,7 +193,16 @@ class NonNegativeLassoCoder:
         for _ in range(s + 1):
             mask = support.to(b.dtype)
             system = G * mask[:, :, None] * mask[:, None, :] + eye * (1 - mask)[:, :, None]
-            sol = torch.linalg.solve(system, (b * mask)[..., None])[..., 0] * mask
+            sol, info = torch.linalg.solve_ex(system, (b * mask)[..., None])
+            if (info != 0).any():
+                # Two atoms of a support that are (to rounding) the same vector make G_SS exactly
+                # singular (NMF's overcomplete atoms at K = 8C did). The Lasso solution is then not
+                # unique: a tiny ridge picks one and splits the weight between the twins.
+                ridge = 1e-10 * G.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-30)
+                singular = info != 0
+                sol[singular] = torch.linalg.solve(system[singular] + eye[singular] * ridge[singular, None, None],
+                                                   (b * mask)[singular][..., None])
+            sol = sol[..., 0] * mask
             bad = support & (sol <= 0)
             fix = bad.any(1)
             if not fix.any():

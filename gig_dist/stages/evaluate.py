@@ -353,7 +353,7 @@ def summarize_ground(store: RunStore, dictionary: str, images: int, top_concepts
     from gig_dist.toy.world import NUM_PARTS
 
     section = store.evaluation(dictionary)
-    taps = section.ground_taps()
+    taps = sorted(section.ground_taps(), key=list(store.taps).index)
     if not taps:
         return None
     rows: dict[str, list[np.ndarray]] = {}
