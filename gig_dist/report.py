@@ -504,17 +504,21 @@ class Report:
             ax.set_xlabel("log10 relative completeness gap")
             ax.legend(fontsize=6)
             figures.append(("gaps.svg", fig, "distribution of completeness gaps"))
-        out = []
-        for name, fig, caption in figures:
-            buffer = io.StringIO()
-            fig.tight_layout()
-            fig.savefig(buffer, format="svg")
-            plt.close(fig)
-            (self.site / "img").mkdir(exist_ok=True)
-            (self.site / "img" / name).write_text(buffer.getvalue())
-            out.append(f"<figure style='display:inline-block'><img src='img/{name}' alt='{caption}'>"
-                       f"<figcaption>{caption}</figcaption></figure>")
+        out = [self._figure(name, fig, html.escape(caption), html.escape(caption)) for name, fig, caption in figures]
         return "<h2>plots</h2>" + "".join(out) if out else ""
+
+    def _figure(self, name: str, fig, alt: str, caption: str) -> str:
+        """Write a matplotlib figure as ``img/<name>`` (SVG) and return its ``<figure>``."""
+        import matplotlib.pyplot as plt
+
+        buffer = io.StringIO()
+        fig.tight_layout()
+        fig.savefig(buffer, format="svg")
+        plt.close(fig)
+        (self.site / "img").mkdir(exist_ok=True)
+        (self.site / "img" / name).write_text(buffer.getvalue())
+        return (f"<figure style='display:inline-block'><img src='img/{name}' alt='{alt}'>"
+                f"<figcaption>{caption}</figcaption></figure>")
 
 
     def _evaluation(self) -> str:
@@ -559,15 +563,8 @@ class Report:
             ax.set_xlabel("fraction of the image's concepts")
             ax.set_title(f"{pair[0]} -> {pair[1]} ({counts})", fontsize=9)
             ax.legend(fontsize=7)
-            name = f"eval_{safe(pair[0])}__{safe(pair[1])}.svg"
-            buffer = io.StringIO()
-            fig.tight_layout()
-            fig.savefig(buffer, format="svg")
-            plt.close(fig)
-            (self.site / "img").mkdir(exist_ok=True)
-            (self.site / "img" / name).write_text(buffer.getvalue())
-            out.append(f"<figure style='display:inline-block'><img src='img/{name}' alt='{pair[0]} to {pair[1]}'>"
-                       f"<figcaption>{pair[0]} &rarr; {pair[1]}</figcaption></figure>")
+            out.append(self._figure(f"eval_{safe(pair[0])}__{safe(pair[1])}.svg", fig, f"{pair[0]} to {pair[1]}",
+                                    f"{pair[0]} &rarr; {pair[1]}"))
         scores = summarize(self.store, self.dictionary, pairs, images)
         out.append("<table><tr><th>ordering</th>" + "".join(f"<th>{html.escape(key)}</th>" for key in scores)
                    + "</tr>" + "".join(
