@@ -131,6 +131,7 @@ class NonNegativeLassoCoder:
         # Candidates: the atoms most correlated with each PFV; the full check below adds others.
         candidates = torch.topk(b, min(self.working_set, K), dim=1).indices  # (n, m)
         rows = torch.arange(n, device=X.device)  # PFVs not yet optimal
+        stalled = torch.zeros(n, dtype=torch.bool, device=X.device)
         steps = 0
         while len(rows) and steps < self.max_steps:
             # Lawson-Hanson restricted to the candidates, until none of them violates KKT.
@@ -160,7 +161,9 @@ class NonNegativeLassoCoder:
                 value[active] = u * support
                 index[active] = torch.where(support, slots, -1)
                 # Rounding can leave the new atom at zero although its gradient was positive: that
-                # PFV is optimal to within rounding, and would pick the same atom forever.
+                # PFV is optimal to within rounding, and would pick the same atom forever: it is
+                # done (left in the search, it kept the whole batch stepping to max_steps).
+                stalled[active[~support[:, -1]]] = True
                 active = active[support[:, -1]]
                 order = torch.argsort((index < 0).to(torch.int8), dim=1, stable=True)  # empty slots right
                 index, value = index.gather(1, order), value.gather(1, order)
@@ -173,7 +176,7 @@ class NonNegativeLassoCoder:
             in_support.scatter_(1, torch.where(index[rows] >= 0, index[rows], K), True)
             grad = grad.masked_fill(in_support[:, :K], -torch.inf)
             worst, new = torch.topk(grad, min(self.grow, K), dim=1)
-            violated = worst[:, 0] > tol[rows]
+            violated = (worst[:, 0] > tol[rows]) & ~stalled[rows]
             rows, worst, new = rows[violated], worst[violated], new[violated]
             if not len(rows):
                 break
@@ -190,18 +193,18 @@ class NonNegativeLassoCoder:
         zero, then solve again (Lawson-Hanson's inner loop)."""
         r, s = b.shape
         eye = torch.eye(s, dtype=b.dtype, device=b.device).expand(r, s, s)
+        # A tiny ridge, always: a support whose atoms are linearly dependent (NMF's overcomplete
+        # atoms at K = 8C hold exact twins and dependent triples; condition numbers of 1e16 were
+        # seen) makes G_SS singular to rounding, and its solution then points anywhere. Along
+        # such a null direction the Lasso objective falls linearly (the l1 term), and the ridge
+        # turns the solution into a long step in that descent direction, which the step back
+        # below stops at the first coefficient that reaches zero: Lawson-Hanson's own move. On
+        # well-posed supports it shifts the gradient by 1e-10 |u|, far below the KKT tolerance.
+        ridge = 1e-10 * G.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-30)
         for _ in range(s + 1):
             mask = support.to(b.dtype)
-            system = G * mask[:, :, None] * mask[:, None, :] + eye * (1 - mask)[:, :, None]
-            sol, info = torch.linalg.solve_ex(system, (b * mask)[..., None])
-            if (info != 0).any():
-                # Two atoms of a support that are (to rounding) the same vector make G_SS exactly
-                # singular (NMF's overcomplete atoms at K = 8C did). The Lasso solution is then not
-                # unique: a tiny ridge picks one and splits the weight between the twins.
-                ridge = 1e-10 * G.diagonal(dim1=1, dim2=2).abs().amax(1).clamp_min(1e-30)
-                singular = info != 0
-                sol[singular] = torch.linalg.solve(system[singular] + eye[singular] * ridge[singular, None, None],
-                                                   (b * mask)[singular][..., None])
+            system = G * mask[:, :, None] * mask[:, None, :] + eye * (1 - mask + ridge[:, None])[:, :, None]
+            sol = torch.linalg.solve(system, (b * mask)[..., None])
             sol = sol[..., 0] * mask
             bad = support & (sol <= 0)
             fix = bad.any(1)
