@@ -503,6 +503,24 @@ def cmd_taps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from gig_dist.plan import GiB, make_plan, render
+
+    config = _config(args)
+    if args.images is not None and args.images < 1:
+        raise ConfigError(f"--images must be at least 1, got {args.images}")
+    if args.workers < 1 or args.calibrate < 0:
+        raise ConfigError("--workers must be at least 1 and --calibrate at least 0")
+    memory = int(args.worker_memory * GiB) if args.worker_memory else None
+    plan = make_plan(config, images=args.images, workers=args.workers, device=args.device, calibrate=args.calibrate,
+                     out=args.out or config.store.path, worker_memory=memory)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(render(plan, arrays=not args.brief))
+    return 2 if plan.problems else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False).rstrip())
     return 0
@@ -575,6 +593,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(taps)
     taps.add_argument("--all", action="store_true", help="every module, not only residual block outputs")
     taps.set_defaults(func=cmd_taps)
+
+    plan = sub.add_parser("plan", help="what a run will take, without running it: units, bytes, memory, time")
+    _add_config_args(plan)
+    plan.add_argument("--images", type=int, metavar="N",
+                      help="plan N images (the dataset need not be on this machine); default: the dataset's")
+    plan.add_argument("--workers", type=int, default=1, metavar="W", help="workers to project the time over")
+    plan.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the workers' device")
+    plan.add_argument("--calibrate", type=int, default=0, metavar="M",
+                      help="run M units of every stage here first: measured times, compression, sizes")
+    plan.add_argument("--out", help="where the store would go (its free disk is checked)")
+    plan.add_argument("--worker-memory", type=float, metavar="GIB", help="a worker's memory, to warn against")
+    plan.add_argument("--brief", action="store_true", help="stages only, not every array")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
 
     config = sub.add_parser("config", help="print the validated config with every default filled in")
     _add_config_args(config)

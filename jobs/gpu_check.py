@@ -64,9 +64,9 @@ def _random_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def check_extract(device: torch.device, images: int) -> tuple[float, float, str]:
+    from gig_dist.config import load_config
     from gig_dist.kernels.taps import capture
     from gig_dist.models.loading import build_model
-    from gig_dist.config import load_config
 
     model = _random_bn(build_model(load_config(None, ["model.name=resnet50", "model.weights=none"]).model))
     taps = ["layer1.2", "layer2.3", "layer3.5", "layer4.2"]

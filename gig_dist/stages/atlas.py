@@ -20,11 +20,18 @@ from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.crops import member_crop
 from gig_dist.kernels.ierf import ierfs
 from gig_dist.models.loading import build_model, resolve_transform
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
 from gig_dist.stages.decompose import decompose_taps
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import ArraySpec, Facts, RunStore
-from gig_dist.store.atlas import CONCEPT_CHUNK
+from gig_dist.store.atlas import CONCEPT_CHUNK, render_specs
 
 #: Images per batched SRD decomposition.
 IMAGE_BATCH = 8
@@ -44,15 +51,14 @@ class AtlasStage(Stage):
     reads = ("members",)
     result_keys = ("atlas.crop", "atlas.ierf")
     per_dictionary = True
+    coverage_key = "decompose.images"
 
     def taps(self, facts: Facts) -> list[str]:
         return decompose_taps(self.config, list(facts.taps))
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        concepts = store.concepts(self.dictionary)
-        return store.atlas(self.dictionary).render_specs(
-            {tap: concepts.count(tap) for tap in self.taps(store.facts)}, self.config.atlas.crop,
-            mask_values(store.facts))
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
+        return render_specs(facts, self.dictionary, {tap: sizes.concepts(tap) for tap in self.taps(facts)},
+                            self.config.atlas.crop, mask_values(facts), sizes.crop_capacity())
 
     def covers(self, unit: WorkUnit) -> bool:
         limit = self.config.decompose.images

@@ -23,7 +23,14 @@ from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.gig import GIG, LOGITS, refine
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
 from gig_dist.stages.concepts import concept_count
 from gig_dist.stages.decompose import decompose_taps
 from gig_dist.stages.extract import resolve_device
@@ -173,16 +180,15 @@ class AttributeStage(Stage):
     def pairs(self, facts: Facts) -> list[Pair]:
         return gig_pairs(self.config, list(facts.taps))
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         """Each pair's arrays, as wide as the decomposition says an image's active concepts are
         (growable: decomposing more images later can only widen them)."""
-        codes = store.codes(self.dictionary)
         specs = []
-        for pair in self.pairs(store.facts):
+        for pair in self.pairs(facts):
             t = num_targets(self.config, pair[1])
-            specs += attribution_specs(store.facts, self.dictionary, pair, targets=t,
+            specs += attribution_specs(facts, self.dictionary, pair, targets=t,
                                        target_chunk=self.config.gig.targets_per_unit or t,
-                                       width=max(1, codes.max_active(pair[0])), step_chunks=self.config.gig.step_chunks,
+                                       width=max(1, sizes.max_active(pair[0])), step_chunks=self.config.gig.step_chunks,
                                        refine=self.config.gig.max_gap is not None)
         return specs
 

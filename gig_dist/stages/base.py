@@ -9,8 +9,9 @@ A stage declares
 * ``coverage_key``: the config key that says which images it covers (``gig.images``); raising
   it only adds units, it never redoes done ones;
 * ``check(config, facts)``: every reason it cannot run, before any work;
-* ``arrays(store)``: the specs of the arrays it writes (from the run's facts and, where a shape
-  depends on it, its inputs' results), created when the stage starts;
+* ``specs(facts, sizes)``: the specs of the arrays it writes, from the run's facts and, where a
+  shape depends on data (K of a tap, an image's active concepts), from ``sizes``: the store's
+  results when the stage starts, or a plan's estimates (``gig-dist plan``);
 * ``plan(facts)``: its work units; a *worker* (one per process, holding the model) runs units.
 
 A stage never talks to Ray and never spells an array path: the store's sections do. Adding a
@@ -85,6 +86,37 @@ class UnitReport:
     images: int
     skipped: int
     seconds: float = 0.0  # filled in by execute_unit
+
+
+class Sizes:
+    """The data-dependent sizes array shapes need. On a store, its inputs' results
+    (:class:`StoreSizes`); in a plan, the config's values and a calibration's measurements."""
+
+    def concepts(self, tap: str) -> int:
+        """K of ``tap``'s dictionary."""
+        raise NotImplementedError
+
+    def max_active(self, tap: str) -> int:
+        """The most distinct concepts one image uses at ``tap``."""
+        raise NotImplementedError
+
+    def crop_capacity(self) -> int:
+        """Atlas crops per store unit."""
+        raise NotImplementedError
+
+
+class StoreSizes(Sizes):
+    def __init__(self, store: RunStore, dictionary: str) -> None:
+        self.store, self.dictionary = store, dictionary
+
+    def concepts(self, tap: str) -> int:
+        return self.store.concepts(self.dictionary).count(tap)
+
+    def max_active(self, tap: str) -> int:
+        return self.store.codes(self.dictionary).max_active(tap)
+
+    def crop_capacity(self) -> int:
+        return self.store.atlas(self.dictionary).capacity()
 
 
 class StageWorker(ABC):
@@ -171,8 +203,12 @@ class Stage(ABC):
         return []
 
     @abstractmethod
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         """The arrays it writes."""
+
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        """The arrays it writes into ``store``, sized by what its inputs hold there."""
+        return self.specs(store.facts, StoreSizes(store, self.dictionary))
 
     # -- the work ------------------------------------------------------------------------------------
 
@@ -194,6 +230,18 @@ class Stage(ABC):
 
     def covered_units(self, facts: Facts) -> list[WorkUnit]:
         return [u for u in self.plan(facts) if self.covers(u)]
+
+    def covered_images(self, facts: Facts) -> int:
+        """The images the stage writes rows for: whole store units up to its coverage key."""
+        if self.coverage_key is None:
+            return facts.num_images
+        node: Any = self.config
+        for part in self.coverage_key.split("."):
+            node = getattr(node, part)
+        if node is None:
+            return facts.num_images
+        unit = facts.images_per_unit
+        return min(facts.num_images, -(-int(node) // unit) * unit)
 
     @abstractmethod
     def open_worker(self, device: str) -> StageWorker:

@@ -19,7 +19,14 @@ from pydantic import Field, model_validator
 
 from gig_dist.kernels.dictionary import make_dictionary
 from gig_dist.settings import Section
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
 from gig_dist.store import ArraySpec, Facts, RunStore
 from gig_dist.store.concepts import member_specs
 
@@ -115,8 +122,8 @@ class ConceptsStage(Stage):
         drawn = {tap: sum(int(block.sum()) for _, block in store.samples.valid_mask_blocks(tap)) for tap in store.taps}
         return sample_count_errors(self.config, store.facts, drawn, "", warn=False)
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        return member_specs(store.facts, self.dictionary, self.config.sample.per_image)
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
+        return member_specs(facts, self.dictionary, self.config.sample.per_image)
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
         return [WorkUnit(self.progress_key, i, tap=tap) for i, tap in enumerate(facts.taps)]

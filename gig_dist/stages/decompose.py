@@ -19,7 +19,14 @@ from pydantic import Field, model_validator
 from gig_dist.kernels.dictionary import DICTIONARIES
 from gig_dist.kernels.metrics import reconstruction_stats
 from gig_dist.settings import Section
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.codes import code_specs
@@ -93,8 +100,8 @@ class DecomposeStage(Stage):
                               f"{list(facts.taps)}")
         return errors
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        return code_specs(store.facts, self.dictionary, self.taps(store.facts), self.config.decompose.max_nonzero)
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
+        return code_specs(facts, self.dictionary, self.taps(facts), self.config.decompose.max_nonzero)
 
     def taps(self, facts: Facts) -> list[str]:
         return decompose_taps(self.config, list(facts.taps))

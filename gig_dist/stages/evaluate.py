@@ -47,7 +47,7 @@ from gig_dist.kernels.gig import GIG, LOGITS
 from gig_dist.models.loading import resolve_transform
 from gig_dist.settings import Section
 from gig_dist.stages.attribute import Pair, PairWorker, gig_pairs, pair_kernel
-from gig_dist.stages.base import Progress, Stage, UnitReport, WorkUnit
+from gig_dist.stages.base import Progress, Sizes, Stage, UnitReport, WorkUnit
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.evaluation import (
@@ -119,13 +119,13 @@ class EvaluateStage(Stage):
             return []
         return [source for source, target in self.pairs(facts) if target == LOGITS]
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         e = self.config.evaluate
-        specs = [spec for pair in self.pairs(store.facts)
-                 for spec in eval_specs(store.facts, self.dictionary, pair, len(ORDERINGS), e.steps + 1,
+        specs = [spec for pair in self.pairs(facts)
+                 for spec in eval_specs(facts, self.dictionary, pair, len(ORDERINGS), e.steps + 1,
                                         min(e.targets, self.config.gig.targets))]
-        taps = self.ground_taps(store.facts)
-        return specs + (ground_specs(store.facts, self.dictionary, taps) if taps else [])
+        taps = self.ground_taps(facts)
+        return specs + (ground_specs(facts, self.dictionary, taps) if taps else [])
 
     def covers(self, unit: WorkUnit) -> bool:
         return unit.start < self.config.evaluate.images

@@ -23,8 +23,15 @@ from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.taps import as_feature_map, capture, pfvs
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
-from gig_dist.store import PROCESSED, SKIPPED, ArraySpec, ImageRange, RunStore
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
+from gig_dist.store import PROCESSED, SKIPPED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.meta import extraction_specs
 
 log = logging.getLogger(__name__)
@@ -51,8 +58,8 @@ class ExtractStage(Stage):
                    "dataset.max_image_pixels", "transform.", "taps", "extract.")
     worker_concurrency = 2
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        return extraction_specs(store.facts, self.config.extract.dtype)
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
+        return extraction_specs(facts, self.config.extract.dtype)
 
     def open_worker(self, device: str) -> ExtractWorker:
         return ExtractWorker(self, resolve_device(device))

@@ -13,7 +13,14 @@ from gig_dist.kernels.graphs import (
     top_table_sources,
 )
 from gig_dist.stages.attribute import Pair, gig_pairs
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
 from gig_dist.store import ArraySpec, Facts, RunStore
 from gig_dist.store.gig import graph_specs
 
@@ -69,8 +76,8 @@ class GraphStage(Stage):
     per_dictionary = True
     unit_noun = "classes"
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        return graph_specs(store.facts, self.dictionary)
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
+        return graph_specs(facts, self.dictionary)
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
         return [WorkUnit(self.progress_key, 0)]

@@ -17,9 +17,16 @@ from pydantic import Field
 
 from gig_dist.kernels.topk import top_per_group
 from gig_dist.settings import Section
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
 from gig_dist.stages.decompose import decompose_taps
-from gig_dist.store import PROCESSED, ArraySpec, ImageRange, RunStore
+from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.atlas import CONCEPT_CHUNK, FIELDS, member_specs
 
 if TYPE_CHECKING:
@@ -44,14 +51,14 @@ class MembersStage(Stage):
     result_keys = ("atlas.members", "decompose.images")
     version = 2  # 2: the crop rows of the atlas stage
     per_dictionary = True
+    coverage_key = "decompose.images"
 
-    def taps(self, store: RunStore) -> list[str]:
+    def taps(self, store: RunStore | Facts) -> list[str]:
         return decompose_taps(self.config, list(store.taps))
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        concepts = store.concepts(self.dictionary)
-        return [spec for tap in self.taps(store)
-                for spec in member_specs(store.facts, self.dictionary, tap, concepts.count(tap), self.config.atlas.members)]
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
+        return [spec for tap in self.taps(facts)
+                for spec in member_specs(facts, self.dictionary, tap, sizes.concepts(tap), self.config.atlas.members)]
 
     def covers(self, unit: WorkUnit) -> bool:
         limit = self.config.decompose.images

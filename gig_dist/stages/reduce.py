@@ -28,7 +28,14 @@ from gig_dist.kernels.metrics import (
     refinement_summary,
 )
 from gig_dist.stages.attribute import AttributeStage, Pair, num_targets
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.gig import class_specs, reduction_specs
 
@@ -49,6 +56,7 @@ class ReduceStage(Stage):
     # Which images were attributed decides the dataset means, so gig.images is a result key here.
     result_keys = ("gig.top_edges", "gig.images")
     per_dictionary = True
+    coverage_key = "gig.images"
     version = 2  # 2: class-conditional Gamma of concept pairs
     unit_noun = "blocks"
 
@@ -59,19 +67,18 @@ class ReduceStage(Stage):
         step = BLOCK_UNITS * facts.images_per_unit
         return [ImageRange(s, min(s + step, facts.num_images)) for s in range(0, facts.num_images, step)]
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        concepts = store.concepts(self.dictionary)
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         specs = []
-        for source, target in self.pairs(store.facts):
-            columns = store.facts.num_outputs if target == LOGITS else concepts.count(target)
-            specs += reduction_specs(store.facts, self.dictionary, (source, target),
+        for source, target in self.pairs(facts):
+            columns = facts.num_outputs if target == LOGITS else sizes.concepts(target)
+            specs += reduction_specs(facts, self.dictionary, (source, target),
                                      targets=num_targets(self.config, target), edges=self.config.gig.top_edges,
-                                     blocks=len(self.blocks(store.facts)),
-                                     matrix_shape=(concepts.count(source), columns))
+                                     blocks=len(self.blocks(facts)),
+                                     matrix_shape=(sizes.concepts(source), columns))
             if target != LOGITS:
-                block_images = min(BLOCK_UNITS * store.facts.images_per_unit, store.facts.num_images)
-                width = max(1, store.codes(self.dictionary).max_active(source))
-                specs += class_specs(store.facts, self.dictionary, (source, target), blocks=len(self.blocks(store.facts)),
+                block_images = min(BLOCK_UNITS * facts.images_per_unit, facts.num_images)
+                width = max(1, sizes.max_active(source))
+                specs += class_specs(facts, self.dictionary, (source, target), blocks=len(self.blocks(facts)),
                                      capacity=block_images * width * num_targets(self.config, target),
                                      k_b=columns, edges=self.config.gig.top_edges)
         return specs

@@ -19,7 +19,14 @@ from gig_dist.kernels.sampling import draw_positions, grad_x_act
 from gig_dist.kernels.srd import SRD
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.samples import sample_specs
@@ -63,8 +70,8 @@ class SampleStage(Stage):
             return [f"sample.method = 'srd' cannot run: {exc}. Use sample.method=grad_x_act (any model) or uniform"]
         return []
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        return sample_specs(store.facts, self.config.sample.per_image, self.config.extract.dtype,
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
+        return sample_specs(facts, self.config.sample.per_image, self.config.extract.dtype,
                             self.config.sample.method != "uniform")
 
     def open_worker(self, device: str) -> SampleWorker:

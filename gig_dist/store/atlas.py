@@ -96,29 +96,6 @@ class AtlasSection:
 
     # -- the atlas stage ------------------------------------------------------------------------
 
-    def render_specs(self, taps: dict[str, int], size: int, parts: int) -> list[ArraySpec]:
-        """Crops (rows of ``capacity`` per store unit) and per-concept thumbnails; ``taps``
-        maps each tap to its number of concepts; ``parts`` > 0 on the toy world."""
-        base, cap, units = f"atlas/{self.dictionary}", self.capacity(), len(self.store.facts.units)
-        rows = units * cap
-        inner = max(d for d in range(1, min(cap, CROPS_PER_CHUNK) + 1) if cap % d == 0)  # divides the shard
-        specs = [
-            ArraySpec(f"{base}/crops/crop", (rows, size, size, 3), "uint8", ("row", "y", "x", "rgb"),
-                      (inner, size, size, 3), shards=(cap, size, size, 3), fill_value=0),
-            ArraySpec(f"{base}/crops/box", (rows, 4), "int32", ("row", "corner"), (cap, 4), fill_value=-1),
-            ArraySpec(f"{base}/crops/kind", (rows,), "str", ("row",), (cap,), fill_value=""),
-        ]
-        if parts:
-            specs.append(ArraySpec(f"{base}/crops/part_mass", (rows, parts), "float32", ("row", "mask_value"),
-                                   (cap, parts), fill_value=0.0))
-        for tap, k in taps.items():
-            specs.append(ArraySpec(f"{base}/{tap}/thumb", (k, size, size, 3), "uint8", ("concept", "y", "x", "rgb"),
-                                   (min(k, CROPS_PER_CHUNK), size, size, 3), fill_value=0))
-            if parts:
-                specs.append(ArraySpec(f"{base}/{tap}/part_mass", (k, parts), "float32", ("concept", "mask_value"),
-                                       (k, parts), fill_value=0.0))
-        return specs
-
     def write_crops(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
         """One store unit's shard of crops (``capacity`` rows)."""
         cap = self.capacity()
@@ -161,3 +138,26 @@ class AtlasSection:
         return self.store.array(self._path(tap, "usage"))[...]
 
 
+def render_specs(facts: Facts, dictionary: str, taps: dict[str, int], size: int, parts: int,
+                 capacity: int) -> list[ArraySpec]:
+    """The atlas stage's arrays: crops (rows of ``capacity`` per store unit) and per-concept
+    thumbnails; ``taps`` maps each tap to its number of concepts; ``parts`` > 0 on the toy world."""
+    base, cap, units = f"atlas/{dictionary}", capacity, len(facts.units)
+    rows = units * cap
+    inner = max(d for d in range(1, min(cap, CROPS_PER_CHUNK) + 1) if cap % d == 0)  # divides the shard
+    specs = [
+        ArraySpec(f"{base}/crops/crop", (rows, size, size, 3), "uint8", ("row", "y", "x", "rgb"),
+                  (inner, size, size, 3), shards=(cap, size, size, 3), fill_value=0),
+        ArraySpec(f"{base}/crops/box", (rows, 4), "int32", ("row", "corner"), (cap, 4), fill_value=-1),
+        ArraySpec(f"{base}/crops/kind", (rows,), "str", ("row",), (cap,), fill_value=""),
+    ]
+    if parts:
+        specs.append(ArraySpec(f"{base}/crops/part_mass", (rows, parts), "float32", ("row", "mask_value"),
+                               (cap, parts), fill_value=0.0))
+    for tap, k in taps.items():
+        specs.append(ArraySpec(f"{base}/{tap}/thumb", (k, size, size, 3), "uint8", ("concept", "y", "x", "rgb"),
+                               (min(k, CROPS_PER_CHUNK), size, size, 3), fill_value=0))
+        if parts:
+            specs.append(ArraySpec(f"{base}/{tap}/part_mass", (k, parts), "float32", ("concept", "mask_value"),
+                                   (k, parts), fill_value=0.0))
+    return specs

@@ -1,0 +1,556 @@
+"""``gig-dist plan``: what a run will take, before it runs.
+
+For every stage of the pipeline: its work units, each array it writes (raw bytes from the
+stage's own array specs, compressed bytes from a calibration's measured ratio or, without one,
+taken as raw), the peak memory of a worker and of the driver, the dense matrices it holds, and a
+projected time. The projection is calibrated by running the real pipeline on a small subset
+(``calibrate`` units of every stage) and scaled to the planned images and workers. The plan runs
+every check ``run`` runs and prints their proposals; it warns where an array, a matrix or a
+worker's peak exceeds a worker's memory, or the store exceeds the disk free at ``--out``.
+
+A dataset that is not on this machine can be planned with ``images``: the facts come from the
+model (taps, shapes, outputs), and a calibration then renders toy-world images at the model's
+input size in its place (its compressed ratios and times are those of such images, and of
+random weights where named weights are not cached here: both are said in the plan).
+
+Sizes that depend on data (an image's active concepts, which set the width of GIG's per-image
+arrays; the atlas's crops per unit) come from the calibration; without one they are bounds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gig_dist.config import Config
+from gig_dist.settings import ConfigError
+from gig_dist.stages.base import Sizes, Stage
+from gig_dist.stages.concepts import concept_count
+from gig_dist.stages.registry import stages_until
+from gig_dist.store import ArraySpec, Facts, RunStore
+
+GiB = 1024**3
+
+
+# -- facts without the data ----------------------------------------------------------------------
+
+
+def plan_facts(config: Config, images: int | None) -> tuple[Facts, str]:
+    """The run's facts, and where its image count comes from. With ``images``, the dataset need
+    not exist: the model gives the taps and outputs (architecture only, no weights loaded)."""
+    from gig_dist.kernels.taps import probe_model, resolve_taps
+    from gig_dist.models.loading import build_model, output_names, resolve_transform
+    from gig_dist.pipeline import collect_facts
+
+    if images is None:
+        facts, _, _ = collect_facts(config)
+        return facts, "the dataset"
+    model = build_model(config.model.model_copy(update={"weights": None}))
+    taps = resolve_taps(model, config.taps)
+    transform = resolve_transform(config)
+    shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
+    names = output_names(config.model, num_outputs) or []
+    facts = Facts(
+        num_images=images, images_per_unit=config.store.images_per_unit,
+        images_per_chunk=config.store.images_per_chunk, zstd_level=config.store.zstd_level,
+        taps={tap: (s.channels, s.height, s.width) for tap, s in shapes.items()}, num_outputs=num_outputs,
+        class_names=list(names), input_size=transform.crop, part_masks=config.dataset.kind == "toy", model=model,
+    )
+    return facts, "--images"
+
+
+# -- sizes -----------------------------------------------------------------------------------------
+
+
+class PlanSizes(Sizes):
+    """K from the config; an image's active concepts and the atlas's crops per unit from a
+    calibration (``measured``), else their bounds."""
+
+    def __init__(self, config: Config, facts: Facts, measured: dict[str, Any] | None = None) -> None:
+        self.config, self.facts, self.measured = config, facts, measured or {}
+
+    def concepts(self, tap: str) -> int:
+        return concept_count(self.config, tap, self.facts.taps[tap][0])
+
+    def max_active(self, tap: str) -> int:
+        found = self.measured.get("max_active", {}).get(tap)
+        if found:
+            return int(found)
+        _, h, w = self.facts.taps[tap]
+        return min(self.concepts(tap), h * w * self.config.decompose.max_nonzero)
+
+    def crop_capacity(self) -> int:
+        from gig_dist.stages.decompose import decompose_taps
+
+        crops = self.config.atlas.members * sum(self.concepts(t) for t in decompose_taps(self.config, list(self.facts.taps)))
+        units = len(self.facts.units)
+        if "crop_capacity" in self.measured:  # crops spread over more units as the run grows
+            return max(1, math.ceil(self.measured["crop_capacity"] * self.measured["units"] / units))
+        return max(1, min(crops, 2 * math.ceil(crops / units)))
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Footprint:
+    worker: int
+    driver: int
+    dense: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+
+
+def _params(facts: Facts) -> int:
+    model = facts.model
+    return 0 if model is None else sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _tap_values(facts: Facts) -> int:
+    return sum(c * h * w for c, h, w in facts.taps.values())
+
+
+def footprint(stage: Stage, facts: Facts, sizes: Sizes) -> Footprint:
+    """Estimated peak bytes of one worker and of the driver while ``stage`` runs, and the dense
+    matrices it holds. Formulas, stated here; a calibration measures the real peak beside them."""
+    config, unit = stage.config, facts.images_per_unit
+    model = _params(facts)
+    pfv_item = np.dtype(config.extract.dtype).itemsize
+    name = stage.name
+    dense: list[tuple[str, tuple[int, ...], str]] = []
+    driver = 64 * 2**20
+    if name == "extract":  # the unit's PFVs in memory, a batch's activations in float32 twice
+        worker = model + unit * _tap_values(facts) * pfv_item + 2 * config.extract.batch_size * _tap_values(facts) * 4
+    elif name == "sample":  # SRD: activations and relevances of a batch, the unit's scores
+        worker = 3 * model + 4 * config.sample.batch_size * _tap_values(facts) * 4 + unit * _tap_values(facts) * 4
+    elif name == "concepts":  # every sample of a tap in float32 (twice: read and the fit's copy)
+        worker = 0
+        for tap, (c, h, w) in facts.taps.items():
+            n = facts.num_images * min(config.sample.per_image, h * w)
+            k = sizes.concepts(tap)
+            worker = max(worker, 2 * n * c * 4 + 2 * k * c * 4 + n * 8)
+            dense.append((f"{tap} concept vectors", (k, c), "float32"))
+    elif name == "decompose":  # a unit's PFVs of a tap in float32, its codes, the coder's Gram matrix
+        worker, width = 0, config.decompose.max_nonzero
+        for tap in stage.taps(facts):  # type: ignore[attr-defined]
+            c, h, w = facts.taps[tap]
+            k = sizes.concepts(tap)
+            batch = min(4096, unit * h * w)
+            worker = max(worker, unit * h * w * (c * (4 + pfv_item) + width * 8) + k * k * 8 + k * c * 12
+                         + 3 * batch * k * 8)
+            dense.append((f"{tap} Gram matrix V V^T", (k, k), "float64"))
+    elif name in ("attribute", "evaluate"):  # the model's graph over a batch of steps, twice for grads
+        steps = config.gig.steps
+        worker = 2 * model + 3 * min(steps, 32) * _tap_values(facts) * 4
+        for source in dict.fromkeys(source for source, _ in stage.pairs(facts)):  # type: ignore[attr-defined]
+            dense.append((f"{source} decoder V^T", (facts.taps[source][0], sizes.concepts(source)), "float32"))
+    elif name == "reduce":  # one block's K_a x K_b sums; the driver adds them into the dataset matrix
+        worker = driver = 0
+        for source, target in stage.pairs(facts):  # type: ignore[attr-defined]
+            columns = facts.num_outputs if target == "logits" else sizes.concepts(target)
+            matrix = sizes.concepts(source) * columns * 8
+            worker, driver = max(worker, 2 * matrix), max(driver, 2 * matrix)
+            dense.append((f"{source} -> {target} Gamma", (sizes.concepts(source), columns), "float64"))
+    elif name in ("atlas",):
+        worker = model + unit * _tap_values(facts) * 4
+    else:  # graphs, members: small tables
+        worker = 128 * 2**20
+    return Footprint(int(worker), int(driver), dense)
+
+
+# -- the plan ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArrayPlan:
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    raw: int
+    compressed: int
+    ratio_from: str  # "calibration" or "raw (no calibration)"
+    data_dependent: bool = False
+
+
+@dataclass
+class StagePlan:
+    key: str
+    units: int
+    arrays: list[ArrayPlan]
+    footprint: Footprint
+    seconds: float | None = None
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def raw(self) -> int:
+        return sum(a.raw for a in self.arrays)
+
+    @property
+    def compressed(self) -> int:
+        return sum(a.compressed for a in self.arrays)
+
+
+@dataclass
+class Plan:
+    images: int
+    images_from: str
+    workers: int
+    device: str
+    stages: list[StagePlan]
+    problems: list[str]
+    warnings: list[str]
+    notes: list[str]
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def raw(self) -> int:
+        return sum(s.raw for s in self.stages)
+
+    @property
+    def compressed(self) -> int:
+        return sum(s.compressed for s in self.stages)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "images": self.images, "images_from": self.images_from, "workers": self.workers, "device": self.device,
+            "raw_bytes": self.raw, "compressed_bytes": self.compressed, "problems": self.problems,
+            "warnings": self.warnings, "notes": self.notes,
+            "stages": [{
+                "stage": s.key, "units": s.units, "raw_bytes": s.raw, "compressed_bytes": s.compressed,
+                "worker_peak_bytes": s.footprint.worker, "driver_peak_bytes": s.footprint.driver,
+                "dense": [{"name": n, "shape": list(shape), "dtype": d,
+                           "bytes": int(np.prod(shape, dtype=np.int64)) * np.dtype(d).itemsize}
+                          for n, shape, d in s.footprint.dense],
+                "seconds": s.seconds, "measured": s.measured,
+                "arrays": [{"path": a.path, "shape": list(a.shape), "dtype": a.dtype, "raw_bytes": a.raw,
+                            "compressed_bytes": a.compressed, "ratio_from": a.ratio_from,
+                            "data_dependent": a.data_dependent} for a in s.arrays],
+            } for s in self.stages],
+        }
+
+
+class _Wider(Sizes):
+    """The same sizes with the data-dependent ones larger: the arrays whose shape then changes
+    are the data-dependent ones."""
+
+    def __init__(self, sizes: Sizes) -> None:
+        self.sizes = sizes
+
+    def concepts(self, tap: str) -> int:
+        return self.sizes.concepts(tap)
+
+    def max_active(self, tap: str) -> int:
+        return self.sizes.max_active(tap) + 7
+
+    def crop_capacity(self) -> int:
+        return self.sizes.crop_capacity() + 7
+
+
+def _generic(path: str, dictionary: str) -> str:
+    """The array's name with the dictionary level taken out (calibration ratios match by it)."""
+    return path.replace(f"/{dictionary}/", "/")
+
+
+def make_plan(config: Config, *, images: int | None = None, workers: int = 1, device: str = "cpu",
+              calibrate: int = 0, out: str | None = None, worker_memory: int | None = None,
+              until: str | None = None) -> Plan:
+    """Plan ``config`` on ``images`` (default: the dataset's) over ``workers`` workers."""
+    facts, images_from = plan_facts(config, images)
+    stage_types = stages_until(until)
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        problems = [error for stage in stage_types for error in stage.check(config, facts)]
+    caught += [str(w.message) for w in found]
+    notes: list[str] = []
+    calibration = None
+    if calibrate:
+        if problems:
+            notes.append("no calibration: the checks below must pass first")
+        else:
+            calibration = calibrate_run(config, calibrate, device, stand_in=images_from == "--images", until=until)
+            notes += calibration["notes"]
+    sizes = PlanSizes(config, facts, calibration)
+    stages = []
+    for stage_type in stage_types:
+        stage = stage_type(config, "memory://plan")
+        specs = stage.specs(facts, sizes)
+        specs += [spec for spec in _unspecified(stage, facts, sizes, calibration)
+                  if spec.path not in {known.path for known in specs}]
+        wider = {spec.path: spec.shape for spec in stage.specs(facts, _Wider(sizes))}
+        arrays = []
+        units = stage.covered_units(facts)
+        coverage = stage.covered_images(facts) / facts.num_images
+        for spec in specs:
+            ratio = (calibration or {}).get("ratios", {}).get(_generic(spec.path, stage.dictionary))
+            raw = spec.nbytes
+            written = raw * (coverage if _per_unit(spec.dims) else 1.0)  # chunks never written take no bytes
+            arrays.append(ArrayPlan(spec.path, spec.shape, spec.dtype, raw,
+                                    int(round(written * ratio)) if ratio is not None else raw,
+                                    "calibration" if ratio is not None else "raw (no calibration)",
+                                    wider.get(spec.path, spec.shape) != spec.shape))
+        plan = StagePlan(stage.progress_key, len(units), arrays, footprint(stage, facts, sizes))
+        if calibration is not None and stage.progress_key in calibration["stages"]:
+            measured = calibration["stages"][stage.progress_key]
+            plan.measured = measured
+            plan.seconds = project_seconds(stage, measured, len(units), facts, calibration["images"], workers)
+        stages.append(plan)
+    plan = Plan(facts.num_images, images_from, workers, device, stages, problems, caught, notes, calibration)
+    plan.warnings += _limits(plan, out, worker_memory)
+    if device == "cuda" and calibration is not None and calibration["device"] != "cuda":
+        plan.notes.append(f"calibrated on {calibration['device']}: the times are this machine's, not a GPU's")
+    return plan
+
+
+def _per_unit(dims: tuple[str, ...]) -> bool:
+    """Whether an array is written unit by unit (so only the covered units' chunks exist)."""
+    return any(d in ("image", "unit", "block", "row") for d in dims)
+
+
+def _unspecified(stage: Stage, facts: Facts, sizes: Sizes, calibration: dict[str, Any] | None) -> list[ArraySpec]:
+    """Arrays written whole rather than from specs: the image index (with the store) and each
+    tap's fitted dictionary. A dictionary's arrays depend on its method and on K alone, so a
+    calibration (same K) gives their shapes; without one, only the concept vectors are counted."""
+    from gig_dist.store.meta import index_specs
+
+    if stage.name == "extract":
+        return [spec for spec in index_specs(facts) if spec.dtype != "str"]
+    if stage.name != "concepts":
+        return []
+    base = f"concepts/{stage.dictionary}"
+    if calibration is not None:
+        return [ArraySpec(f"{base}/{path[len('concepts/'):]}", tuple(shape), dtype, ("i",) * len(shape),
+                          tuple(shape)) for path, (shape, dtype) in calibration["dictionary_arrays"].items()]
+    return [ArraySpec(f"{base}/{tap}/vector", (sizes.concepts(tap), c), "float32", ("concept", "channel"),
+                      (sizes.concepts(tap), c)) for tap, (c, _, _) in facts.taps.items()]
+
+
+def project_seconds(stage: Stage, measured: dict[str, Any], units: int, facts: Facts, calibrated_images: int,
+                    workers: int) -> float:
+    """Scale a calibration's seconds: per-image stages by their units over the workers; a stage
+    with one unit per tap (concepts) by its samples (linear), its taps spread over the workers;
+    one-unit stages (graphs) as measured."""
+    seconds, done = measured["seconds"], max(1, measured["units"])
+    if stage.name == "concepts":
+        return seconds * facts.num_images / max(1, calibrated_images) * done / min(workers, done) / done
+    if units <= 1:
+        return seconds
+    return seconds / done * units / min(workers, units)
+
+
+def _limits(plan: Plan, out: str | None, worker_memory: int | None) -> list[str]:
+    found = []
+    if worker_memory:
+        for s in plan.stages:
+            if s.footprint.worker > worker_memory:
+                found.append(f"{s.key}: a worker's estimated peak {fmt_bytes(s.footprint.worker)} exceeds the "
+                             f"worker memory {fmt_bytes(worker_memory)}")
+            for name, shape, dtype in s.footprint.dense:
+                nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                if nbytes > worker_memory:
+                    found.append(f"{s.key}: the dense {name} {shape} {dtype} is {fmt_bytes(nbytes)}, more than a "
+                                 f"worker's memory {fmt_bytes(worker_memory)}")
+    if out is not None and "://" not in out:
+        where = Path(out).resolve()
+        while not where.exists():
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if plan.compressed > free:
+            found.append(f"the store needs about {fmt_bytes(plan.compressed)} but {where} has {fmt_bytes(free)} free")
+    return found
+
+
+# -- calibration ------------------------------------------------------------------------------------
+
+
+class PeakRSS:
+    """The process's peak resident memory while a block runs, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.now()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def _stand_in(config: Config, images: int) -> tuple[Config, list[str]]:
+    """The config with toy-world images at the model's input size in place of a dataset that is
+    not here, and random weights in place of named weights that are not cached here."""
+    from gig_dist.models.loading import is_weights_path, resolve_transform
+
+    notes = []
+    crop = resolve_transform(config).crop
+    update: dict[str, Any] = {"dataset": config.dataset.model_copy(update={
+        "kind": "toy", "path": None, "limit": None, "label_map": "auto",
+        "toy": config.dataset.toy.model_copy(update={"num_images": images, "image_size": min(512, max(16, crop))})})}
+    notes.append(f"calibrated on {images} toy-world images at {crop} px in place of the dataset (not on this machine)")
+    weights = config.model.weights
+    if config.model.name != "toy" and weights not in (None, "shipped") and not is_weights_path(weights):
+        if not _weights_cached(config):
+            update["model"] = config.model.model_copy(update={"weights": None})
+            notes.append(f"calibrated with random weights: {config.model.name} weights {weights} are not cached here")
+    return config.model_copy(update=update), notes
+
+
+def _weights_cached(config: Config) -> bool:
+    from gig_dist.models.loading import resolve_torchvision_weights
+
+    try:
+        url = resolve_torchvision_weights(config.model.name, config.model.weights).url
+    except (ConfigError, ValueError):
+        return False
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).exists()
+
+
+def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until: str | None = None) -> dict[str, Any]:
+    """Run every stage on the first ``units`` store units in a temporary store: seconds, peak
+    memory, compressed ratio of every array, and the data-dependent sizes."""
+    from gig_dist.pipeline import make_runtime, prepare
+
+    images = units * config.store.images_per_unit
+    notes: list[str] = []
+    if stand_in:
+        config, notes = _stand_in(config, images)
+    else:
+        config = config.model_copy(update={"dataset": config.dataset.model_copy(update={"limit": images})})
+    if device == "cuda" and not torch.cuda.is_available():
+        notes.append("--device cuda, but this machine has no CUDA device: calibrated on the CPU")
+        device = "cpu"
+    config = config.model_copy(update={
+        "runtime": config.runtime.model_copy(update={"kind": "local", "device": device, "progress": False}),
+        "report": config.report.model_copy(update={"enabled": False})})
+    root = Path(tempfile.mkdtemp(prefix="gig-dist-plan-"))
+    measured: dict[str, Any] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare(config, root / "calibration.zarr", until=until)
+        try:
+            runtime = make_runtime(config)
+            for stage_type in stages_until(until):
+                stage = stage_type(config, prepared.store.url)
+                started = time.perf_counter()
+                with PeakRSS() as rss, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    report = runtime.run(stage)
+                measured[stage.progress_key] = {"seconds": time.perf_counter() - started, "units": report.units_run,
+                                                "peak_rss": rss.peak}
+        finally:
+            prepared.lease.release()
+        store = RunStore.open(prepared.store.url)
+        dictionary = config.concepts.method
+        coverage = {}
+        for stage_type in stages_until(until):
+            stage = stage_type(config, prepared.store.url)
+            share = stage.covered_images(store.facts) / store.facts.num_images
+            coverage.update({path: share for path in store.owned_arrays(stage.progress_key)})
+        ratios = {}  # stored bytes per raw byte written
+        for path, found in store.describe_arrays().items():
+            if "str" in found["dtype"].lower():
+                continue
+            raw = int(np.prod(found["shape"], dtype=np.int64)) * np.dtype(found["dtype"]).itemsize
+            node = store.array(path)
+            written = raw * (coverage.get(path, 1.0) if _per_unit(tuple(node.metadata.dimension_names or ())) else 1.0)
+            if written:
+                ratios[_generic(path, dictionary)] = found["stored_bytes"] / written
+        dictionary_arrays = {_generic(path, dictionary): (found["shape"], found["dtype"])
+                             for path, found in store.describe_arrays().items()
+                             if path.startswith(f"concepts/{dictionary}/") and "str" not in found["dtype"].lower()}
+        codes = store.codes(dictionary)
+        max_active = {tap: codes.max_active(tap) for tap in codes.taps()}
+        capacity = store.atlas(dictionary).capacity() if store.has(f"atlas/{dictionary}") else None
+        result = {"images": store.num_images, "device": device, "stages": measured, "ratios": ratios,
+                  "max_active": max_active, "units": len(store.facts.units), "notes": notes,
+                  "dictionary_arrays": dictionary_arrays}
+        if capacity is not None:
+            result["crop_capacity"] = capacity
+        return result
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- printing ----------------------------------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def render(plan: Plan, arrays: bool = True) -> str:
+    lines = [f"plan: {plan.images:,} images (from {plan.images_from}), {plan.workers} worker(s) on {plan.device}"]
+    for note in plan.notes:
+        lines.append(f"  note: {note}")
+    if plan.problems:
+        lines.append(f"checks: {len(plan.problems)} problem(s); `gig-dist run` would refuse:")
+        lines += [f"  - {p}" for p in plan.problems]
+    else:
+        lines.append("checks: every stage's checks pass")
+    header = f"{'stage':<26} {'units':>7} {'raw':>11} {'compressed':>11} {'worker peak':>12} {'driver':>10} {'time':>9}"
+    lines += ["", header, "-" * len(header)]
+    for s in plan.stages:
+        measured = s.measured.get("peak_rss")
+        lines.append(f"{s.key:<26} {s.units:>7} {fmt_bytes(s.raw):>11} {fmt_bytes(s.compressed):>11} "
+                     f"{fmt_bytes(s.footprint.worker):>12} {fmt_bytes(s.footprint.driver):>10} {fmt_seconds(s.seconds):>9}"
+                     + (f"   (calibration: {s.measured['units']} units in {s.measured['seconds']:.1f} s, "
+                        f"peak RSS {fmt_bytes(measured)})" if measured else ""))
+        for name, shape, dtype in s.footprint.dense:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            lines.append(f"    dense  {name} {tuple(shape)} {dtype}: {fmt_bytes(nbytes)}")
+        if arrays:
+            for a in s.arrays:
+                flag = " (data-dependent width)" if a.data_dependent else ""
+                lines.append(f"    {a.path:<48} {str(a.shape):<26} {a.dtype:<8} {fmt_bytes(a.raw):>10} "
+                             f"-> {fmt_bytes(a.compressed):>10}{flag}")
+    lines.append("-" * len(header))
+    total = sum(s.seconds for s in plan.stages if s.seconds is not None) if plan.calibration else None
+    lines.append(f"{'total':<26} {'':>7} {fmt_bytes(plan.raw):>11} {fmt_bytes(plan.compressed):>11} "
+                 f"{'':>12} {'':>10} {fmt_seconds(total):>9}")
+    if not plan.calibration:
+        lines.append("compressed = raw and no times without --calibrate M (it runs M units of each stage here)")
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
