@@ -14,7 +14,7 @@ from gig_dist import pipeline
 from gig_dist.config import ConfigError
 from gig_dist.kernels.lasso import NonNegativeLassoCoder, objective
 from gig_dist.stages.base import UnitFailed
-from gig_dist.store import RunStore
+from gig_dist.store import ImageRange, RunStore
 from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config, zgroup
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
@@ -212,3 +212,28 @@ def test_nan_pfvs_stop_decomposition_naming_the_images(tmp_path):
     pfv[16:32] = block
     with pytest.raises(UnitFailed, match=r"images 16:32\) failed: tap layer3.1: PFVs of images \[19\] hold NaN"):
         runtime.run(DecomposeStage(config, store.url))
+
+
+def test_codes_are_stored_narrow_and_read_back_as_before(tmp_path):
+    """Indices take int16 while K < 32,768 (the -1 of an empty slot stays), values float16 on
+    request; reads give int32 and float32 as before, equal to a float32 run's codes rounded."""
+    from gig_dist.store.codes import index_dtype
+
+    assert index_dtype(32767) == "int16" and index_dtype(32768) == "int32"
+    base = ("decompose.taps=[layer3.1]",)
+    wide = RunStore.open(pipeline.run(toy_config(*base), tmp_path / "f32.zarr", until="decompose").url)
+    half = RunStore.open(pipeline.run(toy_config(*base, "decompose.value_dtype=float16"), tmp_path / "f16.zarr",
+                                      until="decompose").url)
+    raw = zgroup(wide)
+    assert raw["codes/bisecting_kmeans/layer3.1/index"].dtype == np.int16
+    assert raw["codes/bisecting_kmeans/layer3.1/value"].dtype == np.float32
+    assert zgroup(half)["codes/bisecting_kmeans/layer3.1/value"].dtype == np.float16
+    r = ImageRange(0, 16)
+    index, value = wide.codes(D).read("layer3.1", r)
+    index16, value16 = half.codes(D).read("layer3.1", r)
+    assert index.dtype == np.int32 and value.dtype == np.float32 and value16.dtype == np.float32
+    assert (index == index16).all() and (index[..., 0] >= 0).all() and (index == -1).any()
+    assert np.array_equal(value16, value.astype(np.float16).astype(np.float32))
+    # half the value bytes; the default stays float32, so stores made before keep their fingerprint
+    assert half.manifest.stages[f"{D}/decompose"].fingerprint != wide.manifest.stages[f"{D}/decompose"].fingerprint
+    assert "decompose.value_dtype" not in wide.manifest.stages[f"{D}/decompose"].keys

@@ -159,17 +159,9 @@ class AttributeStage(Stage):
     coverage_key = "gig.images"
     per_dictionary = True
     version = 2  # 2: also S(F(X)) - S(F(0)) of the real PFVs, for the kept fraction
+    #: The refinement (added after stores were made) counts only while gig.max_gap is set.
+    later_keys = {"gig.max_gap": (None, ("gig.max_steps",))}
     unit_noun = "image-pairs"  # an image of one pair (times its step and target chunks, when split)
-
-    @classmethod
-    def key_values(cls, config: Config) -> dict[str, Any]:
-        """As for every stage, except that the refinement keys (added after stores were made)
-        count only while ``gig.max_gap`` is set: off, the results are those of before."""
-        found = super().key_values(config)
-        if config.gig.max_gap is None:
-            found.pop("gig.max_gap", None)
-            found.pop("gig.max_steps", None)
-        return found
 
     @classmethod
     def check(cls, config: Config, facts: Facts) -> list[str]:

@@ -152,6 +152,11 @@ class Stage(ABC):
     unit_noun: ClassVar[str] = "images"
     #: Bump when the stage computes differently: stores made before then redo it.
     version: ClassVar[int] = 1
+    #: Result keys added after stores were made, with the value that gives the results of
+    #: before: while a key holds that value it is left out of the fingerprint, so those stores
+    #: keep their results. ``{"gig.max_gap": None}``; a key may also name its companions, which
+    #: count only with it: ``{"gig.max_gap": (None, ("gig.max_steps",))}``.
+    later_keys: ClassVar[dict[str, Any]] = {}
     #: Run only when asked for by name (``--until``, or its own command), never by default.
     on_demand: ClassVar[bool] = False
     #: Units in flight per worker, in threads. A worker that serialises its compute internally
@@ -181,8 +186,14 @@ class Stage(ABC):
     def key_values(cls, config: Config) -> dict[str, Any]:
         """The values of its result keys in ``config``."""
         flat = _flatten(config.to_dict())
-        return {key: value for key, value in sorted(flat.items())
-                if any(key == want or (want.endswith(".") and key.startswith(want)) for want in cls.result_keys)}
+        found = {key: value for key, value in sorted(flat.items())
+                 if any(key == want or (want.endswith(".") and key.startswith(want)) for want in cls.result_keys)}
+        for key, rule in cls.later_keys.items():
+            before, companions = rule if isinstance(rule, tuple) else (rule, ())
+            if found.get(key, before) == before:
+                for dropped in (key, *companions):
+                    found.pop(dropped, None)
+        return found
 
     @classmethod
     def fingerprint(cls, config: Config, upstream: dict[str, str]) -> str:

@@ -10,7 +10,7 @@ later decomposes only the new ones.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ class DecomposeConfig(Section):
     #: Code slots stored per PFV. A PFV whose support is larger keeps its largest coefficients;
     #: how many PFVs were cut is counted per tap and shown by ``gig-dist inspect``.
     max_nonzero: int = Field(default=32, ge=1)
+    #: How code values are stored: float32, or float16 (half the bytes; relative rounding 5e-4,
+    #: and every reader, GIG included, then works from the rounded codes).
+    value_dtype: Literal["float32", "float16"] = "float32"
     #: KKT tolerance of the solver, relative to the PFV's norm.
     tol: float = Field(default=1e-6, gt=0)
     #: PFVs per batched solve.
@@ -84,9 +87,10 @@ def encode_params(config: Config, tap: str, device: str) -> dict:
 class DecomposeStage(Stage):
     name = "decompose"
     reads = ("concepts",)
-    result_keys = ("decompose.taps", "decompose.lambda_rel", "decompose.lam", "decompose.max_nonzero",
+    result_keys = ("decompose.taps", "decompose.lambda_rel", "decompose.lam", "decompose.max_nonzero", "decompose.value_dtype",
                    "decompose.tol", "decompose.batch_size")
     coverage_key = "decompose.images"
+    later_keys = {"decompose.value_dtype": "float32"}
     per_dictionary = True
 
     @classmethod
@@ -101,7 +105,8 @@ class DecomposeStage(Stage):
         return errors
 
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
-        return code_specs(facts, self.dictionary, self.taps(facts), self.config.decompose.max_nonzero)
+        return code_specs(facts, self.dictionary, {tap: sizes.concepts(tap) for tap in self.taps(facts)},
+                          self.config.decompose.max_nonzero, self.config.decompose.value_dtype)
 
     def taps(self, facts: Facts) -> list[str]:
         return decompose_taps(self.config, list(facts.taps))

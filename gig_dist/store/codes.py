@@ -1,8 +1,12 @@
 """Section ``codes``: every decomposed PFV's sparse code, per dictionary and tap.
 
-    codes/<dict>/<tap>/index (image, position, slot) int32 concept indices by decreasing value,
-                             -1 in unused slots; sharded like pfv/<tap>
-    codes/<dict>/<tap>/value (image, position, slot) float32 (0 in unused slots)
+    codes/<dict>/<tap>/index (image, position, slot) concept indices by decreasing value, -1 in
+                             unused slots; int16 while K < 32,768 (ImageNet's largest K at 8C
+                             is 16,384), else int32; sharded like pfv/<tap>
+    codes/<dict>/<tap>/value (image, position, slot) float32, or float16 with
+                             ``decompose.value_dtype`` (0 in unused slots)
+
+Reads return int32 indices and float32 values whatever is stored (stores made before hold int32).
     codes/<dict>/<tap>/unit_stats (unit, stat) float64 per unit, the columns of
                              ``kernels.metrics.RECONSTRUCTION_STATS``
     codes/<dict>/<tap>/unit_sum   (unit, channel) float64 the PFVs' sum (for R^2)
@@ -18,12 +22,19 @@ from gig_dist.kernels.metrics import RECONSTRUCTION_STATS, reconstruction_summar
 from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, per_unit_spec
 
 
-def code_specs(facts: Facts, dictionary: str, taps: list[str], width: int) -> list[ArraySpec]:
+def index_dtype(concepts: int) -> str:
+    """The narrowest signed integer that holds every concept index and the -1 of an empty slot."""
+    return "int16" if concepts <= np.iinfo(np.int16).max else "int32"
+
+
+def code_specs(facts: Facts, dictionary: str, taps: dict[str, int], width: int,
+               value_dtype: str = "float32") -> list[ArraySpec]:
+    """``taps``: each decomposed tap with its K."""
     specs = []
-    for tap in taps:
+    for tap, concepts in taps.items():
         channels, height, width_px = facts.taps[tap]
         positions = height * width_px
-        for name, dtype, fill in (("index", "int32", -1), ("value", "float32", 0.0)):
+        for name, dtype, fill in (("index", index_dtype(concepts), -1), ("value", value_dtype, 0.0)):
             specs.append(ArraySpec(
                 f"codes/{dictionary}/{tap}/{name}", (facts.num_images, positions, width), dtype,
                 ("image", "position", "slot"), (facts.images_per_chunk, positions, width),
@@ -61,9 +72,9 @@ class CodesSection:
         self.store.array(self._path(tap, "unit_stats"))[unit] = stats
 
     def read(self, tap: str, r: ImageRange) -> tuple[np.ndarray, np.ndarray]:
-        """Codes of images ``r``: indices and values, each (n, H*W, L)."""
-        return self.store.array(self._path(tap, "index"))[r.start : r.stop], \
-            self.store.array(self._path(tap, "value"))[r.start : r.stop]
+        """Codes of images ``r``: indices (int32) and values (float32), each (n, H*W, L)."""
+        return self.store.array(self._path(tap, "index"))[r.start : r.stop].astype(np.int32, copy=False), \
+            self.store.array(self._path(tap, "value"))[r.start : r.stop].astype(np.float32, copy=False)
 
     def max_active(self, tap: str) -> int:
         """The most distinct concepts one image uses at ``tap``, over the units decomposed."""
