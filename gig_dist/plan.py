@@ -277,7 +277,8 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
         if problems:
             notes.append("no calibration: the checks below must pass first")
         else:
-            calibration = calibrate_run(config, calibrate, device, stand_in=images_from == "--images", until=until)
+            calibration = calibrate_run(config, calibrate, device, stand_in=images_from == "--images", until=until,
+                                        facts=facts)
             notes += calibration["notes"]
     sizes = PlanSizes(config, facts, calibration)
     stages = []
@@ -303,6 +304,9 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
             measured = calibration["stages"][stage.progress_key]
             plan.measured = measured
             plan.seconds = project_seconds(stage, measured, len(units), facts, calibration["images"], workers)
+            scale = calibration["k_scale"]
+            if scale and stage.name in ("concepts", "decompose"):  # both linear in K (assignments, correlations)
+                plan.seconds *= float(np.mean([scale.get(tap, 1.0) for tap in facts.taps]))
         stages.append(plan)
     plan = Plan(facts.num_images, images_from, workers, device, stages, problems, caught, notes, calibration)
     plan.warnings += _limits(plan, out, worker_memory)
@@ -327,7 +331,7 @@ def _unspecified(stage: Stage, facts: Facts, sizes: Sizes, calibration: dict[str
     if stage.name != "concepts":
         return []
     base = f"concepts/{stage.dictionary}"
-    if calibration is not None:
+    if calibration is not None and calibration["dictionary_arrays"] is not None:
         return [ArraySpec(f"{base}/{path[len('concepts/'):]}", tuple(shape), dtype, ("i",) * len(shape),
                           tuple(shape)) for path, (shape, dtype) in calibration["dictionary_arrays"].items()]
     return [ArraySpec(f"{base}/{tap}/vector", (sizes.concepts(tap), c), "float32", ("concept", "channel"),
@@ -432,13 +436,31 @@ def _weights_cached(config: Config) -> bool:
     return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).exists()
 
 
-def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until: str | None = None) -> dict[str, Any]:
+def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until: str | None = None,
+                  facts: Facts | None = None) -> dict[str, Any]:
     """Run every stage on the first ``units`` store units in a temporary store: seconds, peak
-    memory, compressed ratio of every array, and the data-dependent sizes."""
+    memory, compressed ratio of every array, and the data-dependent sizes. Where a tap's K
+    needs more samples than the subset has, the calibration fits K = samples / 4 there instead
+    (``k_scale`` records the planned K over the calibrated one, per tap)."""
     from gig_dist.pipeline import make_runtime, prepare
 
     images = units * config.store.images_per_unit
     notes: list[str] = []
+    k_scale: dict[str, float] = {}
+    if facts is not None:
+        shrunk = dict(config.concepts.k)
+        for tap, (c, h, w) in facts.taps.items():
+            k = concept_count(config, tap, c)
+            samples = images * min(config.sample.per_image, h * w)
+            if k > samples // 4:
+                shrunk[tap] = max(2, samples // 4)
+                k_scale[tap] = k / shrunk[tap]
+        if k_scale:
+            config = config.model_copy(update={"concepts": config.concepts.model_copy(update={"k": shrunk})})
+            notes.append(f"the calibration's {images} images give too few samples for the planned K: it fit "
+                         + ", ".join(f"{tap} K = {shrunk[tap]}" for tap in k_scale)
+                         + "; concepts and decompose times are scaled by the planned K over that, the "
+                           "dictionaries' bytes are the planned K's concept vectors")
     if stand_in:
         config, notes = _stand_in(config, images)
     else:
@@ -489,7 +511,9 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
         codes = store.codes(dictionary)
         max_active = {tap: codes.max_active(tap) for tap in codes.taps()}
         capacity = store.atlas(dictionary).capacity() if store.has(f"atlas/{dictionary}") else None
-        result = {"images": store.num_images, "device": device, "stages": measured, "ratios": ratios,
+        if k_scale:
+            dictionary_arrays = None
+        result = {"images": store.num_images, "device": device, "stages": measured, "ratios": ratios, "k_scale": k_scale,
                   "max_active": max_active, "units": len(store.facts.units), "notes": notes,
                   "dictionary_arrays": dictionary_arrays}
         if capacity is not None:
@@ -533,7 +557,8 @@ def render(plan: Plan, arrays: bool = True) -> str:
     lines += ["", header, "-" * len(header)]
     for s in plan.stages:
         measured = s.measured.get("peak_rss")
-        lines.append(f"{s.key:<26} {s.units:>7} {fmt_bytes(s.raw):>11} {fmt_bytes(s.compressed):>11} "
+        bound = "<=" if plan.calibration is None and any(a.data_dependent for a in s.arrays) else ""
+        lines.append(f"{s.key:<26} {s.units:>7} {bound + fmt_bytes(s.raw):>11} {bound + fmt_bytes(s.compressed):>11} "
                      f"{fmt_bytes(s.footprint.worker):>12} {fmt_bytes(s.footprint.driver):>10} {fmt_seconds(s.seconds):>9}"
                      + (f"   (calibration: {s.measured['units']} units in {s.measured['seconds']:.1f} s, "
                         f"peak RSS {fmt_bytes(measured)})" if measured else ""))
@@ -550,7 +575,9 @@ def render(plan: Plan, arrays: bool = True) -> str:
     lines.append(f"{'total':<26} {'':>7} {fmt_bytes(plan.raw):>11} {fmt_bytes(plan.compressed):>11} "
                  f"{'':>12} {'':>10} {fmt_seconds(total):>9}")
     if not plan.calibration:
-        lines.append("compressed = raw and no times without --calibrate M (it runs M units of each stage here)")
+        lines.append("without --calibrate M (M units of each stage run here first): compressed = raw, no times, and "
+                     "<= marks stages whose array widths depend on the data (an image's active concepts, the "
+                     "atlas's crops per unit), planned at their bounds")
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
