@@ -12,8 +12,16 @@ import pytest
 
 from gig_dist import pipeline
 from gig_dist.stages import registry
-from gig_dist.stages.base import Progress, Stage, StageWorker, UnitReport, WorkUnit
-from gig_dist.store import PROCESSED, ArraySpec, ImageRange, RunStore
+from gig_dist.stages.base import (
+    Progress,
+    Sizes,
+    Stage,
+    StageWorker,
+    UnitReport,
+    WorkUnit,
+)
+from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
+from gig_dist.store.core import per_image_spec
 from tests.conftest import assert_stores_equal, toy_config, zgroup
 
 D = "bisecting_kmeans"
@@ -97,8 +105,8 @@ class MeanLogitStage(Stage):
     reads = ("extract",)
     result_keys: ClassVar[tuple[str, ...]] = ("extract.dtype",)
 
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        return [store.section("mean_logit").spec("value", (), "float32", np.nan)]
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
+        return [per_image_spec(facts, "mean_logit/value", (), "float32", np.nan, ())]
 
     def open_worker(self, device: str) -> StageWorker:
         return MeanLogitWorker(self.store_url)
