@@ -119,9 +119,10 @@ def _tap_values(facts: Facts) -> int:
     return sum(c * h * w for c, h, w in facts.taps.values())
 
 
-def footprint(stage: Stage, facts: Facts, sizes: Sizes) -> Footprint:
+def footprint(stage: Stage, facts: Facts, sizes: Sizes, baseline: int = 0) -> Footprint:
     """Estimated peak bytes of one worker and of the driver while ``stage`` runs, and the dense
-    matrices it holds. Formulas, stated here; a calibration measures the real peak beside them."""
+    matrices it holds: ``baseline`` (a process with torch and gig-dist loaded, measured by a
+    calibration) plus formulas, stated here; a calibration measures the real peak beside them."""
     config, unit = stage.config, facts.images_per_unit
     model = _params(facts)
     pfv_item = np.dtype(config.extract.dtype).itemsize
@@ -164,7 +165,7 @@ def footprint(stage: Stage, facts: Facts, sizes: Sizes) -> Footprint:
         worker = model + unit * _tap_values(facts) * 4
     else:  # graphs, members: small tables
         worker = 128 * 2**20
-    return Footprint(int(worker), int(driver), dense)
+    return Footprint(int(worker + baseline), int(driver + baseline), dense)
 
 
 # -- the plan ------------------------------------------------------------------------------------------
@@ -210,6 +211,8 @@ class Plan:
     warnings: list[str]
     notes: list[str]
     calibration: dict[str, Any] | None = None
+    #: Whether data-dependent widths come from a calibration at the plan's K (else: bounds).
+    widths_measured: bool = False
 
     @property
     def raw(self) -> int:
@@ -262,8 +265,9 @@ def _generic(path: str, dictionary: str) -> str:
 
 def make_plan(config: Config, *, images: int | None = None, workers: int = 1, device: str = "cpu",
               calibrate: int = 0, out: str | None = None, worker_memory: int | None = None,
-              until: str | None = None) -> Plan:
-    """Plan ``config`` on ``images`` (default: the dataset's) over ``workers`` workers."""
+              until: str | None = None, calibration: dict[str, Any] | None = None) -> Plan:
+    """Plan ``config`` on ``images`` (default: the dataset's) over ``workers`` workers; with
+    ``calibration`` (an earlier :func:`calibrate_run`'s result), from that instead of a new one."""
     facts, images_from = plan_facts(config, images)
     stage_types = stages_until(until)
     caught: list[str] = []
@@ -272,8 +276,9 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
         problems = [error for stage in stage_types for error in stage.check(config, facts)]
     caught += [str(w.message) for w in found]
     notes: list[str] = []
-    calibration = None
-    if calibrate:
+    if calibration is not None:
+        notes += calibration["notes"] + [f"calibration reused from an earlier run of {calibration['images']} images"]
+    elif calibrate:
         if problems:
             notes.append("no calibration: the checks below must pass first")
         else:
@@ -281,6 +286,25 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
                                         facts=facts)
             notes += calibration["notes"]
     sizes = PlanSizes(config, facts, calibration)
+    k_scale: dict[str, float] = {}
+    slowdown = 1.0
+    if calibration is not None:
+        # K each tap was calibrated at against the K planned: the widths a calibration measured
+        # hold only at its own K (an image uses more distinct concepts of a larger dictionary)
+        k_scale = {tap: sizes.concepts(tap) / k for tap, k in calibration.get("k", {}).items()
+                   if tap in facts.taps and k and sizes.concepts(tap) != k}
+        if k_scale:  # the dictionary's own arrays too: the plan counts the concept vectors then
+            calibration = {key: value for key, value in calibration.items() if key not in ("max_active", "crop_capacity")}
+            calibration["dictionary_arrays"] = None
+            sizes = PlanSizes(config, facts, calibration)
+            notes.append("the calibration's K differs from the plan's at " + ", ".join(sorted(k_scale))
+                         + ": the widths that depend on the data are planned at their bounds (<=)")
+        if device == "cpu" and calibration.get("threads"):
+            threads = config.runtime.torch_threads or max(1, int(config.runtime.cpus_per_worker))
+            slowdown = max(1.0, calibration["threads"] / threads)
+            if slowdown > 1:
+                notes.append(f"a CPU worker has {threads} thread(s) against the calibration's {calibration['threads']}: "
+                             f"its units are taken as {slowdown:g}x slower")
     stages = []
     for stage_type in stage_types:
         stage = stage_type(config, "memory://plan")
@@ -299,16 +323,18 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
                                     int(round(written * ratio)) if ratio is not None else raw,
                                     "calibration" if ratio is not None else "raw (no calibration)",
                                     wider.get(spec.path, spec.shape) != spec.shape))
-        plan = StagePlan(stage.progress_key, len(units), arrays, footprint(stage, facts, sizes))
+        plan = StagePlan(stage.progress_key, len(units), arrays,
+                         footprint(stage, facts, sizes, (calibration or {}).get("baseline_rss", 0)))
         if calibration is not None and stage.progress_key in calibration["stages"]:
             measured = calibration["stages"][stage.progress_key]
             plan.measured = measured
-            plan.seconds = project_seconds(stage, measured, len(units), facts, calibration["images"], workers)
-            scale = calibration["k_scale"]
-            if scale and stage.name in ("concepts", "decompose"):  # both linear in K (assignments, correlations)
-                plan.seconds *= float(np.mean([scale.get(tap, 1.0) for tap in facts.taps]))
+            plan.seconds = project_seconds(stage, measured, len(units), facts, calibration["images"], workers,
+                                           slowdown)
+            if k_scale and stage.name in ("concepts", "decompose"):  # both linear in K (assignments, correlations)
+                plan.seconds *= float(np.mean([k_scale.get(tap, 1.0) for tap in facts.taps]))
         stages.append(plan)
-    plan = Plan(facts.num_images, images_from, workers, device, stages, problems, caught, notes, calibration)
+    plan = Plan(facts.num_images, images_from, workers, device, stages, problems, caught, notes, calibration,
+                widths_measured=calibration is not None and not k_scale)
     plan.warnings += _limits(plan, out, worker_memory)
     if device == "cuda" and calibration is not None and calibration["device"] != "cuda":
         plan.notes.append(f"calibrated on {calibration['device']}: the times are this machine's, not a GPU's")
@@ -339,16 +365,19 @@ def _unspecified(stage: Stage, facts: Facts, sizes: Sizes, calibration: dict[str
 
 
 def project_seconds(stage: Stage, measured: dict[str, Any], units: int, facts: Facts, calibrated_images: int,
-                    workers: int) -> float:
-    """Scale a calibration's seconds: per-image stages by their units over the workers; a stage
-    with one unit per tap (concepts) by its samples (linear), its taps spread over the workers;
-    one-unit stages (graphs) as measured."""
-    seconds, done = measured["seconds"], max(1, measured["units"])
+                    workers: int, slowdown: float = 1.0) -> float:
+    """Scale a calibration's seconds: its start-up (workers built, the final step) once, its
+    units' own seconds per unit, times ``slowdown`` (a worker with fewer threads than the
+    calibration had), over the workers; a stage with one unit per tap (concepts) by its samples
+    (linear), its taps spread over the workers; one-unit stages (graphs) as measured."""
+    done = max(1, measured["units"])
+    startup = measured.get("startup", 0.0)
+    per_unit = measured.get("unit_seconds", measured["seconds"]) / done * slowdown
     if stage.name == "concepts":
-        return seconds * facts.num_images / max(1, calibrated_images) * done / min(workers, done) / done
+        return startup + per_unit * facts.num_images / max(1, calibrated_images) * done / min(workers, done)
     if units <= 1:
-        return seconds
-    return seconds / done * units / min(workers, units)
+        return startup + per_unit * units
+    return startup + per_unit * units / min(workers, units)
 
 
 def _limits(plan: Plan, out: str | None, worker_memory: int | None) -> list[str]:
@@ -473,6 +502,7 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
         "report": config.report.model_copy(update={"enabled": False})})
     root = Path(tempfile.mkdtemp(prefix="gig-dist-plan-"))
     measured: dict[str, Any] = {}
+    baseline = PeakRSS.now()  # a process with torch and gig-dist loaded, before any stage
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -485,8 +515,11 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
                 with PeakRSS() as rss, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     report = runtime.run(stage)
-                measured[stage.progress_key] = {"seconds": time.perf_counter() - started, "units": report.units_run,
-                                                "peak_rss": rss.peak}
+                seconds = time.perf_counter() - started
+                measured[stage.progress_key] = {"seconds": seconds, "units": report.units_run, "peak_rss": rss.peak,
+                                                # units overlap in stages that run two at once
+                                                "unit_seconds": min(report.unit_seconds, seconds),
+                                                "startup": seconds - min(report.unit_seconds, seconds)}
         finally:
             prepared.lease.release()
         store = RunStore.open(prepared.store.url)
@@ -514,6 +547,8 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
         if k_scale:
             dictionary_arrays = None
         result = {"images": store.num_images, "device": device, "stages": measured, "ratios": ratios, "k_scale": k_scale,
+                  "threads": torch.get_num_threads(), "baseline_rss": baseline,
+                  "k": {tap: concept_count(config, tap, c) for tap, (c, _, _) in facts.taps.items()} if facts else {},
                   "max_active": max_active, "units": len(store.facts.units), "notes": notes,
                   "dictionary_arrays": dictionary_arrays}
         if capacity is not None:
@@ -557,7 +592,7 @@ def render(plan: Plan, arrays: bool = True) -> str:
     lines += ["", header, "-" * len(header)]
     for s in plan.stages:
         measured = s.measured.get("peak_rss")
-        bound = "<=" if plan.calibration is None and any(a.data_dependent for a in s.arrays) else ""
+        bound = "<=" if not plan.widths_measured and any(a.data_dependent for a in s.arrays) else ""
         lines.append(f"{s.key:<26} {s.units:>7} {bound + fmt_bytes(s.raw):>11} {bound + fmt_bytes(s.compressed):>11} "
                      f"{fmt_bytes(s.footprint.worker):>12} {fmt_bytes(s.footprint.driver):>10} {fmt_seconds(s.seconds):>9}"
                      + (f"   (calibration: {s.measured['units']} units in {s.measured['seconds']:.1f} s, "

@@ -63,7 +63,10 @@ def test_plan_bytes_match_a_real_run_of_twice_the_calibration(tmp_path):
     assert total_planned == pytest.approx(total_real, rel=0.30)
     # every covered unit has a projected time, and the calibration's own figures are kept
     for s in plan.stages:
-        assert s.seconds is not None and s.seconds >= 0 and s.measured["peak_rss"] > 0
+        m = s.measured
+        assert s.seconds is not None and s.seconds >= 0 and m["peak_rss"] > 0
+        assert m["startup"] + m["unit_seconds"] == pytest.approx(m["seconds"]) and m["unit_seconds"] > 0
+        assert s.footprint.worker > plan.calibration["baseline_rss"] > 0  # a process's own memory counts
 
 
 def test_plan_of_a_dataset_that_is_not_here_prints_the_table(capsys, tmp_path):

@@ -31,6 +31,12 @@ class StageReport:
     retries: int = 0
     #: Units run per worker node (Ray node id; ``local`` in-process).
     placement: dict[str, int] = field(default_factory=dict)
+    #: The largest peak resident memory of a process that ran its units (its lifetime peak: a Ray
+    #: actor lives for one stage; in-process, the driver's whole run so far).
+    worker_peak_rss: int = 0
+    #: The units' own seconds, added up (the rest of ``seconds`` is starting workers and the
+    #: stage's final step).
+    unit_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -49,7 +55,8 @@ class LocalRuntime:
         units_total = len(stage.covered_units(store.facts))
         pending = stage.pending(store)
         started = time.perf_counter()
-        images = skipped = 0
+        images = skipped = worker_peak = 0
+        unit_seconds = 0.0
         if pending:
             if self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
@@ -78,10 +85,13 @@ class LocalRuntime:
                             raise UnitFailed(f"{units[future].describe()} failed: {exc}") from exc
                         images += report.images
                         skipped += report.skipped
+                        worker_peak = max(worker_peak, report.peak_rss)
+                        unit_seconds += report.seconds
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
                 bar.close()
                 worker.close()
         close_stage(stage, store)
         return StageReport(stage.name, units_total, len(pending), images, skipped, time.perf_counter() - started,
-                           placement={"local": len(pending)} if pending else {})
+                           placement={"local": len(pending)} if pending else {}, worker_peak_rss=worker_peak,
+                           unit_seconds=unit_seconds)

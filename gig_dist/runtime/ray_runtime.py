@@ -120,7 +120,8 @@ class RayRuntime:
         dead: set[object] = set()
         attempts: Counter[int] = Counter()
         placement: Counter[str] = Counter()
-        images = skipped = units_run = retries = 0
+        images = skipped = units_run = retries = worker_peak = 0
+        unit_seconds = 0.0
         bar = tqdm(total=sum(stage.work(u, store.facts) for u in pending), unit=stage.unit_noun, desc=f"{stage.name} x{num_workers}",
                    disable=not self.config.progress, dynamic_ncols=True)
         try:
@@ -160,6 +161,8 @@ class RayRuntime:
                 units_run += 1
                 images += report.images
                 skipped += report.skipped
+                worker_peak = max(worker_peak, report.peak_rss)
+                unit_seconds += report.seconds
                 placement[node] += 1
                 bar.update(stage.work(unit, store.facts))
         finally:
@@ -168,4 +171,5 @@ class RayRuntime:
                 ray.kill(actor, no_restart=True)
         close_stage(stage, store)
         return StageReport(stage.name, units_total, units_run, images, skipped, time.perf_counter() - started,
-                           retries=retries, placement=dict(placement))
+                           retries=retries, placement=dict(placement), worker_peak_rss=worker_peak,
+                           unit_seconds=unit_seconds)

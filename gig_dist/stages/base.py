@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -86,6 +87,18 @@ class UnitReport:
     images: int
     skipped: int
     seconds: float = 0.0  # filled in by execute_unit
+    #: The worker process's peak resident bytes so far (filled in by execute_unit).
+    peak_rss: int = 0
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 class Sizes:
@@ -269,7 +282,7 @@ def execute_unit(worker: StageWorker, store: RunStore, unit: WorkUnit, progress:
     failpoint(f"{unit.stage.rsplit('/', 1)[-1]}.before_commit")
     store.mark_unit_done(unit.stage, unit.index)
     failpoint(f"{unit.stage.rsplit('/', 1)[-1]}.after_commit")
-    return dataclasses.replace(report, seconds=time.perf_counter() - started)
+    return dataclasses.replace(report, seconds=time.perf_counter() - started, peak_rss=peak_rss())
 
 
 def open_stage(stage: Stage, store: RunStore) -> None:
