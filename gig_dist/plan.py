@@ -366,18 +366,20 @@ def _unspecified(stage: Stage, facts: Facts, sizes: Sizes, calibration: dict[str
 
 def project_seconds(stage: Stage, measured: dict[str, Any], units: int, facts: Facts, calibrated_images: int,
                     workers: int, slowdown: float = 1.0) -> float:
-    """Scale a calibration's seconds: its start-up (workers built, the final step) once, its
-    units' own seconds per unit, times ``slowdown`` (a worker with fewer threads than the
-    calibration had), over the workers; a stage with one unit per tap (concepts) by its samples
-    (linear), its taps spread over the workers; one-unit stages (graphs) as measured."""
+    """Scale a calibration's seconds: its start-up (workers built, the final step) once; its
+    units' own seconds by the images the stage covers (units of any size), times ``slowdown``
+    (a worker with fewer threads than the calibration had), over the workers it can keep busy.
+    A stage with one unit per tap (concepts) scales by its samples (linear in the images), its
+    taps spread over the workers; a one-unit stage (graphs) does not scale."""
     done = max(1, measured["units"])
     startup = measured.get("startup", 0.0)
-    per_unit = measured.get("unit_seconds", measured["seconds"]) / done * slowdown
-    if stage.name == "concepts":
-        return startup + per_unit * facts.num_images / max(1, calibrated_images) * done / min(workers, done)
-    if units <= 1:
-        return startup + per_unit * units
-    return startup + per_unit * units / min(workers, units)
+    work = measured.get("unit_seconds", measured["seconds"]) * slowdown
+    if units <= 1 and stage.name != "concepts":
+        return startup + work
+    covered = measured.get("images") or calibrated_images
+    scaled = work * stage.covered_images(facts) / max(1, covered)
+    parallel = min(workers, done if stage.name == "concepts" else units)
+    return startup + scaled / parallel
 
 
 def _limits(plan: Plan, out: str | None, worker_memory: int | None) -> list[str]:
@@ -517,6 +519,7 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
                     report = runtime.run(stage)
                 seconds = time.perf_counter() - started
                 measured[stage.progress_key] = {"seconds": seconds, "units": report.units_run, "peak_rss": rss.peak,
+                                                "images": stage.covered_images(prepared.store.facts),
                                                 # units overlap in stages that run two at once
                                                 "unit_seconds": min(report.unit_seconds, seconds),
                                                 "startup": seconds - min(report.unit_seconds, seconds)}

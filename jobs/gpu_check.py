@@ -189,7 +189,7 @@ def check_ray(device: torch.device, address: str | None) -> tuple[float, float, 
                 "sample.per_image=8", "gig.images=16", "gig.targets=4", "gig.steps=8",
                 "gig.pairs=[[layer2.1,layer3.1],[layer3.1,logits]]", "runtime.progress=false", "report.enabled=false"]
     root = Path(tempfile.mkdtemp(prefix="gig-dist-gpu-check-"))
-    reference = pipeline.run(load_config(None, [*settings, "runtime.device=cpu"]), root / "cpu.zarr", until="graphs")
+    pipeline.run(load_config(None, [*settings, "runtime.device=cpu"]), root / "cpu.zarr", until="graphs")
     ray = [*settings, "runtime.kind=ray", "runtime.num_workers=2", f"runtime.device={device.type}"]
     if device.type == "cuda":
         ray.append("runtime.gpus_per_worker=0.5")

@@ -95,3 +95,21 @@ def test_plan_reports_what_run_would_refuse(capsys):
     out = capsys.readouterr().out
     assert code == 2
     assert "problem" in out and "sample.per_image >=" in out  # the proposal of a value that works
+
+
+def test_projected_time_scales_by_the_images_a_stage_covers_not_its_units():
+    """A calibration in units of 16 images projects a run in units of 256 by images: 2 units of 16
+    in 4 s of unit time (plus 1 s start-up) are 0.125 s per image; 50,000 images over 8 workers
+    then take 1 + 0.125 * 50,000 / 8 s, whatever the unit size."""
+    from gig_dist.plan import plan_facts, project_seconds
+    from gig_dist.stages import ExtractStage
+
+    config = toy_config("store.images_per_unit=256")
+    facts, _ = plan_facts(config, 50_000)
+    stage = ExtractStage(config, "memory://x")
+    measured = {"seconds": 5.0, "units": 2, "unit_seconds": 4.0, "startup": 1.0, "images": 32}
+    units = len(stage.covered_units(facts))
+    assert units == 196
+    assert project_seconds(stage, measured, units, facts, 32, workers=8) == pytest.approx(1 + 0.125 * 50_000 / 8)
+    assert project_seconds(stage, measured, units, facts, 32, workers=8, slowdown=2) == \
+        pytest.approx(1 + 0.25 * 50_000 / 8)
