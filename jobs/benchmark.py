@@ -215,7 +215,7 @@ def bench_concepts(args: argparse.Namespace) -> None:
         return np.maximum(means[rng.integers(centres, size=n)] + rng.normal(scale=0.8, size=(n, channels)),
                           0).astype(np.float32)
 
-    early = {"max_iter": 30, "refine_iter": 8, "subsample": 8192}  # Lloyd stopped early (see the kernel)
+    early = {"refine_iter": 8}  # Lloyd stopped early (concepts.refine_iter; see the kernel)
     for data_name, X in (("pfv_like", pfv_like(args.points, args.channels, args.clusters // 2, 0)),
                          ("blobs", blobs(args.points, args.channels, 2 * args.clusters, 0))):
         timed = {}

@@ -280,3 +280,27 @@ def test_dependent_atoms_do_not_trap_the_coder_short_of_the_optimum():
         for i in range(len(X))])
     excess = (ours - reference) / reference
     assert excess.max() < 1e-7, f"{int((excess > 1e-7).sum())} PFVs above the optimum, worst by {excess.max():.2%}"
+
+
+def test_refine_iter_reaches_the_fit_and_leaves_old_fingerprints_alone():
+    """concepts.refine_iter goes from the config to the bisecting k-means of the dictionary (the
+    fit then equals the kernel's with the same setting, and differs from the default's on data
+    whose large clusters need more Lloyd passes); unset, the concepts fingerprint is the one of
+    stores made before the key existed."""
+    from gig_dist.config import load_config
+    from gig_dist.kernels.dictionary import make_dictionary
+    from gig_dist.kernels.kmeans import BisectingKMeans
+    from gig_dist.stages.concepts import ConceptsStage, fit_params
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(64, 16))
+    X = np.maximum(centres[rng.integers(64, size=20_000)] + rng.normal(scale=0.8, size=(20_000, 16)), 0)
+    X = X.astype(np.float32)
+    config = load_config(None, ["concepts.refine_iter=1", "concepts.backend=numpy"])
+    fitted = make_dictionary("bisecting_kmeans", n_concepts=16, **fit_params(config)).fit(X)
+    kernel = BisectingKMeans(16, seed=0, backend="numpy", refine_iter=1).fit(X)
+    default = BisectingKMeans(16, seed=0, backend="numpy").fit(X)
+    assert np.array_equal(fitted.cluster_centers_, kernel.cluster_centers_)
+    assert not np.array_equal(kernel.cluster_centers_, default.cluster_centers_)
+    assert "concepts.refine_iter" not in ConceptsStage.key_values(load_config(None, []))
+    assert ConceptsStage.key_values(config)["concepts.refine_iter"] == 1

@@ -45,10 +45,11 @@ class Dictionary(BaseEstimator):
     #: the encode ones.
     def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
                  lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", refine_iter: int | None = None) -> None:
         self.n_concepts = n_concepts
         self.seed = seed
         self.n_init = n_init
+        self.refine_iter = refine_iter
         self.backend = backend
         self.lambda_rel = lambda_rel
         self.lam = lam
@@ -130,7 +131,8 @@ class BisectingKMeansDictionary(LassoCoded):
     """
 
     def fit(self, X: np.ndarray) -> BisectingKMeansDictionary:
-        kmeans = BisectingKMeans(self.n_concepts, seed=self.seed, n_init=self.n_init, backend=self.backend).fit(X)
+        kmeans = BisectingKMeans(self.n_concepts, seed=self.seed, n_init=self.n_init, backend=self.backend,
+                                 refine_iter=self.refine_iter).fit(X)
         self.dictionary_, self.zero_ = concept_vectors(kmeans.cluster_centers_)
         self.cluster_centers_ = kmeans.cluster_centers_
         self.cluster_size_ = kmeans.cluster_size_

@@ -119,9 +119,9 @@ class BisectingKMeans:
     blobs, 2,048 centres, noise 0.8, 200,000 x 256, K = 1024) the full-member Lloyd of the large
     clusters ran 28 iterations on average (up to 172) to reach ``tol``, 68 % of the fit; each pass
     streams the members at about 20 GB/s here (10 ms for 200,000 x 256 float32), so the floor is
-    the passes, not the arithmetic. ``max_iter=30, refine_iter=8, subsample=8192`` stops those
-    passes early: 1.9 s instead of 5.4 s there, inertia +0.3 % (``python -m jobs.benchmark
-    concepts`` times both beside scikit-learn).
+    the passes, not the arithmetic. ``refine_iter=8`` stops those passes early: 2.5 s instead of
+    5.9 s there, inertia +0.3 % (``python -m jobs.benchmark concepts`` times both beside
+    scikit-learn; no gain on the better separated ``pfv_like`` data).
 
     Learned: ``cluster_centers_`` (K, C), ``labels_`` (n,), ``inertia_`` (total),
     ``cluster_inertia_`` and ``cluster_size_`` (K,), ``tree_`` (:class:`SplitTree`).
