@@ -302,5 +302,9 @@ def test_refine_iter_reaches_the_fit_and_leaves_old_fingerprints_alone():
     default = BisectingKMeans(16, seed=0, backend="numpy").fit(X)
     assert np.array_equal(fitted.cluster_centers_, kernel.cluster_centers_)
     assert not np.array_equal(kernel.cluster_centers_, default.cluster_centers_)
+    from gig_dist.kernels.dictionary import DICTIONARIES
+
+    for name in DICTIONARIES:  # every dictionary takes the concepts settings (a baseline refused it once)
+        assert make_dictionary(name, n_concepts=4, **fit_params(config)).refine_iter == 1
     assert "concepts.refine_iter" not in ConceptsStage.key_values(load_config(None, []))
     assert ConceptsStage.key_values(config)["concepts.refine_iter"] == 1

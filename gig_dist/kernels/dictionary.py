@@ -170,9 +170,9 @@ class LassoCodedDictionary(LassoCoded):
 
     def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
                  lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
-                 device: str = "cpu", max_iter: int = 100) -> None:
+                 device: str = "cpu", refine_iter: int | None = None, max_iter: int = 100) -> None:
         super().__init__(n_concepts, seed=seed, n_init=n_init, backend=backend, lambda_rel=lambda_rel, lam=lam,
-                         tol=tol, batch_size=batch_size, device=device)
+                         tol=tol, batch_size=batch_size, device=device, refine_iter=refine_iter)
         self.max_iter = max_iter
 
     def _check(self, X: np.ndarray) -> np.ndarray:
@@ -285,10 +285,10 @@ class SparseAutoencoderDictionary(Dictionary):
 
     def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
                  lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
-                 device: str = "cpu", l1: float = 0.03, top_k: int | None = None, steps: int = 3000,
-                 max_slots: int = 32) -> None:
+                 device: str = "cpu", refine_iter: int | None = None, l1: float = 0.03, top_k: int | None = None,
+                 steps: int = 3000, max_slots: int = 32) -> None:
         super().__init__(n_concepts, seed=seed, n_init=n_init, backend=backend, lambda_rel=lambda_rel, lam=lam,
-                         tol=tol, batch_size=batch_size, device=device)
+                         tol=tol, batch_size=batch_size, device=device, refine_iter=refine_iter)
         self.l1 = l1
         self.top_k = top_k
         self.steps = steps
