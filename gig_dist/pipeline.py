@@ -125,16 +125,9 @@ def decide(store: RunStore, config: Config, stages: list[type[Stage]]) -> list[D
         else:
             why = f"{finished} of {len(covered)} units done, {todo} to run"
             if stage.coverage_key:
-                why += f" ({stage.coverage_key} = {_flat_get(config, stage.coverage_key)})"
+                why += f" ({stage.coverage_key} = {stage.coverage_value(config)})"
             decisions[key] = Decision(key, "resume", why, finished, todo)
     return [decisions[stage_type.key(config)] for stage_type in stages]
-
-
-def _flat_get(config: Config, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
 
 
 @dataclass(frozen=True)

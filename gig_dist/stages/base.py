@@ -255,17 +255,23 @@ class Stage(ABC):
     def covered_units(self, facts: Facts) -> list[WorkUnit]:
         return [u for u in self.plan(facts) if self.covers(u)]
 
+    @classmethod
+    def coverage_value(cls, config: Config) -> Any:
+        """The value of its coverage key in ``config`` (None: no key, or every image)."""
+        if cls.coverage_key is None:
+            return None
+        node: Any = config
+        for part in cls.coverage_key.split("."):
+            node = getattr(node, part)
+        return node
+
     def covered_images(self, facts: Facts) -> int:
         """The images the stage writes rows for: whole store units up to its coverage key."""
-        if self.coverage_key is None:
-            return facts.num_images
-        node: Any = self.config
-        for part in self.coverage_key.split("."):
-            node = getattr(node, part)
-        if node is None:
+        limit = self.coverage_value(self.config)
+        if limit is None:
             return facts.num_images
         unit = facts.images_per_unit
-        return min(facts.num_images, -(-int(node) // unit) * unit)
+        return min(facts.num_images, -(-int(limit) // unit) * unit)
 
     @abstractmethod
     def open_worker(self, device: str) -> StageWorker:
