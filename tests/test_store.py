@@ -274,3 +274,23 @@ def test_an_unreadable_lease_is_taken_over_saying_so_and_no_lease_is_none(tmp_pa
         Lease.acquire(url).release()
     (tmp_path / "a_file").write_text("x")
     assert Lease(str(tmp_path / "a_file" / "run.zarr")).read() is None  # a file in the path: no lease there
+
+
+def test_a_code_value_that_float16_cannot_hold_is_refused_not_stored_as_inf(tmp_path):
+    """decompose.value_dtype = float16 stores values up to 65,504; a larger one would become inf
+    without a word, so the write is refused naming the tap and the images, and nothing is written."""
+    from gig_dist.store.codes import code_specs
+
+    store = make_store(str(tmp_path / "run.zarr"))
+    store.ensure_arrays("decompose", code_specs(FACTS, "d", {"t": 6}, 2, "float16"))
+    r = store.units()[0]
+    index = np.zeros((4, 4, 2), dtype=np.int32)
+    value = np.ones((4, 4, 2), dtype=np.float32)
+    stats, total = np.zeros(7), np.zeros(3)
+    value[1, 2, 0] = 1e5
+    with pytest.raises(StoreError, match=r"tap t, images 0:4: a code value of 1e\+05 does not fit the store's float16"):
+        store.codes("d").write(r, "t", index, value, stats, total)
+    assert (store.codes("d").read("t", r)[0] == -1).all()  # nothing written
+    value[1, 2, 0] = 6e4
+    store.codes("d").write(r, "t", index, value, stats, total)
+    assert store.codes("d").read("t", r)[1][1, 2, 0] == np.float16(6e4)

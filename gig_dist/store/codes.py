@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gig_dist.kernels.metrics import RECONSTRUCTION_STATS, reconstruction_summary
-from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, per_unit_spec
+from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, StoreError, per_unit_spec
 
 
 def index_dtype(concepts: int) -> str:
@@ -66,8 +66,15 @@ class CodesSection:
         """One decomposition unit's codes of ``tap`` and its statistics; ``r`` must be one whole unit."""
         sl = self.store.unit_slice(r)
         unit = self.store.unit_index(r)
+        values = self.store.array(self._path(tap, "value"))
+        largest = float(np.abs(value).max()) if value.size else 0.0
+        limit = float(np.finfo(values.dtype).max)
+        if largest > limit:  # zarr would store inf without a word
+            raise StoreError(f"tap {tap}, images {r.start}:{r.stop}: a code value of {largest:.4g} does not fit the "
+                             f"store's {values.dtype} (largest {limit:g}); rerun with "
+                             "-o decompose.value_dtype=float32")
         self.store.array(self._path(tap, "index"))[sl] = index
-        self.store.array(self._path(tap, "value"))[sl] = value
+        values[sl] = value
         self.store.array(self._path(tap, "unit_sum"))[unit] = pfv_sum
         self.store.array(self._path(tap, "unit_stats"))[unit] = stats
 
