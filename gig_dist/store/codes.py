@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from gig_dist.kernels.metrics import RECONSTRUCTION_STATS, reconstruction_summary
-from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, StoreError, per_unit_spec
+from gig_dist.store.core import (
+    ArraySpec,
+    Facts,
+    ImageRange,
+    RunStore,
+    StoreError,
+    per_unit_spec,
+)
 
 
 def index_dtype(concepts: int) -> str:
