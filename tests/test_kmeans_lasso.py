@@ -308,3 +308,19 @@ def test_refine_iter_reaches_the_fit_and_leaves_old_fingerprints_alone():
         assert make_dictionary(name, n_concepts=4, **fit_params(config)).refine_iter == 1
     assert "concepts.refine_iter" not in ConceptsStage.key_values(load_config(None, []))
     assert ConceptsStage.key_values(config)["concepts.refine_iter"] == 1
+
+
+def test_a_coder_stopped_short_of_the_tolerance_says_so():
+    """Codes that stop at max_steps are not the Lasso solution: the coder warns with the count."""
+    from gig_dist.kernels.lasso import NonNegativeLassoCoder
+
+    rng = np.random.default_rng(0)
+    V = rng.random((24, 8)).astype(np.float32)
+    X = (rng.random((50, 24)) @ V).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"PFVs stopped before the KKT tolerance .* max_steps = 2"):
+        NonNegativeLassoCoder(V, lambda_rel=0.01, max_steps=2).encode(X)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NonNegativeLassoCoder(V, lambda_rel=0.01).encode(X)  # at the default bound: solved, silent

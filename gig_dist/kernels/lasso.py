@@ -24,6 +24,8 @@ so its ``alpha`` equals ``lambda / C``.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -183,6 +185,11 @@ class NonNegativeLassoCoder:
             grown = candidates[:, :1].repeat(1, new.shape[1])  # rows that need none repeat a candidate
             grown[rows] = torch.where(worst > tol[rows, None], new, new[:, :1])
             candidates = torch.cat([candidates, grown], 1)
+        short = int(stalled.sum()) + (len(rows) if steps >= self.max_steps else 0)
+        if short:
+            warnings.warn(f"non-negative Lasso: {short} of {n} PFVs stopped before the KKT tolerance "
+                          f"({int(stalled.sum())} by rounding on a near-singular support, the rest at max_steps = "
+                          f"{self.max_steps}); their codes are close to, not at, the optimum", stacklevel=3)
         return index, value
 
     @staticmethod
