@@ -472,12 +472,12 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
     """Run every stage on the first ``units`` store units in a temporary store: seconds, peak
     memory, compressed ratio of every array, and the data-dependent sizes. Where a tap's K
     needs more samples than the subset has, the calibration fits K = samples / 4 there instead
-    (``k_scale`` records the planned K over the calibrated one, per tap)."""
+    (``k`` records the K each tap was calibrated at)."""
     from gig_dist.pipeline import make_runtime, prepare
 
     images = units * config.store.images_per_unit
     notes: list[str] = []
-    k_scale: dict[str, float] = {}
+    shrunk_taps: list[str] = []
     if facts is not None:
         shrunk = dict(config.concepts.k)
         for tap, (c, h, w) in facts.taps.items():
@@ -485,11 +485,11 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
             samples = images * min(config.sample.per_image, h * w)
             if k > samples // 4:
                 shrunk[tap] = max(2, samples // 4)
-                k_scale[tap] = k / shrunk[tap]
-        if k_scale:
+                shrunk_taps.append(tap)
+        if shrunk_taps:
             config = config.model_copy(update={"concepts": config.concepts.model_copy(update={"k": shrunk})})
             notes.append(f"the calibration's {images} images give too few samples for the planned K: it fit "
-                         + ", ".join(f"{tap} K = {shrunk[tap]}" for tap in k_scale)
+                         + ", ".join(f"{tap} K = {shrunk[tap]}" for tap in shrunk_taps)
                          + "; concepts and decompose times are scaled by the planned K over that, the "
                            "dictionaries' bytes are the planned K's concept vectors")
     if stand_in:
@@ -532,8 +532,9 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
             stage = stage_type(config, prepared.store.url)
             share = stage.covered_images(store.facts) / store.facts.num_images
             coverage.update({path: share for path in store.owned_arrays(stage.progress_key)})
+        described = store.describe_arrays()  # stored bytes of every array: one listing
         ratios = {}  # stored bytes per raw byte written
-        for path, found in store.describe_arrays().items():
+        for path, found in described.items():
             if "str" in found["dtype"].lower():
                 continue
             raw = int(np.prod(found["shape"], dtype=np.int64)) * np.dtype(found["dtype"]).itemsize
@@ -542,14 +543,12 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
             if written:
                 ratios[_generic(path, dictionary)] = found["stored_bytes"] / written
         dictionary_arrays = {_generic(path, dictionary): (found["shape"], found["dtype"])
-                             for path, found in store.describe_arrays().items()
+                             for path, found in described.items()
                              if path.startswith(f"concepts/{dictionary}/") and "str" not in found["dtype"].lower()}
         codes = store.codes(dictionary)
         max_active = {tap: codes.max_active(tap) for tap in codes.taps()}
         capacity = store.atlas(dictionary).capacity() if store.has(f"atlas/{dictionary}") else None
-        if k_scale:
-            dictionary_arrays = None
-        result = {"images": store.num_images, "device": device, "stages": measured, "ratios": ratios, "k_scale": k_scale,
+        result = {"images": store.num_images, "device": device, "stages": measured, "ratios": ratios,
                   "threads": torch.get_num_threads(), "baseline_rss": baseline,
                   "k": {tap: concept_count(config, tap, c) for tap, (c, _, _) in facts.taps.items()} if facts else {},
                   "max_active": max_active, "units": len(store.facts.units), "notes": notes,
