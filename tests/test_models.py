@@ -88,3 +88,19 @@ def test_unknown_model_name_suggests():
 def test_random_weights():
     model = build_model(ModelConfig(name="resnet18", weights=None))
     assert isinstance(model, torchvision.models.ResNet)
+
+
+@pytest.mark.parametrize("name", ["toy", "resnet18"])
+def test_random_weights_are_the_same_in_every_process(name):
+    """Each stage and worker builds the model itself: random weights that followed the
+    process's RNG would give PFVs of one model and GIG of another. They come from a fixed seed,
+    and building them leaves the caller's RNG where it was."""
+    torch.manual_seed(1)
+    first = build_model(ModelConfig(name=name, weights=None)).state_dict()
+    after = torch.rand(3)
+    torch.manual_seed(2)
+    torch.rand(100)
+    second = build_model(ModelConfig(name=name, weights=None)).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after)  # the caller's RNG is untouched

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from gig_dist.data.sources import TransformSpec
 
 TOY = "toy"
+#: Random weights (``model.weights: none``) are drawn from this seed, so that every stage and
+#: worker builds the same model.
+RANDOM_WEIGHTS_SEED = 0
 
 
 def classifier_names() -> list[str]:
@@ -113,7 +116,9 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.name == TOY:
         from gig_dist.toy.model import ToyResNet, shipped_weights_path
 
-        model = ToyResNet(**({"num_classes": config.num_classes} if config.num_classes else {}))
+        with torch.random.fork_rng(devices=[]):  # random weights: the same in every process (below)
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = ToyResNet(**({"num_classes": config.num_classes} if config.num_classes else {}))
         if weights == "shipped":
             load_state_dict_file(model, shipped_weights_path())
         elif weights is not None:
@@ -122,7 +127,12 @@ def build_model(config: ModelConfig) -> nn.Module:
 
     kwargs = {"num_classes": config.num_classes} if config.num_classes else {}
     if weights is None:
-        return torchvision.models.get_model(config.name, weights=None, **kwargs).eval()
+        # Every stage and every worker builds the model itself: random weights must be the same
+        # in each, whatever the process's RNG did before, or PFVs, codes and GIG would each come
+        # from another model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            return torchvision.models.get_model(config.name, weights=None, **kwargs).eval()
     if is_weights_path(weights):
         model = torchvision.models.get_model(config.name, weights=None, **kwargs)
         load_state_dict_file(model, Path(weights))
