@@ -26,7 +26,7 @@ from gig_dist.kernels.taps import probe_model, resolve_taps
 from gig_dist.models.loading import build_model, output_names, resolve_transform
 from gig_dist.runtime.address import check_reachable
 from gig_dist.runtime.local import LocalRuntime, StageReport
-from gig_dist.stages.base import Stage
+from gig_dist.stages.base import Stage, consumed_by
 from gig_dist.stages.registry import by_name, fingerprints, stages_until
 from gig_dist.store import Facts, Manifest, RunStore, StoreError
 from gig_dist.store.lease import Lease
@@ -108,8 +108,11 @@ def decide(store: RunStore, config: Config, stages: list[type[Stage]]) -> list[D
         if record is None:
             decisions[key] = Decision(key, "new", f"{len(covered)} units", 0, len(covered))
             continue
-        if record.fingerprint != fingerprint or redone_inputs:
-            if redone_inputs:
+        consumer = consumed_by(record, prints)
+        if record.fingerprint != fingerprint or redone_inputs or consumer:
+            if consumer and record.fingerprint == fingerprint:
+                why = f"{consumer} runs again and needs what it deleted after its last run"
+            elif redone_inputs:
                 why = f"its input {', '.join(redone_inputs)} is recomputed"
             elif record.fingerprint is None:
                 why = "an earlier redo of it was interrupted"

@@ -473,14 +473,14 @@ def bench_graphs(args: argparse.Namespace) -> None:
         status, prediction = store.meta.read_status(r)
         _, labels = store.meta.read_index(r)
         cls = image_class(labels, prediction)
-        parts = {link: gig.read_unit(link, r) for link in links}
+        parts = {link: {**gig.read_unit(link, r), "vectors": gig.read_vectors(link, r)[0]} for link in links}
         for row in np.flatnonzero((status == PROCESSED) & (cls >= 0)):
             c = cls[row]
             half = seen[c] % 2
             seen[c] += 1
             count[half, c] += 1
             for link, part in parts.items():
-                summed = part["partial"][:, row].sum(axis=0)
+                summed = part["vectors"][row]
                 for slot, m in enumerate(part["target"][row]):
                     used = part["source"][row] >= 0
                     if m >= 0:
@@ -531,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
     concepts.add_argument("--pfvs", type=int, default=2000)
     concepts.add_argument("--atoms", type=int, default=2048)
     graphs = sub.add_parser("graphs", help="class graphs from Gamma_c against the dataset Gamma, on a finished run")
-    graphs.add_argument("store", help="a finished run store (e.g. gig-dist run -o gig.images=256)")
+    graphs.add_argument("store", help="a finished run store that kept its per-image GIG "
+                                      "(gig-dist run -o gig.images=256 -o gig.keep_image_attributions=true)")
     graphs.add_argument("--top", type=int, default=3)
     gaps = sub.add_parser("gaps", help="gig.max_gap: completeness gaps before and after refinement on ResNet50")
     gaps.add_argument("--steps", type=int, default=32)

@@ -27,6 +27,7 @@ from tests.conftest import TOY_BASE, toy_config, zgroup
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
 PAIRS = "gig.pairs=[[layer2.1,layer3.1],[layer3.1,logits],[layer2.1,logits]]"
+KEEP = "gig.keep_image_attributions=true"
 
 
 def toy_activation(tap: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
@@ -193,8 +194,9 @@ def test_default_pairs_are_consecutive_stage_outputs_and_each_to_the_logits():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """A small run attributing the first 16 images, as one unit per pair."""
-    url = pipeline.run(toy_config(PAIRS, "gig.images=16"), tmp_path_factory.mktemp("gig") / "run.zarr").url
+    """A small run attributing the first 16 images, as one unit per pair, keeping each image's
+    per-source GIG."""
+    url = pipeline.run(toy_config(PAIRS, "gig.images=16", KEEP), tmp_path_factory.mktemp("gig") / "run.zarr").url
     return RunStore.open(url)
 
 
@@ -225,8 +227,8 @@ def test_reference_run_is_complete_and_reports_its_gaps(reference):
     # Completeness per (image, target), recomputed from what the store holds.
     total = zgroup(reference)["gig/bisecting_kmeans/layer2.1__layer3.1/total"][:16]
     delta = zgroup(reference)["gig/bisecting_kmeans/layer2.1__layer3.1/delta"][:16]
-    partial = zgroup(reference)["gig/bisecting_kmeans/layer2.1__layer3.1/partial"][0, :16]
-    assert np.allclose(partial.sum(-1), total)
+    vectors = zgroup(reference)["gig/bisecting_kmeans/layer2.1__layer3.1/attribution"][:16]
+    assert vectors.dtype == np.float32 and np.allclose(vectors.astype(np.float64).sum(-1), total)
     assert np.nanmean(np.abs(total - delta) / np.abs(delta)) == pytest.approx(summary["layer2.1__layer3.1"]["mean_gap"])
     # The real change S(F(X)) - S(F(0)) of the class pair: with F(0) the head's bias alone, it is
     # the model's own logit less that bias (up to the float16 rounding of the stored PFVs).
@@ -251,7 +253,7 @@ def test_matrix_is_the_mean_of_per_image_attributions(reference):
     matrix = zgroup(reference)[f"gig/bisecting_kmeans/{key}/matrix"][...]
     sources = zgroup(reference)[f"gig/bisecting_kmeans/{key}/source"][:16]
     targets = zgroup(reference)[f"gig/bisecting_kmeans/{key}/target"][:16]
-    partial = zgroup(reference)[f"gig/bisecting_kmeans/{key}/partial"][0, :16]
+    partial = zgroup(reference)[f"gig/bisecting_kmeans/{key}/attribution"][:16].astype(np.float64)
     expected = np.zeros_like(matrix)
     for i in range(16):
         for t, m in enumerate(targets[i]):
@@ -269,7 +271,7 @@ def test_matrix_is_the_mean_of_per_image_attributions(reference):
     key = "layer3.1__logits"
     sources = zgroup(reference)[f"gig/bisecting_kmeans/{key}/source"][:16]
     targets = zgroup(reference)[f"gig/bisecting_kmeans/{key}/target"][:16]
-    partial = zgroup(reference)[f"gig/bisecting_kmeans/{key}/partial"][0, :16]
+    partial = zgroup(reference)[f"gig/bisecting_kmeans/{key}/attribution"][:16].astype(np.float64)
     expected = np.zeros_like(classes)
     for i in range(16):
         slot = list(targets[i]).index(labels[i])
@@ -287,6 +289,49 @@ def test_matrix_is_the_mean_of_per_image_attributions(reference):
 def test_reduced_matrices_do_not_depend_on_the_split(reference, tmp_path, split):
     split_run = RunStore.open(pipeline.run(toy_config(PAIRS, "gig.images=16", *split), tmp_path / "split.zarr").url)
     assert_same_matrices(reference, split_run)
+
+
+def test_per_source_gig_is_deleted_once_reduced_and_redone_only_when_the_reduction_needs_it(reference, tmp_path):
+    """By default the reduction deletes each image's per-source GIG (the largest per-image
+    arrays) and keeps its targets, totals, gaps and top edges: the matrices are bitwise those of a
+    run that keeps them. A rerun keeps the attribution; one whose reduction must run again (here
+    gig.top_edges) redoes it first rather than reducing zeros."""
+    url = tmp_path / "compact.zarr"
+    compact = RunStore.open(pipeline.run(toy_config(PAIRS, "gig.images=16"), url).url)
+    arrays = {p for p, n in zgroup(compact).members(max_depth=None) if isinstance(n, zarr.Array)}
+    key = "gig/bisecting_kmeans/layer2.1__layer3.1"
+    assert not [p for p in arrays if p.endswith(("/attribution", "/partial"))]
+    assert {f"{key}/total", f"{key}/gap", f"{key}/edges/source", f"{key}/edges/value", f"{key}/target"} <= arrays
+    assert compact.record("bisecting_kmeans/attribute").compacted["by"] == "bisecting_kmeans/reduce"
+    for pair in _matrices(reference):
+        for name in ("matrix", "total", "gap", "edges/value", "class_top/value"):
+            path = f"gig/bisecting_kmeans/{pair}/{name}"
+            if path in zgroup(reference):
+                assert np.array_equal(zgroup(reference)[path][...], zgroup(compact)[path][...], equal_nan=True), path
+    with pytest.raises(Exception, match="compacted once reduced; set gig.keep_image_attributions"):
+        compact.gig("bisecting_kmeans").read_vectors(("layer2.1", "layer3.1"), compact.units()[0])
+    # The same settings again: everything kept, nothing made again.
+    again = pipeline.run(toy_config(PAIRS, "gig.images=16"), url)
+    assert {d.key.split("/")[-1]: d.action for d in again.decisions}["attribute"] == "keep"
+    assert not [p for p, n in zgroup(url).members(max_depth=None) if p.endswith(("/attribution", "/partial"))]
+    # A reduction that must run again: the attribution is redone first, with the same results.
+    redo = pipeline.run(toy_config(PAIRS, "gig.images=16", "gig.top_edges=8"), url)
+    decision = {d.key.split("/")[-1]: d for d in redo.decisions}["attribute"]
+    assert decision.action == "redo" and "reduce runs again" in decision.reason
+    for pair in _matrices(reference):
+        path = f"gig/bisecting_kmeans/{pair}/matrix"
+        assert np.array_equal(zgroup(reference)[path][...], zgroup(url)[path][...]), path
+    assert zgroup(url)[f"{key}/edges/value"].shape[-1] == 8
+    # Split steps: float64 partial sums while attributing, gone once reduced; the kept vectors
+    # are their sums in float32, the values of the unsplit run up to float32 rounding.
+    split = pipeline.run(toy_config(PAIRS, "gig.images=16", "gig.step_chunks=2", KEEP), tmp_path / "split.zarr",
+                         until="attribute").url
+    assert zgroup(split)[f"{key}/partial"].dtype == np.float64 and zgroup(split)[f"{key}/partial"].chunks[:2] == (1, 16)
+    pipeline.run(toy_config(PAIRS, "gig.images=16", "gig.step_chunks=2", KEEP), split)
+    assert f"{key}/partial" not in zgroup(split)
+    kept = zgroup(split)[f"{key}/attribution"][:16]
+    assert kept.dtype == np.float32 and np.abs(kept).max() > 0
+    assert np.allclose(kept, zgroup(reference)[f"{key}/attribution"][:16], rtol=1e-5, atol=1e-5 * np.abs(kept).max())
 
 
 def test_sigkill_during_attribution_then_resume_gives_the_same_matrices(reference, tmp_path):
@@ -414,10 +459,10 @@ def test_sparse_class_sums_and_top_sources_match_dense():
 
 
 def test_class_conditional_gamma_is_the_mean_over_the_class_images(reference):
-    """Gamma_c^(a->b) rebuilt by brute force from the stored per-image partial sums."""
+    """Gamma_c^(a->b) rebuilt by brute force from the stored per-image GIG."""
     pair, key = ("layer2.1", "layer3.1"), "gig/bisecting_kmeans/layer2.1__layer3.1"
     g = zgroup(reference)
-    partial = g[f"{key}/partial"][...].sum(axis=0)
+    partial = g[f"{key}/attribution"][...].astype(np.float64)
     sources, targets = g[f"{key}/source"][...], g[f"{key}/target"][...]
     labels, prediction, status = g["meta/label"][...], g["meta/prediction"][...], g["meta/status"][...]
     k_a, k_b = g[f"{key}/matrix"].shape
@@ -489,8 +534,8 @@ def test_max_gap_integrates_coarse_targets_again_with_doubled_steps(reference, t
     assert "gig.max_gap" in AttributeStage.key_values(toy_config(PAIRS, "gig.max_gap=0.01"))
     url = tmp_path / "refined.zarr"
     shutil.copytree(reference.url, url)
-    refined = RunStore.open(pipeline.run(toy_config(PAIRS, "gig.images=16", "gig.max_gap=0.01", "gig.max_steps=32"),
-                                         url).url)
+    refined = RunStore.open(pipeline.run(toy_config(PAIRS, "gig.images=16", "gig.max_gap=0.01", "gig.max_steps=32",
+                                                    KEEP), url).url)
     key = "gig/bisecting_kmeans/layer2.1__layer3.1"
     before, after = zgroup(reference), zgroup(refined)
     targets = before[f"{key}/target"][:16]
@@ -502,9 +547,9 @@ def test_max_gap_integrates_coarse_targets_again_with_doubled_steps(reference, t
     coarse = valid & (first_gap > 0.01)
     assert coarse.sum() >= 3 and (valid & ~coarse).sum() >= 3  # both kinds occur in this small run
     assert (steps[valid & ~coarse] == 8).all() and set(np.unique(steps[coarse])) <= {16, 32}
-    # Untouched targets keep their partial sums bitwise; refined ones equal a direct integration
+    # Untouched targets keep their GIG bitwise; refined ones equal a direct integration
     # with the steps they used, and end at or under the gap unless the cap stopped them.
-    partial_before, partial_after = before[f"{key}/partial"][0, :16], after[f"{key}/partial"][0, :16]
+    partial_before, partial_after = before[f"{key}/attribution"][:16], after[f"{key}/attribution"][:16]
     assert np.array_equal(partial_before[valid & ~coarse], partial_after[valid & ~coarse])
     gap = after[f"{key}/gap"][:16]
     assert ((gap[coarse] <= 0.01) | (steps[coarse] == 32)).all()

@@ -2,8 +2,10 @@
 
 Work units are (tap pair, image range, step range, target chunk). Each computes, for every image
 of its range and every target slot of its chunk, the GIG of each of the image's active source
-concepts summed over its steps, and writes that *partial sum* to its own chunk of the pair's
-``partial`` array. The ``reduce`` stage adds them up.
+concepts summed over its steps, and writes it to its own chunk of the pair's ``attribution``
+array (float32), or, when ``gig.step_chunks`` splits the steps, as a *partial sum* (float64) to
+its chunk of ``partial``. The ``reduce`` stage adds them up, then deletes what it no longer needs
+(:meth:`AttributeStage.compact`).
 
 Targets per image: the ``gig.targets`` concepts with the largest code mass (sum of code values
 over positions) at the target tap, or the predicted and the true class for ``logits``.
@@ -28,6 +30,7 @@ from gig_dist.stages.base import (
     Sizes,
     Stage,
     StageWorker,
+    StoreSizes,
     UnitReport,
     WorkUnit,
 )
@@ -77,6 +80,13 @@ class GIGConfig(Section):
     #: ``max_steps``. The steps each target used and its gap at ``steps`` are stored. ``None``: off.
     max_gap: float | None = Field(default=None, gt=0)
     max_steps: int = Field(default=256, ge=1)
+    #: Keep each image's GIG per source concept (float32, images x targets x active sources)
+    #: after the reduction. Off: once reduced, an image keeps its targets, totals, gaps and top
+    #: ``top_edges`` sources per target, and ``gig-dist evaluate`` recomputes the GIG of the
+    #: images it evaluates. The vectors take targets x active sources x 4 B per image and pair
+    #: (``gig-dist plan`` shows them); without them, reducing again after a change
+    #: (``gig.top_edges``, ``gig.images``) redoes the attribution.
+    keep_image_attributions: bool = False
 
     @model_validator(mode="after")
     def _steps_split(self) -> GIGConfig:
@@ -158,7 +168,9 @@ class AttributeStage(Stage):
                    "gig.step_batch", "gig.max_gap", "gig.max_steps")
     coverage_key = "gig.images"
     per_dictionary = True
-    version = 2  # 2: also S(F(X)) - S(F(0)) of the real PFVs, for the kept fraction
+    # 2: also S(F(X)) - S(F(0)) of the real PFVs, for the kept fraction; 3: float32
+    # ``attribution`` instead of float64 ``partial`` when the steps are not split
+    version = 3
     #: The refinement (added after stores were made) counts only while gig.max_gap is set.
     later_keys = {"gig.max_gap": (None, ("gig.max_steps",))}
     unit_noun = "image-pairs"  # an image of one pair (times its step and target chunks, when split)
@@ -172,17 +184,37 @@ class AttributeStage(Stage):
     def pairs(self, facts: Facts) -> list[Pair]:
         return gig_pairs(self.config, list(facts.taps))
 
-    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
+    def specs(self, facts: Facts, sizes: Sizes, compacted: bool = False) -> list[ArraySpec]:
         """Each pair's arrays, as wide as the decomposition says an image's active concepts are
-        (growable: decomposing more images later can only widen them)."""
-        specs = []
+        (growable: decomposing more images later can only widen them). ``compacted``: the
+        reduction deleted the per-source arrays it no longer needs, so they are not made again."""
+        gig, specs = self.config.gig, []
         for pair in self.pairs(facts):
             t = num_targets(self.config, pair[1])
-            specs += attribution_specs(facts, self.dictionary, pair, targets=t,
-                                       target_chunk=self.config.gig.targets_per_unit or t,
-                                       width=max(1, sizes.max_active(pair[0])), step_chunks=self.config.gig.step_chunks,
-                                       refine=self.config.gig.max_gap is not None)
+            specs += attribution_specs(facts, self.dictionary, pair, targets=t, target_chunk=gig.targets_per_unit or t,
+                                       width=max(1, sizes.max_active(pair[0])),
+                                       step_chunks=1 if compacted else gig.step_chunks, refine=gig.max_gap is not None,
+                                       vectors=not compacted or gig.keep_image_attributions)
         return specs
+
+    def arrays(self, store: RunStore) -> list[ArraySpec]:
+        record = store.record(self.progress_key)
+        compacted = record is not None and record.fingerprint is not None and record.compacted is not None
+        return self.specs(store.facts, StoreSizes(store, self.dictionary), compacted=compacted)
+
+    def compact(self, store: RunStore, by: str) -> None:
+        """Once stage ``by`` (the reduction) has all it needs: delete the step ranges' partial
+        sums and, unless ``gig.keep_image_attributions``, the per-source vectors. The record
+        says so first, so that a store stopped half-way is never read as whole."""
+        gig = store.gig(self.dictionary)
+        keep = self.config.gig.keep_image_attributions
+        names = ["partial"] + ([] if keep else ["attribution"])
+        doomed = [pair for pair in self.pairs(store.facts) if any(gig.has(pair, name) for name in names)]
+        if not doomed:
+            return
+        store.mark_compacted(self.progress_key, by, store.record(by).fingerprint)
+        for pair in doomed:
+            gig.compact(pair, self.progress_key, keep_vectors=keep)
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
         gig = self.config.gig
@@ -203,6 +235,20 @@ class AttributeStage(Stage):
 
     def open_worker(self, device: str) -> AttributeWorker:
         return AttributeWorker(self, resolve_device(device))
+
+
+def image_gig(kernel_for, config: Config, index: torch.Tensor, value: torch.Tensor, goals: torch.Tensor,
+              image: torch.Tensor | None, step_range: tuple[int, int] | None = None, endpoints: bool = True):
+    """One image's GIG toward ``goals`` over ``step_range`` (None: all steps), refined per
+    ``gig.max_gap`` (which needs the whole integral): the kernel's result, and with refinement
+    the steps each target used and its gap at ``gig.steps`` (else None, None).
+    ``kernel_for(steps)`` gives the pair's kernel at that many steps."""
+    gig = config.gig
+    result = kernel_for(gig.steps).attribute(index, value, goals, step_range=step_range, endpoints=endpoints,
+                                             image=image)
+    if gig.max_gap is None:
+        return result, None, None
+    return refine(kernel_for, result, index, value, goals, image, gig.steps, gig.max_gap, gig.max_steps)
 
 
 def pair_kernel(model: torch.nn.Module, store: RunStore, concepts, pair: Pair, device: torch.device,
@@ -311,12 +357,10 @@ class AttributeWorker(PairWorker):
             valid = np.flatnonzero(chosen[row] >= 0)
             if len(valid):  # an image without targets (no code mass at b) has nothing to attribute
                 goals = torch.from_numpy(chosen[row, valid].astype(np.int64))
-                result = kernel.attribute(image_index, image_value, goals, step_range=unit.steps,
-                                          endpoints=first_steps, image=images.get(int(row)))
-                if refining:  # max_gap needs step_chunks = 1: this unit holds the whole integral
-                    result, steps_used[row, valid], gap_first[row, valid] = refine(
-                        lambda steps: self._kernel(pair, steps), result, image_index, image_value, goals,
-                        images.get(int(row)), self.config.gig.steps, self.config.gig.max_gap, self.config.gig.max_steps)
+                result, used, first = image_gig(lambda steps: self._kernel(pair, steps), self.config, image_index,
+                                                image_value, goals, images.get(int(row)), unit.steps, first_steps)
+                if refining:
+                    steps_used[row, valid], gap_first[row, valid] = used, first
                 partial[row, valid, : len(active)] = result.attribution.cpu().numpy()[:, active]
                 if result.delta is not None:
                     delta[row, valid] = result.delta.cpu().numpy()

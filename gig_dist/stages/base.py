@@ -291,6 +291,15 @@ def execute_unit(worker: StageWorker, store: RunStore, unit: WorkUnit, progress:
     return dataclasses.replace(report, seconds=time.perf_counter() - started, peak_rss=peak_rss())
 
 
+def consumed_by(record: StageRecord | None, fingerprints: dict[str, tuple[str, Any]]) -> str | None:
+    """The stage that deleted results of this one it had consumed and must now run again (its
+    fingerprint changed since): then this one is redone first. None: nothing to redo."""
+    if record is None or record.compacted is None:
+        return None
+    by = record.compacted["by"]
+    return by if fingerprints.get(by, (None,))[0] != record.compacted["fingerprint"] else None
+
+
 def open_stage(stage: Stage, store: RunStore) -> None:
     """On the driver, before a stage's units: if its fingerprint changed, forget its old results
     (the manifest first); then create its arrays and progress and record the fingerprint."""
@@ -301,16 +310,19 @@ def open_stage(stage: Stage, store: RunStore) -> None:
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"stage {stage.name} cannot run ({len(errors)} problems):\n  " + "\n  ".join(errors))
-    fingerprint, upstream = fingerprints(stage.config)[key]
+    every = fingerprints(stage.config)
+    fingerprint, upstream = every[key]
     record = store.record(key)
-    if record is None or record.fingerprint != fingerprint:
-        store.reset_stage(key, store.owned_arrays(key))
-    kept = record is not None and record.fingerprint == fingerprint and record.finished
+    # Results a later stage consumed and deleted are kept only while that stage's results stand.
+    if record is None or record.fingerprint != fingerprint or consumed_by(record, every):
+        store.reset_stage(key, store.owned_arrays(key))  # also clears the record's fingerprint
+    same = record is not None and record.fingerprint == fingerprint
+    kept = same and record.finished
     store.ensure_arrays(key, stage.arrays(store))
     store.begin_stage(key, StageRecord(fingerprint, dict(upstream), len(stage.plan(store.facts)),
                                        stage.key_values(stage.config), finished=kept and not stage.pending(store),
-                                       seconds=record.seconds if record is not None and record.fingerprint == fingerprint
-                                       else 0.0))
+                                       seconds=record.seconds if same else 0.0,
+                                       compacted=record.compacted if same else None))
 
 
 def close_stage(stage: Stage, store: RunStore) -> None:

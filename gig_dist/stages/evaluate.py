@@ -18,7 +18,7 @@ with one and encoded with the dictionary on the fly) and background; the same fo
 concepts, and each region's share of the pixels.
 
 The orderings (``kernels.evaluation.ORDERINGS``): GIG, read from the attribute stage's per-image
-sums; random; code mass; gradient x code (GIG with one right-rule step). ``evaluate.images = 0``
+sums (computed again, the same way, where the reduction compacted them); random; code mass; gradient x code (GIG with one right-rule step). ``evaluate.images = 0``
 (the default) evaluates nothing: ``gig-dist evaluate DIR`` sets it and runs this stage alone.
 """
 
@@ -46,7 +46,7 @@ from gig_dist.kernels.evaluation import (
 from gig_dist.kernels.gig import GIG, LOGITS
 from gig_dist.models.loading import resolve_transform
 from gig_dist.settings import Section
-from gig_dist.stages.attribute import Pair, PairWorker, gig_pairs, pair_kernel
+from gig_dist.stages.attribute import Pair, PairWorker, gig_pairs, image_gig, pair_kernel
 from gig_dist.stages.base import Progress, Sizes, Stage, UnitReport, WorkUnit
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
@@ -149,6 +149,14 @@ class EvaluateWorker(PairWorker):
                                               rule="right")
         return self._kernels[pair]
 
+    def _gig_kernel(self, pair: Pair, steps: int) -> GIG:
+        """The attribute stage's kernel of ``pair`` at ``steps`` (for compacted stores)."""
+        if (pair, steps) not in self._kernels:
+            self._kernels[pair, steps] = pair_kernel(self.model, self.store, self.concepts, pair, self.device,
+                                                     steps=steps, rule=self.config.gig.rule,
+                                                     step_batch=self.config.gig.step_batch)
+        return self._kernels[pair, steps]
+
     def _image(self, image: int) -> torch.Tensor:
         if self._loader is None:
             self._loader = ImageLoader(resolve_transform(self.config), self.config.dataset.max_image_pixels, 1)
@@ -176,7 +184,9 @@ class EvaluateWorker(PairWorker):
         shape = self.store.taps[source]
         index, value = self.codes.read(source, r)
         parts = self.gig.read_unit(pair, r)
-        summed = parts["partial"].sum(axis=0)  # (n, T, W): every step range
+        # (n, T, W): the attribute stage's sums, or, where the reduction compacted them, the same
+        # GIG computed again here (gig.keep_image_attributions keeps them).
+        summed = self.gig.read_vectors(pair, r)[0] if self.gig.has_vectors(pair) else None
         chosen, sources = parts["target"], parts["source"]
         slots = 1 if target == LOGITS else min(e.targets, chosen.shape[1])
         points = e.steps + 1
@@ -194,12 +204,18 @@ class EvaluateWorker(PairWorker):
             image = self._image(r.start + row) if kernel.subnet.needs_images else None
             goals = torch.from_numpy(chosen[row, wanted].astype(np.int64)).to(self.device)
             one_step = kernel.attribute(image_index, image_value, goals, image=image).attribution.cpu().numpy()
+            if summed is not None:
+                image_gig_values = summed[row, wanted]
+            else:  # the attribute stage's computation, rounded to float32 as it stores it
+                again = image_gig(lambda steps: self._gig_kernel(pair, steps), self.config, image_index, image_value,
+                                  goals, image)[0].attribution.cpu().numpy()
+                image_gig_values = again[:, sources[row][sources[row] >= 0]].astype(np.float32).astype(np.float64)
             mass = code_mass(index[row], value[row], k)
             noise = random_scores(k, e.seed, r.start + row)
             for j, s in enumerate(wanted):
                 gig = np.zeros(k)
                 present = sources[row] >= 0
-                gig[sources[row][present]] = summed[row, s][present]
+                gig[sources[row][present]] = image_gig_values[j, : present.sum()]
                 m = int(chosen[row, s])
                 if target == LOGITS:
                     readout = class_probability(m)

@@ -1,9 +1,10 @@
 """Stage ``reduce``: the attribute stage's partial sums into per-image results and the dataset
 Gamma matrices (method.md section 6), as a fixed tree over image units.
 
-Units are (pair, block of ``BLOCK_UNITS`` store units) and run in parallel. Each adds the
-partial sums of its images' step ranges in step order, writes their totals, completeness gaps
-and top edges, and its block's matrix sum (images added in image order, float64). When every
+Units are (pair, block of ``BLOCK_UNITS`` store units) and run in parallel. Each reads its
+images' GIG per source (the step ranges' partial sums added in step order, rounded to float32 as
+unsplit runs store them), writes their totals, completeness gaps and top edges, and its block's
+matrix sum (images added in image order, float64). When every
 block is done, :meth:`ReduceStage.finish` adds the blocks in block order and divides: so the
 matrices do not depend on where or in what order units ran.
 
@@ -11,7 +12,8 @@ For pairs between concepts, each block also writes its sums per class (sparse: t
 target concepts each image of the class attributed), and ``finish`` adds those up class group by
 class group into the class-conditional Gamma_c^(a->b) the class graphs read: per class and
 target concept its ``gig.top_edges`` strongest sources. No step holds more than one block's
-entries, or one class group's.
+entries, or one class group's. Then the per-source arrays of the attribute stage are deleted,
+unless ``gig.keep_image_attributions``.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ class ReduceStage(Stage):
     name = "reduce"
     reads = ("attribute",)
     # Which images were attributed decides the dataset means, so gig.images is a result key here.
-    result_keys = ("gig.top_edges", "gig.images")
+    result_keys = ("gig.top_edges", "gig.images", "gig.keep_image_attributions")
     per_dictionary = True
     coverage_key = "gig.images"
-    version = 2  # 2: class-conditional Gamma of concept pairs
+    version = 3  # 2: class-conditional Gamma of concept pairs; 3: from float32 per-image GIG, then compacted
     unit_noun = "blocks"
 
     def pairs(self, facts: Facts) -> list[Pair]:
@@ -130,6 +132,8 @@ class ReduceStage(Stage):
                 **kept_summary(np.concatenate(kept) if kept else np.zeros(0)),
                 "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1],
                 **(refinement_summary(np.concatenate(steps), np.concatenate(first)) if refined and steps else {})})
+        # Everything the matrices need is reduced: the per-source arrays go (unless kept).
+        AttributeStage(self.config, self.store_url).compact(store, self.progress_key)
 
     def finish_classes(self, store: RunStore, gig, pair: Pair, blocks: list[int], units: list[ImageRange]) -> None:
         """The class-conditional Gamma: each class group's block sums added in block order,
@@ -175,7 +179,8 @@ class ReduceWorker(StageWorker):
         images = 0
         entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = [] if pair[1] != LOGITS else None
         for r in self.stage.store_units_in(self.store, [unit]):
-            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, matrix, count, entries)
+            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, matrix, count, entries,
+                                  keep_vectors=self.config.gig.keep_image_attributions)
         self.gig.write_block(pair, block, matrix, count)
         if entries is not None:
             columns = [np.concatenate([e[i] for e in entries]) if entries else np.zeros(0, dtype=np.int64)
@@ -188,20 +193,22 @@ class ReduceWorker(StageWorker):
 
 
 def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int, matrix: np.ndarray,
-                count: np.ndarray, entries: list | None = None) -> int:
+                count: np.ndarray, entries: list | None = None, keep_vectors: bool = False) -> int:
     """Per-image results of store unit ``r``, and its images added into ``matrix``/``count`` in
     image order; with ``entries``, each image's (class, source * K_b + target, GIG) appended
-    to it. Returns the number of processed images."""
+    to it; ``keep_vectors``: the step ranges' sums are kept as the images' float32 vectors.
+    Returns the number of processed images."""
     source, target = pair
     parts = gig.read_unit(pair, r)
-    summed = parts["partial"][0].copy()
-    for s in range(1, len(parts["partial"])):  # always in step order
-        summed += parts["partial"][s]
+    # float32 values, whatever the step split; their sums (completeness) before the rounding
+    summed, exact = gig.read_vectors(pair, r)
+    if keep_vectors and gig.has(pair, "partial"):
+        gig.write_vectors(pair, r, summed, exact)
     sources, chosen, delta = parts["source"], parts["target"], parts["delta"]
     status, prediction = store.meta.read_status(r)
     _, labels = store.meta.read_index(r)
     valid = chosen >= 0
-    total = np.where(valid, summed.sum(axis=2), np.nan)
+    total = np.where(valid, exact, np.nan)
     gap = completeness_gap(total, delta)
     kept = np.where(valid, kept_fraction(delta, parts["delta_real"]), np.nan)
     order = np.argsort(-summed, axis=2, kind="stable")[:, :, :top_edges]

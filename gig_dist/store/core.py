@@ -119,6 +119,10 @@ class StageRecord:
     finished: bool = False
     #: Wall-clock seconds its runs took, added up over resumes (0 when kept from before).
     seconds: float = 0.0
+    #: Set when a later stage deleted results of this one it had consumed (``{"by": key,
+    #: "fingerprint": ...}``, the consumer's fingerprint then): should that stage have to run
+    #: again, this one is redone first.
+    compacted: dict[str, str] | None = None
 
 
 @dataclass
@@ -463,6 +467,7 @@ class RunStore:
         progress and its arrays go."""
         if key in self.manifest.stages:
             self.manifest.stages[key].fingerprint = None
+            self.manifest.stages[key].compacted = None
             self.save_manifest()
         for path in [f"progress/{key}", *arrays]:
             self.delete(path, key)
@@ -478,6 +483,11 @@ class RunStore:
         if key in self.manifest.stages:
             self.manifest.stages[key].seconds += seconds
             self.save_manifest()
+
+    def mark_compacted(self, key: str, by: str, fingerprint: str) -> None:
+        """Stage ``key``'s results were partly deleted by stage ``by`` (fingerprint ``fingerprint``)."""
+        self.manifest.stages[key].compacted = {"by": by, "fingerprint": fingerprint}
+        self.save_manifest()
 
     def finish_stage(self, key: str) -> None:
         self.manifest.stages[key].finished = True

@@ -5,9 +5,14 @@ classes). Written by the attribute stage:
 
     source  (image, source_slot)     int32 each image's active source concepts (-1 pad)
     target  (image, target_slot)     int32 its targets (top code mass at b, or predicted and true class)
+    sum     (image, target_slot)     float64 sum_k GIG before the float32 rounding of ``attribution``
     delta   (image, target_slot)     float64 S(F(X~)) - S(F(0))
     delta_real (image, target_slot)  float64 S(F(X)) - S(F(0)) of the stored (real) PFVs
-    partial (step_chunk, image, target_slot, source_slot) float64 per-step-range sums of GIG
+    attribution (image, target_slot, source_slot) float32  each image's GIG per source slot,
+                                     summed over the steps (written here when ``gig.step_chunks``
+                                     is 1, by the reduce stage from ``partial`` otherwise)
+    partial (step_chunk, image, target_slot, source_slot) float64 per-step-range sums of GIG,
+                                     only when ``gig.step_chunks`` > 1
     steps, gap_first (image, target_slot)  with ``gig.max_gap`` only: the steps each target's
                                      integral used, and its relative gap at ``gig.steps``
 
@@ -31,7 +36,11 @@ over the images of class c only), reduced per class:
                                         concept its strongest sources (value: the class mean)
     class_count     (class,)            the images of each class the means are over
 
-``<target>`` is ``target_concept`` or ``class``. ``gig/<dict>/graphs (class,)`` holds one JSON
+``<target>`` is ``target_concept`` or ``class``.
+
+Once the reduce stage is done, ``partial`` and (unless ``gig.keep_image_attributions``)
+``attribution`` are deleted: what stays per image is its targets, sources, totals, gaps and
+top edges (:meth:`GIGSection.compact`). ``gig/<dict>/graphs (class,)`` holds one JSON
 class graph per class (method.md section 6), written by the graphs stage.
 """
 
@@ -57,14 +66,25 @@ def _target_dim(target: str) -> str:
 
 
 def attribution_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, target_chunk: int, width: int,
-                      step_chunks: int, refine: bool = False) -> list[ArraySpec]:
+                      step_chunks: int, refine: bool = False, vectors: bool = True) -> list[ArraySpec]:
+    """A pair's attribution arrays; ``vectors=False`` leaves out the per-source ones (``partial``,
+    ``attribution``), for a store whose vectors were compacted."""
     base, n, unit = f"gig/{dictionary}/{pair_key(*pair)}", facts.num_images, facts.images_per_unit
     refined = [
         ArraySpec(f"{base}/steps", (n, targets), "int32", ("image", "target_slot"), (unit, target_chunk), fill_value=0),
         ArraySpec(f"{base}/gap_first", (n, targets), "float64", ("image", "target_slot"), (unit, target_chunk),
                   fill_value=np.nan),
     ] if refine else []
-    return refined + [
+    per_source = [ArraySpec(f"{base}/attribution", (n, targets, width), "float32",
+                            ("image", "target_slot", "source_slot"), (unit, target_chunk, width), fill_value=0.0,
+                            growable=True)] if vectors else []
+    if vectors and step_chunks > 1:
+        per_source.append(ArraySpec(f"{base}/partial", (step_chunks, n, targets, width), "float64",
+                                    ("step_chunk", "image", "target_slot", "source_slot"),
+                                    (1, unit, target_chunk, width), fill_value=0.0, growable=True))
+    return refined + per_source + [
+        ArraySpec(f"{base}/sum", (n, targets), "float64", ("image", "target_slot"), (unit, target_chunk),
+                  fill_value=np.nan),
         ArraySpec(f"{base}/source", (n, width), "int32", ("image", "source_slot"), (unit, width), fill_value=-1,
                   growable=True),
         ArraySpec(f"{base}/target", (n, targets), "int32", ("image", "target_slot"), (unit, target_chunk),
@@ -73,9 +93,6 @@ def attribution_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int
                   fill_value=np.nan),
         ArraySpec(f"{base}/delta_real", (n, targets), "float64", ("image", "target_slot"), (unit, target_chunk),
                   fill_value=np.nan),
-        ArraySpec(f"{base}/partial", (step_chunks, n, targets, width), "float64",
-                  ("step_chunk", "image", "target_slot", "source_slot"), (1, unit, target_chunk, width),
-                  fill_value=0.0, growable=True),
     ]
 
 
@@ -148,12 +165,17 @@ class GIGSection:
                    partial: np.ndarray, sources: np.ndarray | None, chosen: np.ndarray | None,
                    delta: np.ndarray | None, delta_real: np.ndarray | None,
                    refined: dict[str, np.ndarray] | None = None) -> None:
-        """One attribution unit: its chunk of partial sums (step range ``step_chunk``, images
-        ``r``, target slots ``targets``); the unit of the first step range also writes the chosen
+        """One attribution unit: its GIG sums (step range ``step_chunk``, images ``r``, target
+        slots ``targets``): into ``partial`` when the steps are split, else, whole, into
+        ``attribution`` (float32). The unit of the first step range also writes the chosen
         targets and the completeness endpoints, and with the first target slots the sources."""
         sl = self.store.unit_slice(r)
         t = slice(*targets)
-        self.store.array(self._path(pair, "partial"))[step_chunk, sl, t, : partial.shape[-1]] = partial
+        if self.store.has(self._path(pair, "partial")):
+            self.store.array(self._path(pair, "partial"))[step_chunk, sl, t, : partial.shape[-1]] = partial
+        else:
+            self.store.array(self._path(pair, "attribution"))[sl, t, : partial.shape[-1]] = partial.astype(np.float32)
+            self.store.array(self._path(pair, "sum"))[sl, t] = partial.sum(axis=-1)
         if chosen is not None:
             self.store.array(self._path(pair, "target"))[sl, t] = chosen
             self.store.array(self._path(pair, "delta"))[sl, t] = delta
@@ -163,6 +185,42 @@ class GIGSection:
         if sources is not None:
             self.store.array(self._path(pair, "source"))[sl, : sources.shape[1]] = sources
 
+    def has(self, pair: Pair, name: str) -> bool:
+        return self.store.has(self._path(pair, name))
+
+    def has_vectors(self, pair: Pair) -> bool:
+        """Whether the store still holds the pair's per-source GIG of each image (not compacted)."""
+        return self.store.has(self._path(pair, "partial")) or self.store.has(self._path(pair, "attribution"))
+
+    def read_vectors(self, pair: Pair, r: ImageRange) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's GIG per (target slot, source slot) (n, T, W), as the float32 values the
+        store keeps (the step ranges' partial sums added in step order, or the whole sums as
+        stored), and its sum over the sources before that rounding (n, T), float64."""
+        if self.store.has(self._path(pair, "partial")):
+            partial = self.store.array(self._path(pair, "partial"))[:, r.start : r.stop]
+            summed = partial[0].copy()
+            for s in range(1, len(partial)):  # always in step order
+                summed += partial[s]
+            return summed.astype(np.float32).astype(np.float64), summed.sum(axis=-1)
+        if not self.store.has(self._path(pair, "attribution")):
+            raise StoreError(f"{self.store.url}: the per-source GIG of {pair[0]} -> {pair[1]} was compacted once "
+                             "reduced; set gig.keep_image_attributions to keep it")
+        return (self.store.array(self._path(pair, "attribution"))[r.start : r.stop].astype(np.float64),
+                self.store.array(self._path(pair, "sum"))[r.start : r.stop])
+
+    def write_vectors(self, pair: Pair, r: ImageRange, vectors: np.ndarray, sums: np.ndarray) -> None:
+        """The whole sums of a unit's images, and their sums over sources (the reduce stage, when
+        the steps were split)."""
+        sl = self.store.unit_slice(r)
+        self.store.array(self._path(pair, "attribution"))[sl, :, : vectors.shape[-1]] = vectors.astype(np.float32)
+        self.store.array(self._path(pair, "sum"))[sl] = sums
+
+    def compact(self, pair: Pair, owner: str, keep_vectors: bool) -> None:
+        """Delete the per-source arrays the reduction no longer needs: ``partial``, and
+        ``attribution`` unless ``keep_vectors``."""
+        for name in ["partial"] + ([] if keep_vectors else ["attribution"]):
+            self.store.delete(self._path(pair, name), owner)
+
     def has_refinement(self, pair: Pair) -> bool:
         return self.store.has(self._path(pair, "steps"))
 
@@ -171,10 +229,9 @@ class GIGSection:
         return {name: self.store.array(self._path(pair, name))[r.start : r.stop] for name in ("steps", "gap_first")}
 
     def read_unit(self, pair: Pair, r: ImageRange) -> dict[str, np.ndarray]:
-        """Partial sums (S, n, T, W), sources, targets and deltas of images ``r``."""
-        return {"partial": self.store.array(self._path(pair, "partial"))[:, r.start : r.stop],
-                **{name: self.store.array(self._path(pair, name))[r.start : r.stop]
-                   for name in ("source", "target", "delta", "delta_real")}}
+        """Sources, targets and deltas of images ``r``."""
+        return {name: self.store.array(self._path(pair, name))[r.start : r.stop]
+                for name in ("source", "target", "delta", "delta_real")}
 
     # -- reduce --------------------------------------------------------------------------------------
 
