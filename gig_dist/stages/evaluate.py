@@ -46,7 +46,13 @@ from gig_dist.kernels.evaluation import (
 from gig_dist.kernels.gig import GIG, LOGITS
 from gig_dist.models.loading import resolve_transform
 from gig_dist.settings import Section
-from gig_dist.stages.attribute import Pair, PairWorker, gig_pairs, image_gig, pair_kernel
+from gig_dist.stages.attribute import (
+    Pair,
+    PairWorker,
+    gig_pairs,
+    image_gig,
+    pair_kernel,
+)
 from gig_dist.stages.base import Progress, Sizes, Stage, UnitReport, WorkUnit
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
