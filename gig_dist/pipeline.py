@@ -108,10 +108,10 @@ def decide(store: RunStore, config: Config, stages: list[type[Stage]]) -> list[D
         if record is None:
             decisions[key] = Decision(key, "new", f"{len(covered)} units", 0, len(covered))
             continue
-        consumer = consumed_by(record, prints)
+        consumer = consumed_by(store, config, record)
         if record.fingerprint != fingerprint or redone_inputs or consumer:
             if consumer and record.fingerprint == fingerprint:
-                why = f"{consumer} runs again and needs what it deleted after its last run"
+                why = f"{consumer} must read again the per-image results it deleted once it had them"
             elif redone_inputs:
                 why = f"its input {', '.join(redone_inputs)} is recomputed"
             elif record.fingerprint is None:
@@ -120,10 +120,14 @@ def decide(store: RunStore, config: Config, stages: list[type[Stage]]) -> list[D
                 why = _changed(record.keys, stage.key_values(config)) or "its inputs changed"
             decisions[key] = Decision(key, "redo", why, 0, len(covered))
             continue
-        done = store.done_units(key)
-        todo = sum(1 for u in covered if not (u.index < len(done) and done[u.index]))
+        todo = len(stage.pending(store))
         finished = len(covered) - todo
-        if todo == 0:
+        if todo == 0 and not stage.final_is_current(store):
+            why = f"{finished} units done; its final step again"
+            if stage.coverage_key:
+                why += f" ({stage.coverage_key} = {stage.coverage_value(config)})"
+            decisions[key] = Decision(key, "resume", why, finished, 0)
+        elif todo == 0:
             decisions[key] = Decision(key, "keep", f"{finished} units done", finished, 0)
         else:
             why = f"{finished} of {len(covered)} units done, {todo} to run"

@@ -293,45 +293,54 @@ def test_reduced_matrices_do_not_depend_on_the_split(reference, tmp_path, split)
 
 def test_per_source_gig_is_deleted_once_reduced_and_redone_only_when_the_reduction_needs_it(reference, tmp_path):
     """By default the reduction deletes each image's per-source GIG (the largest per-image
-    arrays) and keeps its targets, totals, gaps and top edges: the matrices are bitwise those of a
-    run that keeps them. A rerun keeps the attribution; one whose reduction must run again (here
-    gig.top_edges) redoes it first rather than reducing zeros."""
+    arrays) once its block is in the sums, and keeps its targets, totals, gaps and top edges:
+    the matrices are bitwise those of a reduction that keeps them. A rerun keeps the
+    attribution; one whose reduction must read them again (here gig.top_edges) redoes it first
+    rather than reducing zeros."""
     url = tmp_path / "compact.zarr"
-    compact = RunStore.open(pipeline.run(toy_config(PAIRS, "gig.images=16"), url).url)
-    arrays = {p for p, n in zgroup(compact).members(max_depth=None) if isinstance(n, zarr.Array)}
+    every = ("gig.images=40",)  # the one reduce block (16 units of 16 images) whole
+    kept = RunStore.open(pipeline.run(toy_config(PAIRS, *every, KEEP), url).url)
     key = "gig/bisecting_kmeans/layer2.1__layer3.1"
-    assert not [p for p in arrays if p.endswith(("/attribution", "/partial"))]
-    assert {f"{key}/total", f"{key}/gap", f"{key}/edges/source", f"{key}/edges/value", f"{key}/target"} <= arrays
-    assert compact.record("bisecting_kmeans/attribute").compacted["by"] == "bisecting_kmeans/reduce"
-    for pair in _matrices(reference):
-        for name in ("matrix", "total", "gap", "edges/value", "class_top/value"):
-            path = f"gig/bisecting_kmeans/{pair}/{name}"
-            if path in zgroup(reference):
-                assert np.array_equal(zgroup(reference)[path][...], zgroup(compact)[path][...], equal_nan=True), path
-    with pytest.raises(Exception, match="compacted once reduced; set gig.keep_image_attributions"):
+    names = ("matrix", "total", "gap", "edges/value", "class_top/value")
+    before = {f"{pair}/{name}": zgroup(kept)[f"gig/bisecting_kmeans/{pair}/{name}"][...] for pair in _matrices(kept)
+              for name in names if f"gig/bisecting_kmeans/{pair}/{name}" in zgroup(kept)}
+    vectors = zgroup(kept)[f"{key}/attribution"][...]
+    assert np.abs(vectors).max() > 0 and kept.record("bisecting_kmeans/attribute").compacted is None
+    # Not kept: the reduction runs again (its setting changed), the attribution is kept, and
+    # the per-source GIG goes once reduced.
+    report = pipeline.run(toy_config(PAIRS, *every), url)
+    actions = {d.key.split("/")[-1]: d.action for d in report.decisions}
+    assert actions["attribute"] == "keep" and actions["reduce"] == "redo"
+    compact = RunStore.open(str(url))
+    assert compact.record("bisecting_kmeans/attribute").compacted["images"] == 40
+    for path, values in before.items():
+        assert np.array_equal(values, zgroup(compact)[f"gig/bisecting_kmeans/{path}"][...], equal_nan=True), path
+    for pair in _matrices(kept):
+        for name in ("attribution", "sum"):
+            assert zgroup(compact)[f"gig/bisecting_kmeans/{pair}/{name}"].nchunks_initialized == 0, (pair, name)
+    with pytest.raises(Exception, match="was deleted once reduced; set gig.keep_image_attributions"):
         compact.gig("bisecting_kmeans").read_vectors(("layer2.1", "layer3.1"), compact.units()[0])
     # The same settings again: everything kept, nothing made again.
-    again = pipeline.run(toy_config(PAIRS, "gig.images=16"), url)
-    assert {d.key.split("/")[-1]: d.action for d in again.decisions}["attribute"] == "keep"
-    assert not [p for p, n in zgroup(url).members(max_depth=None) if p.endswith(("/attribution", "/partial"))]
-    # A reduction that must run again: the attribution is redone first, with the same results.
-    redo = pipeline.run(toy_config(PAIRS, "gig.images=16", "gig.top_edges=8"), url)
+    again = pipeline.run(toy_config(PAIRS, *every), url)
+    assert all(d.action == "keep" for d in again.decisions), again.decisions
+    # A reduction that must read them again: the attribution is redone first, same results.
+    redo = pipeline.run(toy_config(PAIRS, *every, "gig.top_edges=8"), url)
     decision = {d.key.split("/")[-1]: d for d in redo.decisions}["attribute"]
-    assert decision.action == "redo" and "reduce runs again" in decision.reason
-    for pair in _matrices(reference):
-        path = f"gig/bisecting_kmeans/{pair}/matrix"
-        assert np.array_equal(zgroup(reference)[path][...], zgroup(url)[path][...]), path
+    assert decision.action == "redo" and "must read again" in decision.reason
+    for pair in _matrices(kept):
+        path = f"{pair}/matrix"
+        assert np.array_equal(before[path], zgroup(url)[f"gig/bisecting_kmeans/{path}"][...]), path
     assert zgroup(url)[f"{key}/edges/value"].shape[-1] == 8
     # Split steps: float64 partial sums while attributing, gone once reduced; the kept vectors
     # are their sums in float32, the values of the unsplit run up to float32 rounding.
-    split = pipeline.run(toy_config(PAIRS, "gig.images=16", "gig.step_chunks=2", KEEP), tmp_path / "split.zarr",
+    split = pipeline.run(toy_config(PAIRS, *every, "gig.step_chunks=2", KEEP), tmp_path / "split.zarr",
                          until="attribute").url
     assert zgroup(split)[f"{key}/partial"].dtype == np.float64 and zgroup(split)[f"{key}/partial"].chunks[:2] == (1, 16)
-    pipeline.run(toy_config(PAIRS, "gig.images=16", "gig.step_chunks=2", KEEP), split)
-    assert f"{key}/partial" not in zgroup(split)
-    kept = zgroup(split)[f"{key}/attribution"][:16]
-    assert kept.dtype == np.float32 and np.abs(kept).max() > 0
-    assert np.allclose(kept, zgroup(reference)[f"{key}/attribution"][:16], rtol=1e-5, atol=1e-5 * np.abs(kept).max())
+    pipeline.run(toy_config(PAIRS, *every, "gig.step_chunks=2", KEEP), split)
+    assert zgroup(split)[f"{key}/partial"].nchunks_initialized == 0
+    again = zgroup(split)[f"{key}/attribution"][...]
+    assert again.dtype == np.float32
+    assert np.allclose(again, vectors, rtol=1e-5, atol=1e-5 * np.abs(vectors).max())
 
 
 def test_sigkill_during_attribution_then_resume_gives_the_same_matrices(reference, tmp_path):

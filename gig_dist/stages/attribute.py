@@ -3,9 +3,9 @@
 Work units are (tap pair, image range, step range, target chunk). Each computes, for every image
 of its range and every target slot of its chunk, the GIG of each of the image's active source
 concepts summed over its steps, and writes it to its own chunk of the pair's ``attribution``
-array (float32), or, when ``gig.step_chunks`` splits the steps, as a *partial sum* (float64) to
-its chunk of ``partial``. The ``reduce`` stage adds them up, then deletes what it no longer needs
-(:meth:`AttributeStage.compact`).
+array (float32, with their float64 sum over sources), or, when ``gig.step_chunks`` splits the
+steps, as a *partial sum* (float64) to its chunk of ``partial``. The ``reduce`` stage adds them
+up, then deletes what it no longer needs (see there).
 
 Targets per image: the ``gig.targets`` concepts with the largest code mass (sum of code values
 over positions) at the target tap, or the predicted and the true class for ``logits``.
@@ -30,7 +30,6 @@ from gig_dist.stages.base import (
     Sizes,
     Stage,
     StageWorker,
-    StoreSizes,
     UnitReport,
     WorkUnit,
 )
@@ -184,37 +183,16 @@ class AttributeStage(Stage):
     def pairs(self, facts: Facts) -> list[Pair]:
         return gig_pairs(self.config, list(facts.taps))
 
-    def specs(self, facts: Facts, sizes: Sizes, compacted: bool = False) -> list[ArraySpec]:
+    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         """Each pair's arrays, as wide as the decomposition says an image's active concepts are
-        (growable: decomposing more images later can only widen them). ``compacted``: the
-        reduction deleted the per-source arrays it no longer needs, so they are not made again."""
+        (growable: decomposing more images later can only widen them)."""
         gig, specs = self.config.gig, []
         for pair in self.pairs(facts):
             t = num_targets(self.config, pair[1])
             specs += attribution_specs(facts, self.dictionary, pair, targets=t, target_chunk=gig.targets_per_unit or t,
-                                       width=max(1, sizes.max_active(pair[0])),
-                                       step_chunks=1 if compacted else gig.step_chunks, refine=gig.max_gap is not None,
-                                       vectors=not compacted or gig.keep_image_attributions)
+                                       width=max(1, sizes.max_active(pair[0])), step_chunks=gig.step_chunks,
+                                       refine=gig.max_gap is not None)
         return specs
-
-    def arrays(self, store: RunStore) -> list[ArraySpec]:
-        record = store.record(self.progress_key)
-        compacted = record is not None and record.fingerprint is not None and record.compacted is not None
-        return self.specs(store.facts, StoreSizes(store, self.dictionary), compacted=compacted)
-
-    def compact(self, store: RunStore, by: str) -> None:
-        """Once stage ``by`` (the reduction) has all it needs: delete the step ranges' partial
-        sums and, unless ``gig.keep_image_attributions``, the per-source vectors. The record
-        says so first, so that a store stopped half-way is never read as whole."""
-        gig = store.gig(self.dictionary)
-        keep = self.config.gig.keep_image_attributions
-        names = ["partial"] + ([] if keep else ["attribution"])
-        doomed = [pair for pair in self.pairs(store.facts) if any(gig.has(pair, name) for name in names)]
-        if not doomed:
-            return
-        store.mark_compacted(self.progress_key, by, store.record(by).fingerprint)
-        for pair in doomed:
-            gig.compact(pair, self.progress_key, keep_vectors=keep)
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
         gig = self.config.gig

@@ -280,6 +280,11 @@ class Stage(ABC):
     def finish(self, store: RunStore) -> None:  # noqa: B027 - optional hook
         """Run on the driver once every unit is done (a fixed-order final combination)."""
 
+    def final_is_current(self, store: RunStore) -> bool:
+        """Whether the last :meth:`finish` was made for the coverage asked for now (a stage whose
+        final step depends on its coverage says so here; a change makes it run again)."""
+        return True
+
 
 def execute_unit(worker: StageWorker, store: RunStore, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
     """Run ``unit`` and commit it: its data first, then its completion marker."""
@@ -291,13 +296,21 @@ def execute_unit(worker: StageWorker, store: RunStore, unit: WorkUnit, progress:
     return dataclasses.replace(report, seconds=time.perf_counter() - started, peak_rss=peak_rss())
 
 
-def consumed_by(record: StageRecord | None, fingerprints: dict[str, tuple[str, Any]]) -> str | None:
-    """The stage that deleted results of this one it had consumed and must now run again (its
-    fingerprint changed since): then this one is redone first. None: nothing to redo."""
+def consumed_by(store: RunStore, config: Config, record: StageRecord | None) -> str | None:
+    """The later stage that deleted results of this one once it had them in its own, and must
+    now read some of them again: its fingerprint changed (it redoes everything), or one of its
+    pending units starts below the images it deleted. Then this stage is redone first. None:
+    nothing to redo."""
+    from gig_dist.stages.registry import by_name, fingerprints
+
     if record is None or record.compacted is None:
         return None
     by = record.compacted["by"]
-    return by if fingerprints.get(by, (None,))[0] != record.compacted["fingerprint"] else None
+    if fingerprints(config).get(by, (None,))[0] != record.compacted["fingerprint"]:
+        return by
+    consumer = by_name(by.rsplit("/", 1)[-1])(config, store.url)
+    deleted = int(record.compacted.get("images", store.num_images))
+    return by if any(unit.start < deleted for unit in consumer.pending(store)) else None
 
 
 def open_stage(stage: Stage, store: RunStore) -> None:
@@ -313,14 +326,15 @@ def open_stage(stage: Stage, store: RunStore) -> None:
     every = fingerprints(stage.config)
     fingerprint, upstream = every[key]
     record = store.record(key)
-    # Results a later stage consumed and deleted are kept only while that stage's results stand.
-    if record is None or record.fingerprint != fingerprint or consumed_by(record, every):
+    # Results a later stage consumed and deleted are kept only while it needs none of them again.
+    if record is None or record.fingerprint != fingerprint or consumed_by(store, stage.config, record):
         store.reset_stage(key, store.owned_arrays(key))  # also clears the record's fingerprint
     same = record is not None and record.fingerprint == fingerprint
     kept = same and record.finished
     store.ensure_arrays(key, stage.arrays(store))
     store.begin_stage(key, StageRecord(fingerprint, dict(upstream), len(stage.plan(store.facts)),
-                                       stage.key_values(stage.config), finished=kept and not stage.pending(store),
+                                       stage.key_values(stage.config),
+                                       finished=kept and not stage.pending(store) and stage.final_is_current(store),
                                        seconds=record.seconds if same else 0.0,
                                        compacted=record.compacted if same else None))
 

@@ -93,7 +93,7 @@ class EvaluateStage(Stage):
     name = "evaluate"
     reads = ("attribute", "reduce")  # per-image GIG for the orderings; the class matrices for ground truth
     result_keys = ("evaluate.steps", "evaluate.targets", "evaluate.seed", "evaluate.ground_truth",
-                   "evaluate.top_concepts", "evaluate.taps")
+                   "evaluate.top_concepts", "evaluate.taps", "gig.images")  # gig.images: the class matrices
     coverage_key = "evaluate.images"
     per_dictionary = True
     unit_noun = "images"
@@ -192,7 +192,7 @@ class EvaluateWorker(PairWorker):
         parts = self.gig.read_unit(pair, r)
         # (n, T, W): the attribute stage's sums, or, where the reduction compacted them, the same
         # GIG computed again here (gig.keep_image_attributions keeps them).
-        summed = self.gig.read_vectors(pair, r)[0] if self.gig.has_vectors(pair) else None
+        summed = self.gig.read_vectors(pair, r)[0] if self.gig.has_vectors(pair, r) else None
         chosen, sources = parts["target"], parts["source"]
         slots = 1 if target == LOGITS else min(e.targets, chosen.shape[1])
         points = e.steps + 1

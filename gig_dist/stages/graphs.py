@@ -72,7 +72,7 @@ def build_graphs(store: RunStore, dictionary: str, pairs: list[Pair], top: int, 
 class GraphStage(Stage):
     name = "graphs"
     reads = ("reduce",)
-    result_keys = ("gig.graph_top", "gig.graph_gamma")
+    result_keys = ("gig.graph_top", "gig.graph_gamma", "gig.images")  # the matrices are means over gig.images
     per_dictionary = True
     unit_noun = "classes"
 

@@ -4,9 +4,11 @@ Gamma matrices (method.md section 6), as a fixed tree over image units.
 Units are (pair, block of ``BLOCK_UNITS`` store units) and run in parallel. Each reads its
 images' GIG per source (the step ranges' partial sums added in step order, rounded to float32 as
 unsplit runs store them), writes their totals, completeness gaps and top edges, and its block's
-matrix sum (images added in image order, float64). When every
-block is done, :meth:`ReduceStage.finish` adds the blocks in block order and divides: so the
-matrices do not depend on where or in what order units ran.
+matrix sum, sparse (the entries its images touch, each key's values added in image order,
+float64): a block holds at most images x sources x targets entries, where a dense K_a x K_b
+block would grow with the dictionaries. When every block is done, :meth:`ReduceStage.finish`
+adds the blocks in block order and divides: so the matrices do not depend on where or in what
+order units ran.
 
 For pairs between concepts, each block also writes its sums per class (sparse: the source and
 target concepts each image of the class attributed), and ``finish`` adds those up class group by
@@ -55,11 +57,15 @@ def image_class(labels: np.ndarray, prediction: np.ndarray) -> np.ndarray:
 class ReduceStage(Stage):
     name = "reduce"
     reads = ("attribute",)
-    # Which images were attributed decides the dataset means, so gig.images is a result key here.
-    result_keys = ("gig.top_edges", "gig.images", "gig.keep_image_attributions")
+    # gig.images is its coverage: a block records the image its sums stop at, and runs again when
+    # that changes; the final step runs again when the covered images change. The stages that
+    # read the matrices (graphs, evaluate) have gig.images among their own result keys.
+    result_keys = ("gig.top_edges", "gig.keep_image_attributions")
     per_dictionary = True
     coverage_key = "gig.images"
-    version = 3  # 2: class-conditional Gamma of concept pairs; 3: from float32 per-image GIG, then compacted
+    # 2: class-conditional Gamma of concept pairs; 3: from float32 per-image GIG, sparse block
+    # sums, per-source GIG deleted once in the sums
+    version = 3
     unit_noun = "blocks"
 
     def pairs(self, facts: Facts) -> list[Pair]:
@@ -71,18 +77,20 @@ class ReduceStage(Stage):
 
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         specs = []
+        block_images = min(BLOCK_UNITS * facts.images_per_unit, facts.num_images)
         for source, target in self.pairs(facts):
             columns = facts.num_outputs if target == LOGITS else sizes.concepts(target)
+            width = max(1, sizes.max_active(source))
+            # an image adds its sources to every target concept, or to its own class only
+            slots = 1 if target == LOGITS else num_targets(self.config, target)
             specs += reduction_specs(facts, self.dictionary, (source, target),
                                      targets=num_targets(self.config, target), edges=self.config.gig.top_edges,
-                                     blocks=len(self.blocks(facts)),
-                                     matrix_shape=(sizes.concepts(source), columns))
+                                     blocks=len(self.blocks(facts)), matrix_shape=(sizes.concepts(source), columns),
+                                     capacity=min(block_images * width * slots, sizes.concepts(source) * columns))
             if target != LOGITS:
-                block_images = min(BLOCK_UNITS * facts.images_per_unit, facts.num_images)
-                width = max(1, sizes.max_active(source))
                 specs += class_specs(facts, self.dictionary, (source, target), blocks=len(self.blocks(facts)),
-                                     capacity=block_images * width * num_targets(self.config, target),
-                                     k_b=columns, edges=self.config.gig.top_edges)
+                                     capacity=block_images * width * slots, k_b=columns,
+                                     edges=self.config.gig.top_edges)
         return specs
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
@@ -92,6 +100,24 @@ class ReduceStage(Stage):
 
     def covers(self, unit: WorkUnit) -> bool:
         return self.config.gig.images is None or unit.start < self.config.gig.images
+
+    def block_stop(self, unit: WorkUnit, facts: Facts) -> int:
+        """The image a block's sums stop at under the current coverage."""
+        return min(unit.stop, self.covered_images(facts))
+
+    def pending(self, store: RunStore) -> list[WorkUnit]:
+        """Blocks not done, and done blocks whose sums stop elsewhere than the coverage asks now."""
+        pending = super().pending(store)
+        gig, facts = store.gig(self.dictionary), store.facts
+        count = len(self.blocks(facts))
+        stops = {pair: gig.block_stops(pair) for pair in self.pairs(facts) if gig.has(pair, "block/stop")}
+        todo = {u.index for u in pending}
+        return pending + [u for u in self.covered_units(facts) if u.index not in todo
+                          and (u.pair not in stops or stops[u.pair][u.index % count] != self.block_stop(u, facts))]
+
+    def final_is_current(self, store: RunStore) -> bool:
+        base = f"gig/{self.dictionary}"
+        return store.has(base) and store.attrs(base).get("reduced_images") == self.covered_images(store.facts)
 
     def open_worker(self, device: str) -> ReduceWorker:
         return ReduceWorker(self)
@@ -106,9 +132,10 @@ class ReduceStage(Stage):
             matrix, count = np.zeros(shape), np.zeros(shape[1], dtype=np.int64)
             images, gaps, kept, steps, first = 0, [], [], [], []
             refined = gig.has_refinement(pair)
+            flat = matrix.reshape(-1)
             for unit in blocks:  # in block order: the fixed second level of the tree
-                block_matrix, block_count = gig.read_block(pair, unit.index % len(self.blocks(store.facts)))
-                matrix += block_matrix
+                keys, values, block_count = gig.read_block(pair, unit.index % len(self.blocks(store.facts)))
+                flat[keys] += values  # each key once per block
                 count += block_count
             for r in self.store_units_in(store, blocks):
                 status, _ = store.meta.read_status(r)
@@ -132,8 +159,30 @@ class ReduceStage(Stage):
                 **kept_summary(np.concatenate(kept) if kept else np.zeros(0)),
                 "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1],
                 **(refinement_summary(np.concatenate(steps), np.concatenate(first)) if refined and steps else {})})
-        # Everything the matrices need is reduced: the per-source arrays go (unless kept).
-        AttributeStage(self.config, self.store_url).compact(store, self.progress_key)
+        store.set_attrs(f"gig/{self.dictionary}", reduced_images=self.covered_images(store.facts))
+        self.compact(store, units)
+
+    def compact(self, store: RunStore, units: list[WorkUnit]) -> None:
+        """Delete the per-source GIG of the images whose blocks are whole in the sums (a block
+        ``gig.images`` ends inside keeps them, for when it grows): the step ranges' partial
+        sums, and, unless ``gig.keep_image_attributions``, the whole sums. The attribute stage's
+        record says so first, so that a reduction that needs them again redoes the attribution
+        (:func:`gig_dist.stages.base.consumed_by`) instead of reading zeros."""
+        facts, gig = store.facts, store.gig(self.dictionary)
+        keep = self.config.gig.keep_image_attributions
+        whole = [u for u in units if self.block_stop(u, facts) == u.stop]
+        if not whole:
+            return
+        deleted = max(u.stop for u in whole)
+        attribute = AttributeStage.key(self.config)
+        if not keep:
+            record = store.record(attribute)
+            done = int(record.compacted["images"]) if record.compacted else 0
+            store.mark_compacted(attribute, self.progress_key, store.record(self.progress_key).fingerprint,
+                                 max(done, deleted))
+        for unit in whole:
+            for r in self.store_units_in(store, [unit]):
+                gig.compact(unit.pair, r, keep_vectors=keep)
 
     def finish_classes(self, store: RunStore, gig, pair: Pair, blocks: list[int], units: list[ImageRange]) -> None:
         """The class-conditional Gamma: each class group's block sums added in block order,
@@ -174,35 +223,39 @@ class ReduceWorker(StageWorker):
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         pair = unit.pair
         block = unit.index % len(self.stage.blocks(self.store.facts))
-        matrix = np.zeros(self.gig.matrix_shape(pair))
-        count = np.zeros(matrix.shape[1], dtype=np.int64)
+        shape = self.gig.matrix_shape(pair)
+        count = np.zeros(shape[1], dtype=np.int64)
         images = 0
-        entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = [] if pair[1] != LOGITS else None
+        entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for r in self.stage.store_units_in(self.store, [unit]):
-            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, matrix, count, entries,
-                                  keep_vectors=self.config.gig.keep_image_attributions)
-        self.gig.write_block(pair, block, matrix, count)
-        if entries is not None:
-            columns = [np.concatenate([e[i] for e in entries]) if entries else np.zeros(0, dtype=np.int64)
-                       for i in range(3)]
-            classes, keys, values = sum_entries(*columns, matrix.size)
+            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, shape, count, entries)
+        classes, keys, values = [np.concatenate([e[i] for e in entries]) if entries else
+                                 np.zeros(0, dtype=np.int64 if i < 2 else np.float64) for i in range(3)]
+        span = shape[0] * shape[1]
+        # The block's sum: each key's values added in image order (bincount adds in the order given).
+        _, block_keys, block_values = sum_entries(np.zeros_like(keys), keys, values, span)
+        self.gig.write_block(pair, block, block_keys, block_values, count, self.stage.block_stop(unit, self.store.facts))
+        if pair[1] != LOGITS:
+            known = classes >= 0
+            classes, keys, values = sum_entries(classes[known], keys[known], values[known], span)
             self.gig.write_class_block(pair, block, keys, values, class_offsets(classes, self.store.facts.num_outputs))
         if progress is not None:
             progress(unit.size)
         return UnitReport(unit.index, images, 0)
 
 
-def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int, matrix: np.ndarray,
-                count: np.ndarray, entries: list | None = None, keep_vectors: bool = False) -> int:
-    """Per-image results of store unit ``r``, and its images added into ``matrix``/``count`` in
-    image order; with ``entries``, each image's (class, source * K_b + target, GIG) appended
-    to it; ``keep_vectors``: the step ranges' sums are kept as the images' float32 vectors.
-    Returns the number of processed images."""
+def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int, shape: tuple[int, int],
+                count: np.ndarray, entries: list) -> int:
+    """Per-image results of store unit ``r``; its images' matrix entries (class, source *
+    columns + column, GIG) appended to ``entries`` in image order, and its images per column
+    added to ``count``. Step ranges' partial sums are added into the images' float32 vectors
+    here. Returns the number of processed images."""
     source, target = pair
     parts = gig.read_unit(pair, r)
     # float32 values, whatever the step split; their sums (completeness) before the rounding
+    whole = gig.has_vectors(pair, r)
     summed, exact = gig.read_vectors(pair, r)
-    if keep_vectors and gig.has(pair, "partial"):
+    if not whole:
         gig.write_vectors(pair, r, summed, exact)
     sources, chosen, delta = parts["source"], parts["target"], parts["delta"]
     status, prediction = store.meta.read_status(r)
@@ -232,10 +285,8 @@ def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int,
             slots = np.flatnonzero(chosen[row] >= 0)
             count[chosen[row, slots]] += 1
         used = sources[row] >= 0
-        for slot in slots:
-            np.add.at(matrix, (sources[row, used], np.full(used.sum(), chosen[row, slot])), summed[row, slot, used])
-        if entries is not None and len(slots) and classes[row] >= 0:
-            keys = sources[row, used][None, :].astype(np.int64) * matrix.shape[1] + chosen[row, slots][:, None]
+        if len(slots):
+            keys = chosen[row, slots][:, None].astype(np.int64) + sources[row, used][None, :].astype(np.int64) * shape[1]
             entries.append((np.full(keys.size, classes[row], dtype=np.int64), keys.ravel(),
                             summed[row][slots][:, used].ravel()))
     return len(processed)

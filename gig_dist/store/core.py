@@ -119,10 +119,10 @@ class StageRecord:
     finished: bool = False
     #: Wall-clock seconds its runs took, added up over resumes (0 when kept from before).
     seconds: float = 0.0
-    #: Set when a later stage deleted results of this one it had consumed (``{"by": key,
-    #: "fingerprint": ...}``, the consumer's fingerprint then): should that stage have to run
-    #: again, this one is redone first.
-    compacted: dict[str, str] | None = None
+    #: Set when a later stage deleted results of this one it had in its own (``{"by": key,
+    #: "fingerprint": its fingerprint then, "images": below which}``): should that stage need
+    #: them again, this one is redone first.
+    compacted: dict[str, Any] | None = None
 
 
 @dataclass
@@ -484,9 +484,10 @@ class RunStore:
             self.manifest.stages[key].seconds += seconds
             self.save_manifest()
 
-    def mark_compacted(self, key: str, by: str, fingerprint: str) -> None:
-        """Stage ``key``'s results were partly deleted by stage ``by`` (fingerprint ``fingerprint``)."""
-        self.manifest.stages[key].compacted = {"by": by, "fingerprint": fingerprint}
+    def mark_compacted(self, key: str, by: str, fingerprint: str, images: int) -> None:
+        """Stage ``key``'s results below image ``images`` are (about to be) deleted by stage
+        ``by``, which has them in its own (fingerprint ``fingerprint``)."""
+        self.manifest.stages[key].compacted = {"by": by, "fingerprint": fingerprint, "images": images}
         self.save_manifest()
 
     def finish_stage(self, key: str) -> None:

@@ -21,7 +21,11 @@ by the reduce stage:
     total, gap      (image, target_slot)        sum_k GIG and the relative completeness gap
     kept            (image, target_slot)        the share of the real change the reconstruction keeps
     edges/source, edges/value (image, target_slot, edge)  the strongest sources per target
-    block_matrix    (block, source_concept, <target>)  each reduce block's sum, in image order
+    block/key, block/value (block, entry)  each reduce block's sum, sparse (key = source *
+                                    columns + column, sorted), images added in image order
+    block/size      (block,)                    its entries
+    block/stop      (block,)                    the image its sums stop at (``gig.images`` may end
+                                                inside a block; -1: not reduced)
     block_count     (block, <target>)           images per column in each block
     matrix          (source_concept, <target>)  the dataset Gamma, blocks added in block order
     count           (<target>,)                 its images per column; attributes: completeness
@@ -38,9 +42,9 @@ over the images of class c only), reduced per class:
 
 ``<target>`` is ``target_concept`` or ``class``.
 
-Once the reduce stage is done, ``partial`` and (unless ``gig.keep_image_attributions``)
-``attribution`` are deleted: what stays per image is its targets, sources, totals, gaps and
-top edges (:meth:`GIGSection.compact`). ``gig/<dict>/graphs (class,)`` holds one JSON
+Once the reduce stage has a block of images in its sums, their ``partial`` and (unless
+``gig.keep_image_attributions``) ``attribution`` and ``sum`` are deleted: what stays per image
+is its targets, sources, totals, gaps and top edges (:meth:`GIGSection.compact`). ``gig/<dict>/graphs (class,)`` holds one JSON
 class graph per class (method.md section 6), written by the graphs stage.
 """
 
@@ -66,9 +70,7 @@ def _target_dim(target: str) -> str:
 
 
 def attribution_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, target_chunk: int, width: int,
-                      step_chunks: int, refine: bool = False, vectors: bool = True) -> list[ArraySpec]:
-    """A pair's attribution arrays; ``vectors=False`` leaves out the per-source ones (``partial``,
-    ``attribution``), for a store whose vectors were compacted."""
+                      step_chunks: int, refine: bool = False) -> list[ArraySpec]:
     base, n, unit = f"gig/{dictionary}/{pair_key(*pair)}", facts.num_images, facts.images_per_unit
     refined = [
         ArraySpec(f"{base}/steps", (n, targets), "int32", ("image", "target_slot"), (unit, target_chunk), fill_value=0),
@@ -77,8 +79,8 @@ def attribution_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int
     ] if refine else []
     per_source = [ArraySpec(f"{base}/attribution", (n, targets, width), "float32",
                             ("image", "target_slot", "source_slot"), (unit, target_chunk, width), fill_value=0.0,
-                            growable=True)] if vectors else []
-    if vectors and step_chunks > 1:
+                            growable=True)]
+    if step_chunks > 1:
         per_source.append(ArraySpec(f"{base}/partial", (step_chunks, n, targets, width), "float64",
                                     ("step_chunk", "image", "target_slot", "source_slot"),
                                     (1, unit, target_chunk, width), fill_value=0.0, growable=True))
@@ -96,10 +98,19 @@ def attribution_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int
     ]
 
 
+#: Entries per chunk of the sparse block sums.
+ENTRY_CHUNK = 1 << 16
+
+
 def reduction_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, edges: int, blocks: int,
-                    matrix_shape: tuple[int, int]) -> list[ArraySpec]:
+                    matrix_shape: tuple[int, int], capacity: int) -> list[ArraySpec]:
+    """The per-image results, and each block's matrix sum, sparse: ``capacity`` bounds one
+    block's entries (images x source slots x target slots that count); only the entries a block
+    has are ever written."""
     base, n, unit = f"gig/{dictionary}/{pair_key(*pair)}", facts.num_images, facts.images_per_unit
     k_a, columns = matrix_shape
+    capacity = max(capacity, 1)
+    chunk = min(ENTRY_CHUNK, capacity)
     dims = ("source_concept", _target_dim(pair[1]))
     return [
         ArraySpec(f"{base}/total", (n, targets), "float64", ("image", "target_slot"), (unit, targets), fill_value=np.nan),
@@ -109,16 +120,14 @@ def reduction_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, 
                   (unit, targets, edges), fill_value=-1),
         ArraySpec(f"{base}/edges/value", (n, targets, edges), "float32", ("image", "target_slot", "edge"),
                   (unit, targets, edges), fill_value=0.0),
-        ArraySpec(f"{base}/block_matrix", (blocks, k_a, columns), "float64", ("block", *dims), (1, k_a, columns),
-                  fill_value=0.0),
+        ArraySpec(f"{base}/block/key", (blocks, capacity), "int64", ("block", "entry"), (1, chunk), fill_value=-1),
+        ArraySpec(f"{base}/block/value", (blocks, capacity), "float64", ("block", "entry"), (1, chunk), fill_value=0.0),
+        ArraySpec(f"{base}/block/size", (blocks,), "int64", ("block",), (1,), fill_value=0),
+        ArraySpec(f"{base}/block/stop", (blocks,), "int64", ("block",), (1,), fill_value=-1),
         ArraySpec(f"{base}/block_count", (blocks, columns), "int64", ("block", dims[1]), (1, columns), fill_value=0),
         ArraySpec(f"{base}/matrix", (k_a, columns), "float64", dims, (k_a, columns), fill_value=0.0),
         ArraySpec(f"{base}/count", (columns,), "int64", (dims[1],), (columns,), fill_value=0),
     ]
-
-
-#: Entries per chunk of the sparse per-class block sums.
-ENTRY_CHUNK = 1 << 16
 
 
 def class_specs(facts: Facts, dictionary: str, pair: Pair, *, blocks: int, capacity: int, k_b: int,
@@ -188,38 +197,54 @@ class GIGSection:
     def has(self, pair: Pair, name: str) -> bool:
         return self.store.has(self._path(pair, name))
 
-    def has_vectors(self, pair: Pair) -> bool:
-        """Whether the store still holds the pair's per-source GIG of each image (not compacted)."""
-        return self.store.has(self._path(pair, "partial")) or self.store.has(self._path(pair, "attribution"))
+    def has_vectors(self, pair: Pair, r: ImageRange) -> bool:
+        """Whether the store holds the whole per-source GIG of images ``r`` (``attribution``, with
+        its ``sum``), rather than only step ranges' partial sums, or nothing (compacted)."""
+        targets = self.store.array(self._path(pair, "target"))[r.start : r.stop]
+        sums = self.store.array(self._path(pair, "sum"))[r.start : r.stop]
+        valid = targets >= 0
+        return bool(np.isfinite(sums[valid]).all())
 
     def read_vectors(self, pair: Pair, r: ImageRange) -> tuple[np.ndarray, np.ndarray]:
         """Each image's GIG per (target slot, source slot) (n, T, W), as the float32 values the
-        store keeps (the step ranges' partial sums added in step order, or the whole sums as
-        stored), and its sum over the sources before that rounding (n, T), float64."""
-        if self.store.has(self._path(pair, "partial")):
-            partial = self.store.array(self._path(pair, "partial"))[:, r.start : r.stop]
-            summed = partial[0].copy()
-            for s in range(1, len(partial)):  # always in step order
-                summed += partial[s]
-            return summed.astype(np.float32).astype(np.float64), summed.sum(axis=-1)
-        if not self.store.has(self._path(pair, "attribution")):
-            raise StoreError(f"{self.store.url}: the per-source GIG of {pair[0]} -> {pair[1]} was compacted once "
-                             "reduced; set gig.keep_image_attributions to keep it")
-        return (self.store.array(self._path(pair, "attribution"))[r.start : r.stop].astype(np.float64),
-                self.store.array(self._path(pair, "sum"))[r.start : r.stop])
+        store keeps, and its sum over the sources before that rounding (n, T), float64: the
+        whole sums where written, else the step ranges' partial sums added in step order."""
+        if self.has_vectors(pair, r):
+            return (self.store.array(self._path(pair, "attribution"))[r.start : r.stop].astype(np.float64),
+                    self.store.array(self._path(pair, "sum"))[r.start : r.stop])
+        reduced = self.store.has(self._path(pair, "total")) and bool(np.isfinite(
+            self.store.array(self._path(pair, "total"))[r.start : r.stop][
+                self.store.array(self._path(pair, "target"))[r.start : r.stop] >= 0]).any())
+        if reduced or not self.store.has(self._path(pair, "partial")):  # reduced, and no whole sums: deleted
+            raise StoreError(f"{self.store.url}: the per-source GIG of {pair[0]} -> {pair[1]}, images "
+                             f"{r.start}:{r.stop}, was deleted once reduced; set gig.keep_image_attributions to "
+                             "keep it")
+        partial = self.store.array(self._path(pair, "partial"))[:, r.start : r.stop]
+        summed = partial[0].copy()
+        for s in range(1, len(partial)):  # always in step order
+            summed += partial[s]
+        return summed.astype(np.float32).astype(np.float64), summed.sum(axis=-1)
 
     def write_vectors(self, pair: Pair, r: ImageRange, vectors: np.ndarray, sums: np.ndarray) -> None:
-        """The whole sums of a unit's images, and their sums over sources (the reduce stage, when
-        the steps were split)."""
+        """The whole sums of a unit's images and their sums over sources (the reduce stage, from
+        the step ranges' partial sums)."""
         sl = self.store.unit_slice(r)
         self.store.array(self._path(pair, "attribution"))[sl, :, : vectors.shape[-1]] = vectors.astype(np.float32)
         self.store.array(self._path(pair, "sum"))[sl] = sums
 
-    def compact(self, pair: Pair, owner: str, keep_vectors: bool) -> None:
-        """Delete the per-source arrays the reduction no longer needs: ``partial``, and
-        ``attribution`` unless ``keep_vectors``."""
-        for name in ["partial"] + ([] if keep_vectors else ["attribution"]):
-            self.store.delete(self._path(pair, name), owner)
+    def compact(self, pair: Pair, r: ImageRange, keep_vectors: bool) -> None:
+        """Delete the per-source GIG of store units ``r`` that the reduction no longer needs:
+        the step ranges' partial sums, and, unless ``keep_vectors``, the whole sums. Writing
+        the fill value deletes the chunks (Zarr writes no empty chunks)."""
+        sl = slice(r.start, r.stop)
+        if self.store.has(self._path(pair, "partial")):
+            partial = self.store.array(self._path(pair, "partial"))
+            partial[:, sl] = np.zeros((partial.shape[0], len(r), *partial.shape[2:]))
+        if not keep_vectors:
+            vectors = self.store.array(self._path(pair, "attribution"))
+            vectors[sl] = np.zeros((len(r), *vectors.shape[1:]), dtype=np.float32)
+            sums = self.store.array(self._path(pair, "sum"))
+            sums[sl] = np.full((len(r), *sums.shape[1:]), np.nan)
 
     def has_refinement(self, pair: Pair) -> bool:
         return self.store.has(self._path(pair, "steps"))
@@ -249,13 +274,28 @@ class GIGSection:
                 for name in ("total", "gap", "kept", "edges/source", "edges/value", "target", "source", "delta",
                              "delta_real")}
 
-    def write_block(self, pair: Pair, block: int, matrix: np.ndarray, count: np.ndarray) -> None:
-        self.store.array(self._path(pair, "block_matrix"))[block] = matrix
+    def write_block(self, pair: Pair, block: int, keys: np.ndarray, values: np.ndarray, count: np.ndarray,
+                    stop: int) -> None:
+        """One block's matrix sum as entries ``key = source * columns + column`` (sorted, each
+        once), its images per column, and the image its sums stop at."""
+        self.store.array(self._path(pair, "block/key"))[block, : len(keys)] = keys
+        self.store.array(self._path(pair, "block/value"))[block, : len(values)] = values
+        self.store.array(self._path(pair, "block/size"))[block] = len(keys)
         self.store.array(self._path(pair, "block_count"))[block] = count
+        self.store.array(self._path(pair, "block/stop"))[block] = stop
 
-    def read_block(self, pair: Pair, block: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.store.array(self._path(pair, "block_matrix"))[block], \
-            self.store.array(self._path(pair, "block_count"))[block]
+    def block_stops(self, pair: Pair) -> np.ndarray:
+        """Per block, the image its sums stop at (-1: not reduced)."""
+        return self.store.array(self._path(pair, "block/stop"))[...]
+
+    def read_block(self, pair: Pair, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A block's entries (keys, values) and its images per column."""
+        size = int(self.store.array(self._path(pair, "block/size"))[block])
+        count = self.store.array(self._path(pair, "block_count"))[block]
+        if size == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0), count
+        return (self.store.array(self._path(pair, "block/key"))[block, :size],
+                self.store.array(self._path(pair, "block/value"))[block, :size], count)
 
     def write_class_block(self, pair: Pair, block: int, keys: np.ndarray, values: np.ndarray,
                           offsets: np.ndarray) -> None:
