@@ -35,7 +35,7 @@ import torch
 
 from gig_dist.config import Config
 from gig_dist.settings import ConfigError
-from gig_dist.stages.base import Sizes, Stage
+from gig_dist.stages.base import Footprint, Sizes, Stage
 from gig_dist.stages.concepts import concept_count
 from gig_dist.stages.registry import stages_until
 from gig_dist.store import ArraySpec, Facts, RunStore
@@ -103,69 +103,11 @@ class PlanSizes(Sizes):
 # -- memory ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Footprint:
-    worker: int
-    driver: int
-    dense: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
-
-
-def _params(facts: Facts) -> int:
-    model = facts.model
-    return 0 if model is None else sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _tap_values(facts: Facts) -> int:
-    return sum(c * h * w for c, h, w in facts.taps.values())
-
-
 def footprint(stage: Stage, facts: Facts, sizes: Sizes, baseline: int = 0) -> Footprint:
-    """Estimated peak bytes of one worker and of the driver while ``stage`` runs, and the dense
-    matrices it holds: ``baseline`` (a process with torch and gig-dist loaded, measured by a
-    calibration) plus formulas, stated here; a calibration measures the real peak beside them."""
-    config, unit = stage.config, facts.images_per_unit
-    model = _params(facts)
-    pfv_item = np.dtype(config.extract.dtype).itemsize
-    name = stage.name
-    dense: list[tuple[str, tuple[int, ...], str]] = []
-    driver = 64 * 2**20
-    if name == "extract":  # the unit's PFVs in memory, a batch's activations in float32 twice
-        worker = model + unit * _tap_values(facts) * pfv_item + 2 * config.extract.batch_size * _tap_values(facts) * 4
-    elif name == "sample":  # SRD: activations and relevances of a batch, the unit's scores
-        worker = 3 * model + 4 * config.sample.batch_size * _tap_values(facts) * 4 + unit * _tap_values(facts) * 4
-    elif name == "concepts":  # every sample of a tap in float32 (twice: read and the fit's copy)
-        worker = 0
-        for tap, (c, h, w) in facts.taps.items():
-            n = facts.num_images * min(config.sample.per_image, h * w)
-            k = sizes.concepts(tap)
-            worker = max(worker, 2 * n * c * 4 + 2 * k * c * 4 + n * 8)
-            dense.append((f"{tap} concept vectors", (k, c), "float32"))
-    elif name == "decompose":  # a unit's PFVs of a tap in float32, its codes, the coder's Gram matrix
-        worker, width = 0, config.decompose.max_nonzero
-        for tap in stage.taps(facts):  # type: ignore[attr-defined]
-            c, h, w = facts.taps[tap]
-            k = sizes.concepts(tap)
-            batch = min(4096, unit * h * w)
-            worker = max(worker, unit * h * w * (c * (4 + pfv_item) + width * 8) + k * k * 8 + k * c * 12
-                         + 3 * batch * k * 8)
-            dense.append((f"{tap} Gram matrix V V^T", (k, k), "float64"))
-    elif name in ("attribute", "evaluate"):  # the model's graph over a batch of steps, twice for grads
-        steps = config.gig.steps
-        worker = 2 * model + 3 * min(steps, 32) * _tap_values(facts) * 4
-        for source in dict.fromkeys(source for source, _ in stage.pairs(facts)):  # type: ignore[attr-defined]
-            dense.append((f"{source} decoder V^T", (facts.taps[source][0], sizes.concepts(source)), "float32"))
-    elif name == "reduce":  # one block's K_a x K_b sums; the driver adds them into the dataset matrix
-        worker = driver = 0
-        for source, target in stage.pairs(facts):  # type: ignore[attr-defined]
-            columns = facts.num_outputs if target == "logits" else sizes.concepts(target)
-            matrix = sizes.concepts(source) * columns * 8
-            worker, driver = max(worker, 2 * matrix), max(driver, 2 * matrix)
-            dense.append((f"{source} -> {target} Gamma", (sizes.concepts(source), columns), "float64"))
-    elif name in ("atlas",):
-        worker = model + unit * _tap_values(facts) * 4
-    else:  # graphs, members: small tables
-        worker = 128 * 2**20
-    return Footprint(int(worker + baseline), int(driver + baseline), dense)
+    """The stage's own estimate (:meth:`Stage.footprint`) plus ``baseline``, a process with torch
+    and gig-dist loaded (measured by a calibration); a calibration measures the real peak beside it."""
+    found = stage.footprint(facts, sizes)
+    return Footprint(int(found.worker + baseline), int(found.driver + baseline), list(found.dense))
 
 
 # -- the plan ------------------------------------------------------------------------------------------
@@ -180,6 +122,8 @@ class ArrayPlan:
     compressed: int
     ratio_from: str  # "calibration" or "raw (no calibration)"
     data_dependent: bool = False
+    #: Deleted by a later stage once consumed: in the run's peak, not in the store it leaves.
+    transient: bool = False
 
 
 @dataclass
@@ -193,11 +137,17 @@ class StagePlan:
 
     @property
     def raw(self) -> int:
-        return sum(a.raw for a in self.arrays)
+        """Raw bytes of the arrays the finished store keeps."""
+        return sum(a.raw for a in self.arrays if not a.transient)
 
     @property
     def compressed(self) -> int:
-        return sum(a.compressed for a in self.arrays)
+        return sum(a.compressed for a in self.arrays if not a.transient)
+
+    @property
+    def transient(self) -> int:
+        """Compressed bytes of the arrays a later stage deletes."""
+        return sum(a.compressed for a in self.arrays if a.transient)
 
 
 @dataclass
@@ -222,10 +172,17 @@ class Plan:
     def compressed(self) -> int:
         return sum(s.compressed for s in self.stages)
 
+    @property
+    def peak(self) -> int:
+        """Compressed bytes at the run's fullest: every transient array exists until the stage
+        that consumes it has finished."""
+        return self.compressed + sum(s.transient for s in self.stages)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "images": self.images, "images_from": self.images_from, "workers": self.workers, "device": self.device,
-            "raw_bytes": self.raw, "compressed_bytes": self.compressed, "problems": self.problems,
+            "raw_bytes": self.raw, "compressed_bytes": self.compressed, "peak_compressed_bytes": self.peak,
+            "problems": self.problems,
             "warnings": self.warnings, "notes": self.notes,
             "stages": [{
                 "stage": s.key, "units": s.units, "raw_bytes": s.raw, "compressed_bytes": s.compressed,
@@ -236,7 +193,7 @@ class Plan:
                 "seconds": s.seconds, "measured": s.measured,
                 "arrays": [{"path": a.path, "shape": list(a.shape), "dtype": a.dtype, "raw_bytes": a.raw,
                             "compressed_bytes": a.compressed, "ratio_from": a.ratio_from,
-                            "data_dependent": a.data_dependent} for a in s.arrays],
+                            "data_dependent": a.data_dependent, "transient": a.transient} for a in s.arrays],
             } for s in self.stages],
         }
 
@@ -322,7 +279,7 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
             arrays.append(ArrayPlan(spec.path, spec.shape, spec.dtype, raw,
                                     int(round(written * ratio)) if ratio is not None else raw,
                                     "calibration" if ratio is not None else "raw (no calibration)",
-                                    wider.get(spec.path, spec.shape) != spec.shape))
+                                    wider.get(spec.path, spec.shape) != spec.shape, spec.transient))
         plan = StagePlan(stage.progress_key, len(units), arrays,
                          footprint(stage, facts, sizes, (calibration or {}).get("baseline_rss", 0)))
         if calibration is not None and stage.progress_key in calibration["stages"]:
@@ -399,8 +356,9 @@ def _limits(plan: Plan, out: str | None, worker_memory: int | None) -> list[str]
         while not where.exists():
             where = where.parent
         free = shutil.disk_usage(where).free
-        if plan.compressed > free:
-            found.append(f"the store needs about {fmt_bytes(plan.compressed)} but {where} has {fmt_bytes(free)} free")
+        if plan.peak > free:
+            found.append(f"the store needs about {fmt_bytes(plan.peak)} at its fullest but {where} has "
+                         f"{fmt_bytes(free)} free")
     return found
 
 
@@ -501,7 +459,9 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
         device = "cpu"
     config = config.model_copy(update={
         "runtime": config.runtime.model_copy(update={"kind": "local", "device": device, "progress": False}),
-        "report": config.report.model_copy(update={"enabled": False})})
+        "report": config.report.model_copy(update={"enabled": False}),
+        # kept, so that their compression is measured (a run deletes them once reduced)
+        "gig": config.gig.model_copy(update={"keep_image_attributions": True})})
     root = Path(tempfile.mkdtemp(prefix="gig-dist-plan-"))
     measured: dict[str, Any] = {}
     baseline = PeakRSS.now()  # a process with torch and gig-dist loaded, before any stage
@@ -604,13 +564,17 @@ def render(plan: Plan, arrays: bool = True) -> str:
             lines.append(f"    dense  {name} {tuple(shape)} {dtype}: {fmt_bytes(nbytes)}")
         if arrays:
             for a in s.arrays:
-                flag = " (data-dependent width)" if a.data_dependent else ""
+                flag = (" (data-dependent width)" if a.data_dependent else "") + \
+                    (" (deleted once reduced)" if a.transient else "")
                 lines.append(f"    {a.path:<48} {str(a.shape):<26} {a.dtype:<8} {fmt_bytes(a.raw):>10} "
                              f"-> {fmt_bytes(a.compressed):>10}{flag}")
     lines.append("-" * len(header))
     total = sum(s.seconds for s in plan.stages if s.seconds is not None) if plan.calibration else None
     lines.append(f"{'total':<26} {'':>7} {fmt_bytes(plan.raw):>11} {fmt_bytes(plan.compressed):>11} "
                  f"{'':>12} {'':>10} {fmt_seconds(total):>9}")
+    if plan.peak > plan.compressed:
+        lines.append(f"{'at its fullest':<26} {'':>7} {'':>11} {fmt_bytes(plan.peak):>11}   (with the per-source GIG, "
+                     "deleted once reduced unless gig.keep_image_attributions)")
     if not plan.calibration:
         lines.append("without --calibrate M (M units of each stage run here first): compressed = raw, no times, and "
                      "<= marks stages whose array widths depend on the data (an image's active concepts, the "

@@ -21,12 +21,15 @@ from gig_dist.kernels.crops import member_crop
 from gig_dist.kernels.ierf import ierfs
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.stages.base import (
+    Footprint,
     Progress,
     Sizes,
     Stage,
     StageWorker,
     UnitReport,
     WorkUnit,
+    model_bytes,
+    tap_values,
 )
 from gig_dist.stages.decompose import decompose_taps
 from gig_dist.stages.extract import resolve_device
@@ -63,6 +66,10 @@ class AtlasStage(Stage):
     def covers(self, unit: WorkUnit) -> bool:
         limit = self.config.decompose.images
         return limit is None or unit.start < limit
+
+    def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
+        """The model, and a unit's activations in float32 for the iERFs."""
+        return Footprint(model_bytes(facts) + facts.images_per_unit * tap_values(facts) * 4)
 
     def open_worker(self, device: str) -> AtlasWorker:
         return AtlasWorker(self, resolve_device(device))

@@ -26,12 +26,15 @@ from gig_dist.kernels.gig import GIG, LOGITS, refine
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
 from gig_dist.stages.base import (
+    Footprint,
     Progress,
     Sizes,
     Stage,
     StageWorker,
     UnitReport,
     WorkUnit,
+    model_bytes,
+    tap_values,
 )
 from gig_dist.stages.concepts import concept_count
 from gig_dist.stages.decompose import decompose_taps
@@ -123,6 +126,18 @@ def gig_pairs(config: Config, taps: list[str]) -> list[Pair]:
     return list(zip(outputs, outputs[1:])) + [(tap, LOGITS) for tap in outputs]
 
 
+def gig_footprint(stage: Stage, facts: Facts, sizes: Sizes) -> Footprint:
+    """A worker running GIG kernels: the model, its graph over a batch of steps (twice, for the
+    gradients), each source tap's decoder V^T, and a unit's per-source GIG in float64."""
+    config = stage.config
+    worker = 2 * model_bytes(facts) + 3 * min(config.gig.steps, 32) * tap_values(facts) * 4
+    dense, vectors = [], 0
+    for source, target in gig_pairs(config, list(facts.taps)):
+        dense.append((f"{source} decoder V^T", (facts.taps[source][0], sizes.concepts(source)), "float32"))
+        vectors = max(vectors, facts.images_per_unit * num_targets(config, target) * max(1, sizes.max_active(source)) * 8)
+    return Footprint(worker + vectors, dense=list(dict.fromkeys(dense)))
+
+
 def check_pairs(config: Config, pairs: list[Pair], order: list[str], channels: dict[str, int],
                 code_taps: list[str]) -> list[str]:
     """Every reason a pair cannot be attributed, before any work."""
@@ -191,7 +206,7 @@ class AttributeStage(Stage):
             t = num_targets(self.config, pair[1])
             specs += attribution_specs(facts, self.dictionary, pair, targets=t, target_chunk=gig.targets_per_unit or t,
                                        width=max(1, sizes.max_active(pair[0])), step_chunks=gig.step_chunks,
-                                       refine=gig.max_gap is not None)
+                                       refine=gig.max_gap is not None, keep=gig.keep_image_attributions)
         return specs
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
@@ -210,6 +225,9 @@ class AttributeStage(Stage):
 
     def covers(self, unit: WorkUnit) -> bool:
         return self.config.gig.images is None or unit.start < self.config.gig.images
+
+    def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
+        return gig_footprint(self, facts, sizes)
 
     def open_worker(self, device: str) -> AttributeWorker:
         return AttributeWorker(self, resolve_device(device))

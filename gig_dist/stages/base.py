@@ -12,7 +12,9 @@ A stage declares
 * ``specs(facts, sizes)``: the specs of the arrays it writes, from the run's facts and, where a
   shape depends on data (K of a tap, an image's active concepts), from ``sizes``: the store's
   results when the stage starts, or a plan's estimates (``gig-dist plan``);
-* ``plan(facts)``: its work units; a *worker* (one per process, holding the model) runs units.
+* ``plan(facts)``: its work units; a *worker* (one per process, holding the model) runs units;
+* ``footprint(facts, sizes)``: the peak memory of a worker and of the driver, and the dense
+  matrices it holds, for ``gig-dist plan``.
 
 A stage never talks to Ray and never spells an array path: the store's sections do. Adding a
 stage is its module plus one line in :mod:`gig_dist.stages.registry`.
@@ -132,6 +134,32 @@ class StoreSizes(Sizes):
         return self.store.atlas(self.dictionary).capacity()
 
 
+MiB = 2**20
+
+
+@dataclass
+class Footprint:
+    """A stage's estimated peak memory while it runs: bytes of one worker and of the driver
+    (formulas over the run's facts and sizes; ``gig-dist plan`` adds a process's own memory and
+    puts a calibration's measured peak beside them), and the dense matrices it holds
+    (name, shape, dtype)."""
+
+    worker: int
+    driver: int = 64 * MiB
+    dense: list[tuple[str, tuple[int, ...], str]] = dataclasses.field(default_factory=list)
+
+
+def model_bytes(facts: Facts) -> int:
+    """The model's parameters in bytes (0 where the facts carry no model)."""
+    model = facts.model
+    return 0 if model is None else sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def tap_values(facts: Facts) -> int:
+    """Values of one image's activations at every tap."""
+    return sum(c * h * w for c, h, w in facts.taps.values())
+
+
 class StageWorker(ABC):
     """Per-process state of a stage (model, loader, store handle); runs many units, up to the
     stage's ``worker_concurrency`` at once, in threads."""
@@ -229,6 +257,10 @@ class Stage(ABC):
     @abstractmethod
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         """The arrays it writes."""
+
+    def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
+        """Its estimated peak memory (``gig-dist plan``). Default: small tables."""
+        return Footprint(worker=128 * MiB)
 
     def arrays(self, store: RunStore) -> list[ArraySpec]:
         """The arrays it writes into ``store``, sized by what its inputs hold there."""

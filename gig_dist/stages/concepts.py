@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from gig_dist.kernels.dictionary import make_dictionary
 from gig_dist.settings import Section
 from gig_dist.stages.base import (
+    Footprint,
     Progress,
     Sizes,
     Stage,
@@ -133,6 +134,16 @@ class ConceptsStage(Stage):
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
         return [WorkUnit(self.progress_key, i, tap=tap) for i, tap in enumerate(facts.taps)]
+
+    def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
+        """Every sample of a tap in float32, twice (read, and the fit's copy), the centres."""
+        worker, dense = 0, []
+        for tap, (c, h, w) in facts.taps.items():
+            n = facts.num_images * min(self.config.sample.per_image, h * w)
+            k = sizes.concepts(tap)
+            worker = max(worker, 2 * n * c * 4 + 2 * k * c * 4 + n * 8)
+            dense.append((f"{tap} concept vectors", (k, c), "float32"))
+        return Footprint(worker, dense=dense)
 
     def open_worker(self, device: str) -> ConceptsWorker:
         return ConceptsWorker(self)

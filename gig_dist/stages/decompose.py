@@ -20,6 +20,7 @@ from gig_dist.kernels.dictionary import DICTIONARIES
 from gig_dist.kernels.metrics import reconstruction_stats
 from gig_dist.settings import Section
 from gig_dist.stages.base import (
+    Footprint,
     Progress,
     Sizes,
     Stage,
@@ -114,6 +115,21 @@ class DecomposeStage(Stage):
     def covers(self, unit: WorkUnit) -> bool:
         limit = self.config.decompose.images
         return limit is None or unit.start < limit
+
+    def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
+        """A unit's PFVs of a tap in float32, its codes, the coder's Gram matrix and a batch's
+        correlations."""
+        worker, dense, width = 0, [], self.config.decompose.max_nonzero
+        item = np.dtype(self.config.extract.dtype).itemsize
+        unit = facts.images_per_unit
+        for tap in self.taps(facts):
+            c, h, w = facts.taps[tap]
+            k = sizes.concepts(tap)
+            batch = min(self.config.decompose.batch_size, unit * h * w)
+            worker = max(worker, unit * h * w * (c * (4 + item) + width * 8) + k * k * 8 + k * c * 12
+                         + 3 * batch * k * 8)
+            dense.append((f"{tap} Gram matrix V V^T", (k, k), "float64"))
+        return Footprint(worker, dense=dense)
 
     def open_worker(self, device: str) -> DecomposeWorker:
         return DecomposeWorker(self, resolve_device(device))

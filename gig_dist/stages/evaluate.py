@@ -49,11 +49,12 @@ from gig_dist.settings import Section
 from gig_dist.stages.attribute import (
     Pair,
     PairWorker,
+    gig_footprint,
     gig_pairs,
     image_gig,
     pair_kernel,
 )
-from gig_dist.stages.base import Progress, Sizes, Stage, UnitReport, WorkUnit
+from gig_dist.stages.base import Footprint, Progress, Sizes, Stage, UnitReport, WorkUnit
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.evaluation import (
@@ -135,6 +136,9 @@ class EvaluateStage(Stage):
 
     def covers(self, unit: WorkUnit) -> bool:
         return unit.start < self.config.evaluate.images
+
+    def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
+        return gig_footprint(self, facts, sizes)
 
     def open_worker(self, device: str) -> EvaluateWorker:
         return EvaluateWorker(self, resolve_device(device))

@@ -24,12 +24,15 @@ from gig_dist.kernels.taps import as_feature_map, capture, pfvs
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
 from gig_dist.stages.base import (
+    Footprint,
     Progress,
     Sizes,
     Stage,
     StageWorker,
     UnitReport,
     WorkUnit,
+    model_bytes,
+    tap_values,
 )
 from gig_dist.store import PROCESSED, SKIPPED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.meta import extraction_specs
@@ -60,6 +63,12 @@ class ExtractStage(Stage):
 
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         return extraction_specs(facts, self.config.extract.dtype)
+
+    def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
+        """The unit's PFVs in memory, a batch's activations in float32 twice."""
+        values, item = tap_values(facts), np.dtype(self.config.extract.dtype).itemsize
+        return Footprint(model_bytes(facts) + facts.images_per_unit * values * item
+                         + 2 * self.config.extract.batch_size * values * 4)
 
     def open_worker(self, device: str) -> ExtractWorker:
         return ExtractWorker(self, resolve_device(device))

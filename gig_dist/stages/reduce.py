@@ -33,6 +33,7 @@ from gig_dist.kernels.metrics import (
 )
 from gig_dist.stages.attribute import AttributeStage, Pair, num_targets
 from gig_dist.stages.base import (
+    Footprint,
     Progress,
     Sizes,
     Stage,
@@ -118,6 +119,24 @@ class ReduceStage(Stage):
     def final_is_current(self, store: RunStore) -> bool:
         base = f"gig/{self.dictionary}"
         return store.has(base) and store.attrs(base).get("reduced_images") == self.covered_images(store.facts)
+
+    def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
+        """A worker: one block's sparse entries (class, key, value and their sort, ~48 bytes
+        each) and one store unit's per-source GIG; the driver: each pair's dense matrix, added
+        up block by block."""
+        block_images = min(BLOCK_UNITS * facts.images_per_unit, facts.num_images)
+        worker = driver = 0
+        dense = []
+        for source, target in self.pairs(facts):
+            columns = facts.num_outputs if target == LOGITS else sizes.concepts(target)
+            t = num_targets(self.config, target)
+            width = max(1, sizes.max_active(source))
+            entries = block_images * width * (1 if target == LOGITS else t)
+            worker = max(worker, 48 * entries + 2 * facts.images_per_unit * t * width * 8)
+            matrix = sizes.concepts(source) * columns * 8
+            driver = max(driver, matrix + 24 * entries)
+            dense.append((f"{source} -> {target} Gamma", (sizes.concepts(source), columns), "float64"))
+        return Footprint(worker, driver, dense)
 
     def open_worker(self, device: str) -> ReduceWorker:
         return ReduceWorker(self)

@@ -20,12 +20,15 @@ from gig_dist.kernels.srd import SRD
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
 from gig_dist.stages.base import (
+    Footprint,
     Progress,
     Sizes,
     Stage,
     StageWorker,
     UnitReport,
     WorkUnit,
+    model_bytes,
+    tap_values,
 )
 from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
@@ -73,6 +76,12 @@ class SampleStage(Stage):
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         return sample_specs(facts, self.config.sample.per_image, self.config.extract.dtype,
                             self.config.sample.method != "uniform")
+
+    def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
+        """SRD: a batch's activations and relevances, the unit's scores."""
+        values = tap_values(facts)
+        return Footprint(3 * model_bytes(facts) + 4 * self.config.sample.batch_size * values * 4
+                         + facts.images_per_unit * values * 4)
 
     def open_worker(self, device: str) -> SampleWorker:
         return SampleWorker(self, resolve_device(device))

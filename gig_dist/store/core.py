@@ -152,7 +152,8 @@ class Manifest:
 class ArraySpec:
     """One array a stage writes: path, shape, dtype, chunking along the image axis (``chunks``,
     and ``shards`` for the arrays read in smaller pieces), fill value and dimension names.
-    ``growable``: a later plan may enlarge it (a resize keeps what is written)."""
+    ``growable``: a later plan may enlarge it (a resize keeps what is written); ``transient``:
+    deleted once consumed."""
 
     path: str
     shape: tuple[int, ...]
@@ -163,6 +164,9 @@ class ArraySpec:
     fill_value: Any = 0
     zstd_level: int = 1
     growable: bool = False
+    #: Deleted by a later stage once it has what it needs from it (``gig-dist plan`` counts it
+    #: in the peak of a run, not in the store it leaves).
+    transient: bool = False
 
     @property
     def nbytes(self) -> int:

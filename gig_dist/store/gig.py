@@ -70,23 +70,26 @@ def _target_dim(target: str) -> str:
 
 
 def attribution_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, target_chunk: int, width: int,
-                      step_chunks: int, refine: bool = False) -> list[ArraySpec]:
+                      step_chunks: int, refine: bool = False, keep: bool = False) -> list[ArraySpec]:
+    """A pair's attribution arrays; the per-source ones are transient (deleted once reduced),
+    ``partial`` always, ``attribution`` and ``sum`` unless ``keep``."""
     base, n, unit = f"gig/{dictionary}/{pair_key(*pair)}", facts.num_images, facts.images_per_unit
     refined = [
         ArraySpec(f"{base}/steps", (n, targets), "int32", ("image", "target_slot"), (unit, target_chunk), fill_value=0),
         ArraySpec(f"{base}/gap_first", (n, targets), "float64", ("image", "target_slot"), (unit, target_chunk),
                   fill_value=np.nan),
     ] if refine else []
-    per_source = [ArraySpec(f"{base}/attribution", (n, targets, width), "float32",
-                            ("image", "target_slot", "source_slot"), (unit, target_chunk, width), fill_value=0.0,
-                            growable=True)]
+    per_source = [
+        ArraySpec(f"{base}/attribution", (n, targets, width), "float32", ("image", "target_slot", "source_slot"),
+                  (unit, target_chunk, width), fill_value=0.0, growable=True, transient=not keep),
+        ArraySpec(f"{base}/sum", (n, targets), "float64", ("image", "target_slot"), (unit, target_chunk),
+                  fill_value=np.nan, transient=not keep),
+    ]
     if step_chunks > 1:
         per_source.append(ArraySpec(f"{base}/partial", (step_chunks, n, targets, width), "float64",
                                     ("step_chunk", "image", "target_slot", "source_slot"),
-                                    (1, unit, target_chunk, width), fill_value=0.0, growable=True))
+                                    (1, unit, target_chunk, width), fill_value=0.0, growable=True, transient=True))
     return refined + per_source + [
-        ArraySpec(f"{base}/sum", (n, targets), "float64", ("image", "target_slot"), (unit, target_chunk),
-                  fill_value=np.nan),
         ArraySpec(f"{base}/source", (n, width), "int32", ("image", "source_slot"), (unit, width), fill_value=-1,
                   growable=True),
         ArraySpec(f"{base}/target", (n, targets), "int32", ("image", "target_slot"), (unit, target_chunk),
