@@ -11,6 +11,8 @@ Checks, each on ``--device`` against the CPU:
   outputs captured in float16, as extraction stores them; images/s.
 * ``srd``      SRD on the toy model: sampling relevance of every tap and a batch of iERFs; images/s.
 * ``kmeans``   FAISS k-means on the GPU (faiss-gpu), its inertia against FAISS on the CPU; points/s.
+* ``bisect``   bisecting k-means with the torch backend on the device (what a GPU worker runs
+  without faiss-gpu), its inertia against the numpy backend; points/s.
 * ``lasso``    the non-negative Lasso coder: the per-PFV objective against the CPU's; PFVs/s.
 * ``gig``      GIG with all targets of an image (batched cotangents on CUDA, one backward pass per
   target on the CPU): the attributions; targets/s.
@@ -130,6 +132,20 @@ def check_kmeans(device: torch.device, points: int) -> tuple[float, float, str] 
     return abs(gpu - cpu) / cpu, points / seconds, "points/s (20 iterations, K = 256)"
 
 
+def check_bisecting(device: torch.device, points: int) -> tuple[float, float, str]:
+    """Bisecting k-means with the torch backend on ``device`` against the numpy backend: the
+    inertia's relative difference (the same algorithm and draws; float32 products may part
+    ways at a near-tie)."""
+    from gig_dist.kernels.kmeans import BisectingKMeans
+
+    rng = np.random.default_rng(5)
+    X = np.maximum(rng.normal(size=(points, 64)) + 2 * rng.normal(size=(256, 64))[rng.integers(256, size=points)], 0)
+    X = X.astype(np.float32)
+    cpu = BisectingKMeans(128, seed=0, backend="numpy").fit(X).inertia_
+    fitted, seconds = _timed(lambda: BisectingKMeans(128, seed=0, backend="torch", device=str(device)).fit(X), device)
+    return abs(fitted.inertia_ - cpu) / cpu, points / seconds, "points/s (bisecting, K = 128, torch backend)"
+
+
 def check_lasso(device: torch.device, pfvs: int) -> tuple[float, float, str]:
     from gig_dist.kernels.lasso import NonNegativeLassoCoder, objective
 
@@ -212,6 +228,7 @@ CHECKS: dict[str, tuple[Callable, float]] = {
     "extract": (lambda a: check_extract(a.device, a.images), 2e-2),  # TF32 convolutions on GPUs
     "srd": (lambda a: check_srd(a.device, a.images), 1e-3),
     "kmeans": (lambda a: check_kmeans(a.device, 50_000), 1e-2),
+    "bisect": (lambda a: check_bisecting(a.device, 20_000 if a.images <= 4 else 200_000), 1e-2),
     "lasso": (lambda a: check_lasso(a.device, a.pfvs), 1e-4),
     "gig": (lambda a: check_gig(a.device, a.targets), 1e-3),
     "ray": (lambda a: check_ray(a.device, a.ray_address), 1e-3),

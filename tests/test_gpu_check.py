@@ -15,7 +15,7 @@ def test_gpu_check_dry_run_on_the_cpu(ray_head):
                            ray_head.address], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ")}
-    for check in ("extract", "srd", "lasso", "gig", "ray"):
+    for check in ("extract", "srd", "bisect", "lasso", "gig", "ray"):
         assert lines[check].split()[1] == "ok", lines[check]
         assert float(lines[check].split()[2]) <= 1e-3  # on one device the same code agrees with itself
     assert "skipped" in lines["kmeans"] and done.stdout.rstrip().endswith("all checks passed")

@@ -99,6 +99,36 @@ def test_duplicate_points_split_only_where_they_differ():
     assert model.inertia_ == pytest.approx(0, abs=1e-6)
 
 
+@pytest.mark.parametrize("options", [{}, {"subsample": 500, "refine_iter": 4}, {"n_init": 2}])
+def test_torch_backend_splits_as_the_numpy_backend(options):
+    """backend="torch" (here on the CPU; on a GPU worker, its device) runs the numpy backend's
+    algorithm step for step, with the same random draws: the same tree, up to float32 rounding."""
+    X = pfv_like(4000, 24, 40)
+    ours = BisectingKMeans(48, seed=3, backend="numpy", **options).fit(X)
+    torch_fit = BisectingKMeans(48, seed=3, backend="torch", device="cpu", **options).fit(X)
+    assert torch_fit._backend() == "torch"
+    assert torch_fit.inertia_ == pytest.approx(ours.inertia_, rel=1e-5)
+    assert np.array_equal(torch_fit.tree_.parent, ours.tree_.parent)
+    # the same partition; with n_init > 1 two tied runs may keep the halves the other way round,
+    # which renumbers the clusters below
+    pairs = {(int(a), int(b)) for a, b in zip(ours.labels_, torch_fit.labels_)}
+    assert len(pairs) == 48
+    if options.get("n_init", 1) == 1:
+        assert np.array_equal(torch_fit.labels_, ours.labels_)
+        np.testing.assert_allclose(torch_fit.cluster_centers_, ours.cluster_centers_, rtol=1e-4, atol=1e-5)
+    # the learned state is what it says: centres are their members' means, sizes their counts
+    for k in range(48):
+        members = X[torch_fit.labels_ == k]
+        assert len(members) == torch_fit.cluster_size_[k]
+        np.testing.assert_allclose(members.mean(0), torch_fit.cluster_centers_[k], rtol=1e-4, atol=1e-5)
+    # auto: FAISS where it sees a GPU, else torch on a CUDA device, else numpy
+    import faiss
+
+    if faiss.get_num_gpus() == 0:
+        assert BisectingKMeans(2, device="cuda:0")._backend() == "torch"
+        assert BisectingKMeans(2, device="cpu")._backend() == "numpy"
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend = 'cuda'"):
         BisectingKMeans(2, backend="cuda").fit(pfv_like(10, 3, 2))

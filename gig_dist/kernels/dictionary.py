@@ -132,7 +132,7 @@ class BisectingKMeansDictionary(LassoCoded):
 
     def fit(self, X: np.ndarray) -> BisectingKMeansDictionary:
         kmeans = BisectingKMeans(self.n_concepts, seed=self.seed, n_init=self.n_init, backend=self.backend,
-                                 refine_iter=self.refine_iter).fit(X)
+                                 refine_iter=self.refine_iter, device=self.device).fit(X)
         self.dictionary_, self.zero_ = concept_vectors(kmeans.cluster_centers_)
         self.cluster_centers_ = kmeans.cluster_centers_
         self.cluster_size_ = kmeans.cluster_size_

@@ -23,10 +23,13 @@ Splits are taken strictly in largest-inertia order (scikit-learn's ``biggest_ine
 batching of splits is needed for speed, so the tree is the textbook one.
 
 ``backend="faiss"`` runs each 2-means with ``faiss.Kmeans`` instead (k-means++, every member,
-``max_points_per_centroid`` raised to the member count), on the GPU when faiss-gpu sees one;
-``"auto"`` picks it only then. On the CPU the numpy backend is faster: FAISS's per-call set-up
-dominates the thousand small splits of a concept dictionary (measured in ``jobs/benchmark.py``).
-``predict`` (the assignment step) always runs on a FAISS flat index.
+``max_points_per_centroid`` raised to the member count), on the GPU when faiss-gpu sees one.
+``backend="torch"`` runs the same algorithm as numpy, step for step, on a torch ``device`` (a
+GPU worker's own; :mod:`gig_dist.kernels.kmeans_torch`). ``"auto"`` picks FAISS where it sees a
+GPU, else torch on a CUDA ``device``, else numpy. On the CPU the numpy backend is faster than
+FAISS: FAISS's per-call set-up dominates the thousand small splits of a concept dictionary
+(measured in ``jobs/benchmark.py``). ``predict`` (the assignment step) always runs on a FAISS
+flat index.
 
 The estimator follows scikit-learn's contract: hyper-parameters in ``__init__``, learning in
 ``fit``, learned state with a trailing underscore, ``predict`` after.
@@ -105,6 +108,93 @@ def _farthest_point_split(points: np.ndarray, total: np.ndarray, squared: np.nda
     return side
 
 
+class NumpyOps:
+    """The array work of a fit on the host (numpy; each 2-means with FAISS for ``"faiss"``). The
+    torch backend's :class:`gig_dist.kernels.kmeans_torch.TorchOps` has the same methods."""
+
+    def __init__(self, backend: str = "numpy") -> None:
+        self.backend = backend
+
+    @staticmethod
+    def prepare(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The points (a copy), their squared norms (float64) and original rows."""
+        points = X.copy()
+        return points, np.einsum("ij,ij->i", points, points, dtype=np.float64), np.arange(len(X))
+
+    @staticmethod
+    def empty_like(array: np.ndarray) -> np.ndarray:
+        return np.empty_like(array)
+
+    @staticmethod
+    def total(points: np.ndarray) -> np.ndarray:
+        return points.sum(0, dtype=np.float64)
+
+    @staticmethod
+    def count(side: np.ndarray) -> int:
+        return int(np.count_nonzero(side))
+
+    @staticmethod
+    def partition(source: tuple, target: tuple, s: int, e: int, side: np.ndarray) -> None:
+        """Segment ``s:e`` of every array of ``source`` into ``target``, side False first."""
+        perm = np.argsort(side, kind="stable")
+        for array, into in zip(source, target):
+            np.take(array[s:e], perm, axis=0, out=into[s:e])
+
+    @staticmethod
+    def host(array: np.ndarray) -> np.ndarray:
+        return array
+
+    farthest_point_split = staticmethod(_farthest_point_split)
+
+    def two_means(self, km: BisectingKMeans, points: np.ndarray, total: np.ndarray, squared: np.ndarray,
+                  tol: float, step: int) -> np.ndarray:
+        """Assignment of a cluster's members to two halves (True: the second)."""
+        if self.backend == "faiss":
+            fitted = faiss.Kmeans(
+                points.shape[1], 2, niter=min(km.max_iter, 25), nredo=km.n_init,
+                seed=km.seed * 100_003 + step, max_points_per_centroid=len(points), min_points_per_centroid=1,
+                gpu=faiss.get_num_gpus() > 0, verbose=False, init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+            )
+            fitted.train(points)
+            return fitted.index.search(points, 1)[1][:, 0] == 1
+        rng = np.random.default_rng([km.seed, step])
+        n, best, best_inertia = len(points), None, np.inf
+        for _ in range(km.n_init):
+            if n > km.subsample:
+                sub = np.sort(rng.choice(n, km.subsample, replace=False))
+                init_points, init_squared = points[sub], squared[sub]
+                init_total = init_points.sum(0, dtype=np.float64)
+            else:
+                init_points, init_squared, init_total = points, squared, total
+            # k-means++ for two centres: the second drawn with probability ~ squared distance.
+            c0 = init_points[rng.integers(len(init_points))].astype(np.float64)
+            d2 = np.maximum(init_squared - 2 * (init_points @ c0.astype(np.float32)) + c0 @ c0, 0)
+            if d2.sum() <= 0 and len(init_points) < n:
+                # The subsample holds copies of one point only: initialise on all members.
+                init_points, init_squared, init_total = points, squared, total
+                d2 = np.maximum(init_squared - 2 * (init_points @ c0.astype(np.float32)) + c0 @ c0, 0)
+            if d2.sum() <= 0:
+                return np.zeros(n, dtype=bool)  # every member coincides with c0
+            c1 = init_points[rng.choice(len(init_points), p=d2 / d2.sum())].astype(np.float64)
+            side = _lloyd(init_points, init_total, c0, c1, tol, km.max_iter)
+            if len(init_points) < n:
+                n1 = np.count_nonzero(side)
+                if 0 < n1 < len(side):
+                    sum1 = init_points[side].sum(0, dtype=np.float64)
+                    c1, c0 = sum1 / n1, (init_total - sum1) / (len(side) - n1)
+                side = _lloyd(points, total, c0, c1, tol,
+                              km.max_iter if km.refine_iter is None else km.refine_iter)
+            if km.n_init == 1:
+                return side
+            n1 = np.count_nonzero(side)
+            if 0 < n1 < n:
+                sum1 = points[side].sum(0, dtype=np.float64)
+                inertia = squared.sum() - (sum1 @ sum1) / n1 - ((total - sum1) @ (total - sum1)) / (n - n1)
+                if inertia < best_inertia:
+                    best, best_inertia = side, inertia
+        return best if best is not None else np.zeros(n, dtype=bool)
+
+
 class BisectingKMeans:
     """Bisecting k-means with the largest-inertia splitting rule.
 
@@ -129,7 +219,8 @@ class BisectingKMeans:
     """
 
     def __init__(self, n_clusters: int = 8, *, max_iter: int = 300, tol: float = 1e-4, n_init: int = 1,
-                 subsample: int = 4096, refine_iter: int | None = None, seed: int = 0, backend: str = "auto") -> None:
+                 subsample: int = 4096, refine_iter: int | None = None, seed: int = 0, backend: str = "auto",
+                 device: str = "cpu") -> None:
         self.n_clusters = n_clusters
         self.max_iter = max_iter
         self.refine_iter = refine_iter
@@ -138,82 +229,41 @@ class BisectingKMeans:
         self.subsample = subsample
         self.seed = seed
         self.backend = backend
+        self.device = device
 
     def _backend(self) -> str:
         if self.backend == "auto":
-            return "faiss" if faiss.get_num_gpus() > 0 else "numpy"
-        if self.backend not in ("numpy", "faiss"):
-            raise ValueError(f"backend = {self.backend!r}: use 'numpy', 'faiss' or 'auto'")
+            if faiss.get_num_gpus() > 0:
+                return "faiss"
+            return "torch" if str(self.device).startswith("cuda") else "numpy"
+        if self.backend not in ("numpy", "faiss", "torch"):
+            raise ValueError(f"backend = {self.backend!r}: use 'numpy', 'faiss', 'torch' or 'auto'")
         return self.backend
-
-    def _two_means(self, points: np.ndarray, total: np.ndarray, squared: np.ndarray, tol: float,
-                   step: int) -> np.ndarray:
-        """Assignment of a cluster's members to two halves (True: the second)."""
-        if self._backend() == "faiss":
-            km = faiss.Kmeans(
-                points.shape[1], 2, niter=min(self.max_iter, 25), nredo=self.n_init,
-                seed=self.seed * 100_003 + step, max_points_per_centroid=len(points), min_points_per_centroid=1,
-                gpu=faiss.get_num_gpus() > 0, verbose=False, init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
-            )
-            km.train(points)
-            return km.index.search(points, 1)[1][:, 0] == 1
-        rng = np.random.default_rng([self.seed, step])
-        n, best, best_inertia = len(points), None, np.inf
-        for _ in range(self.n_init):
-            if n > self.subsample:
-                sub = np.sort(rng.choice(n, self.subsample, replace=False))
-                init_points, init_squared = points[sub], squared[sub]
-                init_total = init_points.sum(0, dtype=np.float64)
-            else:
-                init_points, init_squared, init_total = points, squared, total
-            # k-means++ for two centres: the second drawn with probability ~ squared distance.
-            c0 = init_points[rng.integers(len(init_points))].astype(np.float64)
-            d2 = np.maximum(init_squared - 2 * (init_points @ c0.astype(np.float32)) + c0 @ c0, 0)
-            if d2.sum() <= 0 and len(init_points) < n:
-                # The subsample holds copies of one point only: initialise on all members.
-                init_points, init_squared, init_total = points, squared, total
-                d2 = np.maximum(init_squared - 2 * (init_points @ c0.astype(np.float32)) + c0 @ c0, 0)
-            if d2.sum() <= 0:
-                return np.zeros(n, dtype=bool)  # every member coincides with c0
-            c1 = init_points[rng.choice(len(init_points), p=d2 / d2.sum())].astype(np.float64)
-            side = _lloyd(init_points, init_total, c0, c1, tol, self.max_iter)
-            if len(init_points) < n:
-                n1 = np.count_nonzero(side)
-                if 0 < n1 < len(side):
-                    sum1 = init_points[side].sum(0, dtype=np.float64)
-                    c1, c0 = sum1 / n1, (init_total - sum1) / (len(side) - n1)
-                side = _lloyd(points, total, c0, c1, tol,
-                              self.max_iter if self.refine_iter is None else self.refine_iter)
-            if self.n_init == 1:
-                return side
-            n1 = np.count_nonzero(side)
-            if 0 < n1 < n:
-                sum1 = points[side].sum(0, dtype=np.float64)
-                inertia = squared.sum() - (sum1 @ sum1) / n1 - ((total - sum1) @ (total - sum1)) / (n - n1)
-                if inertia < best_inertia:
-                    best, best_inertia = side, inertia
-        return best if best is not None else np.zeros(n, dtype=bool)
 
     def fit(self, X: np.ndarray) -> BisectingKMeans:
         X = _check_points(X)
         n = len(X)
         if not 1 <= self.n_clusters <= n:
             raise ValueError(f"n_clusters = {self.n_clusters} must lie in [1, {n}] (the number of samples)")
+        if self._backend() == "torch":
+            from gig_dist.kernels.kmeans_torch import TorchOps
+
+            ops = TorchOps(self.device)
+        else:
+            ops = NumpyOps(self._backend())
         # Two copies of the points, rows and squared norms, permuted so that each node's members
         # are contiguous: a split writes its children's segments into the other copy (one
         # gather pass, nothing copied back). ``side_of[node]`` says which copy holds the node.
-        points = X.copy()
-        rows = np.arange(n)  # original row of each permuted point
-        squared = np.einsum("ij,ij->i", points, points, dtype=np.float64)
-        copies = [(points, squared, rows), (np.empty_like(points), np.empty_like(squared), np.empty_like(rows))]
+        points, squared, rows = ops.prepare(X)
+        copies = [(points, squared, rows), tuple(ops.empty_like(a) for a in (points, squared, rows))]
         side_of = [0]
         # Per node: segment [start, stop) of its copy, member sum, size, inertia.
-        start, stop, sums = [0], [n], [points.sum(0, dtype=np.float64)]
+        start, stop, sums = [0], [n], [ops.total(points)]
         mean = sums[0] / n
         tol = self.tol * max(float(squared.sum() / n - mean @ mean), 0.0) / X.shape[1]  # x mean variance
         parent, children, order = [-1], [[-1, -1]], [-1]
 
-        def inertia_of(squared: np.ndarray, s: int, e: int, total: np.ndarray) -> float:
+        def inertia_of(squared, s: int, e: int, total) -> float:
             return max(float(squared[s:e].sum() - total @ total / (e - s)), 0.0)
 
         inertia = [inertia_of(squared, 0, n, sums[0])]
@@ -228,29 +278,27 @@ class BisectingKMeans:
             _, node = heapq.heappop(heap)
             s, e = start[node], stop[node]
             points, squared, rows = copies[side_of[node]]
-            side = self._two_means(points[s:e], sums[node], squared[s:e], tol, step)
-            n1 = int(np.count_nonzero(side))
+            side = ops.two_means(self, points[s:e], sums[node], squared[s:e], tol, step)
+            n1 = ops.count(side)
             if n1 in (0, e - s):
                 # 2-means put every member on one side, yet the leaf has distinct points: a leaf
                 # with positive inertia is never dropped, it is split from its farthest point.
-                side = _farthest_point_split(points[s:e], sums[node], squared[s:e], tol, self.max_iter)
-                n1 = int(np.count_nonzero(side))
+                side = ops.farthest_point_split(points[s:e], sums[node], squared[s:e], tol, self.max_iter)
+                n1 = ops.count(side)
             if n1 in (0, e - s):  # identical points: this leaf cannot split
                 continue
             # Partition the segment into the other copy: first half (side False) then second,
             # order kept within each.
             mid = s + (e - s - n1)
-            perm = np.argsort(side, kind="stable")
             target = 1 - side_of[node]
-            for array, into in zip(copies[side_of[node]], copies[target]):
-                np.take(array[s:e], perm, axis=0, out=into[s:e])
+            ops.partition(copies[side_of[node]], copies[target], s, e, side)
             points, squared, rows = copies[target]
             # The smaller half's sum is computed; the other's is the difference.
             if mid - s <= e - mid:
-                first = points[s:mid].sum(0, dtype=np.float64)
+                first = ops.total(points[s:mid])
                 halves = (first, sums[node] - first)
             else:
-                second = points[mid:e].sum(0, dtype=np.float64)
+                second = ops.total(points[mid:e])
                 halves = (sums[node] - second, second)
             order[node] = step
             step += 1
@@ -269,6 +317,8 @@ class BisectingKMeans:
                     heapq.heappush(heap, (-inertia[child], child))
             leaves += 1
 
+        sums = [ops.host(total) for total in sums]
+        copies = [tuple(ops.host(a) for a in copy) for copy in copies]
         size = np.asarray(stop, dtype=np.int64) - np.asarray(start, dtype=np.int64)
         centers = np.asarray(sums) / size[:, None]
         # Clusters in depth-first order, left child first.

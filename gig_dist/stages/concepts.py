@@ -28,6 +28,7 @@ from gig_dist.stages.base import (
     UnitReport,
     WorkUnit,
 )
+from gig_dist.stages.extract import resolve_device
 from gig_dist.store import ArraySpec, Facts, RunStore
 from gig_dist.store.concepts import member_specs
 
@@ -49,8 +50,9 @@ class ConceptsConfig(Section):
     #: 2-means runs per split; the lowest inertia is kept.
     n_init: int = Field(default=1, ge=1)
     #: ``numpy`` (fastest on CPUs), ``faiss`` (``faiss.Kmeans`` per split, on the GPU with
-    #: faiss-gpu) or ``auto`` (FAISS when it sees a GPU).
-    backend: Literal["auto", "numpy", "faiss"] = "auto"
+    #: faiss-gpu), ``torch`` (the numpy algorithm on the worker's device) or ``auto`` (FAISS
+    #: where it sees a GPU, else torch on a CUDA worker, else numpy).
+    backend: Literal["auto", "numpy", "faiss", "torch"] = "auto"
     #: Bisecting k-means: Lloyd iterations over all members of a cluster larger than the 4,096
     #: it initialises on (None: until the centres settle, up to 300). 8 fitted overlapping,
     #: blob-like data 2.3x faster at +0.3 % inertia (``python -m jobs.benchmark concepts``).
@@ -146,11 +148,12 @@ class ConceptsStage(Stage):
         return Footprint(worker, dense=dense)
 
     def open_worker(self, device: str) -> ConceptsWorker:
-        return ConceptsWorker(self)
+        return ConceptsWorker(self, str(resolve_device(device)))
 
 
 class ConceptsWorker(StageWorker):
-    def __init__(self, stage: ConceptsStage) -> None:
+    def __init__(self, stage: ConceptsStage, device: str = "cpu") -> None:
+        self.device = device  # where a torch fit runs (concepts.backend torch, or auto on a GPU)
         self.stage = stage
         self.config = stage.config
         self.store = RunStore.open(stage.store_url, mode="r+")
@@ -166,7 +169,7 @@ class ConceptsWorker(StageWorker):
                 "raise sample.per_image or lower concepts.k_multiplier / concepts.k"
             )
         started = time.perf_counter()
-        dictionary = make_dictionary(self.stage.dictionary, n_concepts=k, **fit_params(self.config))
+        dictionary = make_dictionary(self.stage.dictionary, n_concepts=k, device=self.device, **fit_params(self.config))
         try:
             dictionary.fit(samples)
         except ValueError as exc:
