@@ -247,3 +247,32 @@ def test_a_baseline_dictionary_flows_through_the_pipeline_into_its_own_level(att
     section = shown.split("dictionary kmeans")[1]
     curve = store.concepts("kmeans").arrays("layer3.1")["loss"]
     assert len(curve) > 1 and f"training loss {curve[0]:.4g} -> {curve[-1]:.4g}" in section
+
+
+def test_evaluate_computes_again_the_gig_a_compacted_store_deleted(tmp_path):
+    """The reduction deletes the per-source GIG once a block is whole (here all 40 images); the GIG
+    ordering then comes from the attribute stage's computation run again, and gives the curves
+    that the kept GIG gives."""
+    import shutil
+
+    whole = ("gig.images=40", "gig.pairs=[[layer2.1,layer3.1],[layer3.1,logits]]")
+    kept = str(tmp_path / "kept.zarr")
+    pipeline.run(toy_config(*whole, "gig.keep_image_attributions=true"), kept, until="graphs")
+    compact = str(tmp_path / "compact.zarr")
+    shutil.copytree(kept, compact)
+    pipeline.run(toy_config(*whole), compact, until="graphs")  # reduce again, deleting the per-source GIG
+    store = RunStore.open(compact)
+    pair = ("layer2.1", "layer3.1")
+    assert not store.gig("bisecting_kmeans").has_vectors(pair, store.units()[0])
+    assert RunStore.open(kept).gig("bisecting_kmeans").has_vectors(pair, store.units()[0])
+    evaluate = ("evaluate.images=16", "evaluate.ground_truth=false")
+    pipeline.run(toy_config(*whole, "gig.keep_image_attributions=true", *evaluate), kept, until="evaluate")
+    pipeline.run(toy_config(*whole, *evaluate), compact, until="evaluate")
+    for pair in (("layer3.1", "logits"), ("layer2.1", "layer3.1")):
+        a = RunStore.open(kept).evaluation("bisecting_kmeans").read(pair, store.units()[0])
+        b = store.evaluation("bisecting_kmeans").read(pair, store.units()[0])
+        gig = 0  # the GIG ordering (kernels.evaluation.ORDERINGS)
+        for name in ("insertion", "deletion"):
+            left, right = a[name][..., gig, :], b[name][..., gig, :]
+            assert np.isfinite(left).sum() > 16, (pair, name)
+            np.testing.assert_allclose(right, left, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=f"{pair} {name}")
