@@ -90,7 +90,7 @@ class ReduceStage(Stage):
                                      capacity=min(block_images * width * slots, sizes.concepts(source) * columns))
             if target != LOGITS:
                 specs += class_specs(facts, self.dictionary, (source, target), blocks=len(self.blocks(facts)),
-                                     capacity=block_images * width * slots, k_b=columns,
+                                     capacity=block_images * width * slots, k_a=sizes.concepts(source), k_b=columns,
                                      edges=self.config.gig.top_edges)
         return specs
 

@@ -22,7 +22,8 @@ by the reduce stage:
     kept            (image, target_slot)        the share of the real change the reconstruction keeps
     edges/source, edges/value (image, target_slot, edge)  the strongest sources per target
     block/key, block/value (block, entry)  each reduce block's sum, sparse (key = source *
-                                    columns + column, sorted), images added in image order
+                                    columns + column, sorted; int32 while they fit), images
+                                    added in image order
     block/size      (block,)                    its entries
     block/stop      (block,)                    the image its sums stop at (``gig.images`` may end
                                                 inside a block; -1: not reduced)
@@ -105,6 +106,11 @@ def attribution_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int
 ENTRY_CHUNK = 1 << 16
 
 
+def key_dtype(span: int) -> str:
+    """The narrowest integer that holds every key ``source * columns + column`` below ``span``."""
+    return "int32" if span <= np.iinfo(np.int32).max else "int64"
+
+
 def reduction_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, edges: int, blocks: int,
                     matrix_shape: tuple[int, int], capacity: int) -> list[ArraySpec]:
     """The per-image results, and each block's matrix sum, sparse: ``capacity`` bounds one
@@ -123,7 +129,8 @@ def reduction_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, 
                   (unit, targets, edges), fill_value=-1),
         ArraySpec(f"{base}/edges/value", (n, targets, edges), "float32", ("image", "target_slot", "edge"),
                   (unit, targets, edges), fill_value=0.0),
-        ArraySpec(f"{base}/block/key", (blocks, capacity), "int64", ("block", "entry"), (1, chunk), fill_value=-1),
+        ArraySpec(f"{base}/block/key", (blocks, capacity), key_dtype(k_a * columns), ("block", "entry"), (1, chunk),
+                  fill_value=-1),
         ArraySpec(f"{base}/block/value", (blocks, capacity), "float64", ("block", "entry"), (1, chunk), fill_value=0.0),
         ArraySpec(f"{base}/block/size", (blocks,), "int64", ("block",), (1,), fill_value=0),
         ArraySpec(f"{base}/block/stop", (blocks,), "int64", ("block",), (1,), fill_value=-1),
@@ -133,14 +140,14 @@ def reduction_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, 
     ]
 
 
-def class_specs(facts: Facts, dictionary: str, pair: Pair, *, blocks: int, capacity: int, k_b: int,
+def class_specs(facts: Facts, dictionary: str, pair: Pair, *, blocks: int, capacity: int, k_a: int, k_b: int,
                 edges: int) -> list[ArraySpec]:
     """The class-conditional Gamma of a concept pair: ``capacity`` bounds one block's entries
     (images x source slots x targets); only the entries a block has are ever written."""
     base, classes = f"gig/{dictionary}/{pair_key(*pair)}", facts.num_outputs
     chunk = min(ENTRY_CHUNK, max(capacity, 1))
     return [
-        ArraySpec(f"{base}/class_block/key", (blocks, capacity), "int64", ("block", "entry"), (1, chunk),
+        ArraySpec(f"{base}/class_block/key", (blocks, capacity), key_dtype(k_a * k_b), ("block", "entry"), (1, chunk),
                   fill_value=-1),
         ArraySpec(f"{base}/class_block/value", (blocks, capacity), "float64", ("block", "entry"), (1, chunk),
                   fill_value=0.0),
@@ -297,7 +304,7 @@ class GIGSection:
         count = self.store.array(self._path(pair, "block_count"))[block]
         if size == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0), count
-        return (self.store.array(self._path(pair, "block/key"))[block, :size],
+        return (self.store.array(self._path(pair, "block/key"))[block, :size].astype(np.int64),
                 self.store.array(self._path(pair, "block/value"))[block, :size], count)
 
     def write_class_block(self, pair: Pair, block: int, keys: np.ndarray, values: np.ndarray,
@@ -315,7 +322,7 @@ class GIGSection:
         classes = np.repeat(np.arange(first, stop), np.diff(offsets[first : stop + 1]))
         if hi == lo:
             return classes, np.zeros(0, dtype=np.int64), np.zeros(0)
-        return (classes, self.store.array(self._path(pair, "class_block/key"))[block, lo:hi],
+        return (classes, self.store.array(self._path(pair, "class_block/key"))[block, lo:hi].astype(np.int64),
                 self.store.array(self._path(pair, "class_block/value"))[block, lo:hi])
 
     def write_class_top(self, pair: Pair, first: int, source: np.ndarray, value: np.ndarray) -> None:
