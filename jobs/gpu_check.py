@@ -134,8 +134,9 @@ def check_kmeans(device: torch.device, points: int) -> tuple[float, float, str] 
 
 def check_bisecting(device: torch.device, points: int) -> tuple[float, float, str]:
     """Bisecting k-means with the torch backend on ``device`` against the numpy backend: the
-    inertia's relative difference (the same algorithm and draws; float32 products may part
-    ways at a near-tie)."""
+    inertia's relative difference (the same algorithm and draws; float32 products summed in
+    another order can put a boundary point on the other side, and the trees part ways at about
+    the seed-to-seed spread of the inertia, a few per cent)."""
     from gig_dist.kernels.kmeans import BisectingKMeans
 
     rng = np.random.default_rng(5)
@@ -228,7 +229,7 @@ CHECKS: dict[str, tuple[Callable, float]] = {
     "extract": (lambda a: check_extract(a.device, a.images), 2e-2),  # TF32 convolutions on GPUs
     "srd": (lambda a: check_srd(a.device, a.images), 1e-3),
     "kmeans": (lambda a: check_kmeans(a.device, 50_000), 1e-2),
-    "bisect": (lambda a: check_bisecting(a.device, 20_000 if a.images <= 4 else 200_000), 1e-2),
+    "bisect": (lambda a: check_bisecting(a.device, 20_000 if a.images <= 4 else 200_000), 3e-2),
     "lasso": (lambda a: check_lasso(a.device, a.pfvs), 1e-4),
     "gig": (lambda a: check_gig(a.device, a.targets), 1e-3),
     "ray": (lambda a: check_ray(a.device, a.ray_address), 1e-3),

@@ -1,8 +1,15 @@
 """Bisecting k-means on a torch device (``backend="torch"``): the algorithm of
 :mod:`gig_dist.kernels.kmeans` step for step, with the points, their partition and the Lloyd
 passes on the device (a GPU worker's own), and the random draws (the initialisation subsample,
-k-means++) made on the host from the same generator as the numpy backend, so that both split
-alike. Sums and inertias are float64 on the device; products stream the float32 points.
+k-means++) made on the host from the same generator as the numpy backend. Sums and inertias are
+float64 on the device; products stream the float32 points.
+
+The two backends give the same tree until a float32 product, summed in another order, puts a
+point at a split's boundary on the other side: that reorders the segment, later subsamples draw
+other points, and the trees part ways. Measured on 200,000 PFV-like points (64 channels, 512
+modes, K = 512, seeds 0-4): the torch fit's inertia was -0.1 % to +1.9 % of the numpy fit's,
+while the numpy fits of those five seeds spread over 2.6 %: another draw, not a worse fit. On
+the CPU it is slower than numpy (0.93 s against 0.49 s there, 2 threads); it is there for GPUs.
 
 Where the time goes is the same as on the CPU: Lloyd passes over a cluster's members, each
 reading them once (one matrix-vector product, one vector-matrix product), and one gather per
