@@ -79,9 +79,7 @@ class TorchOps:
         self.device = torch.device(device)
 
     def prepare(self, X: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        points = torch.from_numpy(X).to(self.device)
-        if points.data_ptr() == torch.from_numpy(X).data_ptr():
-            points = points.clone()  # on the CPU: a copy, as the numpy backend makes
+        points = torch.from_numpy(X).to(self.device, copy=True)  # a copy on the CPU too, as numpy makes
         return points, _squared_norms(points), torch.arange(len(X), device=self.device)
 
     @staticmethod

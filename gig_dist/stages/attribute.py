@@ -274,6 +274,15 @@ class PairWorker(StageWorker):
         self._kernels: dict = {}
         self._loader: ImageLoader | None = None
 
+    def gig_kernel(self, pair: Pair, steps: int | None = None) -> GIG:
+        """The attribute stage's kernel of ``pair`` at ``steps`` (default ``gig.steps``), cached."""
+        steps = steps or self.config.gig.steps
+        if (pair, steps) not in self._kernels:
+            self._kernels[pair, steps] = pair_kernel(self.model, self.store, self.concepts, pair, self.device,
+                                                     steps=steps, rule=self.config.gig.rule,
+                                                     step_batch=self.config.gig.step_batch)
+        return self._kernels[pair, steps]
+
     def close(self) -> None:
         if self._loader is not None:
             self._loader.close()
@@ -283,14 +292,6 @@ class AttributeWorker(PairWorker):
     def __init__(self, stage: AttributeStage, device: torch.device) -> None:
         super().__init__(stage, device)
         self.bounds = step_bounds(self.config)
-
-    def _kernel(self, pair: Pair, steps: int | None = None) -> GIG:
-        steps = steps or self.config.gig.steps
-        if (pair, steps) not in self._kernels:
-            self._kernels[pair, steps] = pair_kernel(self.model, self.store, self.concepts, pair, self.device,
-                                                     steps=steps, rule=self.config.gig.rule,
-                                                     step_batch=self.config.gig.step_batch)
-        return self._kernels[pair, steps]
 
     def _images(self, r: ImageRange, rows: np.ndarray) -> dict[int, torch.Tensor]:
         if self._loader is None:
@@ -321,7 +322,7 @@ class AttributeWorker(PairWorker):
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         source, target = pair = unit.pair
-        kernel = self._kernel(pair)
+        kernel = self.gig_kernel(pair)
         r = ImageRange(unit.start, unit.stop)
         status, _ = self.store.meta.read_status(r)
         rows = np.flatnonzero(status == PROCESSED)
@@ -353,7 +354,7 @@ class AttributeWorker(PairWorker):
             valid = np.flatnonzero(chosen[row] >= 0)
             if len(valid):  # an image without targets (no code mass at b) has nothing to attribute
                 goals = torch.from_numpy(chosen[row, valid].astype(np.int64))
-                result, used, first = image_gig(lambda steps: self._kernel(pair, steps), self.config, image_index,
+                result, used, first = image_gig(lambda steps: self.gig_kernel(pair, steps), self.config, image_index,
                                                 image_value, goals, images.get(int(row)), unit.steps, first_steps)
                 if refining:
                     steps_used[row, valid], gap_first[row, valid] = used, first

@@ -159,14 +159,6 @@ class EvaluateWorker(PairWorker):
                                               rule="right")
         return self._kernels[pair]
 
-    def _gig_kernel(self, pair: Pair, steps: int) -> GIG:
-        """The attribute stage's kernel of ``pair`` at ``steps`` (for compacted stores)."""
-        if (pair, steps) not in self._kernels:
-            self._kernels[pair, steps] = pair_kernel(self.model, self.store, self.concepts, pair, self.device,
-                                                     steps=steps, rule=self.config.gig.rule,
-                                                     step_batch=self.config.gig.step_batch)
-        return self._kernels[pair, steps]
-
     def _image(self, image: int) -> torch.Tensor:
         if self._loader is None:
             self._loader = ImageLoader(resolve_transform(self.config), self.config.dataset.max_image_pixels, 1)
@@ -217,7 +209,7 @@ class EvaluateWorker(PairWorker):
             if summed is not None:
                 image_gig_values = summed[row, wanted]
             else:  # the attribute stage's computation, rounded to float32 as it stores it
-                again = image_gig(lambda steps: self._gig_kernel(pair, steps), self.config, image_index, image_value,
+                again = image_gig(lambda steps: self.gig_kernel(pair, steps), self.config, image_index, image_value,
                                   goals, image)[0].attribution.cpu().numpy()
                 image_gig_values = again[:, sources[row][sources[row] >= 0]].astype(np.float32).astype(np.float64)
             mass = code_mass(index[row], value[row], k)

@@ -272,8 +272,7 @@ def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int,
     source, target = pair
     parts = gig.read_unit(pair, r)
     # float32 values, whatever the step split; their sums (completeness) before the rounding
-    whole = gig.has_vectors(pair, r)
-    summed, exact = gig.read_vectors(pair, r)
+    summed, exact, whole = gig.read_vectors(pair, r)
     if not whole:
         gig.write_vectors(pair, r, summed, exact)
     sources, chosen, delta = parts["source"], parts["target"], parts["delta"]

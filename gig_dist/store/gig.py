@@ -210,21 +210,23 @@ class GIGSection:
     def has_vectors(self, pair: Pair, r: ImageRange) -> bool:
         """Whether the store holds the whole per-source GIG of images ``r`` (``attribution``, with
         its ``sum``), rather than only step ranges' partial sums, or nothing (compacted)."""
-        targets = self.store.array(self._path(pair, "target"))[r.start : r.stop]
-        sums = self.store.array(self._path(pair, "sum"))[r.start : r.stop]
-        valid = targets >= 0
-        return bool(np.isfinite(sums[valid]).all())
+        return self._whole(pair, r, self.store.array(self._path(pair, "target"))[r.start : r.stop])[0]
 
-    def read_vectors(self, pair: Pair, r: ImageRange) -> tuple[np.ndarray, np.ndarray]:
+    def _whole(self, pair: Pair, r: ImageRange, targets: np.ndarray) -> tuple[bool, np.ndarray]:
+        sums = self.store.array(self._path(pair, "sum"))[r.start : r.stop]
+        return bool(np.isfinite(sums[targets >= 0]).all()), sums
+
+    def read_vectors(self, pair: Pair, r: ImageRange) -> tuple[np.ndarray, np.ndarray, bool]:
         """Each image's GIG per (target slot, source slot) (n, T, W), as the float32 values the
         store keeps, and its sum over the sources before that rounding (n, T), float64: the
-        whole sums where written, else the step ranges' partial sums added in step order."""
-        if self.has_vectors(pair, r):
-            return (self.store.array(self._path(pair, "attribution"))[r.start : r.stop].astype(np.float64),
-                    self.store.array(self._path(pair, "sum"))[r.start : r.stop])
+        whole sums where written (third value True), else the step ranges' partial sums added in
+        step order (False)."""
+        targets = self.store.array(self._path(pair, "target"))[r.start : r.stop]
+        whole, sums = self._whole(pair, r, targets)
+        if whole:
+            return self.store.array(self._path(pair, "attribution"))[r.start : r.stop].astype(np.float64), sums, True
         reduced = self.store.has(self._path(pair, "total")) and bool(np.isfinite(
-            self.store.array(self._path(pair, "total"))[r.start : r.stop][
-                self.store.array(self._path(pair, "target"))[r.start : r.stop] >= 0]).any())
+            self.store.array(self._path(pair, "total"))[r.start : r.stop][targets >= 0]).any())
         if reduced or not self.store.has(self._path(pair, "partial")):  # reduced, and no whole sums: deleted
             raise StoreError(f"{self.store.url}: the per-source GIG of {pair[0]} -> {pair[1]}, images "
                              f"{r.start}:{r.stop}, was deleted once reduced; set gig.keep_image_attributions to "
@@ -233,7 +235,7 @@ class GIGSection:
         summed = partial[0].copy()
         for s in range(1, len(partial)):  # always in step order
             summed += partial[s]
-        return summed.astype(np.float32).astype(np.float64), summed.sum(axis=-1)
+        return summed.astype(np.float32).astype(np.float64), summed.sum(axis=-1), False
 
     def write_vectors(self, pair: Pair, r: ImageRange, vectors: np.ndarray, sums: np.ndarray) -> None:
         """The whole sums of a unit's images and their sums over sources (the reduce stage, from
