@@ -128,7 +128,9 @@ class Run:
 
     def gamma(self, source: str, target: str) -> xr.DataArray:
         """The dataset GIG matrix Gamma^(source -> target): (``<source> concept``, ``<target>
-        concept``) or (``<source> concept``, ``class``) with the class names as coordinates."""
+        concept``) or (``<source> concept``, ``class``) with the class names as coordinates.
+        A matrix stored sparse (``gig.dense_matrix_mib``) is read dense here; :meth:`gamma_sparse`
+        reads it as it is stored."""
         matrix = self.store.gig(self.dictionary).read_matrix((source, target))
         rows = f"{source} concept"
         if target == LOGITS:
@@ -138,6 +140,11 @@ class Run:
         columns = f"{target} concept"
         return xr.DataArray(matrix, dims=(rows, columns), name=f"Gamma {source} -> {target}",
                             coords={rows: np.arange(matrix.shape[0]), columns: np.arange(matrix.shape[1])})
+
+    def gamma_sparse(self, source: str, target: str) -> Any:
+        """Gamma^(source -> target) as a ``scipy.sparse.csr_array`` (rows: source concepts),
+        without its dense form in memory when the store keeps it sparse."""
+        return self.store.gig(self.dictionary).read_matrix((source, target), sparse=True)
 
     def _class_index(self, cls: int | str) -> int:
         names = self.class_names

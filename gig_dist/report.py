@@ -34,6 +34,7 @@ from PIL import Image
 
 from gig_dist.kernels import metrics
 from gig_dist.kernels.gig import LOGITS
+from gig_dist.kernels.graphs import column, row, strongest
 from gig_dist.kernels.metrics import concept_purity
 from gig_dist.store import RunStore, StoreError
 
@@ -172,8 +173,9 @@ class Report:
         tree = self.concepts.arrays(tap)
         sources = [p for p in self._pairs() if p[1] == tap and self.gig.has_matrix(p)]
         targets = [p for p in self._pairs() if p[0] == tap and p[1] != LOGITS and self.gig.has_matrix(p)]
-        source_mats = {p: self.gig.read_matrix(p) for p in sources}
-        target_mats = {p: self.gig.read_matrix(p) for p in targets}
+        # concept pairs may be stored sparse (gig.dense_matrix_mib): a page reads one column or row
+        source_mats = {p: self.gig.read_matrix(p, sparse=True).tocsc() for p in sources}
+        target_mats = {p: self.gig.read_matrix(p, sparse=True) for p in targets}
         if tap in self.rendered:
             rows_all = self.atlas.rows(tap)
             members = self.atlas.members(tap)
@@ -263,13 +265,11 @@ class Report:
                          f"{self._part_name(part[c])}, its most covered ground-truth part</p>")
         parts.append(self._tree_html(tap, c, tree))
         for (source, _), matrix in source_mats.items():
-            top = [int(j) for j in np.argsort(-matrix[:, c])[:6] if matrix[j, c] > 0]
             parts.append(f"<h2>top sources at {source}</h2><p>" + " ".join(
-                f"{self.concept_link(source, j, 2)} ({matrix[j, c]:.3g})" for j in top) + "</p>")
+                f"{self.concept_link(source, j, 2)} ({v:.3g})" for j, v in strongest(column(matrix, c), 6)) + "</p>")
         for (_, target), matrix in target_mats.items():
-            top = [int(j) for j in np.argsort(-matrix[c])[:6] if matrix[c, j] > 0]
             parts.append(f"<h2>top targets at {target}</h2><p>" + " ".join(
-                f"{self.concept_link(target, j, 2)} ({matrix[c, j]:.3g})" for j in top) + "</p>")
+                f"{self.concept_link(target, j, 2)} ({v:.3g})" for j, v in strongest(row(matrix, c), 6)) + "</p>")
         if class_matrix is not None:
             top = [int(j) for j in np.argsort(-class_matrix[c])[:5] if class_matrix[c, j] > 0]
             parts.append("<h2>classes it drives</h2><p>" + (", ".join(

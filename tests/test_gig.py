@@ -3,6 +3,7 @@ stages (sharding invariance, resumption), and bad input."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +15,16 @@ import zarr
 from captum.attr import LayerIntegratedGradients
 from torch import nn
 
-from gig_dist import pipeline
+from gig_dist import open_run, pipeline
 from gig_dist.config import ConfigError
 from gig_dist.kernels.gig import GIG, LOGITS, GIGError, SubNetwork, step_alphas
 from gig_dist.kernels.graphs import class_graph, dense_sources
 from gig_dist.kernels.lasso import NonNegativeLassoCoder
 from gig_dist.kernels.taps import capture, probe_model
 from gig_dist.models.loading import build_model
+from gig_dist.report import build_report
 from gig_dist.stages.attribute import gig_pairs, stage_outputs
+from gig_dist.stages.graphs import build_graphs
 from gig_dist.store import RunStore
 from tests.conftest import TOY_BASE, toy_config, zgroup
 
@@ -341,6 +344,45 @@ def test_per_source_gig_is_deleted_once_reduced_and_redone_only_when_the_reducti
     again = zgroup(split)[f"{key}/attribution"][...]
     assert again.dtype == np.float32
     assert np.allclose(again, vectors, rtol=1e-5, atol=1e-5 * np.abs(vectors).max())
+
+
+def test_matrices_above_the_dense_limit_are_stored_sparse_with_the_same_values(reference, tmp_path):
+    """Above ``gig.dense_matrix_mib`` a pair's dataset Gamma is stored as its non-zero entries
+    (CSR): bitwise the dense matrix, read dense or sparse, and the graphs read from it are the
+    same."""
+    url = tmp_path / "sparse.zarr"
+    shutil.copytree(reference.url, url)
+    report = pipeline.run(toy_config(PAIRS, "gig.images=16", KEEP, "gig.dense_matrix_mib=0"), url)
+    actions = {d.key.split("/")[-1]: d.action for d in report.decisions}
+    assert actions["attribute"] == "keep" and actions["reduce"] == "redo"
+    store, gig, dense_gig = RunStore.open(str(url)), RunStore.open(str(url)).gig("bisecting_kmeans"), reference.gig("bisecting_kmeans")
+    pairs = [tuple(p["pair"]) for p in dense_gig.summary().values()]
+    assert len(pairs) == 3
+    for pair in pairs:
+        key = f"gig/bisecting_kmeans/{'__'.join(pair)}"
+        assert gig.is_sparse(pair) and not dense_gig.is_sparse(pair)
+        assert "matrix" not in zgroup(store)[key] and "matrix_row" not in zgroup(reference)[key]
+        expected = dense_gig.read_matrix(pair)
+        sparse = gig.read_matrix(pair, sparse=True)
+        assert 0 < sparse.nnz < expected.size and sparse.shape == expected.shape == gig.matrix_shape(pair)
+        assert np.array_equal(gig.read_matrix(pair), expected), pair
+        assert np.array_equal(sparse.toarray(), expected) and np.array_equal(dense_gig.read_matrix(pair, sparse=True).toarray(), expected)
+        assert zgroup(store)[f"{key}/matrix_row"][-1] == sparse.nnz  # the entries the matrix has
+        assert (gig.summary()["__".join(pair)]["sparse"], dense_gig.summary()["__".join(pair)]["sparse"]) == (True, False)
+    # graphs from the dataset Gamma, and the stored (class-conditional) graphs, are the same
+    for gamma in ("dataset", "class"):
+        assert (build_graphs(store, "bisecting_kmeans", pairs, 3, gamma)
+                == build_graphs(reference, "bisecting_kmeans", pairs, 3, gamma)), gamma
+    assert np.array_equal(zgroup(store)["gig/bisecting_kmeans/graphs"][...], zgroup(reference)["gig/bisecting_kmeans/graphs"][...])
+    link = ("layer2.1", "layer3.1")
+    assert np.array_equal(open_run(str(url)).gamma(*link).values, dense_gig.read_matrix(link))
+    assert np.array_equal(open_run(str(url)).gamma_sparse(*link).toarray(), dense_gig.read_matrix(link))
+    # the report's concept pages list the same top sources and targets
+    pages = {}
+    for name, source in (("sparse", url), ("dense", reference.url)):
+        site = build_report(str(source), tmp_path / f"site-{name}").site
+        pages[name] = [(site / f"concept/{tap}/{k}.html").read_text() for tap in ("layer2.1", "layer3.1") for k in range(4)]
+    assert pages["sparse"] == pages["dense"] and any("top sources at layer2.1" in p for p in pages["dense"])
 
 
 def test_sigkill_during_attribution_then_resume_gives_the_same_matrices(reference, tmp_path):

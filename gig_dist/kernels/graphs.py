@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.sparse import issparse
 
 #: ``sources(lower, upper, m, top)``: the strongest sources (concept, weight) of concept ``m`` of
 #: tap ``upper`` among the concepts of tap ``lower``, strongest first, positive only.
@@ -35,9 +36,20 @@ def strongest(scores: np.ndarray, top: int) -> list[tuple[int, float]]:
     return [(int(k), float(scores[k])) for k in order if scores[k] > 0]
 
 
-def dense_sources(matrices: Mapping[tuple[str, str], np.ndarray]) -> Sources:
-    """Sources read from dense ``Gamma^(lower -> upper)`` matrices (K_lower, K_upper)."""
-    return lambda lower, upper, m, top: strongest(matrices[(lower, upper)][:, m], top)
+def column(matrix: Any, m: int) -> np.ndarray:
+    """Column ``m`` of a dense array or a ``scipy.sparse`` matrix (best as CSC), dense."""
+    return matrix[:, [m]].toarray().ravel() if issparse(matrix) else np.asarray(matrix[:, m])
+
+
+def row(matrix: Any, k: int) -> np.ndarray:
+    """Row ``k`` of a dense array or a ``scipy.sparse`` matrix (best as CSR), dense."""
+    return matrix[[k], :].toarray().ravel() if issparse(matrix) else np.asarray(matrix[k])
+
+
+def dense_sources(matrices: Mapping[tuple[str, str], Any]) -> Sources:
+    """Sources read from ``Gamma^(lower -> upper)`` matrices (K_lower, K_upper), dense arrays or
+    ``scipy.sparse`` matrices (CSC reads a column fastest)."""
+    return lambda lower, upper, m, top: strongest(column(matrices[(lower, upper)], m), top)
 
 
 def top_table_sources(tables: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]) -> Sources:

@@ -89,6 +89,10 @@ class GIGConfig(Section):
     #: (``gig-dist plan`` shows them); without them, reducing again after a change
     #: (``gig.top_edges``, ``gig.images``) redoes the attribution.
     keep_image_attributions: bool = False
+    #: A pair's dataset Gamma is stored dense while K_a x columns x 8 bytes is at most this many
+    #: MiB, else sparse (its non-zero entries, CSR). ResNet50's layer3 -> layer4 at 8C concepts
+    #: each is 1 GiB dense. ``gig-dist read`` and the graphs read either layout.
+    dense_matrix_mib: float = Field(default=256, ge=0)
 
     @model_validator(mode="after")
     def _steps_split(self) -> GIGConfig:

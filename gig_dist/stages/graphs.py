@@ -49,7 +49,7 @@ def build_graphs(store: RunStore, dictionary: str, pairs: list[Pair], top: int, 
     class_count = gig.read_count(class_pair)
     links = [(lower, upper) for upper, lower in zip(chain, chain[1:])]
     if gamma == "dataset":
-        shared = dense_sources({link: gig.read_matrix(link) for link in links})
+        shared = dense_sources({link: gig.read_matrix(link, sparse=True).tocsc() for link in links})
     names = store.facts.class_names
     graphs = []
     for c in range(class_matrix.shape[1]) if classes is None else classes:

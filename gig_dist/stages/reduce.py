@@ -61,7 +61,7 @@ class ReduceStage(Stage):
     # gig.images is its coverage: a block records the image its sums stop at, and runs again when
     # that changes; the final step runs again when the covered images change. The stages that
     # read the matrices (graphs, evaluate) have gig.images among their own result keys.
-    result_keys = ("gig.top_edges", "gig.keep_image_attributions")
+    result_keys = ("gig.top_edges", "gig.keep_image_attributions", "gig.dense_matrix_mib")
     per_dictionary = True
     coverage_key = "gig.images"
     # 2: class-conditional Gamma of concept pairs; 3: from float32 per-image GIG, sparse block
@@ -71,6 +71,10 @@ class ReduceStage(Stage):
 
     def pairs(self, facts: Facts) -> list[Pair]:
         return AttributeStage(self.config, self.store_url).pairs(facts)
+
+    def dense(self, k_a: int, columns: int) -> bool:
+        """Whether a pair's dataset Gamma is kept dense (``gig.dense_matrix_mib``)."""
+        return k_a * columns * 8 <= self.config.gig.dense_matrix_mib * 2**20
 
     def blocks(self, facts: Facts) -> list[ImageRange]:
         step = BLOCK_UNITS * facts.images_per_unit
@@ -84,10 +88,12 @@ class ReduceStage(Stage):
             width = max(1, sizes.max_active(source))
             # an image adds its sources to every target concept, or to its own class only
             slots = 1 if target == LOGITS else num_targets(self.config, target)
+            k_a = sizes.concepts(source)
             specs += reduction_specs(facts, self.dictionary, (source, target),
                                      targets=num_targets(self.config, target), edges=self.config.gig.top_edges,
-                                     blocks=len(self.blocks(facts)), matrix_shape=(sizes.concepts(source), columns),
-                                     capacity=min(block_images * width * slots, sizes.concepts(source) * columns))
+                                     blocks=len(self.blocks(facts)), matrix_shape=(k_a, columns),
+                                     capacity=min(block_images * width * slots, k_a * columns),
+                                     dense=self.dense(k_a, columns))
             if target != LOGITS:
                 specs += class_specs(facts, self.dictionary, (source, target), blocks=len(self.blocks(facts)),
                                      capacity=block_images * width * slots, k_a=sizes.concepts(source), k_b=columns,
@@ -122,8 +128,9 @@ class ReduceStage(Stage):
 
     def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
         """A worker: one block's sparse entries (class, key, value and their sort, ~48 bytes
-        each) and one store unit's per-source GIG; the driver: each pair's dense matrix, added
-        up block by block."""
+        each) and one store unit's per-source GIG; the driver: each pair's matrix, added up
+        block by block: dense, or sparse (at most every block's entries, ~40 bytes each while
+        merging)."""
         block_images = min(BLOCK_UNITS * facts.images_per_unit, facts.num_images)
         worker = driver = 0
         dense = []
@@ -133,9 +140,12 @@ class ReduceStage(Stage):
             width = max(1, sizes.max_active(source))
             entries = block_images * width * (1 if target == LOGITS else t)
             worker = max(worker, 48 * entries + 2 * facts.images_per_unit * t * width * 8)
-            matrix = sizes.concepts(source) * columns * 8
-            driver = max(driver, matrix + 24 * entries)
-            dense.append((f"{source} -> {target} Gamma", (sizes.concepts(source), columns), "float64"))
+            k_a = sizes.concepts(source)
+            if self.dense(k_a, columns):
+                driver = max(driver, k_a * columns * 8 + 24 * entries)
+                dense.append((f"{source} -> {target} Gamma", (k_a, columns), "float64"))
+            else:
+                driver = max(driver, 40 * min(k_a * columns, entries * len(self.blocks(facts))) + 24 * entries)
         return Footprint(worker, driver, dense)
 
     def open_worker(self, device: str) -> ReduceWorker:
@@ -148,13 +158,20 @@ class ReduceStage(Stage):
         for pair in self.pairs(store.facts):
             blocks = [u for u in units if u.pair == pair]
             shape = gig.matrix_shape(pair)
-            matrix, count = np.zeros(shape), np.zeros(shape[1], dtype=np.int64)
+            sparse = gig.is_sparse(pair)
+            count = np.zeros(shape[1], dtype=np.int64)
             images, gaps, kept, steps, first = 0, [], [], [], []
             refined = gig.has_refinement(pair)
-            flat = matrix.reshape(-1)
+            matrix = None if sparse else np.zeros(shape)
+            keys, values = np.zeros(0, dtype=np.int64), np.zeros(0)
             for unit in blocks:  # in block order: the fixed second level of the tree
-                keys, values, block_count = gig.read_block(pair, unit.index % len(self.blocks(store.facts)))
-                flat[keys] += values  # each key once per block
+                block_keys, block_values, block_count = gig.read_block(pair, unit.index % len(self.blocks(store.facts)))
+                if sparse:  # the sum so far, then this block: each key added in the dense order
+                    _, keys, values = sum_entries(np.zeros(len(keys) + len(block_keys), dtype=np.int64),
+                                                  np.concatenate([keys, block_keys]),
+                                                  np.concatenate([values, block_values]), shape[0] * shape[1])
+                else:
+                    matrix.reshape(-1)[block_keys] += block_values  # each key once per block
                 count += block_count
             for r in self.store_units_in(store, blocks):
                 status, _ = store.meta.read_status(r)
@@ -166,14 +183,20 @@ class ReduceStage(Stage):
                     found = gig.read_refinement(pair, r)
                     steps.append(found["steps"][reduced["target"] >= 0])
                     first.append(found["gap_first"].ravel())
-            if pair[1] == LOGITS:
-                matrix /= np.maximum(count, 1)[None, :]  # mean over the images of each class
-            elif images:
-                matrix /= images  # mean over all images; a concept not among an image's targets counts 0
+            if pair[1] == LOGITS:  # mean over the images of each class
+                if sparse:
+                    values /= np.maximum(count, 1)[keys % shape[1]]
+                else:
+                    matrix /= np.maximum(count, 1)[None, :]
+            elif images:  # mean over all images; a concept not among an image's targets counts 0
+                if sparse:
+                    values /= images
+                else:
+                    matrix /= images
             if pair[1] != LOGITS:
                 self.finish_classes(store, gig, pair, [u.index % len(self.blocks(store.facts)) for u in blocks],
                                     self.store_units_in(store, blocks))
-            gig.write_matrix(pair, matrix, count, {
+            gig.write_matrix(pair, (keys, values) if sparse else matrix, count, {
                 "images": images, **gap_summary(np.concatenate(gaps) if gaps else np.zeros(0)),
                 **kept_summary(np.concatenate(kept) if kept else np.zeros(0)),
                 "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1],

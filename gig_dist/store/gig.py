@@ -28,7 +28,11 @@ by the reduce stage:
     block/stop      (block,)                    the image its sums stop at (``gig.images`` may end
                                                 inside a block; -1: not reduced)
     block_count     (block, <target>)           images per column in each block
-    matrix          (source_concept, <target>)  the dataset Gamma, blocks added in block order
+    matrix          (source_concept, <target>)  the dataset Gamma, blocks added in block order,
+                                    while K_a x columns x 8 B is at most ``gig.dense_matrix_mib``;
+    matrix_row, matrix_column, matrix_value  above it, the same matrix sparse (CSR): its non-zero
+                                    entries sorted by source then column, ``matrix_row`` (K_a + 1)
+                                    where each source's entries start
     count           (<target>,)                 its images per column; attributes: completeness
 
 and, for pairs between concepts, the class-conditional Gamma^(a->b) of each class c (the mean
@@ -55,6 +59,7 @@ import json
 from typing import Any
 
 import numpy as np
+from scipy.sparse import csr_array
 
 from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, StoreError
 
@@ -112,10 +117,11 @@ def key_dtype(span: int) -> str:
 
 
 def reduction_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, edges: int, blocks: int,
-                    matrix_shape: tuple[int, int], capacity: int) -> list[ArraySpec]:
+                    matrix_shape: tuple[int, int], capacity: int, dense: bool = True) -> list[ArraySpec]:
     """The per-image results, and each block's matrix sum, sparse: ``capacity`` bounds one
     block's entries (images x source slots x target slots that count); only the entries a block
-    has are ever written."""
+    has are ever written. The dataset matrix is dense, or (``dense`` False) sparse, bounded by
+    the blocks' entries together."""
     base, n, unit = f"gig/{dictionary}/{pair_key(*pair)}", facts.num_images, facts.images_per_unit
     k_a, columns = matrix_shape
     capacity = max(capacity, 1)
@@ -135,8 +141,20 @@ def reduction_specs(facts: Facts, dictionary: str, pair: Pair, *, targets: int, 
         ArraySpec(f"{base}/block/size", (blocks,), "int64", ("block",), (1,), fill_value=0),
         ArraySpec(f"{base}/block/stop", (blocks,), "int64", ("block",), (1,), fill_value=-1),
         ArraySpec(f"{base}/block_count", (blocks, columns), "int64", ("block", dims[1]), (1, columns), fill_value=0),
-        ArraySpec(f"{base}/matrix", (k_a, columns), "float64", dims, (k_a, columns), fill_value=0.0),
+        *([ArraySpec(f"{base}/matrix", (k_a, columns), "float64", dims, (k_a, columns), fill_value=0.0)] if dense
+          else sparse_matrix_specs(base, k_a, columns, min(k_a * columns, blocks * capacity))),
         ArraySpec(f"{base}/count", (columns,), "int64", (dims[1],), (columns,), fill_value=0),
+    ]
+
+
+def sparse_matrix_specs(base: str, k_a: int, columns: int, capacity: int) -> list[ArraySpec]:
+    """A dataset Gamma as CSR: row offsets, and up to ``capacity`` (column, value) entries."""
+    capacity = max(capacity, 1)
+    chunk = min(ENTRY_CHUNK * 16, capacity)
+    return [
+        ArraySpec(f"{base}/matrix_row", (k_a + 1,), "int64", ("source_concept_edge",), (k_a + 1,), fill_value=0),
+        ArraySpec(f"{base}/matrix_column", (capacity,), "int32", ("entry",), (chunk,), fill_value=-1),
+        ArraySpec(f"{base}/matrix_value", (capacity,), "float64", ("entry",), (chunk,), fill_value=0.0),
     ]
 
 
@@ -351,10 +369,28 @@ class GIGSection:
         return self.store.array(self._path(pair, "class_count"))[...]
 
     def matrix_shape(self, pair: Pair) -> tuple[int, int]:
-        return tuple(self.store.array(self._path(pair, "matrix")).shape)
+        if self.store.has(self._path(pair, "matrix")):
+            return tuple(self.store.array(self._path(pair, "matrix")).shape)
+        return (self.store.array(self._path(pair, "matrix_row")).shape[0] - 1,
+                self.store.array(self._path(pair, "count")).shape[0])
 
-    def write_matrix(self, pair: Pair, matrix: np.ndarray, count: np.ndarray, stats: dict[str, Any]) -> None:
-        self.store.array(self._path(pair, "matrix"))[...] = matrix
+    def is_sparse(self, pair: Pair) -> bool:
+        """Whether the pair's dataset Gamma is stored sparse (``gig.dense_matrix_mib``)."""
+        return self.store.has(self._path(pair, "matrix_row"))
+
+    def write_matrix(self, pair: Pair, matrix: np.ndarray | tuple[np.ndarray, np.ndarray], count: np.ndarray,
+                     stats: dict[str, Any]) -> None:
+        """The dataset Gamma: a dense array, or, for a sparse layout, its entries (keys ``source
+        * columns + column``, sorted, each once; values)."""
+        if self.is_sparse(pair):
+            keys, values = matrix
+            k_a, columns = self.matrix_shape(pair)
+            rows = keys // columns
+            self.store.array(self._path(pair, "matrix_column"))[: len(keys)] = (keys % columns).astype(np.int32)
+            self.store.array(self._path(pair, "matrix_value"))[: len(values)] = values
+            self.store.array(self._path(pair, "matrix_row"))[...] = np.searchsorted(rows, np.arange(k_a + 1))
+        else:
+            self.store.array(self._path(pair, "matrix"))[...] = matrix
         self.store.array(self._path(pair, "count"))[...] = count
         self.store.set_attrs(f"gig/{self.dictionary}/{pair_key(*pair)}", pair=list(pair), completeness=stats)
 
@@ -362,10 +398,21 @@ class GIGSection:
         base = f"gig/{self.dictionary}/{pair_key(*pair)}"
         return self.store.has(base) and "completeness" in self.store.attrs(base)
 
-    def read_matrix(self, pair: Pair) -> np.ndarray:
+    def read_matrix(self, pair: Pair, sparse: bool = False) -> Any:
+        """The dataset Gamma: a dense (K_a, columns) array, or with ``sparse`` a
+        ``scipy.sparse.csr_array``, whichever layout the store keeps. Reading a sparse matrix
+        dense needs K_a x columns x 8 bytes of memory."""
         if not self.has_matrix(pair):
             raise StoreError(f"{self.store.url} has no reduced GIG matrix for {pair[0]} -> {pair[1]}")
-        return self.store.array(self._path(pair, "matrix"))[...]
+        if not self.is_sparse(pair):
+            matrix = self.store.array(self._path(pair, "matrix"))[...]
+            return csr_array(matrix) if sparse else matrix
+        row = self.store.array(self._path(pair, "matrix_row"))[...]
+        size = int(row[-1])
+        column = self.store.array(self._path(pair, "matrix_column"))[:size] if size else np.zeros(0, np.int32)
+        value = self.store.array(self._path(pair, "matrix_value"))[:size] if size else np.zeros(0)
+        matrix = csr_array((value, column, row), shape=self.matrix_shape(pair))
+        return matrix if sparse else matrix.toarray()
 
     def read_count(self, pair: Pair) -> np.ndarray:
         """Images per column of the pair's matrix (per class for ``logits``)."""
@@ -380,7 +427,8 @@ class GIGSection:
         for key, node in self.store.members(base):
             if hasattr(node, "shape") or "completeness" not in node.attrs:
                 continue
-            found[key] = {"pair": list(node.attrs["pair"]), "matrix": list(node["matrix"].shape),
+            pair = tuple(node.attrs["pair"])
+            found[key] = {"pair": list(pair), "matrix": list(self.matrix_shape(pair)), "sparse": self.is_sparse(pair),
                           **dict(node.attrs["completeness"])}
         return found
 
