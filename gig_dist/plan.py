@@ -39,6 +39,7 @@ from gig_dist.stages.base import Footprint, Sizes, Stage
 from gig_dist.stages.concepts import concept_count
 from gig_dist.stages.registry import stages_until
 from gig_dist.store import ArraySpec, Facts, RunStore
+from gig_dist.store.meta import extraction_specs
 
 GiB = 1024**3
 
@@ -293,9 +294,28 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
     plan = Plan(facts.num_images, images_from, workers, device, stages, problems, caught, notes, calibration,
                 widths_measured=calibration is not None and not k_scale)
     plan.warnings += _limits(plan, out, worker_memory)
+    plan.notes += pfv_tradeoff(config, facts, stages)
     if device == "cuda" and calibration is not None and calibration["device"] != "cuda":
         plan.notes.append(f"calibrated on {calibration['device']}: the times are this machine's, not a GPU's")
     return plan
+
+
+def pfv_tradeoff(config: Config, facts: Facts, stages: list[StagePlan]) -> list[str]:
+    """What storing the PFVs costs against recomputing them (``extract.pfvs``)."""
+    extract = next((s for s in stages if s.key == "extract"), None)
+    readers = [s.key for s in stages if s.key.split("/")[-1] in ("sample", "decompose", "attribute")]
+    if extract is None or not readers:
+        return []
+    raw = sum(spec.nbytes for spec in extraction_specs(facts, config.extract.dtype) if spec.path.startswith("pfv/"))
+    if config.extract.pfvs == "recompute":
+        return [f"PFVs recomputed (extract.pfvs = recompute): {fmt_bytes(raw)} (raw) not stored; "
+                f"{', '.join(readers)} each run the forward pass again"
+                + (" (in their calibrated times)" if extract.seconds is not None else "")]
+    stored = sum(a.compressed for a in extract.arrays if a.path.startswith("pfv/"))
+    cost = (f", at most {fmt_seconds(extract.seconds)} each (the extraction's time, which includes writing them)"
+            if extract.seconds is not None else "")
+    return [f"PFVs take {fmt_bytes(stored)} of the store ({fmt_bytes(raw)} raw); with -o extract.pfvs=recompute "
+            f"none are stored and {', '.join(readers)} each run the forward pass again{cost}"]
 
 
 def _per_unit(dims: tuple[str, ...]) -> bool:

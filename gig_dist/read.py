@@ -30,6 +30,7 @@ class Run:
         self.config = Config.model_validate(store.manifest.config)
         self.dictionary = dictionary or self.config.concepts.method
         self._loader = None
+        self._pfvs = None
 
     def __repr__(self) -> str:
         return (f"Run({self.store.url!r}: {self.num_images} images, taps {', '.join(self.taps)}, "
@@ -97,9 +98,20 @@ class Run:
         return np.clip(loaded.image.numpy() * std + mean, 0, 1).transpose(1, 2, 0).astype(np.float32)
 
     def pfvs(self, tap: str, image: int) -> xr.DataArray:
-        """The PFVs of one image (y, x, channel) float32."""
+        """The PFVs of one image (y, x, channel) float32. A run with ``extract.pfvs = recompute``
+        stored none: they are computed again with its image's unit, as its stages computed them
+        (the unit's are kept for the next image asked)."""
         channels, height, width = self._tap(tap)
-        values = self.store.meta.read_pfvs(tap, self._image_range(image))[0].astype(np.float32)
+        r = self._image_range(image)
+        if self.store.has(f"pfv/{tap}"):
+            values = self.store.meta.read_pfvs(tap, r)[0].astype(np.float32)
+        else:
+            if self._pfvs is None:
+                from gig_dist.stages.extract import PFVSource, resolve_device
+
+                self._pfvs = PFVSource(self.config, self.store, resolve_device("auto"), list(self.store.taps))
+            unit = next(u for u in self.store.units() if u.start <= image < u.stop)
+            values = self._pfvs.read(tap, unit)[image - unit.start].astype(np.float32)
         return xr.DataArray(values.reshape(height, width, channels), dims=("y", "x", "channel"), name=tap)
 
     def code_maps(self, tap: str, image: int) -> xr.DataArray:

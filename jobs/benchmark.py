@@ -7,6 +7,7 @@
     python -m jobs.benchmark graphs STORE [--top 3]
     python -m jobs.benchmark gaps [--steps 32 --max-gap 0.01 --max-steps 256 --targets 8]
     python -m jobs.benchmark rehearsal [--images 64 --unit 16 --calibrate 2 --targets 4 --steps 8]
+    python -m jobs.benchmark pfvs [--images 32 --unit 16 --targets 4 --steps 8]
 
 extract: bare forward-pass throughput of the model on images already in memory (channels-last,
 as extraction runs it), against extraction into a store (decoding, forward, float16 copies,
@@ -547,10 +548,79 @@ def main(argv: list[str] | None = None) -> None:
     rehearsal.add_argument("--targets", type=int, default=4)
     rehearsal.add_argument("--steps", type=int, default=8)
     rehearsal.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    pfvs = sub.add_parser("pfvs", help="extract.pfvs: stored PFVs against recomputed ones, ResNet50, in-process")
+    pfvs.add_argument("--images", type=int, default=32)
+    pfvs.add_argument("--unit", type=int, default=16, help="images per store unit")
+    pfvs.add_argument("--targets", type=int, default=4)
+    pfvs.add_argument("--steps", type=int, default=8)
+    pfvs.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
-    {"rehearsal": bench_rehearsal, "gaps": bench_gaps, "extract": bench_extract, "ierf": bench_ierf, "concepts": bench_concepts, "gig": bench_gig,
+    {"pfvs": bench_pfvs, "rehearsal": bench_rehearsal, "gaps": bench_gaps, "extract": bench_extract, "ierf": bench_ierf, "concepts": bench_concepts, "gig": bench_gig,
      "graphs": bench_graphs}[args.which](args)
 
+
+
+def _rehearsal_setup(args: argparse.Namespace) -> tuple[Path, str, list[str]]:
+    """The rehearsal's world: ResNet50 with random weights and random BatchNorm statistics, saved
+    as a state-dict file (as a user's weights would be), on toy-world images at 224 px."""
+    from jobs.gpu_check import _random_bn
+
+    root = Path(tempfile.mkdtemp(prefix="gig-dist-rehearsal-"))
+    weights = root / "resnet50-random-bn.pt"
+    model = _random_bn(build_model(load_config(None, ["model.name=resnet50", "model.weights=none"]).model))
+    torch.save(model.state_dict(), weights)
+    return root, "jobs/configs/imagenet-resnet50.yaml", [
+        f"model.weights={weights}", "dataset.kind=toy", f"dataset.toy.num_images={args.images}",
+        "dataset.toy.image_size=224", f"store.images_per_unit={args.unit}", "store.images_per_chunk=8",
+        "extract.batch_size=16", "sample.per_image=16", "concepts.k_multiplier=0.0625", f"gig.images={args.images}",
+        f"gig.targets={args.targets}", f"gig.steps={args.steps}", "gig.pairs=[[layer3.5,layer4.2],[layer4.2,logits]]",
+        "atlas.members=4", "report.enabled=false", "runtime.progress=false", "runtime.device=cpu", *args.set,
+    ]
+
+
+def bench_pfvs(args: argparse.Namespace) -> None:
+    """extract.pfvs: stored PFVs against PFVs recomputed by the stages that read them, on the
+    rehearsal's ResNet50 at 224 px, in-process, side by side: each stage's seconds and the store's
+    bytes, from extraction to the attribution."""
+    import shutil
+
+    import numpy as np
+
+    from gig_dist.pipeline import make_runtime, prepare
+    from gig_dist.plan import fmt_bytes
+    from gig_dist.stages.registry import stages_until
+    from gig_dist.store import RunStore
+
+    root, config_file, overrides = _rehearsal_setup(args)
+    print(f"extract.pfvs on ResNet50 (random weights, random BatchNorm statistics) at 224 px, four stage outputs, "
+          f"{args.images} toy-world images in units of {args.unit}, in-process on {torch.get_num_threads()} thread(s); "
+          f"GIG {args.targets} targets x {args.steps} steps on 2 pairs")
+    seconds: dict[str, dict[str, float]] = {}
+    stored: dict[str, int] = {}
+    for mode in ("store", "recompute"):
+        config = load_config(config_file, [*overrides, f"extract.pfvs={mode}"])
+        prepared = prepare(config, root / f"{mode}.zarr")
+        seconds[mode] = {}
+        try:
+            runtime = make_runtime(config)
+            for stage_type in stages_until("attribute"):
+                stage = stage_type(config, prepared.store.url)
+                seconds[mode][stage.progress_key] = runtime.run(stage).seconds
+        finally:
+            prepared.lease.release()
+        arrays = RunStore.open(prepared.store.url).describe_arrays()
+        stored[mode] = sum(a["stored_bytes"] for a in arrays.values())
+        stored[f"{mode}/pfv"] = sum(a["stored_bytes"] for path, a in arrays.items() if path.startswith("pfv/"))
+    print(f"\n{'stage':<26} {'store':>9} {'recompute':>10} {'ratio':>7}")
+    for key in seconds["store"]:
+        a, b = seconds["store"][key], seconds["recompute"][key]
+        print(f"{key:<26} {a:>8.1f}s {b:>9.1f}s {b / a:>7.2f}")
+    total = {mode: float(np.sum(list(seconds[mode].values()))) for mode in seconds}
+    print(f"{'total':<26} {total['store']:>8.1f}s {total['recompute']:>9.1f}s {total['recompute'] / total['store']:>7.2f}")
+    n = args.images
+    print(f"\nstore per image: {fmt_bytes(stored['store'] / n)} with PFVs ({fmt_bytes(stored['store/pfv'] / n)} of them), "
+          f"{fmt_bytes(stored['recompute'] / n)} recomputing them ({fmt_bytes(stored['recompute/pfv'] / n)} of PFVs)")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def bench_rehearsal(args: argparse.Namespace) -> None:
@@ -573,20 +643,8 @@ def bench_rehearsal(args: argparse.Namespace) -> None:
     )
     from gig_dist.stages.registry import stages_until
     from gig_dist.store import RunStore
-    from jobs.gpu_check import _random_bn
 
-    root = Path(tempfile.mkdtemp(prefix="gig-dist-rehearsal-"))
-    weights = root / "resnet50-random-bn.pt"
-    model = _random_bn(build_model(load_config(None, ["model.name=resnet50", "model.weights=none"]).model))
-    torch.save(model.state_dict(), weights)
-    config_file = "jobs/configs/imagenet-resnet50.yaml"
-    overrides = [
-        f"model.weights={weights}", "dataset.kind=toy", f"dataset.toy.num_images={args.images}",
-        "dataset.toy.image_size=224", f"store.images_per_unit={args.unit}", "store.images_per_chunk=8",
-        "extract.batch_size=16", "sample.per_image=16", "concepts.k_multiplier=0.0625", f"gig.images={args.images}",
-        f"gig.targets={args.targets}", f"gig.steps={args.steps}", "gig.pairs=[[layer3.5,layer4.2],[layer4.2,logits]]",
-        "atlas.members=4", "report.enabled=false", "runtime.progress=false", "runtime.device=cpu", *args.set,
-    ]
+    root, config_file, overrides = _rehearsal_setup(args)
     config = load_config(config_file, overrides)
     print(f"rehearsal: ResNet50 (random weights, random BatchNorm statistics) at 224 px, taps {', '.join(config.taps)}, "
           f"{args.images} toy-world images in units of {args.unit}; GIG {args.targets} targets x {args.steps} steps on "

@@ -60,14 +60,15 @@ def zgroup(store_or_url, mode: str = "r"):
     return zarr.open_group(str(url), mode=mode, use_consolidated=False)
 
 
-def assert_stores_equal(url_a: str, url_b: str, float_rtol: float = 0.0) -> None:
+def assert_stores_equal(url_a: str, url_b: str, float_rtol: float = 0.0, ignore: tuple[str, ...] = ()) -> None:
     """Every array of two run stores holds the same values (NaN equal to NaN); floats bitwise,
-    or within ``float_rtol`` relative (plus the same absolute amount near zero)."""
+    or within ``float_rtol`` relative (plus the same absolute amount near zero). Arrays under
+    the ``ignore`` prefixes are left out."""
     import zarr
 
     a, b = zgroup(url_a), zgroup(url_b)
-    arrays_a = {p: n for p, n in a.members(max_depth=None) if isinstance(n, zarr.Array)}
-    arrays_b = {p: n for p, n in b.members(max_depth=None) if isinstance(n, zarr.Array)}
+    arrays_a = {p: n for p, n in a.members(max_depth=None) if isinstance(n, zarr.Array) and not p.startswith(ignore)}
+    arrays_b = {p: n for p, n in b.members(max_depth=None) if isinstance(n, zarr.Array) and not p.startswith(ignore)}
     assert sorted(arrays_a) == sorted(arrays_b)
     for path, array in arrays_a.items():
         left, right = array[...], arrays_b[path][...]

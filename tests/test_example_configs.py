@@ -77,7 +77,7 @@ def test_the_readmes_imagenet_sizes_follow_from_the_tap_shapes():
     assert per_image == round(pfv / 50_000 / 1e6, 1)
     # The reduce matrix of layer3.5 -> layer4.2 at K = 8 x C, and the per-source GIG per pair.
     k_a, k_b = 8 * facts.taps["layer3.5"][0], 8 * facts.taps["layer4.2"][0]
-    assert f"({round(k_a * k_b * 8 / 1e9)} GB for layer3.5 -> layer4.2)" in readme
+    assert f"{round(k_a * k_b * 8 / 1e9)} GB for layer3.5 -> layer4.2)" in readme
     partial = 50_000 * config.gig.targets * 2_000 * 4  # float32 per-source GIG, before the reduction
     assert f"an estimated\n{round(partial / 1e9)} GB per pair" in readme or \
         f"an estimated {round(partial / 1e9)} GB per pair" in readme

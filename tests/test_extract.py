@@ -13,12 +13,14 @@ import pytest
 import torch
 import zarr
 
-from gig_dist import pipeline
+from gig_dist import open_run, pipeline
 from gig_dist.config import ConfigError
 from gig_dist.data.sources import ImageLoader
 from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.plan import make_plan
 from gig_dist.stages import ExtractStage, SampleStage, execute_unit
 from gig_dist.stages.base import open_stage
+from gig_dist.stages.extract import PFVSource
 from gig_dist.store import FORMAT_VERSION, RunStore, StoreError
 from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config, zgroup
 
@@ -35,6 +37,36 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run.zarr"
     pipeline.run(toy_config(*SMALL_CONFIG), out)
     return str(out)
+
+
+def test_recomputed_pfvs_give_the_stored_runs_results_without_storing_them(reference, tmp_path):
+    """extract.pfvs = recompute stores no PFVs: sample, decompose and attribute run the
+    extraction's forward pass again per unit, in its batches, and every array they write is
+    bitwise the stored run's; open_run recomputes them too. A forward pass that no longer gives
+    the stored logits (another model, changed images) is refused, not used."""
+    url = tmp_path / "recompute.zarr"
+    config = toy_config(*SMALL_CONFIG, "extract.pfvs=recompute")
+    pipeline.run(config, url)
+    assert not [p for p, _ in zgroup(url).members(max_depth=None) if p.startswith("pfv")]
+    assert_stores_equal(reference, str(url), ignore=("pfv",))  # samples, codes, GIG, atlas, graphs
+    for image in (0, 13):
+        assert np.array_equal(open_run(str(url)).pfvs("layer2.1", image).values,
+                              open_run(reference).pfvs("layer2.1", image).values)
+    store = RunStore.open(str(url), mode="r+")
+    unit = store.units()[1]
+    logits = store.meta.read_logits(unit)
+    store.array("meta/logits")[unit.start : unit.stop] = logits * 1.01  # as if the model had changed
+    source = PFVSource(config, store, torch.device("cpu"), ["layer2.1"])
+    assert np.array_equal(source.read("layer2.1", store.units()[0]), zgroup(reference)["pfv/layer2.1"][:8])
+    with pytest.raises(RuntimeError, match="changed since extraction"):
+        source.read("layer2.1", unit)
+    # the plan says what storing them costs, and what recomputing saves
+    stored_note = " ".join(make_plan(toy_config(*SMALL_CONFIG)).notes)
+    assert "with -o extract.pfvs=recompute none are stored" in stored_note
+    recompute = make_plan(config)
+    assert "PFVs recomputed" in " ".join(recompute.notes)
+    extract = next(s for s in recompute.stages if s.key == "extract")
+    assert not [a for a in extract.arrays if a.path.startswith("pfv/")]
 
 
 def test_pfvs_equal_a_direct_forward_pass(reference):

@@ -38,7 +38,7 @@ from gig_dist.stages.base import (
 )
 from gig_dist.stages.concepts import concept_count
 from gig_dist.stages.decompose import decompose_taps
-from gig_dist.stages.extract import resolve_device
+from gig_dist.stages.extract import PFVSource, forward_bytes, resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.gig import attribution_specs
 
@@ -139,6 +139,8 @@ def gig_footprint(stage: Stage, facts: Facts, sizes: Sizes) -> Footprint:
     for source, target in gig_pairs(config, list(facts.taps)):
         dense.append((f"{source} decoder V^T", (facts.taps[source][0], sizes.concepts(source)), "float32"))
         vectors = max(vectors, facts.images_per_unit * num_targets(config, target) * max(1, sizes.max_active(source)) * 8)
+    if config.extract.pfvs == "recompute" and stage.name == "attribute":  # the real PFVs' forward pass
+        worker += forward_bytes(config, facts)
     return Footprint(worker + vectors, dense=list(dict.fromkeys(dense)))
 
 
@@ -296,6 +298,11 @@ class AttributeWorker(PairWorker):
     def __init__(self, stage: AttributeStage, device: torch.device) -> None:
         super().__init__(stage, device)
         self.bounds = step_bounds(self.config)
+        self.pfvs = PFVSource(self.config, self.store, device, [source for source, _ in stage.pairs(self.store.facts)])
+
+    def close(self) -> None:
+        self.pfvs.close()
+        super().close()
 
     def _images(self, r: ImageRange, rows: np.ndarray) -> dict[int, torch.Tensor]:
         if self._loader is None:
@@ -346,7 +353,7 @@ class AttributeWorker(PairWorker):
         steps_used = np.zeros((len(r), t1 - t0), dtype=np.int32)
         gap_first = np.full((len(r), t1 - t0), np.nan)
         channels, height, width_px = self.store.taps[source]
-        real = self.store.meta.read_pfvs(source, r) if first_steps else None  # the real X, as stored
+        real = self.pfvs.read(source, r) if first_steps else None  # the real X, as stored (or recomputed)
         for row in rows:
             image_index = torch.from_numpy(index[row, :, :slots].astype(np.int64)).to(self.device)
             image_value = torch.from_numpy(value[row, :, :slots]).to(self.device)

@@ -28,7 +28,7 @@ from gig_dist.stages.base import (
     UnitReport,
     WorkUnit,
 )
-from gig_dist.stages.extract import resolve_device
+from gig_dist.stages.extract import PFVSource, forward_bytes, resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.codes import code_specs
 
@@ -129,6 +129,8 @@ class DecomposeStage(Stage):
             worker = max(worker, unit * h * w * (c * (4 + item) + width * 8) + k * k * 8 + k * c * 12
                          + 3 * batch * k * 8)
             dense.append((f"{tap} Gram matrix V V^T", (k, k), "float64"))
+        if self.config.extract.pfvs == "recompute":  # the unit's forward pass, all its taps kept
+            worker += forward_bytes(self.config, facts)
         return Footprint(worker, dense=dense)
 
     def open_worker(self, device: str) -> DecomposeWorker:
@@ -142,6 +144,7 @@ class DecomposeWorker(StageWorker):
         concepts = self.store.concepts(stage.dictionary)
         kind = DICTIONARIES[stage.dictionary]
         self.width = stage.config.decompose.max_nonzero
+        self.pfvs = PFVSource(stage.config, self.store, device, stage.taps(self.store.facts))
         self.dictionaries = {
             tap: kind.from_arrays(concepts.arrays(tap), **encode_params(stage.config, tap, str(device)))
             for tap in stage.taps(self.store.facts)
@@ -152,7 +155,7 @@ class DecomposeWorker(StageWorker):
         status, _ = self.store.meta.read_status(r)
         rows = np.flatnonzero(status == PROCESSED)
         for tap, dictionary in self.dictionaries.items():
-            pfvs = self.store.meta.read_pfvs(tap, r)  # (n, H*W, C)
+            pfvs = self.pfvs.read(tap, r)  # (n, H*W, C)
             n, positions, channels = pfvs.shape
             x = pfvs[rows].reshape(-1, channels).astype(np.float32)
             index = np.full((n, positions, self.width), -1, dtype=np.int32)
@@ -179,3 +182,6 @@ class DecomposeWorker(StageWorker):
         if progress is not None:
             progress(len(r))
         return UnitReport(unit.index, len(r), int(len(r) - rows.size))
+
+    def close(self) -> None:
+        self.pfvs.close()

@@ -30,7 +30,7 @@ from gig_dist.stages.base import (
     model_bytes,
     tap_values,
 )
-from gig_dist.stages.extract import resolve_device
+from gig_dist.stages.extract import PFVSource, forward_bytes, resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.samples import sample_specs
 
@@ -80,8 +80,9 @@ class SampleStage(Stage):
     def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
         """SRD: a batch's activations and relevances, the unit's scores."""
         values = tap_values(facts)
+        recompute = forward_bytes(self.config, facts) if self.config.extract.pfvs == "recompute" else 0
         return Footprint(3 * model_bytes(facts) + 4 * self.config.sample.batch_size * values * 4
-                         + facts.images_per_unit * values * 4)
+                         + facts.images_per_unit * values * 4 + recompute)
 
     def open_worker(self, device: str) -> SampleWorker:
         return SampleWorker(self, resolve_device(device))
@@ -94,6 +95,7 @@ class SampleWorker(StageWorker):
         self.store = RunStore.open(stage.store_url, mode="r+")
         self.taps = list(self.store.taps)
         self.device = device
+        self.pfvs = PFVSource(config, self.store, device, self.taps)
         self.model = None
         if self.sample.method != "uniform":
             self.model = build_model(config.model).to(device)
@@ -139,7 +141,7 @@ class SampleWorker(StageWorker):
             progress(len(r))
         for tap_index, tap in enumerate(self.taps):
             channels, height, width = self.store.taps[tap]
-            pfvs = self.store.meta.read_pfvs(tap, r)  # (n, H*W, C)
+            pfvs = self.pfvs.read(tap, r)  # (n, H*W, C)
             positions = np.full((len(r), count), -1, dtype=np.int32)
             vectors = np.full((len(r), count, channels), np.nan, dtype=pfvs.dtype)
             tap_scores = None if scores is None else np.full((len(r), height * width), np.nan, dtype=np.float32)
@@ -155,5 +157,6 @@ class SampleWorker(StageWorker):
         return UnitReport(unit.index, len(r), int(len(r) - rows.size))
 
     def close(self) -> None:
+        self.pfvs.close()
         if self.model is not None:
             self.loader.close()

@@ -36,8 +36,8 @@ def index_specs(facts: Facts) -> list[ArraySpec]:
             per_image_spec(facts, "meta/label", (), "int64", -1, ())]
 
 
-def extraction_specs(facts: Facts, pfv_dtype: str) -> list[ArraySpec]:
-    """Everything the extract stage writes."""
+def extraction_specs(facts: Facts, pfv_dtype: str, pfvs: bool = True) -> list[ArraySpec]:
+    """Everything the extract stage writes (without the PFVs when they are recomputed)."""
     specs = [
         per_image_spec(facts, "meta/status", (), "uint8", PENDING, ()),
         per_image_spec(facts, "meta/skip_reason", (), "str", "", ()),
@@ -47,7 +47,7 @@ def extraction_specs(facts: Facts, pfv_dtype: str) -> list[ArraySpec]:
     if facts.part_masks:
         size = facts.input_size
         specs.append(per_image_spec(facts, "meta/part_mask", (size, size), "uint8", 0, ("mask_y", "mask_x")))
-    for tap, (channels, height, width) in facts.taps.items():
+    for tap, (channels, height, width) in facts.taps.items() if pfvs else ():
         positions = height * width
         specs.append(ArraySpec(
             f"pfv/{tap}", (facts.num_images, positions, channels), pfv_dtype,
