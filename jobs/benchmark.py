@@ -121,6 +121,9 @@ def bench_extract(args: argparse.Namespace) -> None:
         rows.append((f"bare forward ({torch.get_num_threads()} threads)", forward, forward_cores, "1.00 x forward"))
         local, local_cores, _ = extraction(base, root / "local.zarr")
         rows.append(("extract in-process", local, local_cores, f"{local / forward:.2f} x forward (target >= 0.85)"))
+        # extract.pfvs=recompute: the logits only; sample, decompose and attribute pay a forward each
+        kept, kept_cores, _ = extraction(_config(args, args.images, "extract.pfvs=recompute"), root / "recompute.zarr")
+        rows.append(("extract, pfvs=recompute", kept, kept_cores, f"{kept / forward:.2f} x forward (no PFVs written)"))
 
         import ray
 

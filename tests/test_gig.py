@@ -530,6 +530,7 @@ def test_class_conditional_gamma_is_the_mean_over_the_class_images(reference):
                     dense[c, k, m] += partial[i, slot, w]
     gig = reference.gig("bisecting_kmeans")
     assert gig.read_class_count(pair).tolist() == count.tolist() and count.sum() == 16
+    assert g[f"{key}/class_block/value"].dtype == np.float32  # block sums rounded once: ranks within 1e-5
     dense /= np.maximum(count, 1)[:, None, None]
     edges = 16
     for c in range(classes):

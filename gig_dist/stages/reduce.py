@@ -65,8 +65,8 @@ class ReduceStage(Stage):
     per_dictionary = True
     coverage_key = "gig.images"
     # 2: class-conditional Gamma of concept pairs; 3: from float32 per-image GIG, sparse block
-    # sums, per-source GIG deleted once in the sums
-    version = 3
+    # sums, per-source GIG deleted once in the sums; 4: float32 per-class block sums
+    version = 4
     unit_noun = "blocks"
 
     def pairs(self, facts: Facts) -> list[Pair]:

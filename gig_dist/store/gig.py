@@ -39,7 +39,9 @@ and, for pairs between concepts, the class-conditional Gamma^(a->b) of each clas
 over the images of class c only), reduced per class:
 
     class_block/key, class_block/value  (block, entry)  each block's per-class sums, sparse:
-                                        key = source * K_b + target, sorted within a class
+                                        key = source * K_b + target, sorted within a class;
+                                        float32 values (the sums of float32 GIG values, rounded
+                                        once: they only rank each class's strongest sources)
     class_block/offsets (block, class + 1)  where each class's entries start in its block
     class_top/source, class_top/value (class, target_concept, edge)  per class and target
                                         concept its strongest sources (value: the class mean)
@@ -167,7 +169,7 @@ def class_specs(facts: Facts, dictionary: str, pair: Pair, *, blocks: int, capac
     return [
         ArraySpec(f"{base}/class_block/key", (blocks, capacity), key_dtype(k_a * k_b), ("block", "entry"), (1, chunk),
                   fill_value=-1),
-        ArraySpec(f"{base}/class_block/value", (blocks, capacity), "float64", ("block", "entry"), (1, chunk),
+        ArraySpec(f"{base}/class_block/value", (blocks, capacity), "float32", ("block", "entry"), (1, chunk),
                   fill_value=0.0),
         ArraySpec(f"{base}/class_block/offsets", (blocks, classes + 1), "int64", ("block", "class_edge"),
                   (1, classes + 1), fill_value=0),
@@ -332,7 +334,7 @@ class GIGSection:
         """One block's per-class sums: entries sorted by class, then key; ``offsets[c]`` is
         where class c starts."""
         self.store.array(self._path(pair, "class_block/key"))[block, : len(keys)] = keys
-        self.store.array(self._path(pair, "class_block/value"))[block, : len(values)] = values
+        self.store.array(self._path(pair, "class_block/value"))[block, : len(values)] = values.astype(np.float32)
         self.store.array(self._path(pair, "class_block/offsets"))[block] = offsets
 
     def read_class_block(self, pair: Pair, block: int, first: int, stop: int) -> tuple[np.ndarray, ...]:
@@ -343,7 +345,7 @@ class GIGSection:
         if hi == lo:
             return classes, np.zeros(0, dtype=np.int64), np.zeros(0)
         return (classes, self.store.array(self._path(pair, "class_block/key"))[block, lo:hi].astype(np.int64),
-                self.store.array(self._path(pair, "class_block/value"))[block, lo:hi])
+                self.store.array(self._path(pair, "class_block/value"))[block, lo:hi].astype(np.float64))
 
     def write_class_top(self, pair: Pair, first: int, source: np.ndarray, value: np.ndarray) -> None:
         stop = first + len(source)
