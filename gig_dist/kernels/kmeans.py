@@ -6,12 +6,15 @@ the concept hierarchy users browse.
 
 How a split is computed, and why it is fast without being approximate:
 
-* The points are kept in one float32 array, permuted so that every leaf's members are contiguous;
-  a split partitions its segment in place (two ``np.compress`` passes). No split ever gathers its
-  members from scattered rows, and each level of the tree moves the data once.
+* The points are kept in two float32 copies, permuted so that every leaf's members are
+  contiguous; a split gathers its segment's two halves into the other copy (one ``np.take``
+  pass). No split ever gathers its members from scattered rows, and each level of the tree moves
+  the data once.
 * 2-means needs no distance matrix: a point belongs to centre 1 when
   ``<x, c1 - c0> > (|c1|^2 - |c0|^2) / 2``. A Lloyd iteration is one matrix-vector product for
-  the assignment and one for the new centre (the other centre is the node's sum minus it).
+  the assignment; the first also sums centre 1's members (the other centre is the node's sum
+  minus it), later ones only move the sum by the members that changed sides (float64), and an
+  iteration where none did is the fixed point, returned without another pass.
 * Initialisation is k-means++ for two centres, run to convergence on a random subsample of at
   most ``subsample`` members; Lloyd then continues on *all* members until the centres move less
   than ``tol`` (scikit-learn's criterion: ``tol`` times the mean feature variance). The subsample
@@ -76,13 +79,20 @@ def _lloyd(points: np.ndarray, total: np.ndarray, c0: np.ndarray, c1: np.ndarray
            max_iter: int) -> np.ndarray:
     """2-means Lloyd iterations from centres ``c0``, ``c1`` (float64); ``total`` is the sum of
     ``points``. Returns the final assignment (True: centre 1)."""
-    n = len(points)
+    n, side, sum1 = len(points), None, None
     for _ in range(max_iter):
-        side = points @ (c1 - c0).astype(np.float32) > 0.5 * (c1 @ c1 - c0 @ c0)
-        n1 = np.count_nonzero(side)
+        new_side = points @ (c1 - c0).astype(np.float32) > 0.5 * (c1 @ c1 - c0 @ c0)
+        n1 = np.count_nonzero(new_side)
         if n1 in (0, n):
-            return side
-        sum1 = (side.astype(np.float32) @ points).astype(np.float64)
+            return new_side
+        if side is None:
+            sum1 = (new_side.astype(np.float32) @ points).astype(np.float64)
+        else:  # only the members that changed sides move the sum: one pass per iteration, not two
+            moved = np.flatnonzero(new_side != side)
+            if not len(moved):  # a fixed point: these centres give this assignment again
+                return new_side
+            sum1 = sum1 + np.where(new_side[moved], 1.0, -1.0) @ points[moved].astype(np.float64)
+        side = new_side
         new1, new0 = sum1 / n1, (total - sum1) / (n - n1)
         shift = ((new1 - c1) ** 2).sum() + ((new0 - c0) ** 2).sum()
         c0, c1 = new0, new1
@@ -138,7 +148,9 @@ class NumpyOps:
         """Segment ``s:e`` of every array of ``source`` into ``target``, side False first."""
         perm = np.argsort(side, kind="stable")
         for array, into in zip(source, target):
-            np.take(array[s:e], perm, axis=0, out=into[s:e])
+            # mode="clip": the indices are valid, and the default "raise" buffers ``out`` (a
+            # second copy of the segment; measured 0.50 s of a 1.56 s fit)
+            np.take(array[s:e], perm, axis=0, out=into[s:e], mode="clip")
 
     @staticmethod
     def host(array: np.ndarray) -> np.ndarray:
@@ -205,13 +217,17 @@ class BisectingKMeans:
     ``subsample``, after the 2-means of its subsample converged (None: up to ``max_iter``);
     ``seed``; ``backend`` "numpy", "faiss" or "auto" (FAISS when it sees a GPU).
 
-    Where the time goes: Lloyd passes over the members. On overlapping data (post-ReLU Gaussian
-    blobs, 2,048 centres, noise 0.8, 200,000 x 256, K = 1024) the full-member Lloyd of the large
-    clusters ran 28 iterations on average (up to 172) to reach ``tol``, 68 % of the fit; each pass
-    streams the members at about 20 GB/s here (10 ms for 200,000 x 256 float32), so the floor is
-    the passes, not the arithmetic. ``refine_iter=8`` stops those passes early: 2.5 s instead of
-    5.9 s there, inertia +0.3 % (``python -m jobs.benchmark concepts`` times both beside
-    scikit-learn; no gain on the better separated ``pfv_like`` data).
+    Where the time goes: passes over the members. On overlapping data (post-ReLU Gaussian blobs,
+    2,048 centres, noise 0.8, 200,000 x 256, K = 1024) the full-member Lloyd of the large
+    clusters ran 28 iterations on average (up to 172) to reach ``tol``; ``refine_iter=8`` stops
+    them early (inertia within 1 % of scikit-learn's; ``python -m jobs.benchmark concepts``
+    times it beside scikit-learn). On ``pfv_like`` data (the benchmark's, 512 modes) a fit of
+    1.2 s splits into Lloyd passes 0.47 s, the partition's gathers 0.20 s, the float64 sums of
+    the halves 0.18 s (a float64 column sum runs at a fifth of a float32 pass) and per-split
+    overhead 0.16 s (cProfile). The floor is memory traffic: per tree level (10 for K = 1024)
+    the partition reads and writes the data once and Lloyd streams it at least twice (the first
+    assignment with its sum, the last assignment), about 0.8 GB per level for 200,000 x 256
+    float32, 8 GB in all, 0.4 s at the ~20 GB/s a pass reaches here (10 ms per 200 MB).
 
     Learned: ``cluster_centers_`` (K, C), ``labels_`` (n,), ``inertia_`` (total),
     ``cluster_inertia_`` and ``cluster_size_`` (K,), ``tree_`` (:class:`SplitTree`).

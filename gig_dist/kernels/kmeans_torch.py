@@ -36,13 +36,21 @@ def _lloyd(points: torch.Tensor, total: torch.Tensor, c0: torch.Tensor, c1: torc
            max_iter: int) -> torch.Tensor:
     """2-means Lloyd iterations from ``c0``, ``c1`` (float64); ``total`` is the points' sum.
     Returns the final assignment (True: centre 1)."""
-    n = len(points)
+    n, side, sum1 = len(points), None, None
     for _ in range(max_iter):
-        side = _side(points, c0, c1)
-        n1 = int(side.sum())
+        new_side = _side(points, c0, c1)
+        n1 = int(new_side.sum())
         if n1 in (0, n):
-            return side
-        sum1 = (side.float() @ points).double()
+            return new_side
+        if side is None:
+            sum1 = (new_side.float() @ points).double()
+        else:  # only the members that changed sides move the sum (as the numpy backend)
+            moved = torch.nonzero(new_side != side).flatten()
+            if not len(moved):  # a fixed point: these centres give this assignment again
+                return new_side
+            signs = torch.where(new_side[moved], 1.0, -1.0).double()
+            sum1 = sum1 + signs @ points.index_select(0, moved).double()
+        side = new_side
         new1, new0 = sum1 / n1, (total - sum1) / (n - n1)
         shift = float(((new1 - c1) ** 2).sum() + ((new0 - c0) ** 2).sum())
         c0, c1 = new0, new1
