@@ -49,6 +49,15 @@ def test_ray_equals_in_process(ray_head, in_process, tmp_path):
     assert_stores_equal(in_process, report.url)
 
 
+def test_recomputed_pfvs_on_ray_equal_the_stored_run_in_process(ray_head, in_process, tmp_path):
+    """extract.pfvs = recompute on 2 Ray workers: every stage that reads PFVs runs the forward
+    pass again in its own actor, and every array is bitwise the in-process run's that stored
+    them (one thread everywhere)."""
+    report = pipeline.run(ray_config("extract.pfvs=recompute"), tmp_path / "ray.zarr")
+    assert not [p for p, _ in zgroup(report.url).members(max_depth=None) if p.startswith("pfv")]
+    assert_stores_equal(in_process, report.url, ignore=("pfv",))
+
+
 def test_default_threads_agree_within_float16_rounding(ray_head, tmp_path):
     # In-process takes every core, a Ray actor one: the same values up to summation order.
     default = [kv for kv in BASE if not kv.startswith("runtime.torch_threads")]
