@@ -110,7 +110,7 @@ class Run:
                 from gig_dist.stages.extract import PFVSource, resolve_device
 
                 self._pfvs = PFVSource(self.config, self.store, resolve_device("auto"), list(self.store.taps))
-            unit = next(u for u in self.store.units() if u.start <= image < u.stop)
+            unit = self.store.units()[image // self.store.facts.images_per_unit]
             values = self._pfvs.read(tap, unit)[image - unit.start].astype(np.float32)
         return xr.DataArray(values.reshape(height, width, channels), dims=("y", "x", "channel"), name=tap)
 

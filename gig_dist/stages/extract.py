@@ -213,9 +213,9 @@ class ExtractWorker(StageWorker):
         config = stage.config
         self.store = RunStore.open(stage.store_url, mode="r+")
         self.compute_lock = threading.Lock()
-        self.store_pfvs = config.extract.pfvs == "store"
         # recompute: the forward pass for the logits only, no tap captured
-        self.forward = UnitForward(config, self.store, device, list(self.store.taps) if self.store_pfvs else [])
+        taps = list(self.store.taps) if config.extract.pfvs == "store" else []
+        self.forward = UnitForward(config, self.store, device, taps)
         self.meta = self.store.meta
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
