@@ -1,8 +1,9 @@
 """Fault injection for tests of crash safety: ``GIG_DIST_FAILPOINT=<name>:<n>`` makes the process
-SIGKILL itself the n-th time it passes the named point, exactly as a crash or an OOM kill would.
-``<name>:<n>@<file>`` fires in one process only, the first to create ``<file>`` (so a restarted
-or replacement worker does not die again). Unset (always, outside tests), a failpoint costs one
-dictionary lookup."""
+SIGKILL itself the n-th time it passes the named point, exactly as a crash or an OOM kill would;
+``<name>:<n>:stop`` makes it SIGSTOP itself there instead (Ctrl-Z, a stalled machine), to be
+continued by a SIGCONT. ``...@<file>`` fires in one process only, the first to create ``<file>``
+(so a restarted or replacement worker does not die again). Unset (always, outside tests), a
+failpoint costs one dictionary lookup."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def failpoint(name: str) -> None:
         return
     spec, _, once_file = spec.partition("@")
     target, _, count = spec.partition(":")
+    count, _, action = count.partition(":")
     if target != name:
         return
     _hits[name] += 1
@@ -30,4 +32,4 @@ def failpoint(name: str) -> None:
             os.close(os.open(once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)

@@ -108,6 +108,9 @@ class StoreConfig(Section):
     images_per_chunk: int = Field(default=8, ge=1)
     #: zstd level. PFVs compress ~1.7x at level 1 and barely better above, at half the speed.
     zstd_level: int = Field(default=1, ge=1, le=22)
+    #: Seconds without a heartbeat after which another driver may take over the run's lease
+    #: (the driver beats every sixth of it; a paused driver checks before its next write).
+    lease_timeout_s: float = Field(default=60.0, ge=1)
 
     @model_validator(mode="after")
     def _chunk_divides_unit(self) -> StoreConfig:

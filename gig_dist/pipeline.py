@@ -12,7 +12,6 @@ import platform
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Any, Callable
 
 from gig_dist.config import Config, ConfigError
@@ -30,16 +29,10 @@ from gig_dist.stages.base import Stage, consumed_by
 from gig_dist.stages.registry import by_name, fingerprints, stages_until
 from gig_dist.store import Facts, Manifest, RunStore, StoreError
 from gig_dist.store.lease import Lease
+from gig_dist.store.location import refuse_unsafe, store_url
 
 #: Keys that fix the store's layout: a store cannot be resumed with other values.
 LAYOUT_KEYS = ("images_per_unit", "images_per_chunk", "zstd_level")
-
-
-def store_url(out: str | os.PathLike[str]) -> str:
-    """A local path (or ``file://`` URL) becomes an absolute path, since workers may run in other
-    directories; other fsspec URLs (``s3://``, ``gs://``, ``memory://``) pass through."""
-    text = os.fspath(out).removeprefix("file://")
-    return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
 def versions() -> dict[str, str]:
@@ -159,17 +152,18 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"the run cannot start ({len(errors)} problems):\n  " + "\n  ".join(errors))
     url = store_url(out if out is not None else config.store.path)
+    refuse_unsafe(url)
     lease = None
     try:
         RunStore.refuse_foreign(url)  # before the lease is written there
-        lease = Lease.acquire(url)  # before anything is deleted: never under a live run
-        if RunStore.claim(url, overwrite):
-            store = RunStore.open(url, mode="r+")
+        lease = Lease.acquire(url, config.store.lease_timeout_s)  # before anything is deleted: never under a live run
+        if RunStore.claim(url, overwrite, lease.fence):
+            store = RunStore.open(url, mode="r+", fence=lease.fence)
             _check_resumable(store, config, facts, index, url)
         else:
             store = RunStore.create(url, Manifest(0, "creating", config=config.to_dict(), versions=versions(),
                                                   dataset_fingerprint=index.fingerprint(), transform=vars(transform)),
-                                    facts, index.paths, index.labels)
+                                    facts, index.paths, index.labels, fence=lease.fence)
         return Prepared(store, decide(store, config, run_stages), lease)
     except BaseException as exc:
         if lease is not None:
@@ -201,6 +195,7 @@ def _check_resumable(store: RunStore, config: Config, facts: Facts, index: Datas
             + (f": {'; '.join(hints)}" if hints else "") + "); write to another --out, or pass --overwrite to "
             "discard the old run"
         )
+    store.nodes  # noqa: B018 - a store written before the node list gets it now, saved below
     store.manifest.config = config.to_dict()
     store.manifest.versions = versions()
     store.manifest.facts = facts.to_json()
@@ -236,11 +231,13 @@ def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bo
             on_plan(prepared.decisions)
         runtime = make_runtime(config)
         reports = []
+        fence = prepared.lease.fence
         for stage_type in stages_until(until):
-            stage = stage_type(config, prepared.store.url)
+            stage = stage_type(config, prepared.store.url, fence=fence)
             reports.append(runtime.run(stage))
             if reports[-1].units_run:
-                RunStore.open(prepared.store.url, mode="r+").add_seconds(stage.progress_key, reports[-1].seconds)
+                RunStore.open(prepared.store.url, mode="r+", fence=fence).add_seconds(stage.progress_key,
+                                                                                   reports[-1].seconds)
         prepared.store.consolidate()  # the manifest changed: fresh consolidated metadata for readers
     finally:
         prepared.lease.release()

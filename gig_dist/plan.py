@@ -492,7 +492,7 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
         try:
             runtime = make_runtime(config)
             for stage_type in stages_until(until):
-                stage = stage_type(config, prepared.store.url)
+                stage = stage_type(config, prepared.store.url, fence=prepared.lease.fence)
                 started = time.perf_counter()
                 with PeakRSS() as rss, warnings.catch_warnings():
                     warnings.simplefilter("ignore")

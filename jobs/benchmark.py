@@ -607,7 +607,7 @@ def bench_pfvs(args: argparse.Namespace) -> None:
         try:
             runtime = make_runtime(config)
             for stage_type in stages_until("attribute"):
-                stage = stage_type(config, prepared.store.url)
+                stage = stage_type(config, prepared.store.url, fence=prepared.lease.fence)
                 seconds[mode][stage.progress_key] = runtime.run(stage).seconds
         finally:
             prepared.lease.release()
@@ -665,7 +665,7 @@ def bench_rehearsal(args: argparse.Namespace) -> None:
     try:
         runtime = make_runtime(ray_config)
         for stage_type in stages_until(None):
-            stage = stage_type(ray_config, prepared.store.url)
+            stage = stage_type(ray_config, prepared.store.url, fence=prepared.lease.fence)
             with PeakRSS() as driver:
                 report = runtime.run(stage)
             measured[stage.progress_key] = (report, driver.peak)

@@ -139,3 +139,50 @@ def ray_head(tmp_path_factory):
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """An S3-compatible server (moto's) on loopback, and the environment a subprocess needs to
+    reach it through ``s3://`` URLs."""
+
+    endpoint: str
+    env: dict[str, str]
+
+    def bucket(self, name: str) -> str:
+        """A new, empty bucket: its ``s3://`` URL."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing")
+        fs.mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on a free loopback port for the whole test session. Every ``s3://`` URL of
+    this process and of its subprocesses (through the environment) reaches it."""
+    import fsspec
+
+    port = _free_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    saved = {key: os.environ.get(key) for key in env}
+    try:
+        _wait_for_port(port, 60)
+        os.environ.update(env)
+        fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = env["FSSPEC_S3_ENDPOINT_URL"]
+        yield S3Server(env["FSSPEC_S3_ENDPOINT_URL"], env)
+    finally:
+        fsspec.config.conf.get("s3", {}).pop("endpoint_url", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        log.close()

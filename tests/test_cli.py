@@ -176,5 +176,50 @@ def test_a_second_driver_on_a_live_run_refuses_naming_the_first(tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
-    assert not (tmp_path / "run.zarr" / "gig-dist.lease").exists()  # given back at the end
+    records = sorted((tmp_path / "run.zarr" / "gig-dist.lease").iterdir())
+    assert [json.loads(r.read_text())["released"] for r in records] == [True]  # given back at the end
     assert "graphs: 1/1 units run" in stdout
+
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_paused_driver_whose_lease_was_taken_over_stops_without_writing(tmp_path):
+    """Driver A stops (as under Ctrl-Z) between a unit's data and its commit; B, with another
+    sampling seed, takes the stale lease over and finishes; A, continued, must write nothing more
+    and say so in one line, and the store must be exactly B's uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    from tests.conftest import assert_stores_equal
+
+    args = ["-o", "dataset.toy.num_images=32", "-o", "store.images_per_unit=16", "-o", "concepts.k_multiplier=0.25",
+            *GIG_LIGHT_CLI, "-o", "runtime.progress=false", "-o", "store.lease_timeout_s=3"]
+    out = tmp_path / "run.zarr"
+    a = subprocess.Popen([*CLI, "run", "--out", str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "GIG_DIST_FAILPOINT": "sample.before_commit:2:stop"})
+    try:
+        deadline = time.time() + 300
+        while open(f"/proc/{a.pid}/stat").read().split(") ")[1][0] != "T":  # A stopped itself
+            assert time.time() < deadline and a.poll() is None, a.communicate()
+            time.sleep(0.1)
+        time.sleep(3.5)  # A's heartbeat is now older than its lease timeout
+        b = run_cli("run", "--out", str(out), *args, "-o", "sample.seed=1")
+        assert b.returncode == 0, b.stderr
+        assert "taking over the lease of pid" in b.stderr and f"pid {a.pid}" in b.stderr, b.stderr
+        before = _files(out)
+        os.kill(a.pid, signal.SIGCONT)
+        _, stderr = a.communicate(timeout=120)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert a.returncode == 2, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"gig-dist: error: {out}: this run lost its lease "
+                                                      "(generation 1; the store's is now 2"), stderr
+    assert "Traceback" not in stderr
+    assert _files(out) == before  # A wrote nothing after it was continued
+    reference = run_cli("run", "--out", str(tmp_path / "b.zarr"), *args, "-o", "sample.seed=1")
+    assert reference.returncode == 0, reference.stderr
+    assert_stores_equal(str(tmp_path / "b.zarr"), str(out))

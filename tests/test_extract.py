@@ -146,10 +146,11 @@ def _run_units(url: str, indices: list[int]) -> None:
 def test_two_processes_writing_their_own_shards_lose_nothing(reference, tmp_path):
     out = tmp_path / "parallel.zarr"
     config = toy_config(*SMALL_CONFIG)
-    store = pipeline.prepare(config, out).store
-    url = store.url
+    prepared = pipeline.prepare(config, out)
+    store, url = prepared.store, prepared.store.url
     for stage in (ExtractStage(config, url), SampleStage(config, url)):
         open_stage(stage, store)  # what a runtime does on the driver before handing out units
+    prepared.lease.release()  # the run below is another driver
     ctx = multiprocessing.get_context("spawn")
     workers = [ctx.Process(target=_run_units, args=(url, part)) for part in ([0, 2, 4], [1, 3])]
     for w in workers:

@@ -202,80 +202,6 @@ def test_a_run_of_an_older_store_format_is_kept_unless_overwritten(tmp_path):
     assert RunStore.claim(url, overwrite=True) is False and RunStore.inspect_prefix(url) == ("empty", [])
 
 
-def _plant_lease(url: str, **fields) -> None:
-    import time
-
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.makedirs(root, exist_ok=True)
-    record = {"host": "elsewhere", "pid": 4242, "token": "t", "started": time.time(), "heartbeat": time.time(), **fields}
-    fs.pipe_file(f"{root}/gig-dist.lease", json.dumps(record).encode())
-
-
-@pytest.mark.parametrize("where", ["memory://bucket/leased", "local"])
-def test_a_live_lease_of_another_driver_is_refused_naming_it(tmp_path, where):
-    from gig_dist.store.lease import Lease
-
-    url = str(tmp_path / "run.zarr") if where == "local" else where
-    _plant_lease(url)
-    with pytest.raises(StoreError, match=r"in use by another gig-dist run: pid 4242 on host elsewhere"):
-        Lease.acquire(url)
-    assert json.loads(fsspec.core.url_to_fs(url)[0].cat_file(
-        fsspec.core.url_to_fs(url)[1] + "/gig-dist.lease"))["pid"] == 4242  # untouched
-
-
-def test_a_stale_lease_is_taken_over_saying_so(tmp_path):
-    import time
-
-    from gig_dist.store.lease import STALE_AFTER_S, Lease
-
-    url = str(tmp_path / "run.zarr")
-    _plant_lease(url, heartbeat=time.time() - STALE_AFTER_S - 5)
-    with pytest.warns(UserWarning, match=r"taking over the lease of pid 4242 on host elsewhere .*last heartbeat"):
-        lease = Lease.acquire(url)
-    assert lease.read()["token"] == lease.record["token"]
-    lease.release()
-    assert lease.read() is None
-
-
-def test_a_lease_of_a_killed_process_on_this_host_is_taken_over_at_once(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
-    from gig_dist.store.lease import Lease
-
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    url = str(tmp_path / "run.zarr")
-    _plant_lease(url, host=socket.gethostname(), pid=int(done.stdout))  # a process that has exited
-    with pytest.warns(UserWarning, match="its process is gone"):
-        Lease.acquire(url).release()
-
-
-def test_the_lease_does_not_make_a_prefix_foreign_and_survives_overwrite(tmp_path):
-    from gig_dist.store.lease import Lease
-
-    url = str(tmp_path / "run.zarr")
-    lease = Lease.acquire(url)
-    assert RunStore.inspect_prefix(url) == ("empty", [])
-    make_store(url)
-    assert RunStore.inspect_prefix(url) == ("ours", [])
-    assert RunStore.claim(url, overwrite=True) is False
-    assert lease.read()["token"] == lease.record["token"] and RunStore.inspect_prefix(url) == ("empty", [])
-    lease.release()
-
-
-def test_an_unreadable_lease_is_taken_over_saying_so_and_no_lease_is_none(tmp_path):
-    from gig_dist.store.lease import Lease
-
-    url = str(tmp_path / "run.zarr")
-    (tmp_path / "run.zarr").mkdir()
-    (tmp_path / "run.zarr" / "gig-dist.lease").write_text("{ torn")
-    with pytest.warns(UserWarning, match="it cannot be read"):
-        Lease.acquire(url).release()
-    (tmp_path / "a_file").write_text("x")
-    assert Lease(str(tmp_path / "a_file" / "run.zarr")).read() is None  # a file in the path: no lease there
-
-
 def test_a_code_value_that_float16_cannot_hold_is_refused_not_stored_as_inf(tmp_path):
     """decompose.value_dtype = float16 stores values up to 65,504; a larger one would become inf
     without a word, so the write is refused naming the tap and the images, and nothing is written."""
@@ -294,3 +220,77 @@ def test_a_code_value_that_float16_cannot_hold_is_refused_not_stored_as_inf(tmp_
     value[1, 2, 0] = 6e4
     store.codes("d").write(r, "t", index, value, stats, total)
     assert store.codes("d").read("t", r)[1][1, 2, 0] == np.float16(6e4)
+
+
+def test_a_key_is_ours_only_when_a_listed_node_owns_it():
+    from gig_dist.store.ownership import is_own_key
+
+    nodes = {"pfv": {"kind": "group", "owner": "extract"}, "pfv/t": {"kind": "array", "owner": "extract"},
+             "meta/s": {"kind": "array", "owner": "extract"}}
+    hexa = "0123456789abcdef" * 2
+    ours = ["zarr.json", "pfv/zarr.json", "pfv/t/zarr.json", "pfv/t/c/0/12/3", "meta/s/c", f"pfv/t/zarr.{hexa}.partial",
+            f"pfv/t/c/0/0/{7}.{hexa}.partial", "gig-dist.lease/000000000003", "gig-dist.lease"]
+    theirs = ["meta/zarr.json", "pfv/t/comments.txt", "pfv/t/c/notes.txt", "pfv/t/c/0/x", "pfv/t/cache/0",
+              "pfv/u/zarr.json", "user_group/zarr.json", "user_group/x/c/0", "pfv/t/zarr.json.bak",
+              f"pfv/t/notes.{hexa}.partial", "gig-dist.lease/notes", "pfv/c/0"]
+    assert [k for k in ours if not is_own_key(k, nodes)] == []
+    assert [k for k in theirs if is_own_key(k, nodes)] == []
+
+
+def _users_data(url: str, kind: str) -> dict[str, bytes]:
+    """Something a user put inside a run store, and its keys with their bytes."""
+    fs, root = fsspec.core.url_to_fs(url)
+    if kind == "group":
+        group = zarr.open_group(url, mode="a", use_consolidated=False).create_group("user_group")
+        group.create_array("x", shape=(10,), dtype="f8")[:] = 1
+    elif kind == "note in an array":
+        fs.pipe_file(f"{root}/pfv/layer1.0/comments.txt", b"look at image 3")
+    else:  # a stray zarr.json: a group a user made by hand inside ours
+        fs.makedirs(f"{root}/meta/mine", exist_ok=True)
+        fs.pipe_file(f"{root}/meta/mine/zarr.json", b'{"zarr_format": 3, "node_type": "group"}')
+    fs.invalidate_cache()
+    return {key: fs.cat_file(key) for key in fs.find(root) if "user_group" in key or "comments" in key or "/mine/" in key}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["group", "note in an array", "stray zarr.json"])
+def test_overwrite_keeps_a_users_data_inside_a_run_store(tmp_path, where, kind, request):
+    from gig_dist import pipeline
+    from tests.conftest import toy_config
+
+    if where == "s3":
+        url = f"{request.getfixturevalue('s3_server').bucket('own-' + kind.replace(' ', '-').replace('.', ''))}/r.zarr"
+    else:
+        url = str(tmp_path / "r.zarr")
+    config = toy_config("dataset.toy.num_images=8", "store.images_per_unit=4")
+    pipeline.run(config, url, until="extract")
+    theirs = _users_data(url, kind)
+    assert theirs
+    with pytest.raises(StoreError, match="not a gig-dist run store"):
+        pipeline.run(config, url, overwrite=True, until="extract")
+    fs, _ = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    assert {key: fs.cat_file(key) for key in theirs} == theirs
+    assert RunStore.open(url).meta.image_counts()["processed"] == 8  # the run is whole too
+
+
+def test_zarrs_partial_files_of_our_arrays_are_ours_and_go_with_them(tmp_path):
+    """A SIGKILL while zarr writes leaves ``<name>.<hex>.partial``: --overwrite, and a redo that
+    deletes the array, refused it as foreign."""
+    from gig_dist import pipeline
+    from tests.conftest import toy_config
+
+    url = str(tmp_path / "r.zarr")
+    config = toy_config("dataset.toy.num_images=8", "store.images_per_unit=4")
+    pipeline.run(config, url, until="sample")
+    for partial in ("pfv/layer1.0/zarr.0123456789abcdef0123456789abcdef.partial",
+                    "samples/layer1.0/vector/c/0/0/0.fedcba9876543210fedcba9876543210.partial"):
+        (tmp_path / "r.zarr" / partial).write_bytes(b"half a write")
+    assert RunStore.inspect_prefix(url) == ("ours", [])
+    pipeline.run(toy_config("dataset.toy.num_images=8", "store.images_per_unit=4", "sample.seed=3"), url,
+                 until="sample")  # redoes sample: deletes its arrays, the partial with them
+    assert not (tmp_path / "r.zarr" / "samples/layer1.0/vector/c/0/0").exists() or not list(
+        (tmp_path / "r.zarr" / "samples/layer1.0/vector/c/0/0").glob("*.partial"))
+    pipeline.run(config, url, overwrite=True, until="extract")
+    assert not (tmp_path / "r.zarr" / "pfv/layer1.0/zarr.0123456789abcdef0123456789abcdef.partial").exists()
+    assert not (tmp_path / "r.zarr" / "samples").exists()

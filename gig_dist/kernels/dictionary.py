@@ -40,6 +40,9 @@ class Dictionary(BaseEstimator):
     #: Parameters that only change how codes are computed (not the fitted dictionary): the
     #: decompose stage sets them from its own config section.
     encode_params: ClassVar[tuple[str, ...]] = ()
+    #: The names of every array :meth:`fitted_arrays` may return: a run's store declares them
+    #: before its workers write them.
+    stored_arrays: ClassVar[tuple[str, ...]] = ("vector",)
 
     #: Every dictionary takes these (the concepts stage passes them all); the Lasso coder uses
     #: the encode ones.
@@ -130,6 +133,9 @@ class BisectingKMeansDictionary(LassoCoded):
     ``labels_`` (the concept of each training PFV), ``inertia_`` and ``tree_``.
     """
 
+    stored_arrays = ("vector", "center", "zero", "size", "inertia", "tree/parent", "tree/children", "tree/size",
+                     "tree/inertia", "tree/leaf", "tree/order")
+
     def fit(self, X: np.ndarray) -> BisectingKMeansDictionary:
         kmeans = BisectingKMeans(self.n_concepts, seed=self.seed, n_init=self.n_init, backend=self.backend,
                                  refine_iter=self.refine_iter, device=self.device).fit(X)
@@ -167,6 +173,8 @@ class BisectingKMeansDictionary(LassoCoded):
 class LassoCodedDictionary(LassoCoded):
     """A baseline whose concept vectors come from another fit, coded by the same exact
     non-negative Lasso as the paper's dictionary: the comparison is about the vectors."""
+
+    stored_arrays = ("vector", "zero", "size", "loss")
 
     def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
                  lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,
@@ -282,6 +290,7 @@ class SparseAutoencoderDictionary(Dictionary):
     per epoch."""
 
     encode_params = ("lambda_rel", "lam", "tol", "batch_size", "device")
+    stored_arrays = ("vector", "encoder", "encoder_bias", "size", "zero", "loss")
 
     def __init__(self, n_concepts: int = 8, *, seed: int = 0, n_init: int = 1, backend: str = "auto",
                  lambda_rel: float = 0.1, lam: float | None = None, tol: float = 1e-6, batch_size: int = 4096,

@@ -16,7 +16,7 @@ from gig_dist.stages.base import (
     execute_unit,
     open_stage,
 )
-from gig_dist.store import RunStore
+from gig_dist.store import LeaseLost, RunStore
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class LocalRuntime:
         self.torch_threads = torch_threads
 
     def run(self, stage: Stage) -> StageReport:
-        store = RunStore.open(stage.store_url, mode="r+")
+        store = RunStore.open(stage.store_url, mode="r+", fence=stage.fence)
         open_stage(stage, store)
         units_total = len(stage.covered_units(store.facts))
         pending = stage.pending(store)
@@ -81,6 +81,8 @@ class LocalRuntime:
                     for future in finished:
                         try:
                             report = future.result()
+                        except LeaseLost:
+                            raise  # another driver holds the store now: one line, nothing more written
                         except Exception as exc:
                             raise UnitFailed(f"{units[future].describe()} failed: {exc}") from exc
                         images += report.images

@@ -38,7 +38,7 @@ from gig_dist.stages.base import (
     execute_unit,
     open_stage,
 )
-from gig_dist.store import RunStore
+from gig_dist.store import LeaseLost, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class StageActor:
     def __init__(self, stage: Stage, device: str, torch_threads: int) -> None:
         torch.set_num_threads(torch_threads)
         self.worker = stage.open_worker(device)
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
         self.node = ray.get_runtime_context().get_node_id()
 
     def run(self, unit: WorkUnit) -> tuple[UnitReport, str]:
@@ -96,7 +96,7 @@ class RayRuntime:
 
     def run(self, stage: Stage) -> StageReport:
         connect(self.config.address)
-        store = RunStore.open(stage.store_url, mode="r+")
+        store = RunStore.open(stage.store_url, mode="r+", fence=stage.fence)
         open_stage(stage, store)
         units_total = len(stage.covered_units(store.facts))
         pending = deque(stage.pending(store))
@@ -154,6 +154,8 @@ class RayRuntime:
                         idle += [replacement] * slots_per_actor
                     continue
                 except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, LeaseLost):
+                        raise exc.cause from None
                     raise UnitFailed(
                         f"{unit.describe()} failed: {exc.cause!r}"
                     ) from exc.cause

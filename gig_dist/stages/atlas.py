@@ -99,7 +99,7 @@ class AtlasWorker(StageWorker):
         self.stage = stage
         self.config = stage.config
         self.device = device
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
         self.atlas = self.store.atlas(stage.dictionary)
         self.model = build_model(self.config.model).to(device).eval()
         self.spec = resolve_transform(self.config)

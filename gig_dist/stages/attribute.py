@@ -269,7 +269,7 @@ class PairWorker(StageWorker):
     def __init__(self, stage: Stage, device: torch.device) -> None:
         self.stage = stage
         self.config = stage.config
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
         self.device = device
         self.model = build_model(self.config.model).to(device).eval()
         for parameter in self.model.parameters():

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from gig_dist._failpoints import failpoint
 from gig_dist.settings import ConfigError
 from gig_dist.store import ArraySpec, Facts, RunStore, StageRecord
+from gig_dist.store.lease import Fence
 
 if TYPE_CHECKING:
     from gig_dist.config import Config
@@ -204,9 +205,16 @@ class Stage(ABC):
     #: and writes outside that lock overlaps one unit's writes with the next unit's compute.
     worker_concurrency: ClassVar[int] = 1
 
-    def __init__(self, config: Config, store_url: str) -> None:
+    def __init__(self, config: Config, store_url: str, fence: Fence | None = None) -> None:
         self.config = config
         self.store_url = store_url
+        #: The run's lease generation every write of this stage passes (None outside a run).
+        self.fence = fence
+
+    def open_store(self) -> RunStore:
+        """A worker's handle on the run's store: it writes data under the run's fence, and only
+        into the nodes the driver declared."""
+        return RunStore.open(self.store_url, mode="r+", fence=self.fence, role="worker")
 
     # -- identity -------------------------------------------------------------------------------
 
@@ -261,6 +269,11 @@ class Stage(ABC):
     def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
         """Its estimated peak memory (``gig-dist plan``). Default: small tables."""
         return Footprint(worker=128 * MiB)
+
+    def declared_arrays(self, store: RunStore) -> list[str]:
+        """Arrays its workers write whole, whose shapes only the work knows (a fitted
+        dictionary): the driver lists them in the manifest before any unit runs. Default: none."""
+        return []
 
     def arrays(self, store: RunStore) -> list[ArraySpec]:
         """The arrays it writes into ``store``, sized by what its inputs hold there."""
@@ -363,6 +376,7 @@ def open_stage(stage: Stage, store: RunStore) -> None:
         store.reset_stage(key, store.owned_arrays(key))  # also clears the record's fingerprint
     same = record is not None and record.fingerprint == fingerprint
     kept = same and record.finished
+    store.declare(key, arrays=stage.declared_arrays(store))
     store.ensure_arrays(key, stage.arrays(store))
     store.begin_stage(key, StageRecord(fingerprint, dict(upstream), len(stage.plan(store.facts)),
                                        stage.key_values(stage.config),

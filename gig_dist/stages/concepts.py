@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from gig_dist.kernels.dictionary import make_dictionary
+from gig_dist.kernels.dictionary import DICTIONARIES, make_dictionary
 from gig_dist.settings import Section
 from gig_dist.stages.base import (
     Footprint,
@@ -137,6 +137,11 @@ class ConceptsStage(Stage):
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         return member_specs(facts, self.dictionary, self.config.sample.per_image)
 
+    def declared_arrays(self, store: RunStore) -> list[str]:
+        """Each tap's fitted dictionary: written whole by its unit, shapes known once fit."""
+        names = DICTIONARIES[self.dictionary].stored_arrays
+        return [path for tap in store.taps for path in store.concepts(self.dictionary).fitted_paths(tap, names)]
+
     def plan(self, facts: Facts) -> list[WorkUnit]:
         return [WorkUnit(self.progress_key, i, tap=tap) for i, tap in enumerate(facts.taps)]
 
@@ -159,7 +164,7 @@ class ConceptsWorker(StageWorker):
         self.device = device  # where a torch fit runs (concepts.backend torch, or auto on a GPU)
         self.stage = stage
         self.config = stage.config
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
         self.concepts = self.store.concepts(stage.dictionary)
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:

@@ -29,7 +29,7 @@ from gig_dist.stages.base import (
     WorkUnit,
 )
 from gig_dist.stages.extract import PFVSource, forward_bytes, resolve_device
-from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
+from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange
 from gig_dist.store.codes import code_specs
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class DecomposeStage(Stage):
 
 class DecomposeWorker(StageWorker):
     def __init__(self, stage: DecomposeStage, device: torch.device) -> None:
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
         self.codes = self.store.codes(stage.dictionary)
         concepts = self.store.concepts(stage.dictionary)
         kind = DICTIONARIES[stage.dictionary]

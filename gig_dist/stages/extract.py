@@ -211,7 +211,7 @@ class PFVSource:
 class ExtractWorker(StageWorker):
     def __init__(self, stage: ExtractStage, device: torch.device) -> None:
         config = stage.config
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
         self.compute_lock = threading.Lock()
         # recompute: the forward pass for the logits only, no tap captured
         taps = list(self.store.taps) if config.extract.pfvs == "store" else []

@@ -92,7 +92,7 @@ class GraphStage(Stage):
 class GraphWorker(StageWorker):
     def __init__(self, stage: GraphStage) -> None:
         self.stage = stage
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         pairs = gig_pairs(self.stage.config, list(self.store.taps))

@@ -114,7 +114,7 @@ class MembersStage(Stage):
 class MembersWorker(StageWorker):
     def __init__(self, stage: MembersStage) -> None:
         self.stage = stage
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
         self.atlas = self.store.atlas(stage.dictionary)
         self.codes = self.store.codes(stage.dictionary)
         self.concepts = self.store.concepts(stage.dictionary)

@@ -259,7 +259,7 @@ class ReduceWorker(StageWorker):
     def __init__(self, stage: ReduceStage) -> None:
         self.stage = stage
         self.config = stage.config
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
         self.gig = self.store.gig(stage.dictionary)
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:

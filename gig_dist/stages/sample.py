@@ -31,7 +31,7 @@ from gig_dist.stages.base import (
     tap_values,
 )
 from gig_dist.stages.extract import PFVSource, forward_bytes, resolve_device
-from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
+from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange
 from gig_dist.store.samples import sample_specs
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class SampleWorker(StageWorker):
     def __init__(self, stage: SampleStage, device: torch.device) -> None:
         config = stage.config
         self.sample = config.sample
-        self.store = RunStore.open(stage.store_url, mode="r+")
+        self.store = stage.open_store()
         self.taps = list(self.store.taps)
         self.device = device
         self.pfvs = PFVSource(config, self.store, device, self.taps)

@@ -18,10 +18,10 @@ from gig_dist.store.core import (
                                  Manifest,
                                  RunStore,
                                  StageRecord,
-                                 StoreError,
                                  unit_ranges,
 )
+from gig_dist.store.errors import LeaseLost, StoreError
 from gig_dist.store.gig import LOGITS, pair_key
 
 __all__ = ["FORMAT_VERSION", "LOGITS", "PENDING", "PROCESSED", "SKIPPED", "ArraySpec", "Facts", "ImageRange",
-           "Manifest", "RunStore", "StageRecord", "StoreError", "pair_key", "unit_ranges"]
+           "LeaseLost", "Manifest", "RunStore", "StageRecord", "StoreError", "pair_key", "unit_ranges"]

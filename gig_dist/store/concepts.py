@@ -37,6 +37,10 @@ class ConceptsSection:
     def _path(self, tap: str, name: str = "") -> str:
         return f"concepts/{self.dictionary}/{tap}" + (f"/{name}" if name else "")
 
+    def fitted_paths(self, tap: str, names: tuple[str, ...]) -> list[str]:
+        """Where the fitted arrays ``names`` of ``tap``'s dictionary go (declared before a fit)."""
+        return [self._path(tap, name) for name in names]
+
     def write(self, tap: str, arrays: dict[str, np.ndarray], labels: np.ndarray | None, stats: dict[str, Any],
               owner: str) -> None:
         """One tap's fitted dictionary (written by that tap's unit only) and, when given, the

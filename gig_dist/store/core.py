@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,22 +35,23 @@ import fsspec
 import numpy as np
 import zarr
 import zarr.errors
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import ZstdCodec
+
+from gig_dist.store.errors import StoreError
+from gig_dist.store.fenced import FencedStore, open_zarr_store
+from gig_dist.store.lease import Fence, is_lease_key
+from gig_dist.store.location import filesystem
+from gig_dist.store.ownership import ARRAY, GROUP, ancestors, foreign_keys
 
 FORMAT_VERSION = 3
 MARKER = "gig_dist"
-#: The lease object (see ``store.lease``): one driver per run.
-LEASE_KEY = "gig-dist.lease"
 
 PENDING, PROCESSED, SKIPPED = 0, 1, 2
 
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
 # The lease object sits beside the root's zarr.json; zarr notes any non-Zarr key it lists.
 warnings.filterwarnings("ignore", message="Object at gig-dist.lease is not recognized", category=UserWarning)
-
-
-class StoreError(RuntimeError):
-    """A store that is missing, not gig-dist's, half-created, or from another run."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,11 @@ class Manifest:
     transform: dict[str, Any] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, StageRecord] = field(default_factory=dict)
+    #: Every array and group the stages created, declared before it is created: ``{path:
+    #: {"kind": "array" | "group", "owner": stage key}}``. Only their keys may ever be deleted
+    #: (``store.ownership``). Stores written before this list derive it once, from the owner
+    #: each array's attributes name.
+    nodes: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -197,8 +204,7 @@ def per_unit_spec(facts: Facts, path: str, tail: tuple[int, ...], dtype: str, fi
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/")
+    return filesystem(url)
 
 
 def _foreign_message(url: str, found: list[str]) -> str:
@@ -206,39 +212,84 @@ def _foreign_message(url: str, found: list[str]) -> str:
             "with or without --overwrite. Choose an empty or new --out")
 
 
-def _foreign_keys(fs: fsspec.AbstractFileSystem, base: str, keys: list[str]) -> list[str]:
-    """The keys (relative to ``base``) that are neither Zarr metadata nor chunks of an array."""
-    arrays = set()
+def _list_keys(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
+    """Every key under ``base``, relative to it, listed afresh (object stores' clients cache listings)."""
+    fs.invalidate_cache(base)
+    if not fs.isdir(base):
+        return []
+    return sorted(key[len(base) + 1:] for key in fs.find(base))
+
+
+def _legacy_nodes(fs: fsspec.AbstractFileSystem, root: str, keys: list[str],
+                  marked_only: bool = True) -> dict[str, dict[str, str]]:
+    """The node list of a store written before stores kept one: the arrays whose attributes name
+    their owning stage (format 3), or every Zarr array (format 2, before arrays named their
+    owner; also an interrupted creation), and the groups above them."""
+    nodes: dict[str, dict[str, str]] = {}
     for key in keys:
-        if key == "zarr.json" or key.endswith("/zarr.json"):
-            try:
-                if json.loads(fs.cat_file(f"{base}/{key}")).get("node_type") == "array":
-                    arrays.add(key[: -len("zarr.json")])
-            except (ValueError, OSError):
-                pass
-    return [key for key in keys if not (key == "zarr.json" or key.endswith("/zarr.json") or key == LEASE_KEY
-                                        or any(key.startswith(a + "c") for a in arrays))]
+        if not key.endswith("/zarr.json"):
+            continue
+        try:
+            meta = json.loads(fs.cat_file(f"{root}/{key}"))
+        except (ValueError, OSError):
+            continue
+        if not isinstance(meta, dict):
+            continue
+        owner = (meta.get("attributes", {}).get(MARKER) or {}).get("owner") or (None if marked_only else "format 2")
+        if meta.get("node_type") == "array" and isinstance(owner, str):
+            path = key[: -len("/zarr.json")]
+            nodes[path] = {"kind": ARRAY, "owner": owner}
+            for group in ancestors(path):
+                nodes.setdefault(group, {"kind": GROUP, "owner": owner})
+    return nodes
+
+
+def _remove(fs: fsspec.AbstractFileSystem, root: str, paths: list[str]) -> None:
+    """Delete ``paths`` (files, each one checked to be ours), then the local folders they leave
+    empty; a folder that still holds something (the lease) stays."""
+    if paths:
+        fs.rm(paths)
+    if isinstance(fs, LocalFileSystem):
+        for folder, _, _ in sorted(os.walk(root), key=lambda entry: -entry[0].count(os.sep)):
+            if folder != root:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass  # not empty
 
 
 class RunStore:
-    """A handle on one run's Zarr group. Cheap to open; open one per process."""
+    """A handle on one run's Zarr group. Cheap to open; open one per process.
 
-    def __init__(self, group: zarr.Group, url: str) -> None:
+    A handle with a ``fence`` passes it before every write (the run's lease, see
+    ``store.lease``); a ``worker`` handle writes data only: it never changes the manifest, and
+    creates only the nodes its stage declared on the driver beforehand."""
+
+    def __init__(self, group: zarr.Group, url: str, fence: Fence | None = None, role: str = "driver") -> None:
         self._group = group
         self.url = url
+        self.fence = fence
+        self.role = role
         self.manifest = Manifest.from_json(group.attrs[MARKER])
 
     # -- creating and opening --------------------------------------------------------------
 
     @staticmethod
+    def _open_group(url: str, mode: str, fence: Fence | None) -> zarr.Group:
+        store = open_zarr_store(url, read_only=mode == "r")
+        return zarr.open_group(FencedStore(store, fence) if fence is not None else store, mode=mode,
+                               use_consolidated=False)
+
+    @staticmethod
     def inspect_prefix(url: str) -> tuple[str, list[str]]:
         """What is at ``url``: ``("empty", [])``, ``("ours", [])`` (a gig-dist store holding only
-        Zarr nodes and chunks), or ``("foreign", keys)`` with the keys that are not ours."""
+        the keys of the nodes its manifest lists), or ``("foreign", keys)`` with keys that are not
+        ours."""
         fs, root = _fs(url)
         if fs.isfile(root):
             return "foreign", [root]
-        keys = [key[len(root) + 1:] for key in fs.find(root)] if fs.isdir(root) else []
-        if not [key for key in keys if key != LEASE_KEY]:
+        keys = _list_keys(fs, root)
+        if not [key for key in keys if not is_lease_key(key)]:
             return "empty", []
         if "zarr.json" not in keys:
             return "foreign", keys[:5]
@@ -246,9 +297,14 @@ class RunStore:
             root_meta = json.loads(fs.cat_file(f"{root}/zarr.json"))
         except (ValueError, OSError):
             return "foreign", ["zarr.json (unreadable)"]
-        if root_meta.get("node_type") != "group" or MARKER not in root_meta.get("attributes", {}):
+        marker = root_meta.get("attributes", {}).get(MARKER) if isinstance(root_meta, dict) else None
+        if root_meta.get("node_type") != "group" or not isinstance(marker, dict):
             return "foreign", ["zarr.json (a Zarr " + str(root_meta.get("node_type")) + " without gig-dist's marker)"]
-        foreign = _foreign_keys(fs, root, keys)
+        # Without a node list: format 2 marked no owners, and a creation interrupted before one
+        # was kept never became a run anybody could add to; in both, every Zarr array is ours.
+        permissive = marker.get("format_version", 0) < 3 or marker.get("state") == "creating"
+        nodes = marker.get("nodes") or _legacy_nodes(fs, root, keys, marked_only=not permissive)
+        foreign = foreign_keys(keys, nodes)
         return ("foreign", foreign[:5]) if foreign else ("ours", [])
 
     @staticmethod
@@ -275,12 +331,13 @@ class RunStore:
             raise StoreError(_foreign_message(url, found))
 
     @classmethod
-    def claim(cls, url: str, overwrite: bool) -> bool:
+    def claim(cls, url: str, overwrite: bool, fence: Fence | None = None) -> bool:
         """Make ``url`` ready for a new store, or say that one is there to resume (True).
 
         Deletes only a gig-dist store, and only with ``overwrite`` or when its creation was
-        interrupted; refuses anything else before touching it. Resuming reads the root metadata
-        only: every key is listed just before something would be deleted. The lease stays."""
+        interrupted; refuses anything else before touching it, and deletes only the keys of the
+        nodes its manifest lists. Resuming reads the root metadata only: every key is listed just
+        before something would be deleted. The lease stays."""
         marker = cls._marker(url) or {}
         if not overwrite and marker.get("state") == "ready":
             return True
@@ -293,25 +350,27 @@ class RunStore:
         if kind == "foreign":
             raise StoreError(_foreign_message(url, found))
         fs, root = _fs(url)
-        for key in fs.ls(root, detail=False):  # every key was checked to be ours
-            if key.rstrip("/").rsplit("/", 1)[-1] != LEASE_KEY:
-                fs.rm(key, recursive=True)
+        doomed = [f"{root}/{key}" for key in _list_keys(fs, root) if not is_lease_key(key)]  # each one ours
+        if fence is not None:
+            fence.check()
+        _remove(fs, root, doomed)
         return False
 
     @classmethod
-    def create(cls, url: str, manifest: Manifest, facts: Facts, paths: list[str], labels: np.ndarray) -> RunStore:
+    def create(cls, url: str, manifest: Manifest, facts: Facts, paths: list[str], labels: np.ndarray,
+               fence: Fence | None = None) -> RunStore:
         """A new store at ``url`` (which :meth:`claim` cleared): the marker first, then the image
         index, then the manifest's ``ready`` state, the commit point of creation."""
         from gig_dist.store.meta import index_specs
 
         # Mode "a" deletes nothing; claim() left nothing here but this run's lease.
-        group = zarr.open_group(url, mode="a", use_consolidated=False)
+        group = cls._open_group(url, "a", fence)
         if MARKER in group.attrs or next(iter(group.members()), None) is not None:
             raise StoreError(f"{url}: another gig-dist run created a store here at the same moment; rerun")
         manifest = dataclasses.replace(manifest, format_version=FORMAT_VERSION, state="creating",
-                                       facts=facts.to_json())
+                                       facts=facts.to_json(), nodes={})
         group.attrs[MARKER] = manifest.to_json()
-        store = cls(group, url)
+        store = cls(group, url, fence)
         store.ensure_arrays("index", index_specs(facts))
         store.meta.write_index(paths, labels)
         store.manifest.state = "ready"
@@ -319,9 +378,9 @@ class RunStore:
         return store
 
     @classmethod
-    def open(cls, url: str, mode: str = "r") -> RunStore:
+    def open(cls, url: str, mode: str = "r", fence: Fence | None = None, role: str = "driver") -> RunStore:
         try:
-            group = zarr.open_group(url, mode=mode, use_consolidated=False)
+            group = cls._open_group(url, mode, fence)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             raise StoreError(f"no run store at {url}") from None
         except (zarr.errors.NodeTypeValidationError, zarr.errors.ContainsArrayError):
@@ -336,16 +395,58 @@ class RunStore:
         if found.get("state") != "ready":
             raise StoreError(f"{url} is a gig-dist run whose creation was interrupted; rerun the same command "
                              "(or with --overwrite) to create it again")
-        return cls(group, url)
+        return cls(group, url, fence, role)
+
+    def _commit_point(self) -> None:
+        """Before a commit (the manifest, a unit's completion, a delete): the lease is still ours."""
+        if self.fence is not None:
+            self.fence.check()
 
     def save_manifest(self) -> None:
         """Write the manifest (driver only: workers never change it)."""
+        if self.role != "driver":
+            raise StoreError(f"{self.url}: a worker tried to change the manifest; only the driver does")
+        self._commit_point()
         self._group.attrs[MARKER] = self.manifest.to_json()
 
     def consolidate(self) -> None:
         """Consolidated metadata for readers (xarray, open_run). Any later manifest write drops it
         again, so readers never see stale consolidated metadata."""
+        self._commit_point()
         zarr.consolidate_metadata(self._group.store_path.store, path=self._group.store_path.path or None)
+
+    # -- the nodes the stages created ----------------------------------------------------------------
+
+    @property
+    def nodes(self) -> dict[str, dict[str, str]]:
+        """The manifest's list of created nodes (derived once for a store written before it)."""
+        if not self.manifest.nodes:
+            fs, root = _fs(self.url)
+            self.manifest.nodes = _legacy_nodes(fs, root, _list_keys(fs, root))
+        return self.manifest.nodes
+
+    def declare(self, owner: str, arrays: Iterable[str] = (), groups: Iterable[str] = ()) -> None:
+        """Add nodes to the manifest's list before they are created (driver only), with the
+        groups above them; one manifest write for all that were not listed."""
+        nodes, added = self.nodes, False
+        for path, kind in [*((p, ARRAY) for p in arrays), *((p, GROUP) for p in groups)]:
+            for group in ancestors(path):
+                if group not in nodes:
+                    nodes[group], added = {"kind": GROUP, "owner": owner}, True
+            if nodes.get(path, {}).get("kind") != kind:
+                if path in nodes and nodes[path]["owner"] != owner:
+                    raise StoreError(f"{self.url}: {path} belongs to {nodes[path]['owner']}, not {owner}")
+                nodes[path], added = {"kind": kind, "owner": owner}, True
+        if added:
+            self.save_manifest()
+
+    def _require_declared(self, path: str, kind: str, owner: str) -> None:
+        if self.nodes.get(path, {}).get("kind") == kind:
+            return
+        if self.role != "driver":
+            raise StoreError(f"{self.url}: {owner} tried to create the {kind} {path}, which its stage did not declare "
+                             "before its workers ran (Stage.declared_arrays)")
+        self.declare(owner, **({"arrays": [path]} if kind == ARRAY else {"groups": [path]}))
 
     # -- layout facts ------------------------------------------------------------------------
 
@@ -401,10 +502,14 @@ class RunStore:
         return dict(self._group[path].attrs)
 
     def set_attrs(self, path: str, **values: Any) -> None:
+        """Attributes of a group the stages declared (a group above their arrays)."""
+        if self.nodes.get(path, {}).get("kind") != GROUP:
+            raise StoreError(f"{self.url}: {path} is not a group of this run's own; its attributes stay as they are")
         node = self._group.require_group(path) if path not in self._group else self._group[path]
         node.attrs.update(json.loads(json.dumps(values)))
 
     def create_array(self, spec: ArraySpec, owner: str) -> zarr.Array:
+        self._require_declared(spec.path, ARRAY, owner)
         array = self._group.create_array(
             spec.path, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
             fill_value=spec.fill_value, compressors=ZstdCodec(level=spec.zstd_level), dimension_names=spec.dims,
@@ -423,8 +528,12 @@ class RunStore:
         array[...] = values.astype(str) if dtype == "str" else values
 
     def ensure_arrays(self, owner: str, specs: Iterable[ArraySpec]) -> None:
-        """Create the arrays of ``owner`` that do not exist; keep those that match their spec; grow
-        the growable ones; anything else is an error (its stage should have been redone)."""
+        """Create the arrays of ``owner`` that do not exist (declared first, in one manifest
+        write); keep those that match their spec; grow the growable ones; anything else is an
+        error (its stage should have been redone)."""
+        specs = list(specs)
+        if self.role == "driver":
+            self.declare(owner, arrays=[spec.path for spec in specs])
         for spec in specs:
             if spec.path not in self._group:
                 self.create_array(spec, owner)
@@ -440,21 +549,30 @@ class RunStore:
                              f"{spec.shape}; rerun with --overwrite")
 
     def delete(self, path: str, owner: str) -> None:
-        """Delete the node at ``path``, only if ``owner`` wrote it (or, for a group, everything in it)."""
+        """Delete the node at ``path``, only if it is ``owner``'s (for a group: every node in it)
+        and every key under it is one of the listed nodes' own."""
         if path not in self._group:
             return
-        node = self._group[path]
-        arrays = [node] if isinstance(node, zarr.Array) else [n for _, n in node.members(max_depth=None)
-                                                               if isinstance(n, zarr.Array)]
-        strangers = [a.path for a in arrays if a.attrs.get(MARKER, {}).get("owner") != owner]
+        nodes = self.nodes
+        node = nodes.get(path)
+        if node is None:
+            raise StoreError(f"{self.url}: refusing to delete {path}: no stage of this run created it")
+        inside = {p: n for p, n in nodes.items() if p == path or p.startswith(path + "/")}
+        strangers = [p for p, n in inside.items() if n["kind"] == ARRAY and n["owner"] != owner]
+        if node["kind"] == ARRAY and node["owner"] != owner:
+            strangers.insert(0, path)
         if strangers:
             raise StoreError(f"{self.url}: refusing to delete {path}: {', '.join(strangers[:3])} not written by {owner}")
         fs, root = _fs(self.url)
-        base = f"{root}/{path}"
-        inside = _foreign_keys(fs, base, [key[len(base) + 1:] for key in fs.find(base)])
-        if inside:
-            raise StoreError(f"{self.url}: refusing to delete {path}: it holds {', '.join(inside[:5])}, not ours")
+        found = foreign_keys([f"{path}/{key}" for key in _list_keys(fs, f"{root}/{path}")], inside)
+        if found:
+            raise StoreError(f"{self.url}: refusing to delete {path}: it holds {', '.join(found[:5])}, not ours")
+        self._commit_point()
         del self._group[path]
+        if self.role == "driver":  # a worker replacing an array whole creates it again at once
+            for gone in inside:
+                if nodes.get(gone, {}).get("kind") == ARRAY:
+                    nodes.pop(gone)
 
     # -- stages and work-unit progress ---------------------------------------------------------
 
@@ -462,9 +580,9 @@ class RunStore:
         return self.manifest.stages.get(key)
 
     def owned_arrays(self, owner: str) -> list[str]:
-        """Paths of the arrays ``owner`` (a stage's key) created."""
-        return sorted(path for path, node in self._group.members(max_depth=None)
-                      if isinstance(node, zarr.Array) and node.attrs.get(MARKER, {}).get("owner") == owner)
+        """Paths of the arrays ``owner`` (a stage's key) created that are in the store."""
+        return sorted(path for path, node in self.nodes.items()
+                      if node["kind"] == ARRAY and node["owner"] == owner and path in self._group)
 
     def reset_stage(self, key: str, arrays: Iterable[str]) -> None:
         """Forget a stage's results before redoing it: first the manifest says so, then its
@@ -507,6 +625,7 @@ class RunStore:
         return self._group[f"progress/{key}"][:].astype(bool)
 
     def mark_unit_done(self, key: str, unit: int) -> None:
+        self._commit_point()
         self._group[f"progress/{key}"][unit] = 1
 
     # -- sections --------------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""Where a store lives: ``--out`` resolved to what the user named, and refused where a store
+must never be written (a filesystem root, a home folder, the system's own folders).
+
+A local path becomes an absolute path with its links resolved (workers may run in other
+directories), and every safety check runs on that path; fsspec URLs (``s3://``, ``gs://``,
+``memory://``) pass through.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fsspec
+
+from gig_dist.store.errors import StoreError
+
+#: Folders a store may never be, nor (for the virtual filesystems) lie under.
+SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt",
+                  "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr", "/var")
+VIRTUAL_FOLDERS = ("/dev", "/proc", "/sys")
+
+
+def store_url(out: str | os.PathLike[str]) -> str:
+    """A local path (or ``file://`` URL) as an absolute path with links resolved; other fsspec
+    URLs as given (without a trailing slash)."""
+    text = os.fspath(out).removeprefix("file://")
+    if "://" in text:
+        return text.rstrip("/") if not text.endswith(":///") else text
+    return str(Path(text).expanduser().resolve())
+
+
+def refuse_unsafe(url: str) -> None:
+    """Raise :class:`StoreError` where a store must never be written."""
+    if "://" in url:
+        scheme, _, rest = url.partition("://")
+        if not rest.strip("/"):
+            raise StoreError(f"--out {url} names no bucket or folder; give one, e.g. {scheme}://bucket/run.zarr")
+        return
+    path = os.path.realpath(url)
+    home = os.path.realpath(os.path.expanduser("~"))
+    if path == "/":
+        raise StoreError("--out / is the filesystem's root; a run store needs a folder of its own, e.g. --out runs/r.zarr")
+    if path == home or home.startswith(path.rstrip("/") + "/"):
+        raise StoreError(f"--out {url} is your home folder (or holds it); a run store needs a folder of its own, "
+                         f"e.g. --out {os.path.join(home, 'runs', 'r.zarr')}")
+    if path in SYSTEM_FOLDERS or any(path.startswith(folder + "/") for folder in VIRTUAL_FOLDERS):
+        raise StoreError(f"--out {url} is a system folder; a run store needs a folder of its own, e.g. --out runs/r.zarr")
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of ``url`` and the store's root path in it (never empty: fsspec reads an
+    empty local path as the working directory)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    stripped = root.rstrip("/")
+    return fs, stripped if stripped else root or "/"
