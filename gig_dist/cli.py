@@ -24,6 +24,7 @@ import yaml
 
 from gig_dist import __version__
 from gig_dist.config import Config, ConfigError, load_config
+from gig_dist.formatting import fmt_bytes
 from gig_dist.stages.registry import stage_names, stages_until
 
 
@@ -331,14 +332,6 @@ def coverage_summary(store) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     summary = inspect_summary(args.dir)
     if args.json:
@@ -411,7 +404,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""
         print(
             f"  {path:<40} {str(tuple(a['shape'])):<20} {a['dtype']:<14} chunks {tuple(a['chunks'])}{shards}"
-            f"  {_bytes(a['stored_bytes'])}"
+            f"  {fmt_bytes(a['stored_bytes'])}"
         )
     print("versions " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
     print("config")

@@ -143,6 +143,10 @@ class RuntimeConfig(Section):
     #: Thread count changes float summation order (values differ by ~1e-6), so set it to the
     #: same number everywhere when results must be bitwise identical across runtimes.
     torch_threads: int | None = Field(default=None, ge=1)
+    #: Memory of one worker, in GiB, that every stage's planned peak must fit before any work.
+    #: ``None``: this machine's memory (or its cgroup's limit) for local runs; unchecked on Ray,
+    #: where workers run on other nodes (``gig-dist plan --worker-memory`` checks a cluster).
+    worker_memory_gib: float | None = Field(default=None, gt=0)
     #: How often a unit is tried before the stage fails (a unit is retried when its worker dies).
     max_unit_attempts: int = Field(default=3, ge=1)
     #: Environment variables for the worker processes.

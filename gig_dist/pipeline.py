@@ -12,6 +12,7 @@ import platform
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable
 
 from gig_dist.config import Config, ConfigError
@@ -21,12 +22,14 @@ from gig_dist.data.sources import (
     build_index,
     with_labels,
 )
+from gig_dist.formatting import fmt_bytes
 from gig_dist.kernels.taps import probe_model, resolve_taps
 from gig_dist.models.loading import build_model, output_names, resolve_transform
 from gig_dist.runtime.address import check_reachable
 from gig_dist.runtime.local import LocalRuntime, StageReport
 from gig_dist.stages.base import Stage, consumed_by
 from gig_dist.stages.registry import by_name, fingerprints, stages_until
+from gig_dist.stages.sizes import PlanSizes
 from gig_dist.store import Facts, Manifest, RunStore, StoreError
 from gig_dist.store.lease import Lease
 from gig_dist.store.location import refuse_unsafe, store_url
@@ -65,6 +68,52 @@ def collect_facts(config: Config) -> tuple[Facts, DatasetIndex, Any]:
         part_masks=config.dataset.kind == "toy", model=model,
     )
     return facts, index, transform
+
+
+def worker_memory(config: Config) -> int | None:
+    """Bytes one worker may use: ``runtime.worker_memory_gib``, else (local runs) this machine's
+    memory or its cgroup's limit, whichever is less; None where unknown (Ray without the key)."""
+    if config.runtime.worker_memory_gib is not None:
+        return int(config.runtime.worker_memory_gib * 2**30)
+    if config.runtime.kind != "local":
+        return None
+    try:
+        found = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            found = min(found, int(limit))
+    except OSError:
+        pass
+    return found
+
+
+def memory_errors(config: Config, facts: Facts, stages: list[type[Stage]]) -> list[str]:
+    """Every stage whose planned peak memory (its footprint) exceeds a worker's memory, with the
+    numbers and the settings it grows with. A footprint that rests on a bound of the data (an
+    image's active concepts before any ran) only warns: ``gig-dist plan --calibrate`` measures it."""
+    available = worker_memory(config)
+    if available is None:
+        return []
+    where = ("runtime.worker_memory_gib" if config.runtime.worker_memory_gib is not None else "this machine's memory")
+    sizes, errors = PlanSizes(config, facts), []
+    for stage_type in stages:
+        stage = stage_type(config, "")
+        sizes.bounded = False
+        found = stage.footprint(facts, sizes)
+        for who, need in (("a worker", found.worker), ("the driver", found.driver)):
+            if need <= available:
+                continue
+            text = (f"{stage.progress_key}: {who}'s planned peak memory is {fmt_bytes(need)}, more than {where} "
+                    f"({fmt_bytes(available)})" + (f"; it grows with {found.why}" if found.why else ""))
+            if sizes.bounded:
+                warnings.warn(text + " (planned at a bound of the data; gig-dist plan --calibrate measures it)",
+                              stacklevel=3)
+            else:
+                errors.append(text)
+    return errors
 
 
 @dataclass(frozen=True)
@@ -148,6 +197,7 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
     facts, index, transform = collect_facts(config)
     run_stages = stages_until(until)
     errors = [error for stage in run_stages for error in stage.check(config, facts)]
+    errors += memory_errors(config, facts, run_stages)
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"the run cannot start ({len(errors)} problems):\n  " + "\n  ".join(errors))

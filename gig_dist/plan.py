@@ -19,7 +19,6 @@ arrays; the atlas's crops per unit) come from the calibration; without one they 
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -34,10 +33,12 @@ import numpy as np
 import torch
 
 from gig_dist.config import Config
+from gig_dist.formatting import fmt_bytes, fmt_seconds
 from gig_dist.settings import ConfigError
 from gig_dist.stages.base import Footprint, Sizes, Stage
 from gig_dist.stages.concepts import concept_count
 from gig_dist.stages.registry import stages_until
+from gig_dist.stages.sizes import PlanSizes
 from gig_dist.store import ArraySpec, Facts, RunStore
 from gig_dist.store.meta import extraction_specs
 
@@ -72,33 +73,6 @@ def plan_facts(config: Config, images: int | None) -> tuple[Facts, str]:
 
 
 # -- sizes -----------------------------------------------------------------------------------------
-
-
-class PlanSizes(Sizes):
-    """K from the config; an image's active concepts and the atlas's crops per unit from a
-    calibration (``measured``), else their bounds."""
-
-    def __init__(self, config: Config, facts: Facts, measured: dict[str, Any] | None = None) -> None:
-        self.config, self.facts, self.measured = config, facts, measured or {}
-
-    def concepts(self, tap: str) -> int:
-        return concept_count(self.config, tap, self.facts.taps[tap][0])
-
-    def max_active(self, tap: str) -> int:
-        found = self.measured.get("max_active", {}).get(tap)
-        if found:
-            return int(found)
-        _, h, w = self.facts.taps[tap]
-        return min(self.concepts(tap), h * w * self.config.decompose.max_nonzero)
-
-    def crop_capacity(self) -> int:
-        from gig_dist.stages.decompose import decompose_taps
-
-        crops = self.config.atlas.members * sum(self.concepts(t) for t in decompose_taps(self.config, list(self.facts.taps)))
-        units = len(self.facts.units)
-        if "crop_capacity" in self.measured:  # crops spread over more units as the run grows
-            return max(1, math.ceil(self.measured["crop_capacity"] * self.measured["units"] / units))
-        return max(1, min(crops, 2 * math.ceil(crops / units)))
 
 
 # -- memory ------------------------------------------------------------------------------------------
@@ -541,24 +515,6 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
 
 
 # -- printing ----------------------------------------------------------------------------------------
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
 
 
 def render(plan: Plan, arrays: bool = True) -> str:

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import GIG_LIGHT_CLI
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
@@ -223,3 +225,26 @@ def test_a_paused_driver_whose_lease_was_taken_over_stops_without_writing(tmp_pa
     reference = run_cli("run", "--out", str(tmp_path / "b.zarr"), *args, "-o", "sample.seed=1")
     assert reference.returncode == 0, reference.stderr
     assert_stores_equal(str(tmp_path / "b.zarr"), str(out))
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("/", "--out / is the filesystem's root"),
+    ("~", "is your home folder"),
+    ("/usr", "--out /usr is a system folder"),
+    ("root-link", "--out / is the filesystem's root"),  # the checks see what a link resolves to
+    ("memory://", "names no bucket or folder"),
+])
+def test_an_out_that_is_a_root_home_or_system_folder_is_refused_before_anything_is_written(tmp_path, out, message):
+    """``--out /`` from an empty folder wrote zarr.json, meta, pfv and progress into /."""
+    import os
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    os.symlink("/", work / "root-link")
+    before = sorted(os.listdir("/"))
+    done = subprocess.run([*CLI, "run", "-o", "dataset.toy.num_images=4", "--until", "extract", "--out", out],
+                          capture_output=True, text=True, cwd=work, env={**os.environ, "HOME": str(home)})
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert sorted(os.listdir("/")) == before and os.listdir(home) == [] and os.listdir(work) == ["root-link"]

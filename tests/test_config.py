@@ -101,3 +101,31 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
     path.write_text("gig:\n  steps: 16\nsample:\n  steps: 3\n")  # the same name in two sections is fine
     with pytest.raises(ConfigError, match="sample.steps: unknown key"):
         load_config(path)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("transform.resize=100000", r"extract: a worker's planned peak memory is 149\.\d GiB, more than "
+                                r"runtime.worker_memory_gib \(4\.0 GiB\); it grows with transform.resize = 100000"),
+    ("sample.per_image=1000000", r"sample: a worker's planned peak memory is 100\.\d GiB, more than "
+                                 r"runtime.worker_memory_gib \(4\.0 GiB\); it grows with sample.per_image = 1000000"),
+])
+def test_settings_whose_planned_memory_exceeds_a_workers_are_refused_before_any_work(tmp_path, override, message):
+    """Both passed every check and were stopped past 6 GB of resident memory."""
+    import warnings
+
+    from gig_dist import pipeline
+    from tests.conftest import toy_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the concept checks' own warnings about the few samples
+        with pytest.raises(ConfigError, match=message):
+            pipeline.run(toy_config(override, "runtime.worker_memory_gib=4", "extract.batch_size=32",
+                                    "store.images_per_unit=64", "store.images_per_chunk=8", "concepts.k_multiplier=0.01"),
+                         tmp_path / "r.zarr", until="sample")
+    assert not (tmp_path / "r.zarr").exists()
+    # The toy world's defaults fit a small laptop's worker, every stage of the pipeline.
+    from gig_dist.pipeline import collect_facts, memory_errors
+    from gig_dist.stages.registry import stages_until
+
+    config = load_config(None, ["runtime.worker_memory_gib=2"])
+    assert memory_errors(config, collect_facts(config)[0], stages_until(None)) == []

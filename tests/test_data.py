@@ -214,9 +214,151 @@ def test_symlinked_folders_are_read_once_and_never_relabel(tmp_path):
     os.symlink("..", root / "dog" / "up")  # the parent: cat's images were read again as dogs
     (tmp_path / "extra").mkdir()
     _noise("RGB").save(tmp_path / "extra" / "e.png")
-    os.symlink(tmp_path / "extra", root / "dog" / "more")  # a folder outside the dataset is followed
-    with pytest.warns(UserWarning, match=r"2 symlinked folders lead to folders already in the dataset"):
+    os.symlink(tmp_path / "extra", root / "dog" / "more")  # out of the dataset: not walked (issue 22)
+    (tmp_path / "birds").mkdir()
+    _noise("RGB").save(tmp_path / "birds" / "b.png")
+    os.symlink(tmp_path / "birds", root / "bird")  # a class folder may be a link (a subset made of links)
+    with pytest.warns(UserWarning) as caught:
         index = build_index(toy_config("dataset.kind=imagefolder", f"dataset.path={root}").dataset)
+    messages = [str(w.message) for w in caught]
+    assert any("2 symlinked folders lead to folders already in the dataset" in m for m in messages), messages
+    assert any(f"1 symlinked folders inside class folders lead out of the dataset and were not followed: "
+               f"{root / 'dog' / 'more'} -> {tmp_path / 'extra'}" in m for m in messages), messages
     names = sorted((Path(p).parent.name, Path(p).name, label) for p, label in zip(index.paths, index.labels))
-    assert names == [("cat", "0.png", 0), ("cat", "1.png", 0), ("cat", "2.png", 0), ("dog", "0.png", 1),
-                     ("more", "e.png", 1)]
+    assert names == [("bird", "b.png", 0), ("cat", "0.png", 1), ("cat", "1.png", 1), ("cat", "2.png", 1),
+                     ("dog", "0.png", 2)]
+
+
+def test_a_walk_never_leaves_the_dataset_and_kernel_filesystems_are_refused(tmp_path):
+    """dataset.path=/proc followed /proc/*/cwd into the whole filesystem and crashed after 34 s."""
+    import os
+
+    with pytest.raises(ConfigError, match="is in /proc, a virtual filesystem of the kernel"):
+        build_index(toy_config("dataset.kind=imagefolder", "dataset.path=/proc").dataset)
+    root = tmp_path / "data"
+    (root / "cls").mkdir(parents=True)
+    _noise("RGB").save(root / "cls" / "a.png")
+    os.symlink("/", root / "cls" / "everything")
+    with pytest.warns(UserWarning, match=r"lead out of the dataset and were not followed: .*everything -> /"):
+        index = build_index(toy_config("dataset.kind=imagefolder", f"dataset.path={root}").dataset)
+    assert [Path(p).name for p in index.paths] == ["a.png"]
+
+
+def test_a_header_that_pil_misreads_skips_that_image_naming_why(tmp_path):
+    """An IM image whose size reads ``24*2.`` raised TypeError out of open_rgb, and every rerun
+    then failed its unit without naming the file."""
+    Image.fromarray(np.zeros((2, 24, 3), np.uint8)).save(tmp_path / "a.im")
+    (tmp_path / "a.im").write_bytes((tmp_path / "a.im").read_bytes().replace(b"24*2", b"24*2.", 1))
+    with pytest.raises(SkippedImage, match="cannot decode: TypeError"):
+        open_rgb(str(tmp_path / "a.im"), 10**8)
+
+
+def _seed_files(folder: Path) -> list[Path]:
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    saved = []
+    for name, args in [("a.png", {}), ("a.jpg", {"quality": 90}), ("a.gif", {}), ("a.bmp", {}), ("a.tiff", {}),
+                       ("a.webp", {}), ("a.im", {}), ("a.ppm", {}), ("a.tga", {}), ("a.pcx", {})]:
+        image.save(folder / name, **args)
+        saved.append(folder / name)
+    Image.fromarray((rng.integers(0, 65535, (24, 32))).astype(np.uint16)).save(folder / "g16.png")
+    image.convert("P").save(folder / "p.png")
+    return saved + [folder / "g16.png", folder / "p.png"]
+
+
+def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    data = bytearray(data)
+    kind = rng.integers(0, 6)
+    if kind == 0:  # flip bytes, mostly in the header
+        for _ in range(rng.integers(1, 8)):
+            at = int(rng.integers(0, min(len(data), 64) if rng.random() < 0.7 else len(data)))
+            data[at] = int(rng.integers(0, 256))
+    elif kind == 1:  # truncate
+        data = data[: int(rng.integers(1, len(data)))]
+    elif kind == 2:  # insert junk
+        at = int(rng.integers(0, len(data)))
+        data[at:at] = rng.integers(0, 256, int(rng.integers(1, 32)), dtype=np.uint8).tobytes()
+    elif kind == 3:  # digits and punctuation where sizes are written
+        for _ in range(rng.integers(1, 4)):
+            at = int(rng.integers(0, min(len(data), 80)))
+            data[at] = ord(rng.choice(list("0123456789.*-+ e\r\n")))
+    elif kind == 4:  # a field of large values
+        at = int(rng.integers(0, min(len(data), 40)))
+        data[at : at + 4] = b"\xff\xff\xff\x7f"
+    else:  # a number in a text header becomes a decimal ("24*2" -> "24*2.")
+        digits = [i for i in range(min(len(data), 120) - 1) if chr(data[i]).isdigit() and not chr(data[i + 1]).isdigit()]
+        if digits:
+            data.insert(int(rng.choice(digits)) + 1, ord("."))
+    return bytes(data)
+
+
+@pytest.mark.timeout(300)
+def test_open_rgb_decodes_or_skips_every_mutated_image_and_never_raises_anything_else(tmp_path):
+    """400 seeded mutations of 12 kinds of image file: each is an RGB image or a SkippedImage."""
+    seeds = _seed_files(tmp_path)
+    rng = np.random.default_rng(22)
+    outcomes = {"decoded": 0, "skipped": 0}
+    for case in range(400):
+        seed = seeds[case % len(seeds)]
+        path = tmp_path / f"case{case}{seed.suffix}"
+        path.write_bytes(_mutate(seed.read_bytes(), rng))
+        try:
+            image = open_rgb(str(path), 4096 * 4096)
+        except SkippedImage as exc:
+            assert str(exc), case
+            outcomes["skipped"] += 1
+            continue
+        except Exception as exc:  # the point of the test: nothing else gets out
+            pytest.fail(f"case {case} ({seed.name}): {type(exc).__name__}: {exc}")
+        assert image.mode == "RGB" and min(image.size) >= 1
+        outcomes["decoded"] += 1
+    assert outcomes["decoded"] > 50 and outcomes["skipped"] > 50, outcomes  # both paths exercised
+
+
+def test_special_files_are_named_as_such_and_never_opened(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it would wait for a writer forever
+    with pytest.raises(SkippedImage, match="not a regular file: a FIFO"):
+        open_rgb(str(tmp_path / "pipe.jpg"), 10**8)
+    with pytest.raises(SkippedImage, match="not a regular file: a character device"):
+        open_rgb("/dev/zero", 10**8)
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(SkippedImage, match="not a regular file: a directory"):
+        open_rgb(str(tmp_path / "folder.png"), 10**8)
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    values = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    pixels = np.asarray(open_rgb(str(tmp_path / "g16.png"), 10**8))
+    assert np.array_equal(pixels[..., 0], np.round(values / 257).astype(np.uint8))
+    assert (pixels == 255).mean() < 0.01  # clipped, 99.6 % were 255
+    Image.fromarray(values.astype(np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(SkippedImage, match="floating-point pixels"):
+        open_rgb(str(tmp_path / "f.tiff"), 10**8)
+
+
+def test_a_file_name_that_is_not_utf8_is_read_stored_and_shown(tmp_path):
+    """A name with a Latin-1 byte made the whole dataset unusable (UnicodeEncodeError in the
+    index's fingerprint)."""
+    import os
+
+    root = tmp_path / "data"
+    (root / "cls").mkdir(parents=True)
+    _noise("RGB").save(root / "cls" / "ok.png")
+    name = os.fsdecode(b"caf\xe9.png")
+    _noise("RGB").save(os.path.join(root, "cls", name), format="PNG")
+    config = toy_config("dataset.kind=imagefolder", f"dataset.path={root}", "store.images_per_unit=2",
+                        "store.images_per_chunk=1")
+    report = pipeline.run(config, tmp_path / "run.zarr", until="extract")
+    store = RunStore.open(report.url)
+    assert store.meta.image_counts()["processed"] == 2
+    stored = sorted(str(p) for p in zgroup(store)["meta/path"][:])
+    assert stored[1].startswith("fsbytes:") and stored[1].endswith("/cls/caf%E9.png")
+    assert sorted(store.meta.read_index(store.units()[0])[0]) == sorted(
+        [str(root / "cls" / "ok.png"), os.path.join(root, "cls", name)])
+    assert pipeline.run(config, tmp_path / "run.zarr", until="extract").stages[0].units_run == 0  # same fingerprint
+    from gig_dist.data.files import shown
+
+    assert shown(name) == "caf\ufffd.png"

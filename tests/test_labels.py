@@ -144,3 +144,18 @@ def test_a_store_in_the_other_order_is_refused_naming_the_setting(tmp_path):
     pipeline.run(toy_config("dataset.order=listed"), tmp_path / "run.zarr", until="extract")
     with pytest.raises(ConfigError, match=r"made with dataset.order = listed .*rerun with that"):
         pipeline.run(toy_config(), tmp_path / "run.zarr", until="extract")
+
+
+@pytest.mark.parametrize("secret", ["root:$6$abcdefgh$S3CRET:19000:0:99999:7:::\n",
+                                    '{"cat": "$6$S3CRET"}', "cat S3CRET\n"])
+def test_a_label_map_that_is_not_one_is_refused_without_quoting_it(tmp_path, secret):
+    """dataset.label_map=/etc/shadow printed that file's first line in its error."""
+    (tmp_path / "shadow").write_text(secret)
+    with pytest.raises(ConfigError) as caught:
+        map_labels(str(tmp_path / "shadow"), np.zeros(2, dtype=np.int64), ["cat", "dog"], 8, None, labelled=True)
+    assert "S3CRET" not in str(caught.value) and "shadow" in str(caught.value)
+
+
+def test_a_label_map_that_is_a_device_is_named_as_such():
+    with pytest.raises(ConfigError, match="is a character device, not a regular file"):
+        map_labels("/dev/zero", np.zeros(2, dtype=np.int64), ["cat", "dog"], 8, None, labelled=True)

@@ -104,3 +104,9 @@ def test_random_weights_are_the_same_in_every_process(name):
     assert all(torch.equal(first[k], second[k]) for k in first)
     torch.manual_seed(1)
     assert torch.equal(torch.rand(3), after)  # the caller's RNG is untouched
+
+
+def test_weights_that_are_a_device_are_named_as_such():
+    """model.weights=/dev/zero said 'not found'."""
+    with pytest.raises(ConfigError, match="/dev/zero is a character device, not a regular file"):
+        build_model(ModelConfig(name="toy", weights="/dev/zero"))

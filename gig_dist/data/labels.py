@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gig_dist.data.files import regular_file_problem
 from gig_dist.settings import ConfigError
 
 UNLABELLED = -1
@@ -68,10 +69,24 @@ class LabelMap:
         return DESCRIPTIONS[self.source]
 
 
+#: A label map names at most a few thousand classes; anything larger is not one.
+MAX_MAP_BYTES = 16 * 2**20
+
+
 def _read_map_file(path: Path) -> dict[str, int]:
-    if not path.is_file():
+    """A label map file. Its errors name lines, never quote them: a wrong path (a file of
+    secrets, say) must not end up in a log."""
+    problem = regular_file_problem(path)
+    if problem == "not found":
         raise ConfigError(f"dataset.label_map = '{path}': not one of {', '.join(MODES)} and no such file")
-    text = path.read_text()
+    if problem:
+        raise ConfigError(f"dataset.label_map = '{path}' {problem}; give a label map file (JSON or 'name index' lines)")
+    if path.stat().st_size > MAX_MAP_BYTES:
+        raise ConfigError(f"dataset.label_map = '{path}' has {path.stat().st_size} bytes; a label map is far smaller")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"dataset.label_map = '{path}' is not a text file (JSON or 'name index' lines)") from None
     try:
         loaded = json.loads(text)
     except json.JSONDecodeError:
@@ -86,14 +101,16 @@ def _read_map_file(path: Path) -> dict[str, int]:
                 continue
             parts = line.rsplit(None, 1)
             if len(parts) != 2:
-                raise ConfigError(f"{path}:{number}: expected 'class_name output_index', got {raw!r}")
+                raise ConfigError(f"{path}:{number}: expected 'class_name output_index', got a line of {len(parts)} "
+                                  "field(s)")
             pairs.append((parts[0], parts[1]))
     mapping = {}
     for name, index in pairs:
         try:
             mapping[str(name)] = int(index)
         except (TypeError, ValueError):
-            raise ConfigError(f"{path}: class {name!r} maps to {index!r}, which is not an output index") from None
+            raise ConfigError(f"{path}: entry {len(mapping) + 1} maps a class to something that is not an output "
+                              "index (an integer)") from None
     return mapping
 
 

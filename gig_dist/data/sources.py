@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from gig_dist.data.files import name_bytes, shown
 from gig_dist.data.images import SkippedImage, allow_pixels, open_rgb
 from gig_dist.data.labels import UNLABELLED, LabelMap, interleave, map_labels
 from gig_dist.settings import ConfigError
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from gig_dist.config import DatasetConfig
 
 TOY_SCHEME = "toy://"
+#: Kernel filesystems: no dataset lives there, and their links lead everywhere.
+VIRTUAL_FOLDERS = ("/proc", "/sys", "/dev")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class DatasetIndex:
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for path, label in zip(self.paths, self.labels.tolist()):
-            digest.update(f"{path}\t{label}\n".encode())
+            digest.update(name_bytes(path) + f"\t{label}\n".encode())  # a name's exact bytes, UTF-8 or not
         return digest.hexdigest()
 
 
@@ -72,17 +75,27 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _walk_files(folder: Path, visited: set[str], skipped: list[str]) -> list[str]:
-    """Files under ``folder``, following symlinked directories, each real directory once: a link
-    to a directory already in the dataset (``ln -s . self``, ``ln -s .. up``) would repeat its
-    images, or give another class's images this class's label. Skipped links go to ``skipped``."""
+def _inside(path: str, regions: list[str]) -> bool:
+    return any(path == region or path.startswith(region.rstrip(os.sep) + os.sep) for region in regions)
+
+
+def _walk_files(folder: Path, regions: list[str], visited: set[str], skipped: list[str],
+                outside: list[str]) -> list[str]:
+    """Files under ``folder``, following symlinked directories that stay inside the dataset's
+    real ``regions`` (its root and its class folders), each real directory once: a link to a
+    directory already in the dataset (``ln -s . self``, ``ln -s .. up``) would repeat its images,
+    or give another class's images this class's label; a link out of the dataset
+    (``/proc/*/cwd``) would walk another tree. Such links go to ``skipped`` and ``outside``. A
+    symlinked *file* is read wherever it points."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         keep = []
         for name in sorted(d for d in dirnames if _visible(d)):
             real = os.path.realpath(os.path.join(dirpath, name))
-            if real in visited:
-                skipped.append(f"{os.path.join(dirpath, name)} -> {real}")
+            if not _inside(real, regions):
+                outside.append(f"{shown(os.path.join(dirpath, name))} -> {shown(real)}")
+            elif real in visited:
+                skipped.append(f"{shown(os.path.join(dirpath, name))} -> {shown(real)}")
             else:
                 visited.add(real)
                 keep.append(name)
@@ -93,25 +106,38 @@ def _walk_files(folder: Path, visited: set[str], skipped: list[str]) -> list[str
 
 def _imagefolder_index(root: Path) -> tuple[list[str], list[int], list[str]]:
     """``root/<class>/**/<file>``, classes in sorted order (ImageNet's sorted wnids give the
-    torchvision class indices). A folder with files but no class folders is read unlabelled."""
+    torchvision class indices). A folder with files but no class folders is read unlabelled. A
+    class folder may be a link to a folder elsewhere (a subset made of links); below the class
+    folders, the walk never leaves the dataset."""
     if not root.exists():
         raise ConfigError(f"dataset.path = '{root}': no such directory")
     if not root.is_dir():
         raise ConfigError(f"dataset.path = '{root}' is a file; an imagefolder dataset needs a directory")
+    real_root = os.path.realpath(root)
+    virtual = [v for v in VIRTUAL_FOLDERS if _inside(real_root, [v])]
+    if virtual:
+        raise ConfigError(f"dataset.path = '{root}' is in {virtual[0]}, a virtual filesystem of the kernel, not a "
+                          "dataset of images")
     class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and _visible(entry.name))
     paths: list[str] = []
     labels: list[int] = []
     # The root and every class folder are in the dataset before any walk starts.
-    visited = {os.path.realpath(root)} | {os.path.realpath(root / name) for name in class_names}
+    regions = [real_root] + [os.path.realpath(root / name) for name in class_names]
+    visited = set(regions)
     skipped: list[str] = []
+    outside: list[str] = []
     for label, name in enumerate(class_names):
-        files = _walk_files(root / name, visited, skipped)
+        files = _walk_files(root / name, regions, visited, skipped, outside)
         paths += files
         labels += [label] * len(files)
     if skipped:
         warnings.warn(f"dataset.path: {len(skipped)} symlinked folders lead to folders already in the dataset and "
                       f"were skipped (each real folder is read once): {'; '.join(skipped[:5])}"
                       f"{' ...' if len(skipped) > 5 else ''}", stacklevel=2)
+    if outside:
+        warnings.warn(f"dataset.path: {len(outside)} symlinked folders inside class folders lead out of the dataset "
+                      f"and were not followed: {'; '.join(outside[:5])}{' ...' if len(outside) > 5 else ''}",
+                      stacklevel=2)
     if not class_names:
         paths = [str(root / f) for f in sorted(os.listdir(root)) if _visible(f) and (root / f).is_file()]
         labels = [UNLABELLED] * len(paths)
@@ -234,9 +260,13 @@ class ImageLoader:
         try:
             if path.startswith(TOY_SCHEME):
                 return self._load_toy(path)
-            return Loaded(self.transform(open_rgb(path, self.max_pixels)))
+            image = open_rgb(path, self.max_pixels)
         except SkippedImage as exc:
             return Loaded(None, str(exc))
+        try:
+            return Loaded(self.transform(image))
+        except Exception as exc:  # noqa: BLE001 - one image that cannot be transformed is skipped, with why
+            return Loaded(None, f"cannot transform to the model's input: {type(exc).__name__}: {exc}")
 
     def _load_toy(self, path: str, distractor: bool = False) -> Loaded:
         from gig_dist.toy.world import render_scene

@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from gig_dist.data.files import regular_file_problem
 from gig_dist.settings import ConfigError
 
 if TYPE_CHECKING:
@@ -81,8 +82,11 @@ def _unwrap_state_dict(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict_file(model: nn.Module, path: Path) -> None:
-    if not path.is_file():
+    problem = regular_file_problem(path)
+    if problem == "not found":
         raise ConfigError(f"model.weights: state-dict file not found: {path}")
+    if problem:
+        raise ConfigError(f"model.weights: {path} {problem}; give a state-dict file")
     if path.stat().st_size == 0:
         raise ConfigError(f"model.weights: {path} is empty (0 bytes); was its download or copy interrupted?")
     try:

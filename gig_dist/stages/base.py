@@ -148,6 +148,8 @@ class Footprint:
     worker: int
     driver: int = 64 * MiB
     dense: list[tuple[str, tuple[int, ...], str]] = dataclasses.field(default_factory=list)
+    #: The settings the peak grows with, named in a refusal when it does not fit.
+    why: str = ""
 
 
 def model_bytes(facts: Facts) -> int:

@@ -12,6 +12,7 @@ channels-last (N, C, H, W) tap is already laid out as PFVs (N, H*W, C), so no tr
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import TYPE_CHECKING, Literal
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from gig_dist.data.files import shown
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.taps import as_feature_map, capture, pfvs
 from gig_dist.models.loading import build_model, resolve_transform
@@ -75,7 +77,7 @@ class ExtractStage(Stage):
         return extraction_specs(facts, self.config.extract.dtype, pfvs=self.config.extract.pfvs == "store")
 
     def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
-        return Footprint(forward_bytes(self.config, facts))
+        return Footprint(forward_bytes(self.config, facts), why=forward_why(self.config))
 
     def open_worker(self, device: str) -> ExtractWorker:
         return ExtractWorker(self, resolve_device(device))
@@ -83,9 +85,22 @@ class ExtractStage(Stage):
 
 def forward_bytes(config: Config, facts: Facts) -> int:
     """A unit's forward pass (:class:`UnitForward`): the model, the unit's PFVs in the store
-    dtype, a batch's activations in float32 twice."""
+    dtype, a batch's activations in float32 twice, the unit's decoded inputs in float32, and each
+    loader thread's image resized to ``transform.resize`` on its short side (4:3, in uint8)."""
     values, item = tap_values(facts), np.dtype(config.extract.dtype).itemsize
-    return model_bytes(facts) + facts.images_per_unit * values * item + 2 * config.extract.batch_size * values * 4
+    transform = resolve_transform(config)
+    resized = config.dataset.loader_threads * transform.resize * math.ceil(transform.resize * 4 / 3) * 3
+    inputs = facts.images_per_unit * 3 * transform.crop**2 * 4
+    return (model_bytes(facts) + facts.images_per_unit * values * item + 2 * config.extract.batch_size * values * 4
+            + inputs + resized)
+
+
+def forward_why(config: Config) -> str:
+    """The settings a forward pass's memory grows with, for a refusal's message."""
+    transform = resolve_transform(config)
+    return (f"transform.resize = {transform.resize} and crop {transform.crop}, dataset.loader_threads = "
+            f"{config.dataset.loader_threads}, extract.batch_size = {config.extract.batch_size}, "
+            f"store.images_per_unit = {config.store.images_per_unit}")
 
 
 class UnitForward:
@@ -129,9 +144,9 @@ class UnitForward:
                 if loaded.image is None:
                     if processed is not None:
                         raise RuntimeError(f"extract.pfvs = recompute: an image that extraction read can no longer "
-                                           f"be read ({paths[row]}): {loaded.reason}")
+                                           f"be read ({shown(paths[row])}): {loaded.reason}")
                     reasons[row] = loaded.reason
-                    log.warning("skipping %s: %s", paths[row], loaded.reason)
+                    log.warning("skipping %s: %s", shown(paths[row]), loaded.reason)
                     continue
                 if loaded.part_mask is not None:
                     if masks is None:

@@ -81,8 +81,13 @@ class SampleStage(Stage):
         """SRD: a batch's activations and relevances, the unit's scores."""
         values = tap_values(facts)
         recompute = forward_bytes(self.config, facts) if self.config.extract.pfvs == "recompute" else 0
+        per_image, item = self.config.sample.per_image, np.dtype(self.config.extract.dtype).itemsize
+        drawn = facts.images_per_unit * per_image * sum(c * item + 4 for c, _, _ in facts.taps.values())
         return Footprint(3 * model_bytes(facts) + 4 * self.config.sample.batch_size * values * 4
-                         + facts.images_per_unit * values * 4 + recompute)
+                         + facts.images_per_unit * values * 4 + drawn + recompute,
+                         why=f"sample.per_image = {per_image} (rows of every image's samples, however many "
+                             f"positions a tap has), sample.batch_size = {self.config.sample.batch_size}, "
+                             f"store.images_per_unit = {facts.images_per_unit}")
 
     def open_worker(self, device: str) -> SampleWorker:
         return SampleWorker(self, resolve_device(device))

@@ -26,7 +26,8 @@ def store_url(out: str | os.PathLike[str]) -> str:
     URLs as given (without a trailing slash)."""
     text = os.fspath(out).removeprefix("file://")
     if "://" in text:
-        return text.rstrip("/") if not text.endswith(":///") else text
+        scheme, _, rest = text.partition("://")
+        return f"{scheme}://{rest.rstrip('/')}"
     return str(Path(text).expanduser().resolve())
 
 

@@ -1,6 +1,8 @@
 """Section ``meta`` and ``pfv``: the image index, what extraction wrote of every image, and PFVs.
 
-    meta/path        (image,)            image path (``toy://seed/index/size`` for the toy world)
+    meta/path        (image,)            image path (``toy://seed/index/size`` for the toy world); a
+                                         name that is not UTF-8 as ``fsbytes:`` and its bytes
+                                         percent-encoded
     meta/label       (image,)            int64 label, -1 when unknown
     meta/status      (image,)            uint8: 0 pending, 1 processed, 2 skipped
     meta/skip_reason (image,)            why an image was skipped ('' otherwise)
@@ -13,11 +15,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
+from urllib.parse import quote, unquote_to_bytes
 
 import numpy as np
 
+from gig_dist.data.files import shown
 from gig_dist.store.core import (
     PENDING,
     PROCESSED,
@@ -28,6 +33,24 @@ from gig_dist.store.core import (
     RunStore,
     per_image_spec,
 )
+
+#: Prefix of a stored path whose name is not UTF-8 (Zarr stores text as UTF-8).
+FSBYTES = "fsbytes:"
+
+
+def stored_path(path: str) -> str:
+    """``path`` as the store keeps it: itself, or, when its bytes are not UTF-8 (a file name
+    Python holds with lone surrogates), ``fsbytes:`` and the bytes percent-encoded."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return FSBYTES + quote(os.fsencode(path), safe="/")
+
+
+def loaded_path(stored: str) -> str:
+    """The path a stored one names, as the OS takes it (inverse of :func:`stored_path`)."""
+    return os.fsdecode(unquote_to_bytes(stored[len(FSBYTES):])) if stored.startswith(FSBYTES) else stored
 
 
 def index_specs(facts: Facts) -> list[ArraySpec]:
@@ -64,15 +87,16 @@ class MetaSection:
 
     def write_index(self, paths: list[str], labels: np.ndarray) -> None:
         for r in self.store.units():  # one unit at a time: each write covers whole chunks only
-            self.store.array("meta/path")[r.start : r.stop] = np.asarray(paths[r.start : r.stop], dtype=str)
+            self.store.array("meta/path")[r.start : r.stop] = np.asarray(
+                [stored_path(p) for p in paths[r.start : r.stop]], dtype=str)
             self.store.array("meta/label")[r.start : r.stop] = labels[r.start : r.stop]
 
     def read_index(self, r: ImageRange) -> tuple[list[str], np.ndarray]:
-        paths = [str(p) for p in self.store.array("meta/path")[r.start : r.stop]]
+        paths = [loaded_path(str(p)) for p in self.store.array("meta/path")[r.start : r.stop]]
         return paths, self.store.array("meta/label")[r.start : r.stop]
 
     def path(self, image: int) -> str:
-        return str(self.store.array("meta/path")[image])
+        return loaded_path(str(self.store.array("meta/path")[image]))
 
     # -- extraction ------------------------------------------------------------------------------
 
@@ -86,7 +110,8 @@ class MetaSection:
         self.store.array("meta/logits")[sl] = logits
         prediction = np.where(status == PROCESSED, np.nan_to_num(logits, nan=-np.inf).argmax(axis=1), -1)
         self.store.array("meta/prediction")[sl] = prediction
-        self.store.array("meta/skip_reason")[sl] = np.asarray(skip_reasons, dtype=str)
+        # A reason may quote a file name that is not UTF-8: kept readable, never a failed write.
+        self.store.array("meta/skip_reason")[sl] = np.asarray([shown(reason) for reason in skip_reasons], dtype=str)
         if part_masks is not None and self.store.has("meta/part_mask"):
             self.store.array("meta/part_mask")[sl] = part_masks
         self.store.array("meta/status")[sl] = status
@@ -170,7 +195,7 @@ class MetaSection:
             paths, _ = self.read_index(r)
             reasons = self.store.array("meta/skip_reason")[r.start : r.stop]
             for row in rows:
-                found.append({"index": r.start + int(row), "path": paths[row], "reason": str(reasons[row])})
+                found.append({"index": r.start + int(row), "path": shown(paths[row]), "reason": str(reasons[row])})
                 if limit is not None and len(found) >= limit:
                     return found
         return found
