@@ -472,28 +472,38 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_taps(args: argparse.Namespace) -> int:
-    from gig_dist.kernels.taps import residual_block_names, tap_shapes
+    from gig_dist.kernels.taps import TRUNKS, block_names, no_blocks_message, survey
     from gig_dist.models.loading import build_model, resolve_transform
 
     config = _config(args)
     model = build_model(config.model)
     crop = resolve_transform(config).crop
-    names = [n for n, _ in model.named_modules() if n] if args.all else residual_block_names(model)
-    try:
-        shapes = tap_shapes(model, names, (crop, crop))
-    except Exception:  # --all includes modules whose outputs are not feature maps
-        shapes = {}
-        for name in names:
-            try:
-                shapes.update(tap_shapes(model, [name], (crop, crop)))
-            except Exception:
-                continue
-    print(f"{config.model.name} at {crop}x{crop}: tap  C x H x W  (PFVs per image)")
-    for name in names:
-        if name in shapes:
-            s = shapes[name]
-            print(f"  {name:<24} {s.channels} x {s.height} x {s.width}  ({s.positions})")
+    blocks = block_names(model)
+    names = [n for n, _ in model.named_modules() if n] if args.all else blocks
+    if not names:
+        # Nothing recognised: say why, and show where taps could be.
+        print(f"gig-dist: {no_blocks_message(model)}", file=sys.stderr)
+        candidates = [n for n, _ in model.named_children()] + [n for n in TRUNKS if n in dict(model.named_modules())]
+        found = survey(model, list(dict.fromkeys(candidates)), (crop, crop), config.model.prefix_tokens)
+        print(f"{config.model.name} at {crop}x{crop}: its top-level modules", file=sys.stderr)
+        _print_survey(found, sys.stderr)
+        return 1
+    found = survey(model, names, (crop, crop), config.model.prefix_tokens)
+    kind = "every module" if args.all else "its block outputs (the default taps)"
+    print(f"{config.model.name} at {crop}x{crop}: {kind}; tap  C x H x W  (PFVs per image)  layout")
+    _print_survey(found, sys.stdout)
     return 0
+
+
+def _print_survey(found: dict, stream) -> None:
+    for name, what in found.items():
+        if isinstance(what, str):
+            print(f"  {name:<40} -  ({what})", file=stream)
+        else:
+            shape, layout = what
+            extra = f"tokens, {layout.prefix} prefix" if layout.kind == "tokens" else layout.kind
+            print(f"  {name:<40} {shape.channels} x {shape.height} x {shape.width}  ({shape.positions})  {extra}",
+                  file=stream)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -35,13 +35,22 @@ TOY_GIG_IMAGES = 64
 
 
 class ModelConfig(Section):
-    #: ``toy`` (the embedded model) or any torchvision classifier name, e.g. ``resnet50``.
+    #: ``toy`` (the embedded model), a torchvision classifier name (``resnet50``), ``timm:<name>``
+    #: (``timm:vit_small_patch16_224``; pip install -e ".[timm]"), or ``package.module:callable``,
+    #: a factory of yours called with ``model.kwargs`` that returns an ``nn.Module``.
     name: str = "toy"
-    #: ``shipped`` (toy default), a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``), a
-    #: path to a local state-dict file (loaded with ``weights_only=True``), or ``none`` (random).
+    #: ``shipped`` (toy default), a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``),
+    #: ``pretrained`` (timm's own), a path to a local state-dict file for any model (loaded with
+    #: ``weights_only=True``), or ``none`` (random, from a fixed seed; a factory's as it returns them).
     weights: str | None = "shipped"
     #: Number of classes; only needed when a local state dict has a head of another size.
     num_classes: int | None = Field(default=None, ge=1)
+    #: Keyword arguments of a factory, or of ``timm.create_model``.
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Class and register tokens before the patch tokens of a vision transformer's token taps,
+    #: where the model does not say (timm's ``num_prefix_tokens`` and torchvision's
+    #: ``class_token`` do). They are kept apart from the PFVs, which are the patch tokens.
+    prefix_tokens: int | None = Field(default=None, ge=0)
 
 
 class ToyWorldConfig(Section):
@@ -89,6 +98,9 @@ class TransformConfig(Section):
     crop: int | None = Field(default=None, ge=1)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    #: How the resize samples: the model's own where known (timm's EfficientNets and ViTs:
+    #: bicubic), else bilinear.
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
 
     @model_validator(mode="after")
     def _std_positive(self) -> TransformConfig:
@@ -214,7 +226,7 @@ class Config(Section):
         if self.model.weights == "shipped" and self.model.name != "toy":
             raise ValueError(
                 f"model.weights = 'shipped' exists only for the toy model; for {self.model.name!r} "
-                "use a torchvision weights name (e.g. DEFAULT), a state-dict path, or none"
+                "use its source's weights name (DEFAULT for torchvision, pretrained for timm), a state-dict path, or none"
             )
         if self.taps is not None and len(self.taps) == 0:
             raise ValueError("taps is empty; leave it unset for every residual block output")

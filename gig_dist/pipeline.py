@@ -54,8 +54,9 @@ def collect_facts(config: Config) -> tuple[Facts, DatasetIndex, Any]:
     taps = resolve_taps(model, config.taps)
     transform = resolve_transform(config)
     index = build_index(config.dataset)
-    shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
-    mapped = apply_label_map(index, config.dataset.label_map, num_outputs, output_names(config.model, num_outputs))
+    shapes, num_outputs, layouts = probe_model(model, taps, (transform.crop, transform.crop),
+                                               config.model.prefix_tokens)
+    mapped = apply_label_map(index, config.dataset.label_map, num_outputs, output_names(config.model, num_outputs, model))
     if mapped.warning:
         warnings.warn(f"dataset.label_map: {mapped.warning}", stacklevel=2)
     index = with_labels(index, mapped)
@@ -63,6 +64,7 @@ def collect_facts(config: Config) -> tuple[Facts, DatasetIndex, Any]:
         num_images=len(index.paths), images_per_unit=config.store.images_per_unit,
         images_per_chunk=config.store.images_per_chunk, zstd_level=config.store.zstd_level,
         taps={tap: (s.channels, s.height, s.width) for tap, s in shapes.items()},  # forward order
+        layouts={tap: layout.to_json() for tap, layout in layouts.items() if layout.kind != "nchw"},
         num_outputs=num_outputs, class_names=list(index.class_names), input_size=transform.crop,
         label_source=index.label_source, dataset_classes=list(index.dataset_classes),
         part_masks=config.dataset.kind == "toy", model=model,
@@ -197,7 +199,7 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
     facts, index, transform = collect_facts(config)
     run_stages = stages_until(until)
     errors = [error for stage in run_stages for error in stage.check(config, facts)]
-    errors += memory_errors(config, facts, run_stages)
+    errors = errors or memory_errors(config, facts, run_stages)  # footprints need settings that pass
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"the run cannot start ({len(errors)} problems):\n  " + "\n  ".join(errors))
@@ -267,7 +269,7 @@ def make_runtime(config: Config):
         RayRuntime,  # Ray is imported only when asked for
     )
 
-    return RayRuntime(config.runtime)
+    return RayRuntime(config.runtime, config.model.name)
 
 
 def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bool = False,

@@ -61,12 +61,14 @@ def plan_facts(config: Config, images: int | None) -> tuple[Facts, str]:
     model = build_model(config.model.model_copy(update={"weights": None}))
     taps = resolve_taps(model, config.taps)
     transform = resolve_transform(config)
-    shapes, num_outputs = probe_model(model, taps, (transform.crop, transform.crop))
-    names = output_names(config.model, num_outputs) or []
+    shapes, num_outputs, layouts = probe_model(model, taps, (transform.crop, transform.crop),
+                                               config.model.prefix_tokens)
+    names = output_names(config.model, num_outputs, model) or []
     facts = Facts(
         num_images=images, images_per_unit=config.store.images_per_unit,
         images_per_chunk=config.store.images_per_chunk, zstd_level=config.store.zstd_level,
         taps={tap: (s.channels, s.height, s.width) for tap, s in shapes.items()}, num_outputs=num_outputs,
+        layouts={tap: layout.to_json() for tap, layout in layouts.items() if layout.kind != "nchw"},
         class_names=list(names), input_size=transform.crop, part_masks=config.dataset.kind == "toy", model=model,
     )
     return facts, "--images"

@@ -589,8 +589,8 @@ def bench_pfvs(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from gig_dist.pipeline import make_runtime, prepare
     from gig_dist.formatting import fmt_bytes
+    from gig_dist.pipeline import make_runtime, prepare
     from gig_dist.stages.registry import stages_until
     from gig_dist.store import RunStore
 

@@ -224,3 +224,17 @@ def test_stage_objects_travel_to_actors(ray_head, tmp_path):
 
     assert pid != os.getpid() and travelled == config
     assert key == "bisecting_kmeans/attribute" and units == stage.plan(store.facts) and len(units) == 10
+
+
+def test_a_users_factory_model_on_two_ray_workers_equals_the_in_process_run(ray_head, tmp_path):
+    """``model.name = tests.test_models:tiny_net``: its package travels to the actors (Ray's
+    py_modules), every worker builds the same seeded model, and every array is bitwise the
+    in-process run's."""
+    from tests.test_models import FACTORY
+
+    extra = (*FACTORY, "concepts.k_multiplier=1", "sample.per_image=8")
+    local = pipeline.run(toy_config(*BASE, *extra), tmp_path / "local.zarr")
+    on_ray = pipeline.run(ray_config(*extra), tmp_path / "ray.zarr")
+    assert [s.stage for s in on_ray.stages if len(s.placement) or s.units_run] and on_ray.stages[0].units_run == 5
+    assert on_ray.stages[1].methods["relevance"].startswith("grad x act (SRD cannot run: TinyNet has no 'conv1'")
+    assert_stores_equal(local.url, on_ray.url)

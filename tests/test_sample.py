@@ -5,12 +5,11 @@ import pytest
 import torch
 
 from gig_dist import pipeline
-from gig_dist.config import ConfigError
 from gig_dist.kernels.sampling import draw_positions, grad_x_act
 from gig_dist.stages.ierf import compute_ierfs
 from gig_dist.store import SKIPPED, RunStore
 from gig_dist.toy.model import load_toy_model
-from tests.conftest import toy_config, zgroup
+from tests.conftest import assert_stores_equal, toy_config, zgroup
 
 
 def test_draws_are_distinct_and_follow_the_scores():
@@ -143,13 +142,23 @@ def test_skipped_images_get_no_samples(tmp_path):
     assert np.isnan(zgroup(store)["samples/layer2.0/vector"][:][skipped]).all()
 
 
-def test_srd_sampling_on_a_tap_that_is_not_a_block_output_fails_before_work(tmp_path):
-    with pytest.raises(ConfigError, match="sample.method = 'srd' cannot run.*layer1.0.conv2.*grad_x_act"):
-        pipeline.run(toy_config("taps=[layer1.0.conv2]"), tmp_path / "run.zarr")
-    assert not (tmp_path / "run.zarr").exists()
-    store = RunStore.open(pipeline.run(toy_config("taps=[layer1.0.conv2]", "sample.method=grad_x_act",
-                                                  "dataset.toy.num_images=8"), tmp_path / "ok.zarr").url)
+def test_srd_sampling_where_srd_has_no_rule_runs_grad_x_act_and_says_so(tmp_path):
+    """sample.method = srd on a tap that is not a block output: SRD has no rule there, so grad x
+    act runs (it refused before any work until issue 23), and the run, its manifest and the
+    samples say which relevance ran."""
+    report = pipeline.run(toy_config("taps=[layer1.0.conv2]", "dataset.toy.num_images=8"), tmp_path / "run.zarr",
+                          until="sample")
+    relevance = report.stages[1].methods["relevance"]
+    assert relevance.startswith("grad x act (SRD cannot run: ") and "layer1.0.conv2" in relevance, relevance
+    store = RunStore.open(report.url)
+    assert store.record("sample").methods == {"relevance": relevance}
+    explicit = pipeline.run(toy_config("taps=[layer1.0.conv2]", "sample.method=grad_x_act", "dataset.toy.num_images=8"),
+                            tmp_path / "ok.zarr", until="sample")
+    assert explicit.stages[1].methods == {"relevance": "grad x act"}
+    assert_stores_equal(report.url, explicit.url)  # the same draws as asking for grad x act
     assert (zgroup(store)["samples/layer1.0.conv2/position"][:] >= 0).all()
+    srd = pipeline.run(toy_config("dataset.toy.num_images=8"), tmp_path / "srd.zarr", until="sample")
+    assert srd.stages[1].methods == {"relevance": "srd"}
 
 
 def test_ierfs_of_given_pfvs_are_stored(sampled, tmp_path):

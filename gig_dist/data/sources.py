@@ -211,12 +211,13 @@ class TransformSpec:
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"
 
     def build(self) -> T.Compose:
         return T.Compose(
             [
                 T.PILToTensor(),
-                T.Resize(self.resize, antialias=True),
+                T.Resize(self.resize, interpolation=T.InterpolationMode(self.interpolation), antialias=True),
                 T.CenterCrop(self.crop),
                 T.ToDtype(torch.float32, scale=True),
                 T.Normalize(self.mean, self.std),

@@ -26,6 +26,7 @@ work unit.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,8 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from gig_dist.kernels.taps import TapLayout
+
 LOGITS = "logits"
-RULES = ("midpoint", "left", "right")
+RULES = ("midpoint", "left", "right", "power")
+#: The ``power`` rule's exponent: midpoints ``t`` of [0, 1], ``alpha = t ** POWER``.
+POWER = 4
 
 
 class GIGError(ValueError):
@@ -42,13 +47,34 @@ class GIGError(ValueError):
 
 
 def step_alphas(steps: int, rule: str = "midpoint") -> torch.Tensor:
-    """The ``M`` quadrature points of [0, 1] (float64); each step has weight ``1 / M``."""
+    """The ``M`` quadrature points of [0, 1] (float64). ``midpoint``, ``left`` and ``right``
+    space them evenly, each of weight ``1 / M``; ``power`` puts them at ``t ** 4`` for the even
+    midpoints ``t``, dense near the baseline (:func:`step_weights`)."""
     if steps < 1:
         raise GIGError(f"steps = {steps}: GIG needs at least 1 integration step")
     if rule not in RULES:
         raise GIGError(f"rule = {rule!r}: use one of {', '.join(RULES)}")
+    if rule == "power":
+        return ((torch.arange(steps, dtype=torch.float64) + 0.5) / steps) ** POWER
     offset = {"midpoint": 0.5, "left": 0.0, "right": 1.0}[rule]
     return (torch.arange(steps, dtype=torch.float64) + offset) / steps
+
+
+def step_weights(steps: int, rule: str = "midpoint") -> torch.Tensor | None:
+    """Each step's weight times ``M`` (float64), or None where every step weighs ``1 / M``.
+
+    ``power`` is the midpoint rule after the substitution ``alpha = t^4`` (``d alpha = 4 t^3
+    dt``). Layer norms make a model jump near ``alpha = 0`` along the zero-baseline path: they
+    are scale-invariant, so ``F(alpha X)`` is ``F(X)``'s for any ``alpha`` well above
+    ``sqrt(eps) / |X|`` and drops to ``F(0)`` only in a sliver of ``alpha`` near 0 (about 1e-5
+    to 1e-3 on a ViT-S block's activations) that evenly spaced steps never sample. Measured on a
+    random ViT-S/16 (``blocks.9 -> logits``, ``blocks.5 -> blocks.9``, one image, 3 targets each):
+    completeness gaps of 34 % to 1630 % at 32 midpoint steps (55 % to 1610 % at 64), under 0.7 %
+    at 32 ``power`` steps."""
+    if rule != "power":
+        return None
+    t = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    return POWER * t ** (POWER - 1)
 
 
 def _resnet_blocks(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
@@ -70,51 +96,145 @@ class _Stop(Exception):
     pass
 
 
-class SubNetwork(nn.Module):
-    """``F_ab``: from the output of tap ``source`` to the output of tap ``target`` (or the logits).
+def _trunk_cut(model: nn.Module, source: str, target: str) -> tuple[nn.Module, list[nn.Module], bool] | None:
+    """A cut along a sequential trunk (timm's ``blocks``, torchvision ViT's ``encoder.layers``,
+    ``features``): the trunk, its children after ``source`` up to ``target`` (or to its end), and
+    whether the model's tail after the trunk must run (the logits). None: no such cut."""
+    parent, _, child = source.rpartition(".")
+    trunk = dict(model.named_modules()).get(parent) if parent else None
+    if not isinstance(trunk, nn.Sequential):
+        return None
+    names = [name for name, _ in trunk.named_children()]
+    if child not in names:
+        return None
+    first = names.index(child) + 1
+    if target == LOGITS:
+        return trunk, list(trunk)[first:], True
+    target_parent, _, target_child = target.rpartition(".")
+    if target_parent != parent or target_child not in names:
+        return None
+    last = names.index(target_child) + 1
+    if last < first:
+        raise GIGError(f"target tap {target} comes before source tap {source}")
+    return trunk, list(trunk)[first:last], False
 
-    For ResNet-style models (torchvision's and the toy one) it runs only the blocks between the
-    taps (and the head, for the logits). For any other model it runs the whole model with the
-    source module's output replaced (``needs_images``: the prefix needs the image), stopping at
-    the target.
+
+class SubNetwork(nn.Module):
+    """``F_ab``: from the output of tap ``source`` to the output of tap ``target`` (or the logits),
+    taking and giving (N, C, H, W) maps whatever the taps' own layouts (tokens, channels-last).
+
+    It runs only the blocks between the taps where the model allows a cut: ResNet-style models
+    (torchvision's and the toy one), and models built around a sequential trunk, where both taps
+    are its children (timm's ``blocks.N``, torchvision ViT's encoder layers, ``features.N``); the
+    logits then take the model's tail after the trunk (its stem runs too, cheaply, for the
+    image's shapes). Elsewhere it runs the whole model with the source module's output replaced,
+    stopping at the target (``needs_images``). A token tap's prefix tokens (class, registers) stay
+    the image's own at every step: only its patch tokens are the attributed PFVs.
     """
 
-    def __init__(self, model: nn.Module, source: str, target: str) -> None:
+    def __init__(self, model: nn.Module, source: str, target: str, source_layout: TapLayout | None = None,
+                 target_layout: TapLayout | None = None, cut: bool = True) -> None:
         super().__init__()
         self.model, self.source, self.target = model, source, target
+        self.source_layout = source_layout or TapLayout()
+        self.target_layout = target_layout or TapLayout()
+        self._tail_lock = threading.Lock()
+        self._context: tuple[tuple, torch.Tensor] | None = None
+        modules = dict(model.named_modules())
+        for name in (source, target):
+            if name != LOGITS and name not in modules:
+                raise GIGError(f"unknown tap {name!r}")
         blocks = _resnet_blocks(model)
         names = [name for name, _ in blocks] if blocks else []
-        if blocks and source in names and (target == LOGITS or target in names):
+        trunk = None if (blocks and source in names) or not cut else _trunk_cut(model, source, target)
+        self.trunk, self.tail = None, False
+        if cut and blocks and source in names and (target == LOGITS or target in names):
             first = names.index(source) + 1
             last = len(names) if target == LOGITS else names.index(target) + 1
             if last < first:
                 raise GIGError(f"target tap {target} comes before source tap {source}")
             self.blocks = nn.ModuleList(block for _, block in blocks[first:last])
             self.head = target == LOGITS
-            self.needs_images = False
+            self.mode = "resnet"
+        elif trunk is not None:
+            self.trunk, children, self.tail = trunk
+            self.blocks = nn.ModuleList(children)
+            self.head = False
+            self.mode = "trunk"
         else:
-            modules = dict(model.named_modules())
-            for name in (source, target):
-                if name != LOGITS and name not in modules:
-                    raise GIGError(f"unknown tap {name!r}")
             self.blocks = None
-            self.needs_images = True
+            self.mode = "hook"
+        # The whole model runs (hook), its stem and tail run (a trunk's logits), or a token
+        # source's prefix tokens come from the image's own forward pass.
+        self.needs_images = self.mode == "hook" or self.tail or self.source_layout.prefix > 0
+
+    def _source_output(self, images: torch.Tensor) -> torch.Tensor:
+        """The source tap's real output for one image (its prefix tokens), computed once per image."""
+        key = (images.data_ptr(), tuple(images.shape), images.device)
+        if self._context is not None and self._context[0] == key:
+            return self._context[1]
+        modules = dict(self.model.named_modules())
+        captured: list[torch.Tensor] = []
+
+        def catch(_module, _inputs, output):
+            captured.append(output.detach())
+            raise _Stop
+
+        handle = modules[self.source].register_forward_hook(catch)
+        try:
+            with torch.no_grad():
+                self.model(images[:1])
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        self._context = (key, captured[0])
+        return captured[0]
+
+    def _run_tail(self, out: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The model's own forward with its trunk giving ``out``: the stem runs and is dropped,
+        the tail (norm, pooling, head) runs on ``out``."""
+        trunk, called = self.trunk, []
+
+        def given(*_args, **_kwargs):
+            called.append(True)
+            return out
+
+        with self._tail_lock:
+            trunk.forward = given  # an instance attribute shadows the class's forward
+            try:
+                result = self.model(images.expand(len(out), *images.shape[1:]))
+            finally:
+                del trunk.forward
+        if not called:  # the model runs its trunk's children itself: the tail would ignore `out`
+            raise GIGError(f"{type(self.model).__name__} does not call its trunk as a whole; rerun with the whole "
+                           "model (GIG(..., cut=False))")
+        return result
 
     def forward(self, x: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
-        if self.blocks is not None:
+        if self.needs_images and images is None:
+            raise GIGError(f"F({self.source} -> {self.target}) of {type(self.model).__name__} runs the model's own "
+                           "forward pass (or a token tap's prefix): it needs the image")
+        if self.mode == "resnet":
             for block in self.blocks:
                 x = block(x)
             if self.head:
                 x = self.model.fc(torch.flatten(self.model.avgpool(x), 1))
             return x
-        if images is None:
-            raise GIGError(f"{type(self.model).__name__} has no block structure gig-dist can cut at {self.source}; "
-                           "the whole model runs, and it needs the images")
+        if self.mode == "trunk":
+            like = self._source_output(images) if self.source_layout.prefix else None
+            out = self.source_layout.from_map(x, like)
+            for block in self.blocks:
+                out = block(out)
+            if self.tail:
+                return self._run_tail(out, images)
+            return self.target_layout.to_map(out)
         modules = dict(self.model.named_modules())
         captured: list[torch.Tensor] = []
+        layout = self.source_layout
 
-        def replace(_module, _inputs, _output):
-            return x
+        def replace(_module, _inputs, output):
+            return layout.from_map(x, output)
 
         def catch(_module, _inputs, output):
             captured.append(output)
@@ -126,7 +246,7 @@ class SubNetwork(nn.Module):
         try:
             out = self.model(images.expand(len(x), *images.shape[1:]))
         except _Stop:
-            out = captured[0]
+            out = self.target_layout.to_map(captured[0])
         finally:
             for handle in handles:
                 handle.remove()
@@ -170,19 +290,23 @@ class GIG:
     ``model``; ``source``, ``target`` tap names (``target`` may be ``"logits"``);
     ``source_dictionary`` (K_a, C_a); ``target_dictionary`` (K_b, C_b), not for logits;
     ``shape`` (C_a, H_a, W_a) of the source tap; ``steps`` M and ``rule`` (``midpoint``, ``left``,
-    ``right``); ``step_batch`` steps per forward pass.
+    ``right``); ``step_batch`` steps per forward pass; ``layouts`` of the source and target taps'
+    outputs (default: (N, C, H, W) maps); ``cut`` False runs the whole model with the source's
+    output replaced even where the sub-network could be cut out (to compare the two).
     """
 
     def __init__(self, model: nn.Module, source: str, target: str, source_dictionary: torch.Tensor,
                  shape: tuple[int, int, int], target_dictionary: torch.Tensor | None = None, *, steps: int = 32,
-                 rule: str = "midpoint", step_batch: int = 8) -> None:
+                 rule: str = "midpoint", step_batch: int = 8,
+                 layouts: tuple[TapLayout | None, TapLayout | None] = (None, None), cut: bool = True) -> None:
         self.alphas = step_alphas(steps, rule)
+        self.weights = step_weights(steps, rule)
         self.steps = steps
         if target != LOGITS and target_dictionary is None:
             raise GIGError(f"concept targets at tap {target} need its concept vectors")
         if source_dictionary.shape[1] != shape[0]:
             raise GIGError(f"source concepts have width {source_dictionary.shape[1]}, tap {source} has {shape[0]} channels")
-        self.subnet = SubNetwork(model, source, target)
+        self.subnet = SubNetwork(model, source, target, *layouts, cut=cut)
         self.V = source_dictionary
         self.W = target_dictionary
         self.shape = shape
@@ -243,6 +367,9 @@ class GIG:
             x = (alphas[:, None, None, None] * x_full[None]).requires_grad_(True)
             with torch.enable_grad():
                 out = self.subnet(x, image)
+                if self.weights is not None:  # an uneven rule: each step's gradient at its weight
+                    w = self.weights[first : first + len(x)].to(out.device, out.dtype)
+                    out = out * w.view(-1, *[1] * (out.dim() - 1))
                 if not self.logits and len(targets) > out.shape[1]:
                     # More targets than channels: the Jacobian of s = sum_q a_q once, then project.
                     s = out.sum(dim=(2, 3))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from gig_dist.kernels.taps import as_feature_map, capture
+from gig_dist.kernels.taps import TapLayout, as_feature_map, capture
 
 
 def draw_positions(scores: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -27,11 +27,18 @@ def draw_positions(scores: np.ndarray, count: int, rng: np.random.Generator) -> 
     return rng.choice(positions, size=count, replace=False, p=weights / weights.sum())
 
 
-def grad_x_act(model: nn.Module, images: torch.Tensor, taps: Sequence[str], classes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``<dy_c / da_p, a_p>`` for every PFV of every tap: {tap: (N, H, W)}, one backward pass."""
+def grad_x_act(model: nn.Module, images: torch.Tensor, taps: Sequence[str], classes: torch.Tensor,
+               layouts: Mapping[str, TapLayout | None] | None = None) -> dict[str, torch.Tensor]:
+    """``<dy_c / da_p, a_p>`` for every PFV of every tap: {tap: (N, H, W)}, one backward pass.
+    ``layouts``: each tap's output layout (tokens: the prefix tokens get no score)."""
+    layouts = layouts or {}
     x = images.detach()
     with torch.enable_grad(), capture(model, taps) as outputs:
         logits = model(x.requires_grad_(True))
-        maps = [as_feature_map(tap, outputs[tap]) for tap in taps]
-        grads = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), maps)
-    return {tap: (g * a).sum(1).detach() for tap, g, a in zip(taps, grads, maps)}
+        raw = [outputs[tap] for tap in taps]
+        grads = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), raw)
+    found = {}
+    for tap, g, a in zip(taps, grads, raw):
+        layout = layouts.get(tap)
+        found[tap] = (as_feature_map(tap, g, layout) * as_feature_map(tap, a, layout)).sum(1).detach()
+    return found

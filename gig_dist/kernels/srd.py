@@ -402,3 +402,14 @@ class Decomposition:
             raise ValueError(f"weights must be (N, P, {out.shape[-2]}, {out.shape[-1]}) for {tap} with N = "
                              f"{out.shape[0]} images, got {tuple(weights.shape)}")
         return self._down(weights.to(out.dtype), self.srd.taps.index(tap))
+
+
+def srd_problem(model: nn.Module, taps: list[str]) -> str | None:
+    """Why SRD cannot decompose ``model`` at ``taps`` (None: it can)."""
+    try:
+        srd = SRD(model)
+        for tap in taps:
+            srd.check_tap(tap)
+    except SRDUnsupported as exc:
+        return str(exc)
+    return None

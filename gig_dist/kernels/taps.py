@@ -1,16 +1,25 @@
 """Taps: the layers whose outputs are read, and reading many of them in one forward pass.
 
-A tap is a module name (``layer3.2``); its output ``A^l`` (N, C, H, W) gives ``H*W`` pointwise
-feature vectors (PFVs) of width C per image. The default taps are the residual block outputs
-(after the block's final ReLU), as in method.md section 1.
+A tap is a module name (``layer3.2``); its output gives ``H*W`` pointwise feature vectors (PFVs)
+of width C per image, whatever its layout (:class:`TapLayout`): a feature map (N, C, H, W), a
+channels-last map (N, H, W, C) (timm's and torchvision's Swin), tokens (N, T, D) whose last H*W
+lie on the image's patch grid after ``prefix`` class and register tokens (vision transformers),
+or vectors (N, C) as 1 x 1 maps. Every later stage sees PFVs on a grid.
+
+The default taps are the outputs of a model's blocks: the residual blocks of torchvision's
+CNNs (after the block's final ReLU, as in method.md section 1), else the children of its trunk,
+the sequence of blocks it is built around (timm's ``blocks.N`` and ``stages.N``, ViTs'
+``blocks.N``, torchvision ViT's ``encoder.layers.encoder_layer_N``).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +54,10 @@ class TapShape:
         return self.height * self.width
 
 
+#: Where models keep the sequence of blocks they are built around, tried in order.
+TRUNKS = ("blocks", "stages", "encoder.layers", "layers", "features")
+
+
 def residual_block_names(model: nn.Module) -> list[str]:
     """Names of the outermost residual blocks, in forward (registration) order."""
     names: list[str] = []
@@ -54,15 +67,42 @@ def residual_block_names(model: nn.Module) -> list[str]:
     return names
 
 
-def resolve_taps(model: nn.Module, requested: Sequence[str] | None) -> list[str]:
-    """Validate tap names against the model; ``None`` means every residual block output."""
+def trunk_of(model: nn.Module) -> str | None:
+    """The model's trunk: its first container in :data:`TRUNKS` of at least two children that
+    are blocks themselves (a ``features`` of single layers, as VGG's, is no trunk)."""
+    modules = dict(model.named_modules())
+    for name in TRUNKS:
+        trunk = modules.get(name)
+        if not isinstance(trunk, (nn.Sequential, nn.ModuleList)) or len(trunk) < 2:
+            continue
+        if name == "features" and not all(len(list(child.children())) > 0 for child in trunk):
+            continue
+        return name
+    return None
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """The default taps: torchvision's residual blocks, else the children of the model's trunk."""
     blocks = residual_block_names(model)
+    if blocks:
+        return blocks
+    trunk = trunk_of(model)
+    return [f"{trunk}.{child}" for child, _ in dict(model.named_modules())[trunk].named_children()] if trunk else []
+
+
+def no_blocks_message(model: nn.Module) -> str:
+    """Why no default taps were found, and where to look."""
+    return (f"{type(model).__name__} has no residual blocks that gig-dist recognises and no trunk of blocks (a "
+            f"container named {', '.join(TRUNKS)}); name the taps in the config (taps: [...]); `gig-dist taps --all` "
+            "lists every module with its output")
+
+
+def resolve_taps(model: nn.Module, requested: Sequence[str] | None) -> list[str]:
+    """Validate tap names against the model; ``None`` means every block output (:func:`block_names`)."""
+    blocks = block_names(model)
     if requested is None:
         if not blocks:
-            raise TapError(
-                f"{type(model).__name__} has no residual blocks that gig-dist recognises; "
-                "name the taps in the config (taps: [...]); `gig-dist taps --all` lists every module"
-            )
+            raise TapError(no_blocks_message(model))
         return blocks
     modules = dict(model.named_modules())
     unknown = [name for name in requested if name not in modules or name == ""]
@@ -72,7 +112,7 @@ def resolve_taps(model: nn.Module, requested: Sequence[str] | None) -> list[str]
             close = difflib.get_close_matches(name, list(modules), n=3)
             hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise TapError(
-            f"unknown tap {', '.join(hints)} in {type(model).__name__}. Valid residual block outputs: "
+            f"unknown tap {', '.join(hints)} in {type(model).__name__}. Its block outputs: "
             f"{', '.join(blocks) or '(none)'}; any module name also works (`gig-dist taps --all` lists them)"
         )
     if len(set(requested)) != len(requested):
@@ -109,8 +149,107 @@ def capture(model: nn.Module, taps: Iterable[str], convert: Callable[[torch.Tens
             handle.remove()
 
 
-def as_feature_map(name: str, output: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) view of a tap output; (N, C) vectors count as 1x1 maps."""
+@dataclass(frozen=True)
+class TapLayout:
+    """How a tap's output holds its PFVs: ``nchw`` (N, C, H, W), ``nhwc`` (N, H, W, C),
+    ``tokens`` (N, T, D) with ``prefix`` tokens (class, registers) before an H x W patch grid
+    (``grid``), or ``vector`` (N, C). :meth:`to_map` gives (N, C, H, W) for any of them;
+    :meth:`from_map` the tap's own layout again (tokens take their prefix from ``like``, an
+    output of the tap: it is kept apart, never mixed with the patch PFVs)."""
+
+    kind: str = "nchw"
+    prefix: int = 0
+    grid: tuple[int, int] = (0, 0)
+
+    def to_map(self, output: torch.Tensor) -> torch.Tensor:
+        if self.kind == "nchw":
+            return output
+        if self.kind == "nhwc":
+            return output.permute(0, 3, 1, 2)
+        if self.kind == "vector":
+            return output[:, :, None, None]
+        n, _, d = output.shape
+        return output[:, self.prefix :].transpose(1, 2).reshape(n, d, *self.grid)
+
+    def from_map(self, feature_map: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "nchw":
+            return feature_map
+        if self.kind == "nhwc":
+            return feature_map.permute(0, 2, 3, 1)
+        if self.kind == "vector":
+            return feature_map.flatten(1)
+        tokens = feature_map.flatten(2).transpose(1, 2)  # (N, H*W, D)
+        if not self.prefix:
+            return tokens
+        if like is None:
+            raise TapError(f"tokens with {self.prefix} prefix tokens need the tap's own output for them")
+        prefix = like[:, : self.prefix].to(tokens.dtype)
+        return torch.cat([prefix.expand(len(tokens), -1, -1), tokens], dim=1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "prefix": self.prefix, "grid": list(self.grid)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TapLayout:
+        return cls(data.get("kind", "nchw"), int(data.get("prefix", 0)), tuple(data.get("grid", (0, 0))))
+
+
+def stored_layout(layouts: dict[str, dict[str, Any]], tap: str) -> TapLayout | None:
+    """A tap's layout as a run's facts keep it (None: not kept, a map or vector read as gig-dist
+    read every tap before layouts)."""
+    found = layouts.get(tap)
+    return TapLayout.from_json(found) if found else None
+
+
+def prefix_tokens_of(model: nn.Module) -> int | None:
+    """The class and register tokens a vision transformer puts before its patch tokens, where
+    the model says (timm's ``num_prefix_tokens``; torchvision's ``class_token``); None elsewhere."""
+    found = getattr(model, "num_prefix_tokens", None)
+    if isinstance(found, int):
+        return found
+    if isinstance(getattr(model, "class_token", None), torch.Tensor):
+        return 1
+    return None
+
+
+def layout_of(name: str, output: torch.Tensor, prefix_tokens: int | None = None) -> TapLayout:
+    """The layout of a tap's output for one square input: 4-D maps are NCHW or NHWC by which
+    two dimensions are the (equal) spatial ones (NCHW where both are); 3-D outputs are tokens, ``prefix_tokens``
+    (the model's or the config's) before a square grid of patches."""
+    shape = tuple(output.shape)
+    if len(shape) == 2:
+        return TapLayout("vector")
+    if len(shape) == 4:
+        _, a, b, c = shape
+        if b == c:  # PyTorch's own layout, also where both would fit (C = H = W)
+            return TapLayout("nchw")
+        if a == b:
+            return TapLayout("nhwc")
+        raise TapError(f"tap {name!r} outputs shape {shape}: neither (N, C, H, W) nor (N, H, W, C) with a square "
+                       "grid, for a square input")
+    if len(shape) == 3:
+        _, tokens, _ = shape
+        prefix = prefix_tokens
+        if prefix is None:
+            if math.isqrt(tokens) ** 2 != tokens:
+                raise TapError(f"tap {name!r} outputs {tokens} tokens, which are no square grid of patches; if some "
+                               "are class or register tokens, set model.prefix_tokens")
+            prefix = 0
+        side = math.isqrt(max(tokens - prefix, 0))
+        if prefix >= tokens or side * side != tokens - prefix:
+            raise TapError(f"tap {name!r} outputs {tokens} tokens: after {prefix} prefix tokens, {tokens - prefix} do "
+                           "not factor into a square grid of patches (set model.prefix_tokens to the model's class "
+                           "and register tokens)")
+        return TapLayout("tokens", prefix, (side, side))
+    raise TapError(f"tap {name!r} outputs shape {shape}; gig-dist reads feature maps (N, C, H, W) or (N, H, W, C), "
+                   "tokens (N, T, D) or vectors (N, C)")
+
+
+def as_feature_map(name: str, output: torch.Tensor, layout: TapLayout | None = None) -> torch.Tensor:
+    """(N, C, H, W) view of a tap output in ``layout`` (None: (N, C, H, W) maps, and (N, C)
+    vectors as 1x1 maps, as gig-dist read every tap before layouts)."""
+    if layout is not None:
+        return layout.to_map(output)
     if output.dim() == 4:
         return output
     if output.dim() == 2:
@@ -122,9 +261,11 @@ def as_feature_map(name: str, output: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe_model(model: nn.Module, taps: Sequence[str], input_size: tuple[int, int]) -> tuple[dict[str, TapShape], int]:
-    """Per-image output shape of each tap, in the order the taps run in a forward pass, and the
-    number of model outputs, from one forward pass of a blank image: no dataset needed."""
+def probe_model(model: nn.Module, taps: Sequence[str], input_size: tuple[int, int],
+                prefix_tokens: int | None = None) -> tuple[dict[str, TapShape], int, dict[str, TapLayout]]:
+    """Per-image output shape of each tap, in the order the taps run in a forward pass, the
+    number of model outputs and each tap's layout, from one forward pass of a blank image: no
+    dataset needed. ``prefix_tokens`` overrides the model's own count for token taps."""
     device = next(model.parameters()).device
     blank = torch.zeros(1, 3, *input_size, device=device)
     was_training = model.training
@@ -137,11 +278,58 @@ def probe_model(model: nn.Module, taps: Sequence[str], input_size: tuple[int, in
     silent = [name for name in taps if name not in outputs]
     if silent:
         raise TapError(f"taps {silent} never run in a forward pass of {type(model).__name__}")
-    shapes = {}
+    prefix = prefix_tokens if prefix_tokens is not None else prefix_tokens_of(model)
+    shapes, layouts = {}, {}
     for name in outputs:  # in the order the hooks first fired: forward order
-        _, c, h, w = as_feature_map(name, outputs[name]).shape
+        layouts[name] = layout_of(name, outputs[name], prefix)
+        _, c, h, w = layouts[name].to_map(outputs[name]).shape
         shapes[name] = TapShape(int(c), int(h), int(w))
-    return shapes, int(logits.reshape(1, -1).shape[1])
+    if not isinstance(logits, torch.Tensor):
+        raise TapError(f"{type(model).__name__} returns {type(logits).__name__}, not a tensor of class scores")
+    return shapes, int(logits.reshape(1, -1).shape[1]), layouts
+
+
+@torch.no_grad()
+def survey(model: nn.Module, names: Sequence[str], input_size: tuple[int, int],
+           prefix_tokens: int | None = None) -> dict[str, tuple[TapShape, TapLayout] | str]:
+    """For each module of ``names``: its PFV shape and layout as a tap, or why it is no tap (it
+    never runs, runs more than once, outputs a tuple, or a shape gig-dist cannot read), from one
+    forward pass of a blank image."""
+    modules = dict(model.named_modules())
+    seen: dict[str, list[Any]] = {name: [] for name in names}
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output):
+            seen[name].append(tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__)
+        return hook
+
+    handles = [modules[name].register_forward_hook(hook_for(name)) for name in names]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    prefix = prefix_tokens if prefix_tokens is not None else prefix_tokens_of(model)
+    found: dict[str, tuple[TapShape, TapLayout] | str] = {}
+    for name, outputs in seen.items():
+        if not outputs:
+            found[name] = "never runs in a forward pass"
+        elif isinstance(outputs[0], str):
+            found[name] = f"outputs a {outputs[0]}, not a tensor"
+        elif len(outputs) > 1:
+            found[name] = f"runs {len(outputs)} times per forward pass (a shared module)"
+        else:
+            try:
+                layout = layout_of(name, torch.empty(outputs[0], device="meta"), prefix)
+                _, c, h, w = layout.to_map(torch.empty(outputs[0], device="meta")).shape
+                found[name] = (TapShape(int(c), int(h), int(w)), layout)
+            except TapError as exc:
+                found[name] = str(exc).replace(f"tap {name!r} ", "")
+    return found
 
 
 def tap_shapes(model: nn.Module, taps: Sequence[str], input_size: tuple[int, int]) -> dict[str, TapShape]:

@@ -37,6 +37,8 @@ class StageReport:
     #: The units' own seconds, added up (the rest of ``seconds`` is starting workers and the
     #: stage's final step).
     unit_seconds: float = 0.0
+    #: Which method ran where the config leaves the choice to the model, as the units said.
+    methods: dict[str, str] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -57,6 +59,7 @@ class LocalRuntime:
         started = time.perf_counter()
         images = skipped = worker_peak = 0
         unit_seconds = 0.0
+        methods: dict[str, str] = {}
         if pending:
             if self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
@@ -89,11 +92,12 @@ class LocalRuntime:
                         skipped += report.skipped
                         worker_peak = max(worker_peak, report.peak_rss)
                         unit_seconds += report.seconds
+                        methods.update(report.methods)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
                 bar.close()
                 worker.close()
-        close_stage(stage, store)
+        close_stage(stage, store, methods)
         return StageReport(stage.name, units_total, len(pending), images, skipped, time.perf_counter() - started,
                            placement={"local": len(pending)} if pending else {}, worker_peak_rss=worker_peak,
-                           unit_seconds=unit_seconds)
+                           unit_seconds=unit_seconds, methods=methods)

@@ -12,6 +12,7 @@ after its data, and rerunning it rewrites the same bytes into the same shards.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -73,9 +74,27 @@ class StageActor:
         return execute_unit(self.worker, self.store, unit), self.node
 
 
+def factory_modules(model_name: str) -> list[str]:
+    """The local package of a ``package.module:callable`` model factory, for Ray to ship to its
+    workers (``py_modules``): a package installed in site-packages, or on a node already, needs
+    nothing. Empty for every other model."""
+    if ":" not in model_name or model_name.startswith("timm:"):
+        return []
+    top = model_name.split(":", 1)[0].split(".", 1)[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin is None and not spec.submodule_search_locations:
+        return []
+    where = list(spec.submodule_search_locations or [spec.origin])[0]
+    if "site-packages" in where or "dist-packages" in where:
+        return []
+    return [where]
+
+
 class RayRuntime:
-    def __init__(self, config: RuntimeConfig) -> None:
+    def __init__(self, config: RuntimeConfig, model_name: str = "toy") -> None:
         self.config = config
+        #: The run's model.name: a factory's package travels to the workers.
+        self.model_name = model_name
 
     def _actor_options(self) -> tuple[dict, int, str]:
         """Resources per actor, how many actors, and the device they should use."""
@@ -90,8 +109,12 @@ class RayRuntime:
             options = {"num_cpus": c.cpus_per_worker}
             capacity = int(ray.cluster_resources().get("CPU", 1) // c.cpus_per_worker)
             device = "cpu"
-        if c.env:
-            options["runtime_env"] = {"env_vars": dict(c.env)}
+        runtime_env: dict = {"env_vars": dict(c.env)} if c.env else {}
+        modules = factory_modules(self.model_name)
+        if modules:
+            runtime_env["py_modules"] = modules
+        if runtime_env:
+            options["runtime_env"] = runtime_env
         return options, c.num_workers or max(1, capacity), device
 
     def run(self, stage: Stage) -> StageReport:
@@ -122,6 +145,7 @@ class RayRuntime:
         placement: Counter[str] = Counter()
         images = skipped = units_run = retries = worker_peak = 0
         unit_seconds = 0.0
+        methods: dict[str, str] = {}
         bar = tqdm(total=sum(stage.work(u, store.facts) for u in pending), unit=stage.unit_noun, desc=f"{stage.name} x{num_workers}",
                    disable=not self.config.progress, dynamic_ncols=True)
         try:
@@ -165,13 +189,14 @@ class RayRuntime:
                 skipped += report.skipped
                 worker_peak = max(worker_peak, report.peak_rss)
                 unit_seconds += report.seconds
+                methods.update(report.methods)
                 placement[node] += 1
                 bar.update(stage.work(unit, store.facts))
         finally:
             bar.close()
             for actor in {id(a): a for a in idle + [a for _, a in in_flight.values()]}.values():
                 ray.kill(actor, no_restart=True)
-        close_stage(stage, store)
+        close_stage(stage, store, methods)
         return StageReport(stage.name, units_total, units_run, images, skipped, time.perf_counter() - started,
                            retries=retries, placement=dict(placement), worker_peak_rss=worker_peak,
-                           unit_seconds=unit_seconds)
+                           unit_seconds=unit_seconds, methods=methods)

@@ -18,7 +18,8 @@ import torch
 
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.crops import member_crop
-from gig_dist.kernels.ierf import ierfs
+from gig_dist.kernels.ierf import ierf_kinds, ierfs
+from gig_dist.kernels.taps import stored_layout
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.stages.base import (
     Footprint,
@@ -106,6 +107,10 @@ class AtlasWorker(StageWorker):
         self.loader = ImageLoader(self.spec, self.config.dataset.max_image_pixels, self.config.dataset.loader_threads)
         self.taps = stage.taps(self.store.facts)
         self.tables = {tap: (self.atlas.members(tap), self.atlas.rows(tap)) for tap in self.taps}
+        self.layouts = {tap: stored_layout(self.store.facts.layouts, tap) for tap in self.taps}
+        kinds = ierf_kinds(self.model, self.taps, self.config.atlas.ierf)
+        self.methods = {"ierf": "; ".join(f"{tap}: {kind}" + (f" ({why})" if why and kind != "srd" else "")
+                                          for tap, (kind, why) in kinds.items())}
 
     def _image(self, image: int) -> tuple[torch.Tensor, np.ndarray]:
         """The model input and the picture (H, W, 3) in [0, 1] of a member's image."""
@@ -142,7 +147,7 @@ class AtlasWorker(StageWorker):
                 if width:
                     requests[tap] = torch.tensor([[p for p, _ in wanted[i][tap]] + [0] * (width - len(wanted[i][tap]))
                                                   for i in batch], device=self.device)
-            found = ierfs(self.model, x, requests, a.ierf)
+            found = ierfs(self.model, x, requests, a.ierf, self.layouts, a.ierf_copies)
             masks = self.store.meta.read_part_masks(None, batch) if parts else None
             for tap, (maps, kind) in found.items():
                 maps = maps.detach().cpu().numpy()
@@ -158,7 +163,7 @@ class AtlasWorker(StageWorker):
         self.atlas.write_crops(unit.index, arrays)
         if progress is not None:
             progress(unit.size)
-        return UnitReport(unit.index, len(images), 0)
+        return UnitReport(unit.index, len(images), 0, methods=self.methods)
 
     def close(self) -> None:
         self.loader.close()

@@ -15,6 +15,7 @@ over positions) at the target tap, or the predicted and the true class for ``log
 from __future__ import annotations
 
 import re
+import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -23,6 +24,7 @@ from pydantic import Field, model_validator
 
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.gig import GIG, LOGITS, refine
+from gig_dist.kernels.taps import stored_layout
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
 from gig_dist.stages.base import (
@@ -55,9 +57,11 @@ class GIGConfig(Section):
     #: consecutive stage outputs, plus every stage output to the logits (a stage output is the
     #: last tap of each ``layerN``; taps without that naming are each their own stage).
     pairs: tuple[tuple[str, str], ...] | None = None
-    #: Integration steps M and the quadrature rule (each step weighs 1/M).
+    #: Integration steps M and the quadrature rule: ``midpoint``, ``left`` or ``right``, each step
+    #: of weight 1/M; ``power``, midpoints ``t`` at ``alpha = t^4``, dense near the baseline, for
+    #: models with layer norms (ViTs), which jump where evenly spaced steps never look.
     steps: int = Field(default=32, ge=1)
-    rule: Literal["midpoint", "left", "right"] = "midpoint"
+    rule: Literal["midpoint", "left", "right", "power"] = "midpoint"
     #: Target concepts per image: the T with the largest code mass at the target tap. Class
     #: targets are always the predicted and the true class.
     targets: int = Field(default=32, ge=1)
@@ -199,6 +203,11 @@ class AttributeStage(Stage):
     def check(cls, config: Config, facts: Facts) -> list[str]:
         order = list(facts.taps)
         channels = {tap: shape[0] for tap, shape in facts.taps.items()}
+        if config.gig.rule != "power" and facts.model is not None and any(
+                isinstance(module, torch.nn.LayerNorm) for module in facts.model.modules()):
+            warnings.warn(f"gig.rule = {config.gig.rule}: {type(facts.model).__name__} has layer norms, which jump near "
+                          "the zero baseline where evenly spaced steps never look; completeness gaps of 34-1630 % were "
+                          "measured on a ViT at 32 midpoint steps, under 0.7 % with gig.rule=power", stacklevel=2)
         return check_pairs(config, gig_pairs(config, order), order, channels, decompose_taps(config, order))
 
     def pairs(self, facts: Facts) -> list[Pair]:
@@ -259,7 +268,8 @@ def pair_kernel(model: torch.nn.Module, store: RunStore, concepts, pair: Pair, d
     source, target = pair
     V = torch.from_numpy(concepts.vectors(source)).to(device)
     W = None if target == LOGITS else torch.from_numpy(concepts.vectors(target)).to(device)
-    return GIG(model, source, target, V, store.taps[source], W, **options)
+    layouts = tuple(stored_layout(store.facts.layouts, tap) for tap in pair)
+    return GIG(model, source, target, V, store.taps[source], W, layouts=layouts, **options)
 
 
 class PairWorker(StageWorker):

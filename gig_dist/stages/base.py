@@ -92,6 +92,8 @@ class UnitReport:
     seconds: float = 0.0  # filled in by execute_unit
     #: The worker process's peak resident bytes so far (filled in by execute_unit).
     peak_rss: int = 0
+    #: Which method ran where the config leaves the choice to the model (a few words).
+    methods: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def peak_rss() -> int:
@@ -384,13 +386,15 @@ def open_stage(stage: Stage, store: RunStore) -> None:
                                        stage.key_values(stage.config),
                                        finished=kept and not stage.pending(store) and stage.final_is_current(store),
                                        seconds=record.seconds if same else 0.0,
-                                       compacted=record.compacted if same else None))
+                                       compacted=record.compacted if same else None,
+                                       methods=record.methods if same else {}))
 
 
-def close_stage(stage: Stage, store: RunStore) -> None:
-    """On the driver, once every unit is done: the stage's final step, then consolidated metadata."""
+def close_stage(stage: Stage, store: RunStore, methods: dict[str, str] | None = None) -> None:
+    """On the driver, once every unit is done: the stage's final step, the methods its units
+    reported, then consolidated metadata."""
     if store.record(stage.progress_key).finished:
         return
     stage.finish(store)
-    store.finish_stage(stage.progress_key)
+    store.finish_stage(stage.progress_key, methods)
     store.consolidate()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ from pydantic import Field
 
 from gig_dist.data.files import shown
 from gig_dist.data.sources import ImageLoader
-from gig_dist.kernels.taps import as_feature_map, capture, pfvs
-from gig_dist.models.loading import build_model, resolve_transform
+from gig_dist.kernels.taps import as_feature_map, capture, pfvs, stored_layout
+from gig_dist.models.loading import build_model, resolve_transform, weights_digest
 from gig_dist.settings import Section
 from gig_dist.stages.base import (
     Footprint,
@@ -71,6 +71,23 @@ class ExtractStage(Stage):
     # (The batch size too: convolution results may differ in the last bits between batch sizes.)
     result_keys = ("model.", "dataset.kind", "dataset.path", "dataset.toy.", "dataset.stride", "dataset.limit",
                    "dataset.max_image_pixels", "transform.", "taps", "extract.")
+    later_keys = {"model.kwargs": {}, "model.prefix_tokens": None, "transform.interpolation": None}
+
+    @classmethod
+    def key_values(cls, config: Config) -> dict[str, Any]:
+        """Its config keys, and what they leave open that decides the PFVs all the same: the
+        bytes of a local weights file (another checkpoint at the same path redoes the store) and
+        a resize interpolation the model's source chose (other than bilinear, all gig-dist knew
+        before)."""
+        found = super().key_values(config)
+        digest = weights_digest(config.model.weights)
+        if digest is not None:
+            found["model.weights_sha256"] = digest
+        if "transform.interpolation" not in found:
+            interpolation = resolve_transform(config).interpolation
+            if interpolation != "bilinear":
+                found["transform.interpolation"] = interpolation
+        return found
     worker_concurrency = 2
 
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
@@ -171,7 +188,9 @@ class UnitForward:
         # Copy each tap to the store dtype inside its hook, before later in-place ops can touch it.
         with capture(self.model, self.taps, convert=lambda t: t.detach().to(self.dtype, copy=True)) as taps:
             logits = self.model(x).float().reshape(len(x), -1)
-        return logits.cpu().numpy(), {tap: pfvs(as_feature_map(tap, taps[tap])).cpu().numpy() for tap in self.taps}
+        layouts = self.store.facts.layouts
+        return logits.cpu().numpy(), {tap: pfvs(as_feature_map(tap, taps[tap], stored_layout(layouts, tap))).cpu().numpy()
+                                      for tap in self.taps}
 
     def close(self) -> None:
         self.loader.close()

@@ -42,6 +42,9 @@ class AtlasConfig(Section):
     crop: int = Field(default=48, ge=8, le=512)
     #: iERF kind: ``auto`` (SRD where it applies, else gradient), ``srd`` or ``gradient``.
     ierf: Literal["auto", "srd", "gradient"] = "auto"
+    #: Image copies per backward pass of a gradient iERF: the peak memory grows with it, and
+    #: time barely shrinks (see the README's measurement).
+    ierf_copies: int = Field(default=8, ge=1, le=256)
 
 
 class MembersStage(Stage):

@@ -16,7 +16,8 @@ from pydantic import Field
 
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.sampling import draw_positions, grad_x_act
-from gig_dist.kernels.srd import SRD
+from gig_dist.kernels.srd import SRD, srd_problem
+from gig_dist.kernels.taps import stored_layout
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.settings import Section
 from gig_dist.stages.base import (
@@ -35,15 +36,16 @@ from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange
 from gig_dist.store.samples import sample_specs
 
 if TYPE_CHECKING:
-    from gig_dist.config import Config
+    pass
 
 
 class SampleConfig(Section):
     """PFV sampling for concept discovery (method.md section 3)."""
 
-    #: ``srd``: probability proportional to max(R_p, 0), the SRD relevance of the predicted class
-    #: (ResNet-style models); ``grad_x_act``: to max(<dy_c/da_p, a_p>, 0), any model;
-    #: ``uniform``. Where every score is <= 0, an image's PFVs are drawn uniformly.
+    #: ``srd``: probability proportional to max(R_p, 0), the SRD relevance of the predicted class,
+    #: where SRD has rules for the model and every tap (ResNet-style models), else grad x act (the
+    #: run says which ran); ``grad_x_act``: to max(<dy_c/da_p, a_p>, 0), any model; ``uniform``.
+    #: Where every score is <= 0, an image's PFVs are drawn uniformly.
     method: Literal["srd", "grad_x_act", "uniform"] = "srd"
     #: PFVs drawn per image and tap, without replacement. The paper draws 1; the toy world's
     #: default is 24 (``TOY_SAMPLES_PER_IMAGE``): its 1,024 images would otherwise give the
@@ -59,19 +61,6 @@ class SampleStage(Stage):
     reads = ("extract",)
     result_keys = ("sample.",)
 
-    @classmethod
-    def check(cls, config: Config, facts: Facts) -> list[str]:
-        if config.sample.method != "srd" or facts.model is None:
-            return []
-        from gig_dist.kernels.srd import SRD, SRDUnsupported
-
-        try:
-            srd = SRD(facts.model)
-            for tap in facts.taps:
-                srd.check_tap(tap)
-        except SRDUnsupported as exc:
-            return [f"sample.method = 'srd' cannot run: {exc}. Use sample.method=grad_x_act (any model) or uniform"]
-        return []
 
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         return sample_specs(facts, self.config.sample.per_image, self.config.extract.dtype,
@@ -102,9 +91,15 @@ class SampleWorker(StageWorker):
         self.device = device
         self.pfvs = PFVSource(config, self.store, device, self.taps)
         self.model = None
+        self.layouts = {tap: stored_layout(self.store.facts.layouts, tap) for tap in self.taps}
+        self.relevance = "uniform"
         if self.sample.method != "uniform":
             self.model = build_model(config.model).to(device)
-            self.srd = SRD(self.model) if self.sample.method == "srd" else None
+            # SRD where it has rules for the model and every tap; grad x act everywhere else.
+            problem = srd_problem(self.model, self.taps) if self.sample.method == "srd" else None
+            self.srd = SRD(self.model) if self.sample.method == "srd" and problem is None else None
+            self.relevance = "srd" if self.srd is not None else "grad x act" + (
+                f" (SRD cannot run: {problem})" if problem else "")
             self.loader = ImageLoader(resolve_transform(config), config.dataset.max_image_pixels,
                                       config.dataset.loader_threads)
 
@@ -124,7 +119,7 @@ class SampleWorker(StageWorker):
             if self.srd is not None:
                 maps = self.srd.decompose(x).relevance(classes)
             else:
-                maps = grad_x_act(self.model, x, self.taps, classes)
+                maps = grad_x_act(self.model, x, self.taps, classes, self.layouts)
             for tap in self.taps:
                 found[tap].append(maps[tap].flatten(1).float().cpu().numpy())
             if progress is not None:
@@ -159,7 +154,7 @@ class SampleWorker(StageWorker):
                 if tap_scores is not None:
                     tap_scores[row] = score
             self.store.samples.write(r, tap, positions, vectors, tap_scores)
-        return UnitReport(unit.index, len(r), int(len(r) - rows.size))
+        return UnitReport(unit.index, len(r), int(len(r) - rows.size), methods={"relevance": self.relevance})
 
     def close(self) -> None:
         self.pfvs.close()

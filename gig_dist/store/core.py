@@ -88,6 +88,8 @@ class Facts:
     #: and the dataset's own class names.
     label_source: str = "dataset"
     dataset_classes: list[str] = field(default_factory=list)
+    #: tap -> its output's layout (``kernels.taps.TapLayout.to_json``); absent: (N, C, H, W).
+    layouts: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The model itself, for checks before any work (never stored).
     model: Any = field(default=None, compare=False, repr=False)
 
@@ -125,6 +127,9 @@ class StageRecord:
     #: "fingerprint": its fingerprint then, "images": below which}``): should that stage need
     #: them again, this one is redone first.
     compacted: dict[str, Any] | None = None
+    #: Which method ran where the config leaves a choice to the model (``{"relevance": "grad x
+    #: act: SRD ..."}``), as its workers reported it.
+    methods: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -612,8 +617,10 @@ class RunStore:
         self.manifest.stages[key].compacted = {"by": by, "fingerprint": fingerprint, "images": images}
         self.save_manifest()
 
-    def finish_stage(self, key: str) -> None:
+    def finish_stage(self, key: str, methods: dict[str, str] | None = None) -> None:
         self.manifest.stages[key].finished = True
+        if methods:
+            self.manifest.stages[key].methods = dict(methods)
         self.save_manifest()
 
     def is_unit_done(self, key: str, unit: int) -> bool:

@@ -40,13 +40,18 @@ def refuse_unsafe(url: str) -> None:
         return
     path = os.path.realpath(url)
     home = os.path.realpath(os.path.expanduser("~"))
+    why = None
     if path == "/":
-        raise StoreError("--out / is the filesystem's root; a run store needs a folder of its own, e.g. --out runs/r.zarr")
-    if path == home or home.startswith(path.rstrip("/") + "/"):
-        raise StoreError(f"--out {url} is your home folder (or holds it); a run store needs a folder of its own, "
-                         f"e.g. --out {os.path.join(home, 'runs', 'r.zarr')}")
-    if path in SYSTEM_FOLDERS or any(path.startswith(folder + "/") for folder in VIRTUAL_FOLDERS):
-        raise StoreError(f"--out {url} is a system folder; a run store needs a folder of its own, e.g. --out runs/r.zarr")
+        why = "/ is the filesystem's root"
+    elif path == home or home.startswith(path.rstrip("/") + "/"):
+        why = f"{path} is your home folder (or holds it)"
+    elif path in SYSTEM_FOLDERS:
+        why = f"{path} is a system folder"
+    elif any(path.startswith(folder + "/") for folder in VIRTUAL_FOLDERS):
+        why = f"{path} is in {path.split('/')[1] and '/' + path.split('/')[1]}, a kernel filesystem"
+    if why:
+        raise StoreError(f"--out {url}: cannot write the run store there: {why}; a run store needs a folder of its "
+                         "own, e.g. --out runs/r.zarr")
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
