@@ -80,6 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             line += (f"; {stage.images} images ({stage.skipped} skipped, "
                      f"{stage.images_per_second:.1f} images/s)")
         print(line)
+        for what, method in stage.methods.items():
+            print(f"  {what}: {method}")
         if len(stage.placement) > 1 or stage.retries:
             print(f"  units per node: {dict(stage.placement)}; units rerun after a worker died: {stage.retries}")
     from gig_dist.store import RunStore
@@ -271,7 +273,7 @@ def stage_states(store) -> dict[str, dict[str, Any]]:
         done = store.done_units(key)
         stale = [k for k, fp in record.upstream.items() if k not in records or records[k].fingerprint != fp]
         states[key] = {"complete": bool(record.finished and record.fingerprint), "units_done": int(done.sum()),
-                       "units": record.units, "stale": stale}
+                       "units": record.units, "stale": stale, "methods": dict(record.methods)}
     return states
 
 
@@ -343,6 +345,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         state = "complete" if stage["complete"] else "incomplete"
         stale = f"  stale: {', '.join(stage['stale'])} was redone since" if stage["stale"] else ""
         print(f"  {name:<28} {state:<10} {stage['units_done']}/{stage['units']} units{stale}")
+        for what, method in stage["methods"].items():
+            print(f"  {'':<28} {what}: {method}")
     images = summary["images"]
     print(
         f"images  {images['total']} total: {images['processed']} processed, {images['skipped']} skipped, "

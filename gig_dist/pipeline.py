@@ -23,7 +23,7 @@ from gig_dist.data.sources import (
     with_labels,
 )
 from gig_dist.formatting import fmt_bytes
-from gig_dist.kernels.taps import probe_model, resolve_taps
+from gig_dist.kernels.taps import probe, resolve_taps
 from gig_dist.models.loading import build_model, output_names, resolve_transform
 from gig_dist.runtime.address import check_reachable
 from gig_dist.runtime.local import LocalRuntime, StageReport
@@ -54,7 +54,7 @@ def collect_facts(config: Config) -> tuple[Facts, DatasetIndex, Any]:
     taps = resolve_taps(model, config.taps)
     transform = resolve_transform(config)
     index = build_index(config.dataset)
-    shapes, num_outputs, layouts = probe_model(model, taps, (transform.crop, transform.crop),
+    shapes, num_outputs, layouts = probe(model, taps, (transform.crop, transform.crop),
                                                config.model.prefix_tokens)
     mapped = apply_label_map(index, config.dataset.label_map, num_outputs, output_names(config.model, num_outputs, model))
     if mapped.warning:

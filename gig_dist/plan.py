@@ -51,7 +51,7 @@ GiB = 1024**3
 def plan_facts(config: Config, images: int | None) -> tuple[Facts, str]:
     """The run's facts, and where its image count comes from. With ``images``, the dataset need
     not exist: the model gives the taps and outputs (architecture only, no weights loaded)."""
-    from gig_dist.kernels.taps import probe_model, resolve_taps
+    from gig_dist.kernels.taps import probe, resolve_taps
     from gig_dist.models.loading import build_model, output_names, resolve_transform
     from gig_dist.pipeline import collect_facts
 
@@ -61,7 +61,7 @@ def plan_facts(config: Config, images: int | None) -> tuple[Facts, str]:
     model = build_model(config.model.model_copy(update={"weights": None}))
     taps = resolve_taps(model, config.taps)
     transform = resolve_transform(config)
-    shapes, num_outputs, layouts = probe_model(model, taps, (transform.crop, transform.crop),
+    shapes, num_outputs, layouts = probe(model, taps, (transform.crop, transform.crop),
                                                config.model.prefix_tokens)
     names = output_names(config.model, num_outputs, model) or []
     facts = Facts(

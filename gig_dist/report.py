@@ -453,9 +453,12 @@ class Report:
                              f"<td>{_fmt(g.get('mean_gap'))}</td><td>{_fmt(g.get('median_gap'))}</td>"
                              f"<td>{_fmt(g.get('mean_kept'))}</td></tr>" for g in gig.values()) + "</table>")
         states = stage_states(store)
-        parts.append("<h2>stages</h2><table><tr><th>stage</th><th>state</th><th>seconds</th></tr>" + "".join(
+        parts.append("<h2>stages</h2><table><tr><th>stage</th><th>state</th><th>seconds</th><th>method</th></tr>"
+                     + "".join(
             f"<tr><td>{key}</td><td>{'complete' if s['complete'] else 'incomplete'}</td>"
-            f"<td>{store.record(key).seconds:.1f}</td></tr>" for key, s in states.items()) + "</table>")
+            f"<td>{store.record(key).seconds:.1f}</td><td>"
+            + html.escape("; ".join(f"{what}: {method}" for what, method in s["methods"].items())) + "</td></tr>"
+            for key, s in states.items()) + "</table>")
         parts.append(self._plots(stats, gig))
         parts.append(self._evaluation())
         if self.gig.has_graphs():

@@ -260,12 +260,18 @@ def as_feature_map(name: str, output: torch.Tensor, layout: TapLayout | None = N
     )
 
 
+def probe_model(model: nn.Module, taps: Sequence[str], input_size: tuple[int, int]) -> tuple[dict[str, TapShape], int]:
+    """Per-image output shape of each tap, in the order the taps run in a forward pass, and the
+    number of model outputs, from one forward pass of a blank image: no dataset needed."""
+    shapes, outputs, _ = probe(model, taps, input_size)
+    return shapes, outputs
+
+
 @torch.no_grad()
-def probe_model(model: nn.Module, taps: Sequence[str], input_size: tuple[int, int],
-                prefix_tokens: int | None = None) -> tuple[dict[str, TapShape], int, dict[str, TapLayout]]:
-    """Per-image output shape of each tap, in the order the taps run in a forward pass, the
-    number of model outputs and each tap's layout, from one forward pass of a blank image: no
-    dataset needed. ``prefix_tokens`` overrides the model's own count for token taps."""
+def probe(model: nn.Module, taps: Sequence[str], input_size: tuple[int, int],
+          prefix_tokens: int | None = None) -> tuple[dict[str, TapShape], int, dict[str, TapLayout]]:
+    """:func:`probe_model`, and each tap's layout. ``prefix_tokens`` overrides the model's own
+    count of prefix tokens for token taps."""
     device = next(model.parameters()).device
     blank = torch.zeros(1, 3, *input_size, device=device)
     was_training = model.training
@@ -334,7 +340,7 @@ def survey(model: nn.Module, names: Sequence[str], input_size: tuple[int, int],
 
 def tap_shapes(model: nn.Module, taps: Sequence[str], input_size: tuple[int, int]) -> dict[str, TapShape]:
     """Per-image output shape (C, H, W) of each tap, without a dataset."""
-    return probe_model(model, taps, input_size)[0]
+    return probe(model, taps, input_size)[0]
 
 
 def pfvs(feature_map: torch.Tensor) -> torch.Tensor:

@@ -108,9 +108,11 @@ class AtlasWorker(StageWorker):
         self.taps = stage.taps(self.store.facts)
         self.tables = {tap: (self.atlas.members(tap), self.atlas.rows(tap)) for tap in self.taps}
         self.layouts = {tap: stored_layout(self.store.facts.layouts, tap) for tap in self.taps}
-        kinds = ierf_kinds(self.model, self.taps, self.config.atlas.ierf)
-        self.methods = {"ierf": "; ".join(f"{tap}: {kind}" + (f" ({why})" if why and kind != "srd" else "")
-                                          for tap, (kind, why) in kinds.items())}
+        groups: dict[tuple[str, str], list[str]] = {}
+        for tap, (kind, why) in ierf_kinds(self.model, self.taps, self.config.atlas.ierf).items():
+            groups.setdefault((kind, why), []).append(tap)
+        self.methods = {"ierf": "; ".join(f"{kind} at {', '.join(taps)}" + (f" ({why})" if why and kind != "srd" else "")
+                                          for (kind, why), taps in groups.items())}
 
     def _image(self, image: int) -> tuple[torch.Tensor, np.ndarray]:
         """The model input and the picture (H, W, 3) in [0, 1] of a member's image."""
