@@ -68,7 +68,7 @@ def test_a_vit_runs_end_to_end_on_the_toy_world_with_gig_between_blocks_and_to_t
 
     config = toy_config("model.name=timm:vit_small_patch16_224", "model.weights=none", "dataset.toy.image_size=224",
                         "taps=[blocks.5,blocks.9]", "dataset.toy.num_images=16", "store.images_per_unit=8",
-                        "gig.rule=power", "gig.steps=32", "gig.images=2", "atlas.members=2")
+                        "gig.rule=power", "gig.steps=64", "gig.images=2", "atlas.members=2")
     report = pipeline.run(config, tmp_path / "vit.zarr")
     store_gig = open_run(report.url).store.gig("bisecting_kmeans").summary()
     assert {tuple(g["pair"]) for g in store_gig.values()} == {("blocks.5", "blocks.9"), ("blocks.5", "logits"),

@@ -47,19 +47,22 @@ log = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, py_modules: list[str] | None = None) -> None:
     """Join the cluster at ``address`` (or a job's ``RAY_ADDRESS``), else start a Ray of this
     run's own (``address="local"``): a bare ``ray.init()`` would join any cluster that a
     ``ray start`` left on the machine. A new local Ray binds to loopback: nothing on the network
-    can reach it.
+    can reach it. ``py_modules``: local packages the workers import (a model factory's), shipped
+    with this driver's job; on a cluster of another job, ``ray job submit --working-dir`` or an
+    installed package brings them.
     """
     if ray.is_initialized():
         return
+    runtime_env = {"py_modules": py_modules} if py_modules else None
     if address is None and "RAY_ADDRESS" not in os.environ:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -109,16 +112,12 @@ class RayRuntime:
             options = {"num_cpus": c.cpus_per_worker}
             capacity = int(ray.cluster_resources().get("CPU", 1) // c.cpus_per_worker)
             device = "cpu"
-        runtime_env: dict = {"env_vars": dict(c.env)} if c.env else {}
-        modules = factory_modules(self.model_name)
-        if modules:
-            runtime_env["py_modules"] = modules
-        if runtime_env:
-            options["runtime_env"] = runtime_env
+        if c.env:
+            options["runtime_env"] = {"env_vars": dict(c.env)}
         return options, c.num_workers or max(1, capacity), device
 
     def run(self, stage: Stage) -> StageReport:
-        connect(self.config.address)
+        connect(self.config.address, factory_modules(self.model_name))
         store = RunStore.open(stage.store_url, mode="r+", fence=stage.fence)
         open_stage(stage, store)
         units_total = len(stage.covered_units(store.facts))
