@@ -500,13 +500,14 @@ def cmd_taps(args: argparse.Namespace) -> int:
 
 
 def _print_survey(found: dict, stream) -> None:
+    width = max([24, *(len(name) for name in found)])
     for name, what in found.items():
         if isinstance(what, str):
-            print(f"  {name:<40} -  ({what})", file=stream)
+            print(f"  {name:<{width}} -  ({what})", file=stream)
         else:
             shape, layout = what
             extra = f"tokens, {layout.prefix} prefix" if layout.kind == "tokens" else layout.kind
-            print(f"  {name:<40} {shape.channels} x {shape.height} x {shape.width}  ({shape.positions})  {extra}",
+            print(f"  {name:<{width}} {shape.channels} x {shape.height} x {shape.width}  ({shape.positions})  {extra}",
                   file=stream)
 
 

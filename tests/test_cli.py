@@ -248,3 +248,25 @@ def test_an_out_that_is_a_root_home_or_system_folder_is_refused_before_anything_
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert sorted(os.listdir("/")) == before and os.listdir(home) == [] and os.listdir(work) == ["root-link"]
+
+
+@pytest.mark.parametrize(("model", "first", "layout"), [
+    ("timm:tf_efficientnet_lite0", "blocks.0                 16 x 112 x 112  (12544)  nchw", "nchw"),
+    ("timm:vit_small_patch16_224", "blocks.0                 384 x 14 x 14  (196)  tokens, 1 prefix", "tokens"),
+])
+def test_taps_lists_the_blocks_of_timm_models(model, first, layout):
+    done = run_cli("taps", "-o", f"model.name={model}", "-o", "model.weights=none")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].strip() == first.strip() and all(line.strip().startswith("blocks.") for line in lines[1:])
+    assert len(lines) - 1 == (7 if "efficientnet" in model else 12)
+
+
+def test_taps_of_a_model_without_blocks_says_why_and_fails():
+    done = run_cli("taps", "-o", "model.name=vgg11", "-o", "model.weights=none")
+    assert done.returncode == 1
+    assert "VGG has no residual blocks that gig-dist recognises and no trunk of blocks" in done.stderr
+    assert "features                 512 x 7 x 7  (49)  nchw" in done.stderr
+    every = run_cli("taps", "--all", "-o", "model.name=vit_b_16", "-o", "model.weights=none")
+    assert any(line.split() == ["encoder.layers.encoder_layer_0.self_attention", "-", "(outputs", "a", "tuple,",
+                                "not", "a", "tensor)"] for line in every.stdout.splitlines())
