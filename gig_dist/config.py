@@ -63,7 +63,9 @@ class DatasetConfig(Section):
     #: ``toy`` (generated, with part masks), ``imagefolder`` (``root/<class>/<image>``, e.g.
     #: ImageNet's ``val/<wnid>/*.JPEG``) or ``filelist`` (a text file of ``path[,label]`` lines).
     kind: Literal["toy", "imagefolder", "filelist"] = "toy"
-    path: Path | None = None
+    #: A local folder (or file list), or an fsspec URL of one (``s3://bucket/imagenet/val``,
+    #: ``gs://...``): the driver lists it, every worker reads its images' bytes by key.
+    path: str | None = None
     toy: ToyWorldConfig = ToyWorldConfig()
     #: Subset: every ``stride``-th image, then the first ``limit`` of those (in ``order``).
     stride: int = Field(default=1, ge=1)
@@ -87,6 +89,9 @@ class DatasetConfig(Section):
     def _path_matches_kind(self) -> DatasetConfig:
         if self.kind != "toy" and self.path is None:
             raise ValueError(f"dataset.path is required when dataset.kind is {self.kind!r}")
+        if self.kind == "toy" and self.path is not None:
+            raise ValueError(f"dataset.path = {self.path!r} is given but dataset.kind is 'toy' (the embedded toy "
+                             "world, which reads no files): set dataset.kind=imagefolder (or filelist) to read it")
         return self
 
 

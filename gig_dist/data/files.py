@@ -9,6 +9,16 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+from typing import Any
+
+from gig_dist.settings import ConfigError
+
+#: fsspec protocols whose filesystem comes with an extra of gig-dist.
+EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+#: Tries of a read of one object before it counts as unreadable, with the waits between them.
+READ_TRIES = 3
+READ_BACKOFF_S = 0.5
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -41,3 +51,40 @@ def name_bytes(path: str) -> bytes:
 def shown(path: str) -> str:
     """A file name as a person reads it: undecodable bytes become U+FFFD."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://bucket/key``), not a local path."""
+    return "://" in path and not path.startswith("file://")
+
+
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path in it; a protocol whose package is missing
+    is one line naming the extra that brings it."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        protocol = url.split("://", 1)[0]
+        package, extra = EXTRAS.get(protocol, (f"the fsspec package for {protocol}://", None))
+        hint = f"pip install 'gig-dist[{extra}]'" if extra else "see fsspec's list of implementations"
+        raise ConfigError(f"{url}: {protocol}:// needs {package}: {hint}") from None
+    except ValueError as exc:  # an unknown protocol
+        raise ConfigError(f"{url}: {exc}") from None
+
+
+def read_object(url: str, tries: int = READ_TRIES, backoff_s: float = READ_BACKOFF_S) -> bytes:
+    """The bytes of one object, tried ``tries`` times with a growing wait: object stores fail
+    now and then. A missing object raises FileNotFoundError at once."""
+    fs, path = url_filesystem(url)
+    for attempt in range(tries):
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt + 1 == tries:
+                raise
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")

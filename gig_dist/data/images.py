@@ -10,6 +10,7 @@ extraction stage records it beside the image's path in the store and goes on.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -47,11 +48,22 @@ def open_rgb(path: str, max_pixels: int) -> Image.Image:
         raise SkippedImage(f"not a regular file: {kind}")
     if found.st_size == 0:
         raise SkippedImage("empty file (0 bytes)")
+    return _decode(path, max_pixels)
+
+
+def decode_rgb(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an image's bytes (an object read from object storage) as :func:`open_rgb` does a file."""
+    if not data:
+        raise SkippedImage("empty object (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(source: str | io.BytesIO, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; PIL's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
                     raise SkippedImage(

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from gig_dist.data.files import name_bytes, shown
-from gig_dist.data.images import SkippedImage, allow_pixels, open_rgb
+from gig_dist.data.files import is_url, name_bytes, read_object, shown, url_filesystem
+from gig_dist.data.images import SkippedImage, allow_pixels, decode_rgb, open_rgb
 from gig_dist.data.labels import UNLABELLED, LabelMap, interleave, map_labels
 from gig_dist.settings import ConfigError
 
@@ -144,15 +144,28 @@ def _imagefolder_index(root: Path) -> tuple[list[str], list[int], list[str]]:
     return paths, labels, class_names
 
 
-def _filelist_index(list_file: Path) -> tuple[list[str], list[int], list[str]]:
+def _filelist_index(list_file: Path | str) -> tuple[list[str], list[int], list[str]]:
     """Lines ``path``, ``path,label`` or ``path<whitespace>label``; ``#`` starts a comment;
-    relative paths are relative to the list file's folder."""
-    if not list_file.is_file():
-        raise ConfigError(f"dataset.path = '{list_file}': file list not found")
-    base = list_file.parent
+    relative paths are relative to the list file's folder (or prefix, for a list in object
+    storage; entries may be URLs of their own)."""
+    if isinstance(list_file, str):  # a URL
+        try:
+            text = read_object(list_file).decode()
+        except FileNotFoundError:
+            raise ConfigError(f"dataset.path = '{list_file}': file list not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"dataset.path = '{list_file}': cannot read the file list: {exc}") from None
+        base_url = list_file.rsplit("/", 1)[0]
+        join = (lambda path: path if is_url(path) else f"{base_url}/{path.lstrip('/')}")  # noqa: E731
+    else:
+        if not list_file.is_file():
+            raise ConfigError(f"dataset.path = '{list_file}': file list not found")
+        text = list_file.read_text()
+        base = list_file.parent
+        join = (lambda path: path if os.path.isabs(path) or is_url(path) else str(base / path))  # noqa: E731
     paths: list[str] = []
     labels: list[int] = []
-    for number, raw in enumerate(list_file.read_text().splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -166,9 +179,36 @@ def _filelist_index(list_file: Path) -> tuple[list[str], list[int], list[str]]:
             label = int(label_text) if label_text else UNLABELLED
         except ValueError:
             raise ConfigError(f"{list_file}:{number}: label {label_text!r} is not an integer") from None
-        paths.append(path if os.path.isabs(path) else str(base / path))
+        paths.append(join(path))
         labels.append(label)
     return paths, labels, []
+
+
+def _url_imagefolder_index(url: str) -> tuple[list[str], list[int], list[str]]:
+    """An ImageFolder tree in object storage, by listing its keys: ``url/<class>/**/<key>``,
+    classes in sorted order; keys directly under ``url`` without class folders are unlabelled."""
+    fs, root = url_filesystem(url)
+    root = root.rstrip("/")
+    protocol = url.split("://", 1)[0]
+    fs.invalidate_cache(root)
+    try:
+        keys = sorted(fs.find(root, withdirs=False))
+    except (FileNotFoundError, NotADirectoryError):
+        keys = []
+    relative = [key[len(root) + 1:] for key in keys if key.startswith(root + "/")]
+    relative = [key for key in relative if all(_visible(part) for part in key.split("/"))]
+    if not relative:
+        if fs.isfile(root):
+            raise ConfigError(f"dataset.path = '{url}' is an object; an imagefolder dataset needs a prefix of them")
+        raise ConfigError(f"dataset.path = '{url}': no objects under this prefix")
+    class_names = sorted({key.split("/", 1)[0] for key in relative if "/" in key})
+    index = {name: label for label, name in enumerate(class_names)}
+    if class_names:
+        relative = [key for key in relative if "/" in key]
+        labels = [index[key.split("/", 1)[0]] for key in relative]
+    else:
+        labels = [UNLABELLED] * len(relative)
+    return [f"{protocol}://{root}/{key}" for key in relative], labels, class_names
 
 
 def build_index(config: DatasetConfig) -> DatasetIndex:
@@ -180,8 +220,12 @@ def build_index(config: DatasetConfig) -> DatasetIndex:
         paths, labels, class_names = _toy_index(config)
     else:
         assert config.path is not None  # the config validator guarantees it
-        lister = _imagefolder_index if config.kind == "imagefolder" else _filelist_index
-        paths, labels, class_names = lister(config.path)
+        if is_url(config.path):
+            lister = _url_imagefolder_index if config.kind == "imagefolder" else _filelist_index
+            paths, labels, class_names = lister(config.path)
+        else:
+            lister = _imagefolder_index if config.kind == "imagefolder" else _filelist_index
+            paths, labels, class_names = lister(Path(config.path))
     paths, labels = paths[:: config.stride], np.asarray(labels[:: config.stride], dtype=np.int64)
     if config.order == "interleaved":
         order = interleave(labels)
@@ -261,13 +305,23 @@ class ImageLoader:
         try:
             if path.startswith(TOY_SCHEME):
                 return self._load_toy(path)
-            image = open_rgb(path, self.max_pixels)
+            image = self._read_object(path) if is_url(path) else open_rgb(path, self.max_pixels)
         except SkippedImage as exc:
             return Loaded(None, str(exc))
         try:
             return Loaded(self.transform(image))
         except Exception as exc:  # noqa: BLE001 - one image that cannot be transformed is skipped, with why
             return Loaded(None, f"cannot transform to the model's input: {type(exc).__name__}: {exc}")
+
+    def _read_object(self, url: str):
+        """An image in object storage, by its key (tried again where the store fails)."""
+        try:
+            data = read_object(url)
+        except FileNotFoundError:
+            raise SkippedImage("object not found") from None
+        except (OSError, ConfigError) as exc:
+            raise SkippedImage(f"cannot read object after its retries: {exc}") from None
+        return decode_rgb(data, self.max_pixels)
 
     def _load_toy(self, path: str, distractor: bool = False) -> Loaded:
         from gig_dist.toy.world import render_scene

@@ -15,11 +15,13 @@ from zarr.core.buffer import Buffer
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from gig_dist.store.lease import Fence
+from gig_dist.store.location import filesystem
 
 
 def open_zarr_store(url: str, read_only: bool) -> Store:
     """The Zarr store of a local path or an fsspec URL, as ``zarr.open_group(url)`` would make it."""
     if "://" in url:
+        filesystem(url)  # a missing package is one line naming its extra
         return FsspecStore.from_url(url, read_only=read_only)
     return LocalStore(url, read_only=read_only)
 

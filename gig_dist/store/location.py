@@ -13,6 +13,8 @@ from pathlib import Path
 
 import fsspec
 
+from gig_dist.data.files import url_filesystem
+from gig_dist.settings import ConfigError
 from gig_dist.store.errors import StoreError
 
 #: Folders a store may never be, nor (for the virtual filesystems) lie under.
@@ -56,7 +58,11 @@ def refuse_unsafe(url: str) -> None:
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem of ``url`` and the store's root path in it (never empty: fsspec reads an
-    empty local path as the working directory)."""
-    fs, root = fsspec.core.url_to_fs(url)
+    empty local path as the working directory). A protocol whose package is missing is one
+    line naming the extra that brings it."""
+    try:
+        fs, root = url_filesystem(url)
+    except ConfigError as exc:
+        raise StoreError(str(exc)) from None
     stripped = root.rstrip("/")
     return fs, stripped if stripped else root or "/"
