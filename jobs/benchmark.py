@@ -573,7 +573,7 @@ def _rehearsal_setup(args: argparse.Namespace) -> tuple[Path, str, list[str]]:
     model = _random_bn(build_model(load_config(None, ["model.name=resnet50", "model.weights=none"]).model))
     torch.save(model.state_dict(), weights)
     return root, "jobs/configs/imagenet-resnet50.yaml", [
-        f"model.weights={weights}", "dataset.kind=toy", f"dataset.toy.num_images={args.images}",
+        f"model.weights={weights}", "dataset.kind=toy", "dataset.path=none", f"dataset.toy.num_images={args.images}",
         "dataset.toy.image_size=224", f"store.images_per_unit={args.unit}", "store.images_per_chunk=8",
         "extract.batch_size=16", "sample.per_image=16", "concepts.k_multiplier=0.0625", f"gig.images={args.images}",
         f"gig.targets={args.targets}", f"gig.steps={args.steps}", "gig.pairs=[[layer3.5,layer4.2],[layer4.2,logits]]",

@@ -76,6 +76,9 @@ class GIGConfig(Section):
     step_batch: int = Field(default=8, ge=1)
     #: Strongest source concepts kept per (image, target) as the image's edges.
     top_edges: int = Field(default=16, ge=1)
+    #: Store units per reduce block (the first level of the reduction tree): a reduce worker
+    #: holds one block's sums, so fewer units per block lower its peak (``gig-dist plan``).
+    reduce_block_units: int = Field(default=16, ge=1)
     #: Concepts per level of a class graph (the top sources of each node, and of the class).
     graph_top: int = Field(default=3, ge=1)
     #: Where a class graph's lower levels come from: ``class``, the GIG means over the class's

@@ -1,7 +1,7 @@
 """Stage ``reduce``: the attribute stage's partial sums into per-image results and the dataset
 Gamma matrices (method.md section 6), as a fixed tree over image units.
 
-Units are (pair, block of ``BLOCK_UNITS`` store units) and run in parallel. Each reads its
+Units are (pair, block of ``gig.reduce_block_units`` store units) and run in parallel. Each reads its
 images' GIG per source (the step ranges' partial sums added in step order, rounded to float32 as
 unsplit runs store them), writes their totals, completeness gaps and top edges, and its block's
 matrix sum, sparse (the entries its images touch, each key's values added in image order,
@@ -38,16 +38,17 @@ from gig_dist.stages.base import (
     Sizes,
     Stage,
     StageWorker,
+    StoreSizes,
     UnitReport,
     WorkUnit,
 )
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.gig import class_specs, reduction_specs
 
-#: Store units per reduce block: the first level of the reduction tree.
-BLOCK_UNITS = 16
-#: Classes per step of the class-conditional reduction in ``finish``.
+#: Classes per step of the class-conditional reduction in ``finish``, at most: fewer where a
+#: group's entries could exceed :data:`CLASS_GROUP_BYTES` (the sums do not depend on the grouping).
 CLASS_GROUP = 64
+CLASS_GROUP_BYTES = 2 * 2**30
 
 
 def image_class(labels: np.ndarray, prediction: np.ndarray) -> np.ndarray:
@@ -61,7 +62,8 @@ class ReduceStage(Stage):
     # gig.images is its coverage: a block records the image its sums stop at, and runs again when
     # that changes; the final step runs again when the covered images change. The stages that
     # read the matrices (graphs, evaluate) have gig.images among their own result keys.
-    result_keys = ("gig.top_edges", "gig.keep_image_attributions", "gig.dense_matrix_mib")
+    result_keys = ("gig.top_edges", "gig.keep_image_attributions", "gig.dense_matrix_mib", "gig.reduce_block_units")
+    later_keys = {"gig.reduce_block_units": 16}
     per_dictionary = True
     coverage_key = "gig.images"
     # 2: class-conditional Gamma of concept pairs; 3: from float32 per-image GIG, sparse block
@@ -77,12 +79,12 @@ class ReduceStage(Stage):
         return k_a * columns * 8 <= self.config.gig.dense_matrix_mib * 2**20
 
     def blocks(self, facts: Facts) -> list[ImageRange]:
-        step = BLOCK_UNITS * facts.images_per_unit
+        step = self.config.gig.reduce_block_units * facts.images_per_unit
         return [ImageRange(s, min(s + step, facts.num_images)) for s in range(0, facts.num_images, step)]
 
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         specs = []
-        block_images = min(BLOCK_UNITS * facts.images_per_unit, facts.num_images)
+        block_images = min(self.config.gig.reduce_block_units * facts.images_per_unit, facts.num_images)
         for source, target in self.pairs(facts):
             columns = facts.num_outputs if target == LOGITS else sizes.concepts(target)
             width = max(1, sizes.max_active(source))
@@ -131,22 +133,37 @@ class ReduceStage(Stage):
         each) and one store unit's per-source GIG; the driver: each pair's matrix, added up
         block by block: dense, or sparse (at most every block's entries, ~40 bytes each while
         merging)."""
-        block_images = min(BLOCK_UNITS * facts.images_per_unit, facts.num_images)
+        block_images = min(self.config.gig.reduce_block_units * facts.images_per_unit, facts.num_images)
         worker = driver = 0
         dense = []
         for source, target in self.pairs(facts):
             columns = facts.num_outputs if target == LOGITS else sizes.concepts(target)
             t = num_targets(self.config, target)
             width = max(1, sizes.max_active(source))
-            entries = block_images * width * (1 if target == LOGITS else t)
-            worker = max(worker, 48 * entries + 2 * facts.images_per_unit * t * width * 8)
+            slots = 1 if target == LOGITS else t
             k_a = sizes.concepts(source)
+            entries = block_images * width * slots  # a block's entries, before they are summed
+            unit = facts.images_per_unit * width * slots  # a store unit's
+            stored = min(entries, k_a * columns)  # a block's sums: each key once
+            # A unit's entries (class, key, value, the sort) and the running sums twice (the sums
+            # so far, and their concatenation with the unit's); the class sums likewise, each
+            # (class, key) at most once per entry.
+            classes = 0 if target == LOGITS else 2 * 32 * min(entries, k_a * columns * facts.num_outputs)
+            worker = max(worker, 48 * unit + 2 * 24 * stored + classes + 2 * facts.images_per_unit * t * width * 8)
             if self.dense(k_a, columns):
-                driver = max(driver, k_a * columns * 8 + 24 * entries)
+                driver = max(driver, k_a * columns * 8 + 24 * stored)
                 dense.append((f"{source} -> {target} Gamma", (k_a, columns), "float64"))
             else:
-                driver = max(driver, 40 * min(k_a * columns, entries * len(self.blocks(facts))) + 24 * entries)
+                driver = max(driver, 40 * min(k_a * columns, stored * len(self.blocks(facts))) + 24 * stored)
+            if target != LOGITS:  # finish: one class group's sums of every block, twice
+                driver = max(driver, 2 * self.class_group(facts, width, t) * class_entry_bytes(facts, width, t))
         return Footprint(worker, driver, dense)
+
+    def class_group(self, facts: Facts, width: int, targets: int) -> int:
+        """Classes per step of the class-conditional reduction: as many as keep a group's
+        entries under CLASS_GROUP_BYTES at their bound (at least one)."""
+        per_class = class_entry_bytes(facts, width, targets)
+        return max(1, min(CLASS_GROUP, CLASS_GROUP_BYTES // max(per_class, 1)))
 
     def open_worker(self, device: str) -> ReduceWorker:
         return ReduceWorker(self)
@@ -237,8 +254,10 @@ class ReduceStage(Stage):
             cls = image_class(labels, prediction)[status == PROCESSED]
             count += np.bincount(cls[cls >= 0], minlength=classes)[:classes]
         k_a, k_b = gig.matrix_shape(pair)
-        for first in range(0, classes, CLASS_GROUP):
-            stop = min(first + CLASS_GROUP, classes)
+        group = self.class_group(store.facts, StoreSizes(store, self.dictionary).max_active(pair[0]),
+                                 num_targets(self.config, pair[1]))
+        for first in range(0, classes, group):
+            stop = min(first + group, classes)
             parts = [gig.read_class_block(pair, b, first, stop) for b in blocks]
             cls, keys, values = sum_entries(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                                             np.concatenate([p[2] for p in parts]), k_a * k_b)
@@ -268,22 +287,42 @@ class ReduceWorker(StageWorker):
         shape = self.gig.matrix_shape(pair)
         count = np.zeros(shape[1], dtype=np.int64)
         images = 0
-        entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for r in self.stage.store_units_in(self.store, [unit]):
-            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, shape, count, entries)
-        classes, keys, values = [np.concatenate([e[i] for e in entries]) if entries else
-                                 np.zeros(0, dtype=np.int64 if i < 2 else np.float64) for i in range(3)]
         span = shape[0] * shape[1]
-        # The block's sum: each key's values added in image order (bincount adds in the order given).
-        _, block_keys, block_values = sum_entries(np.zeros_like(keys), keys, values, span)
-        self.gig.write_block(pair, block, block_keys, block_values, count, self.stage.block_stop(unit, self.store.facts))
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+        total, per_class = empty, empty
+        # Streamed a store unit at a time: the block's sums so far, then the unit's entries. Each
+        # key's values are still added in image order (bincount adds in the order given), so the
+        # sums are bitwise those of the whole block's entries at once, at a unit's memory.
+        for r in self.stage.store_units_in(self.store, [unit]):
+            entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, shape, count, entries)
+            if not entries:
+                continue
+            classes, keys, values = (np.concatenate([e[i] for e in entries]) for i in range(3))
+            total = _add(total, np.zeros_like(keys), keys, values, span)
+            if pair[1] != LOGITS:
+                known = classes >= 0
+                per_class = _add(per_class, classes[known], keys[known], values[known], span)
+        self.gig.write_block(pair, block, total[1], total[2], count, self.stage.block_stop(unit, self.store.facts))
         if pair[1] != LOGITS:
-            known = classes >= 0
-            classes, keys, values = sum_entries(classes[known], keys[known], values[known], span)
+            classes, keys, values = per_class
             self.gig.write_class_block(pair, block, keys, values, class_offsets(classes, self.store.facts.num_outputs))
         if progress is not None:
             progress(unit.size)
         return UnitReport(unit.index, images, 0)
+
+
+def class_entry_bytes(facts: Facts, width: int, targets: int) -> int:
+    """Bytes of one class's entries (class, key, value) in the sums of every block, at their
+    bound: as if its images were an even share of the dataset."""
+    return 32 * max(1, facts.num_images // max(facts.num_outputs, 1)) * width * targets
+
+
+def _add(running: tuple[np.ndarray, ...], classes: np.ndarray, keys: np.ndarray, values: np.ndarray,
+         span: int) -> tuple[np.ndarray, ...]:
+    """The running sums (class, key, value) with more entries added after them, in order."""
+    return sum_entries(np.concatenate([running[0], classes]), np.concatenate([running[1], keys]),
+                       np.concatenate([running[2], values]), span)
 
 
 def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int, shape: tuple[int, int],
