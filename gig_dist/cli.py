@@ -521,7 +521,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be at least 1 and --calibrate at least 0")
     memory = int(args.worker_memory * GiB) if args.worker_memory else None
     plan = make_plan(config, images=args.images, workers=args.workers, device=args.device, calibrate=args.calibrate,
-                     out=args.out or config.store.path, worker_memory=memory)
+                     out=args.out or config.store.path, worker_memory=memory, gpu=args.gpu,
+                     efficiency=args.calibration, price_per_gpu_hour=args.price_per_gpu_hour, cluster=args.cluster)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
     else:
@@ -612,6 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run M units of every stage here first: measured times, compression, sizes")
     plan.add_argument("--out", help="where the store would go (its free disk is checked)")
     plan.add_argument("--worker-memory", type=float, metavar="GIB", help="a worker's memory, to warn against")
+    plan.add_argument("--gpu", default="a10g", help="with --device cuda: the GPU the time model assumes: a10g, l4, "
+                      "a100, h100 or h200 (default a10g)")
+    plan.add_argument("--calibration", metavar="FILE", help="efficiency factors jobs/gpu_check.py measured on a GPU "
+                      "(--efficiency-out): the GPU times are then calibrated, not modelled")
+    plan.add_argument("--price-per-gpu-hour", type=float, metavar="PRICE", help="price the GPU-hours")
+    plan.add_argument("--cluster", metavar="FILE", help="cluster.yaml or a RayJob manifest: flag every stage whose "
+                      "peak exceeds a node type's memory")
     plan.add_argument("--brief", action="store_true", help="stages only, not every array")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)

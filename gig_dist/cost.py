@@ -73,9 +73,9 @@ DECODE_IMAGES_S_PER_CORE = 120.0
 STARTUP_S = 15.0
 #: The Lasso coder's memory traffic per PFV and concept: its active-set steps keep arrays of K
 #: float64 per PFV (correlations, Gram rows of the candidates) through some 20 to 30 steps.
-#: Measured with torch's profiler on EfficientNet-Lite0's real PFVs (K = 10, 28, 80): 1,850 to
-#: 2,450 bytes allocated per concept, each written and read again.
-CODER_BYTES_PER_CONCEPT = 2 * 2400
+#: Measured with :func:`allocated_bytes` on EfficientNet-Lite0's real PFVs (K = 10, 28, 80 at
+#: ``lambda_rel`` 0.05): 1,300 to 2,000 bytes produced per concept, each written and read again.
+CODER_BYTES_PER_CONCEPT = 2 * 2000
 #: Bisecting k-means, per split: a 2-means on the cluster's members, its bookkeeping and copies
 #: (measured on the numpy backend: 1.7 ms a split for clusters of a few hundred samples).
 SPLIT_S = 2e-3
@@ -96,6 +96,8 @@ class Work:
     decode: float = 0.0  # images
     #: Seconds of bookkeeping that no peak shortens (k-means' splits, a unit's small tables).
     fixed: float = 0.0
+    #: The stage it is: an efficiency measured for it (``network:attribute``) comes first.
+    stage: str = ""
     #: Work that does not grow with the images (a stage's final step on the driver, k-means).
     per_stage: bool = False
 
@@ -103,8 +105,8 @@ class Work:
         """Time of this work on one worker: each kind at its peak times its efficiency; the
         kinds overlap within a unit (the GPU computes while the loader decodes and the store
         writes), so the slowest decides."""
-        parts = [getattr(self, kind) / (device.peak(kind) * efficiency.get(kind, EFFICIENCY[kind]))
-                 for kind in ("network", "fp32", "fp64", "memory")]
+        parts = [getattr(self, kind) / (device.peak(kind) * efficiency.get(
+            f"{kind}:{self.stage}", efficiency.get(kind, EFFICIENCY[kind]))) for kind in ("network", "fp32", "fp64", "memory")]
         parts.append(self.storage / STORAGE_BYTES_S)
         parts.append(self.decode / (DECODE_IMAGES_S_PER_CORE * max(cores, 1.0)))
         return max(parts) + self.fixed
@@ -182,13 +184,28 @@ def counted_flops(fn) -> float:
 
 
 def allocated_bytes(fn) -> float:
-    """Bytes torch allocates while ``fn()`` runs (its profiler's memory events): each tensor is
-    written once and read again at least once, so about half the memory traffic."""
-    from torch.profiler import ProfilerActivity, profile
+    """Bytes of every new tensor torch's operators produce while ``fn()`` runs (not views, not
+    in-place results): each is written once and read again at least once, so about half the
+    memory traffic."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as found:
+    class Produced(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor)}
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:  # new tensors only: not views, not written in place
+                if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                    Produced.total += tensor.numel() * tensor.element_size()
+            return out
+
+    with Produced():
         fn()
-    return float(sum(max(event.cpu_memory_usage, 0) for event in found.events()))
+    return float(Produced.total)
 
 
 def _blank(crop: int):
@@ -200,9 +217,14 @@ def _blank(crop: int):
 def stage_work(stage, config, facts, sizes) -> Work:
     """One image's work in ``stage`` (for a per-tap or per-stage stage, its whole work with
     ``per_stage``), counted on the model of ``facts``."""
+    work = _stage_work(stage, config, facts, sizes)
+    work.stage = stage.name
+    return work
+
+
+def _stage_work(stage, config, facts, sizes) -> Work:
     import torch
 
-    from gig_dist.kernels.taps import stored_layout
     from gig_dist.stages.base import tap_values
 
     model, crop, name = facts.model, facts.input_size, stage.name
@@ -271,6 +293,11 @@ def stage_work(stage, config, facts, sizes) -> Work:
 _CACHE: dict[tuple[int, int, str], float] = {}
 
 
+def forward_flops(model, crop: int) -> float:
+    """FLOPs of one image's forward pass at ``crop`` px (counted once per model)."""
+    return _forward_flops(model, crop)
+
+
 def _forward_flops(model, crop: int) -> float:
     import torch
 
@@ -293,6 +320,11 @@ def _backward_flops(model, crop: int) -> float:
         _CACHE[key] = counted_flops(run)
         model.zero_grad(set_to_none=True)
     return _CACHE[key]
+
+
+def srd_work(model, crop: int, relevance: bool) -> tuple[float, float]:
+    """SRD's FLOPs and memory traffic for one image (see :func:`_srd_work`)."""
+    return _srd_work(model, crop, relevance)
 
 
 def _srd_work(model, crop: int, relevance: bool) -> tuple[float, float]:

@@ -111,6 +111,9 @@ class StagePlan:
     footprint: Footprint
     seconds: float | None = None
     measured: dict[str, Any] = field(default_factory=dict)
+    #: The GPU model's wall time on the plan's workers (``gig_dist.cost``), and what bounds it.
+    modelled_seconds: float | None = None
+    bound_by: str = ""
 
     @property
     def raw(self) -> int:
@@ -140,6 +143,22 @@ class Plan:
     calibration: dict[str, Any] | None = None
     #: Whether data-dependent widths come from a calibration at the plan's K (else: bounds).
     widths_measured: bool = False
+    #: The GPU model's device, and ``modelled`` or ``calibrated on <device>``.
+    gpu: str | None = None
+    gpu_basis: str = ""
+    price_per_gpu_hour: float | None = None
+    #: Node types that hold no stage's peak: {node type: [stage keys]} (``--cluster``).
+    misfits: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def modelled_seconds(self) -> float | None:
+        found = [s.modelled_seconds for s in self.stages if s.modelled_seconds is not None]
+        return sum(found) if found else None
+
+    @property
+    def gpu_hours(self) -> float | None:
+        wall = self.modelled_seconds
+        return None if wall is None else wall * self.workers / 3600
 
     @property
     def raw(self) -> int:
@@ -161,13 +180,18 @@ class Plan:
             "raw_bytes": self.raw, "compressed_bytes": self.compressed, "peak_compressed_bytes": self.peak,
             "problems": self.problems,
             "warnings": self.warnings, "notes": self.notes,
+            "gpu": self.gpu, "gpu_basis": self.gpu_basis, "modelled_seconds": self.modelled_seconds,
+            "gpu_hours": self.gpu_hours,
+            "cost": None if self.gpu_hours is None or self.price_per_gpu_hour is None
+            else self.gpu_hours * self.price_per_gpu_hour,
             "stages": [{
                 "stage": s.key, "units": s.units, "raw_bytes": s.raw, "compressed_bytes": s.compressed,
                 "worker_peak_bytes": s.footprint.worker, "driver_peak_bytes": s.footprint.driver,
                 "dense": [{"name": n, "shape": list(shape), "dtype": d,
                            "bytes": int(np.prod(shape, dtype=np.int64)) * np.dtype(d).itemsize}
                           for n, shape, d in s.footprint.dense],
-                "seconds": s.seconds, "measured": s.measured,
+                "seconds": s.seconds, "measured": s.measured, "modelled_seconds": s.modelled_seconds,
+                "bound_by": s.bound_by,
                 "arrays": [{"path": a.path, "shape": list(a.shape), "dtype": a.dtype, "raw_bytes": a.raw,
                             "compressed_bytes": a.compressed, "ratio_from": a.ratio_from,
                             "data_dependent": a.data_dependent, "transient": a.transient} for a in s.arrays],
@@ -199,9 +223,15 @@ def _generic(path: str, dictionary: str) -> str:
 
 def make_plan(config: Config, *, images: int | None = None, workers: int = 1, device: str = "cpu",
               calibrate: int = 0, out: str | None = None, worker_memory: int | None = None,
-              until: str | None = None, calibration: dict[str, Any] | None = None) -> Plan:
+              until: str | None = None, calibration: dict[str, Any] | None = None, gpu: str | None = None,
+              efficiency: str | None = None, price_per_gpu_hour: float | None = None,
+              cluster: str | None = None) -> Plan:
     """Plan ``config`` on ``images`` (default: the dataset's) over ``workers`` workers; with
-    ``calibration`` (an earlier :func:`calibrate_run`'s result), from that instead of a new one."""
+    ``calibration`` (an earlier :func:`calibrate_run`'s result), from that instead of a new one.
+    On ``device="cuda"``, the GPU model (``gig_dist.cost``) times each stage on ``gpu`` (a key of
+    ``cost.DEVICES``), with the efficiency factors ``jobs/gpu_check.py`` measured (``efficiency``,
+    a file) or modelled ones; ``cluster`` (a cluster launcher config or a RayJob) names the node
+    types whose memory every stage's peak must fit."""
     facts, images_from = plan_facts(config, images)
     stage_types = stages_until(until)
     caught: list[str] = []
@@ -268,12 +298,57 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
                 plan.seconds *= float(np.mean([k_scale.get(tap, 1.0) for tap in facts.taps]))
         stages.append(plan)
     plan = Plan(facts.num_images, images_from, workers, device, stages, problems, caught, notes, calibration,
-                widths_measured=calibration is not None and not k_scale)
+                widths_measured=calibration is not None and not k_scale, price_per_gpu_hour=price_per_gpu_hour)
+    if device == "cuda" and not problems:
+        _model_gpu(plan, config, facts, sizes, stage_types, gpu or "a10g", efficiency)
+    if cluster is not None:
+        plan.misfits = cluster_misfits(plan, cluster)
+        plan.warnings += [f"node type {node}: {', '.join(stages)} peak above its memory"
+                          for node, stages in plan.misfits.items() if stages]
     plan.warnings += _limits(plan, out, worker_memory)
     plan.notes += pfv_tradeoff(config, facts, stages)
     if device == "cuda" and calibration is not None and calibration["device"] != "cuda":
         plan.notes.append(f"calibrated on {calibration['device']}: the times are this machine's, not a GPU's")
     return plan
+
+
+def _model_gpu(plan: Plan, config: Config, facts: Facts, sizes: Sizes, stage_types, gpu: str,
+               efficiency_file: str | None) -> None:
+    """Each stage's modelled wall time on the plan's workers, each on one ``gpu``."""
+    from gig_dist.cost import DEVICES, EFFICIENCY, Calibration, modelled_stage_seconds, stage_work
+
+    if gpu not in DEVICES:
+        raise ConfigError(f"--gpu {gpu}: the device table has {', '.join(DEVICES)}")
+    device, efficiency = DEVICES[gpu], dict(EFFICIENCY)
+    plan.gpu, plan.gpu_basis = device.name, "modelled"
+    if efficiency_file is not None:
+        measured = Calibration.load(efficiency_file)
+        efficiency.update(measured.efficiency)
+        plan.gpu_basis = f"calibrated on {measured.device}"
+        if measured.device != device.name:
+            plan.notes.append(f"the efficiency factors were measured on {measured.device}, applied to {device.name}")
+    cores = config.runtime.cpus_per_worker
+    for stage_plan, stage_type in zip(plan.stages, stage_types):
+        stage = stage_type(config, "memory://plan")
+        work = stage_work(stage, config, facts, sizes)
+        images = stage.covered_images(facts)
+        stage_plan.modelled_seconds = modelled_stage_seconds(work, images, min(plan.workers, max(stage_plan.units, 1)),
+                                                             device, efficiency, cores)
+        parts = {kind: type(work)(**{kind: getattr(work, kind)}).seconds(device, efficiency, cores)
+                 for kind in ("network", "fp32", "fp64", "memory", "storage", "decode", "fixed")}
+        stage_plan.bound_by = max(parts, key=parts.get) if any(parts.values()) else "start-up"
+
+
+def cluster_misfits(plan: Plan, path: str) -> dict[str, list[str]]:
+    """{node type: the stages whose worker (or, on the head, driver) peak exceeds its memory}."""
+    from gig_dist.cluster import node_types
+
+    found = {}
+    for node in node_types(path):
+        key = "driver" if node.head else "worker"
+        found[f"{node.name} ({node.memory_gib:g} GiB{', head' if node.head else ''})"] = [
+            s.key for s in plan.stages if getattr(s.footprint, key) > node.memory_gib * GiB]
+    return found
 
 
 def pfv_tradeoff(config: Config, facts: Facts, stages: list[StagePlan]) -> list[str]:
@@ -528,13 +603,18 @@ def render(plan: Plan, arrays: bool = True) -> str:
         lines += [f"  - {p}" for p in plan.problems]
     else:
         lines.append("checks: every stage's checks pass")
+    gpu = plan.modelled_seconds is not None
     header = f"{'stage':<26} {'units':>7} {'raw':>11} {'compressed':>11} {'worker peak':>12} {'driver':>10} {'time':>9}"
+    if gpu:
+        header += f" {'GPU time':>10}"
+        lines.append(f"GPU model: {plan.workers} x {plan.gpu}, {plan.gpu_basis} (gig_dist/cost.py)")
     lines += ["", header, "-" * len(header)]
     for s in plan.stages:
         measured = s.measured.get("peak_rss")
         bound = "<=" if not plan.widths_measured and any(a.data_dependent for a in s.arrays) else ""
         lines.append(f"{s.key:<26} {s.units:>7} {bound + fmt_bytes(s.raw):>11} {bound + fmt_bytes(s.compressed):>11} "
                      f"{fmt_bytes(s.footprint.worker):>12} {fmt_bytes(s.footprint.driver):>10} {fmt_seconds(s.seconds):>9}"
+                     + (f" {fmt_seconds(s.modelled_seconds):>10} ({s.bound_by})" if gpu else "")
                      + (f"   (calibration: {s.measured['units']} units in {s.measured['seconds']:.1f} s, "
                         f"peak RSS {fmt_bytes(measured)})" if measured else ""))
         for name, shape, dtype in s.footprint.dense:
@@ -550,6 +630,11 @@ def render(plan: Plan, arrays: bool = True) -> str:
     total = sum(s.seconds for s in plan.stages if s.seconds is not None) if plan.calibration else None
     lines.append(f"{'total':<26} {'':>7} {fmt_bytes(plan.raw):>11} {fmt_bytes(plan.compressed):>11} "
                  f"{'':>12} {'':>10} {fmt_seconds(total):>9}")
+    if gpu:
+        cost = (f", {plan.gpu_hours * plan.price_per_gpu_hour:,.2f} at {plan.price_per_gpu_hour:g} per GPU-hour"
+                if plan.price_per_gpu_hour is not None else " (--price-per-gpu-hour prices it)")
+        lines.append(f"{'GPU total':<26} wall {fmt_seconds(plan.modelled_seconds)} on {plan.workers} GPU(s), "
+                     f"{plan.gpu_hours:,.1f} GPU-hours{cost}; {plan.gpu_basis}")
     if plan.peak > plan.compressed:
         lines.append(f"{'at its fullest':<26} {'':>7} {'':>11} {fmt_bytes(plan.peak):>11}   (with the per-source GIG, "
                      "deleted once reduced unless gig.keep_image_attributions)")

@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the CPU dry run")
     parser.add_argument("--ray-address", help="a running Ray cluster for the ray check (default: a local one)")
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), help="run these checks only")
+    parser.add_argument("--efficiency-out", metavar="FILE", help="write the efficiency factors the checks measured "
+                        "here, for gig-dist plan --calibration FILE")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.pfvs, args.targets = 4, 512, 8
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gig-dist GPU check on {name} (torch {torch.__version__}), each against the CPU")
     print(f"  {'check':<9}{'result':<9}{'max rel. diff':>14}{'limit':>9}   throughput")
     failed = 0
+    rates: dict[str, float] = {}
     for check, (run, limit) in CHECKS.items():
         if args.only and check not in args.only:
             continue
@@ -270,12 +273,50 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {check:<9}{'skipped':<9}{'-':>14}{'':>9}   {found}")
             continue
         difference, rate, unit = found
+        rates[check] = rate
         ok = difference <= limit
         failed += not ok
         print(f"  {check:<9}{'ok' if ok else 'FAILED':<9}{difference:>14.1e}{limit:>9.0e}   {rate:,.1f} {unit}",
               flush=True)
     print("all checks passed" if not failed else f"{failed} check(s) failed")
+    if args.efficiency_out:
+        calibration = efficiency(args, name, rates)
+        calibration.save(args.efficiency_out)
+        print(f"efficiency on {calibration.device}: " + ", ".join(f"{k} {v:.3f}" for k, v in calibration.efficiency.items())
+              + f" -> {args.efficiency_out}")
     return 1 if failed else 0
+
+
+def efficiency(args: argparse.Namespace, name: str, rates: dict[str, float]):
+    """The share of this device's peaks the checks reached (``gig_dist.cost``'s kinds of work):
+    the network's from extraction (ResNet50's forward pass) and GIG, memory traffic from SRD and
+    the Lasso coder; each is the work the cost model counts for the check over its measured time."""
+    from gig_dist.config import load_config
+    from gig_dist.cost import CODER_BYTES_PER_CONCEPT, DEVICES, Calibration, device_key, forward_flops, measure_cpu, srd_work
+    from gig_dist.models.loading import build_model
+    from gig_dist.toy.model import load_toy_model
+
+    device = DEVICES[device_key(name)] if args.device.type == "cuda" and device_key(name) else measure_cpu()
+    found: dict[str, float] = {}
+    if "extract" in rates:
+        resnet = build_model(load_config(None, ["model.name=resnet50", "model.weights=none"]).model)
+        found["network:extract"] = forward_flops(resnet, 224) * rates["extract"] / device.tf32
+    if "srd" in rates:
+        _, traffic = srd_work(load_toy_model().eval(), 64, relevance=True)
+        found["memory:sample"] = found["memory:atlas"] = traffic * rates["srd"] / device.bandwidth
+    if "lasso" in rates:
+        found["memory:decompose"] = 1024 * CODER_BYTES_PER_CONCEPT * rates["lasso"] / device.bandwidth
+    if "gig" in rates:
+        from gig_dist.cost import counted_flops
+        from gig_dist.kernels.gig import SubNetwork
+
+        model = load_toy_model().eval()
+        sub = SubNetwork(model, "layer2.1", "layer3.1")
+        with torch.no_grad():
+            step = counted_flops(lambda: sub(torch.zeros(1, 128, 16, 16)))
+        found["network:attribute"] = 32 * 3 * step * rates["gig"] / device.tf32  # per target: 32 steps, fwd + bwd
+    found = {key: round(min(value, 1.0), 4) for key, value in found.items()}
+    return Calibration(device.name, found, {"rates": rates, "device": name}, time.strftime("%Y-%m-%d"))
 
 
 if __name__ == "__main__":
