@@ -223,7 +223,6 @@ def stage_work(stage, config, facts, sizes) -> Work:
 
 
 def _stage_work(stage, config, facts, sizes) -> Work:
-    import torch
 
     from gig_dist.stages.base import tap_values
 
@@ -238,7 +237,7 @@ def _stage_work(stage, config, facts, sizes) -> Work:
     if name == "sample":
         if config.sample.method == "uniform":
             return Work(storage=pfv_bytes)
-        from gig_dist.kernels.srd import SRD, srd_problem
+        from gig_dist.kernels.srd import srd_problem
 
         taps = list(facts.taps)
         if config.sample.method == "srd" and srd_problem(model, taps) is None:

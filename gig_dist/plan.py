@@ -315,7 +315,13 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
 def _model_gpu(plan: Plan, config: Config, facts: Facts, sizes: Sizes, stage_types, gpu: str,
                efficiency_file: str | None) -> None:
     """Each stage's modelled wall time on the plan's workers, each on one ``gpu``."""
-    from gig_dist.cost import DEVICES, EFFICIENCY, Calibration, modelled_stage_seconds, stage_work
+    from gig_dist.cost import (
+        DEVICES,
+        EFFICIENCY,
+        Calibration,
+        modelled_stage_seconds,
+        stage_work,
+    )
 
     if gpu not in DEVICES:
         raise ConfigError(f"--gpu {gpu}: the device table has {', '.join(DEVICES)}")

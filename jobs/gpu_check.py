@@ -292,7 +292,15 @@ def efficiency(args: argparse.Namespace, name: str, rates: dict[str, float]):
     the network's from extraction (ResNet50's forward pass) and GIG, memory traffic from SRD and
     the Lasso coder; each is the work the cost model counts for the check over its measured time."""
     from gig_dist.config import load_config
-    from gig_dist.cost import CODER_BYTES_PER_CONCEPT, DEVICES, Calibration, device_key, forward_flops, measure_cpu, srd_work
+    from gig_dist.cost import (
+        CODER_BYTES_PER_CONCEPT,
+        DEVICES,
+        Calibration,
+        device_key,
+        forward_flops,
+        measure_cpu,
+        srd_work,
+    )
     from gig_dist.models.loading import build_model
     from gig_dist.toy.model import load_toy_model
 
