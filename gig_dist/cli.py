@@ -273,7 +273,7 @@ def stage_states(store) -> dict[str, dict[str, Any]]:
         done = store.done_units(key)
         stale = [k for k, fp in record.upstream.items() if k not in records or records[k].fingerprint != fp]
         states[key] = {"complete": bool(record.finished and record.fingerprint), "units_done": int(done.sum()),
-                       "units": record.units, "stale": stale, "methods": dict(record.methods)}
+                       "units": record.units, "stale": stale}
     return states
 
 
@@ -293,6 +293,8 @@ def inspect_summary(url: str) -> dict[str, Any]:
     return {
         "store": store.url,
         "stages": stage_states(store),
+        # which relevance and iERF each stage ran, where the model decides (SRD or not)
+        "methods": {key: dict(record.methods) for key, record in manifest.stages.items() if record.methods},
         "labels": label_summary(store),
         "coverage": coverage_summary(store),
         "arrays": store.describe_arrays(),
@@ -345,7 +347,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         state = "complete" if stage["complete"] else "incomplete"
         stale = f"  stale: {', '.join(stage['stale'])} was redone since" if stage["stale"] else ""
         print(f"  {name:<28} {state:<10} {stage['units_done']}/{stage['units']} units{stale}")
-        for what, method in stage["methods"].items():
+        for what, method in summary["methods"].get(name, {}).items():
             print(f"  {'':<28} {what}: {method}")
     images = summary["images"]
     print(

@@ -457,7 +457,8 @@ class Report:
                      + "".join(
             f"<tr><td>{key}</td><td>{'complete' if s['complete'] else 'incomplete'}</td>"
             f"<td>{store.record(key).seconds:.1f}</td><td>"
-            + html.escape("; ".join(f"{what}: {method}" for what, method in s["methods"].items())) + "</td></tr>"
+            + html.escape("; ".join(f"{what}: {method}" for what, method in store.record(key).methods.items()))
+            + "</td></tr>"
             for key, s in states.items()) + "</table>")
         parts.append(self._plots(stats, gig))
         parts.append(self._evaluation())

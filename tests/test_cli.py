@@ -231,7 +231,7 @@ def test_a_paused_driver_whose_lease_was_taken_over_stops_without_writing(tmp_pa
     ("/", "--out /: cannot write the run store there: / is the filesystem's root"),
     ("~", "is your home folder"),
     ("/usr", "--out /usr: cannot write the run store there: /usr is a system folder"),
-    ("root-link", "root-link: cannot write the run store there: / is the filesystem's root"),  # the link, resolved
+    ("root-link", "--out /: cannot write the run store there: / is the filesystem's root"),  # checked resolved
     ("memory://", "names no bucket or folder"),
 ])
 def test_an_out_that_is_a_root_home_or_system_folder_is_refused_before_anything_is_written(tmp_path, out, message):
