@@ -158,9 +158,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     taps = [f"evaluate.taps=[{','.join(args.taps)}]"] if args.taps else []
     results, ground, seconds = {}, {}, 0.0
     for dictionary in dictionaries:
-        config = config_from_tree(base, [f"concepts.method={dictionary}", f"evaluate.images={images}",
-                                         "report.enabled=false", *taps, *args.overrides])
-        report = pipeline.run(config, store.url, until="evaluate")
+        # Each dictionary with the settings its level was made with: evaluating one never redoes another.
+        config = config_from_tree(store.manifest.dictionary_config(dictionary),
+                                  [f"concepts.method={dictionary}", f"evaluate.images={images}", "report.enabled=false",
+                                   *taps, *args.overrides])
+        from gig_dist.stages.registry import stages_until as until
+
+        stages = until("evaluate")
+        redo = [d for d in pipeline.decide(RunStore.open(store.url), config, stages)
+                if d.action == "redo" and not d.key.endswith("/evaluate")]
+        if redo:
+            raise ConfigError(f"evaluating {dictionary} would redo {redo[0].key} ({redo[0].reason}); gig-dist evaluate "
+                              "runs only the evaluation: redo the level with gig-dist run -o concepts.method="
+                              f"{dictionary} first")
+        report = pipeline.run(config, store.url, until="evaluate",
+                              on_plan=lambda decisions: print(f"{dictionary}: " + ", ".join(
+                                  f"{d.key.split('/')[-1]} {d.action}" for d in decisions),
+                                  file=sys.stderr if args.json else sys.stdout))
         seconds += report.stages[-1].seconds
         done = RunStore.open(store.url)
         results[dictionary] = summarize(done, dictionary, EvaluateStage(config, store.url).pairs(done.facts), images)

@@ -216,6 +216,9 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
             store = RunStore.create(url, Manifest(0, "creating", config=config.to_dict(), versions=versions(),
                                                   dataset_fingerprint=index.fingerprint(), transform=vars(transform)),
                                     facts, index.paths, index.labels, fence=lease.fence)
+        if any(stage.per_dictionary for stage in run_stages):  # this dictionary's level is made with this config
+            store.manifest.dictionaries[config.concepts.method] = config.to_dict()
+            store.save_manifest()
         return Prepared(store, decide(store, config, run_stages), lease)
     except BaseException as exc:
         if lease is not None:

@@ -276,3 +276,53 @@ def test_evaluate_computes_again_the_gig_a_compacted_store_deleted(tmp_path):
             left, right = a[name][..., gig, :], b[name][..., gig, :]
             assert np.isfinite(left).sum() > 16, (pair, name)
             np.testing.assert_allclose(right, left, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=f"{pair} {name}")
+
+
+def _level_bytes(url: str, dictionary: str) -> dict[str, bytes]:
+    from pathlib import Path
+
+    found = {}
+    for family in ("concepts", "codes", "gig", "atlas"):
+        root = Path(url) / family / dictionary
+        found.update({str(p.relative_to(url)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()})
+    return found
+
+
+def test_a_baseline_run_with_another_lambda_leaves_the_papers_level_and_its_evaluation_alone(attributed, tmp_path):
+    """After `run -o concepts.method=kmeans` with another lambda, `evaluate --dict
+    bisecting_kmeans` re-decomposed the paper's dictionary under k-means' lambda (its layer3.1 l0
+    went from 4.93 to 3.76) and redid attribute through the atlas without a word."""
+    import shutil
+
+    url = str(tmp_path / "run.zarr")
+    shutil.copytree(attributed, url)
+    before = _level_bytes(url, "bisecting_kmeans")
+    pipeline.run(toy_config(*SMALL, "concepts.method=kmeans", "decompose.lambda_rel=0.2"), url, until="graphs")
+    assert _level_bytes(url, "bisecting_kmeans") == before
+    done = subprocess.run([*CLI, "evaluate", url, "--images", "16", "--dict", "bisecting_kmeans"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    plan = next(line for line in done.stdout.splitlines() if line.startswith("bisecting_kmeans: "))
+    # every stage the level had is kept (the fixture stopped before the atlas, which runs now)
+    assert plan == ("bisecting_kmeans: extract keep, sample keep, concepts keep, decompose keep, attribute keep, "
+                    "reduce keep, graphs keep, members new, atlas new, evaluate new"), plan
+    after = _level_bytes(url, "bisecting_kmeans")
+    assert {k: after.get(k) for k in before} == before
+    kmeans = RunStore.open(url).manifest.dictionary_config("kmeans")
+    assert kmeans["decompose"]["lambda_rel"] == 0.2
+    assert RunStore.open(url).manifest.dictionary_config("bisecting_kmeans")["decompose"]["lambda_rel"] == 0.05
+
+
+def test_evaluate_after_a_redo_without_ground_truth_reads_no_empty_groups(attributed, tmp_path):
+    """A redo with evaluate.ground_truth=false deleted the ground-truth arrays but left their
+    empty groups, which the next read listed: `has no array eval/<dict>/ground/pixels`."""
+    import shutil
+
+    url = str(tmp_path / "run.zarr")
+    shutil.copytree(attributed, url)
+    assert _evaluate(url, "--images", "16").returncode == 0
+    again = _evaluate(url, "--images", "16", "-o", "evaluate.ground_truth=false")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["ground_truth"] == {}
+    store = RunStore.open(url)
+    assert not store.has("eval/bisecting_kmeans/ground")  # the redo took its groups with its arrays

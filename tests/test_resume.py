@@ -168,3 +168,17 @@ def test_progress_counts_what_the_bar_names(first_run):
             worker.run(unit, counted.append)
             assert sum(counted) == stage.work(unit, store.facts), (stage.name, unit)
     assert GraphStage(config, store.url).work(WorkUnit("g", 0), store.facts) == 8  # the toy world's classes
+
+
+def test_a_per_tap_lambda_is_in_the_fingerprint():
+    """decompose.lambda_rel {layer3.1: 0.1} and {layer3.1: 0.5} fingerprinted the same: a rerun
+    kept codes made with another lambda, and the manifest said the new one."""
+    one = registry.fingerprints(toy_config("decompose.lambda_rel={layer3.1: 0.1}"))
+    other = registry.fingerprints(toy_config("decompose.lambda_rel={layer3.1: 0.5}"))
+    scalar = registry.fingerprints(toy_config("decompose.lambda_rel=0.1"))
+    assert one[f"{D}/decompose"][0] != other[f"{D}/decompose"][0] != scalar[f"{D}/decompose"][0]
+    assert one[f"{D}/concepts"] == other[f"{D}/concepts"]  # upstream of the codes: unchanged
+    from gig_dist.stages import DecomposeStage
+
+    assert DecomposeStage.key_values(toy_config("decompose.lambda_rel={layer3.1: 0.3}"))[
+        "decompose.lambda_rel.layer3.1"] == 0.3

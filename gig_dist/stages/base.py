@@ -239,8 +239,11 @@ class Stage(ABC):
     def key_values(cls, config: Config) -> dict[str, Any]:
         """The values of its result keys in ``config``."""
         flat = _flatten(config.to_dict())
+        # A key, a section ("concepts."), or a key whose value is a mapping, flattened below it
+        # ("decompose.lambda_rel.layer3.1": a per-tap lambda decides the results as much as one for all).
         found = {key: value for key, value in sorted(flat.items())
-                 if any(key == want or (want.endswith(".") and key.startswith(want)) for want in cls.result_keys)}
+                 if any(key == want or key.startswith(want if want.endswith(".") else want + ".")
+                        for want in cls.result_keys)}
         for key, rule in cls.later_keys.items():
             before, companions = rule if isinstance(rule, tuple) else (rule, ())
             if found.get(key, before) == before:

@@ -149,6 +149,14 @@ class Manifest:
     #: (``store.ownership``). Stores written before this list derive it once, from the owner
     #: each array's attributes name.
     nodes: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: The config each dictionary level was last run with (``{method: config}``): evaluating a
+    #: dictionary uses its own settings, not those of the run of another.
+    dictionaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def dictionary_config(self, method: str) -> dict[str, Any]:
+        """The config dictionary ``method``'s level was made with (a store from before this
+        record: the run's last config)."""
+        return self.dictionaries.get(method, self.config)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -598,6 +606,22 @@ class RunStore:
             self.save_manifest()
         for path in [f"progress/{key}", *arrays]:
             self.delete(path, key)
+        self.prune_groups(key)
+
+    def prune_groups(self, owner: str) -> None:
+        """Delete the groups ``owner`` created that hold nothing any more (a redo that writes
+        fewer taps left empty ``ground/<tap>`` groups that readers still listed), deepest first."""
+        nodes = self.nodes
+        groups = sorted((p for p, n in nodes.items() if n["kind"] == GROUP and n["owner"] == owner),
+                        key=lambda p: -p.count("/"))
+        pruned = False
+        for path in groups:
+            if path in self._group and next(iter(self._group[path].members()), None) is None:
+                self.delete(path, owner)
+                nodes.pop(path, None)
+                pruned = True
+        if pruned and self.role == "driver":
+            self.save_manifest()
 
     def begin_stage(self, key: str, record: StageRecord) -> None:
         """Create (or keep) the stage's progress array, then record its fingerprint."""

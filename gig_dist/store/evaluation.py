@@ -83,7 +83,9 @@ class EvaluationSection:
         base = f"eval/{self.dictionary}/ground"
         if not self.store.has(base):
             return []
-        return [key for key, node in self.store.members(base) if not hasattr(node, "shape")]
+        # a tap's group that holds its arrays (not an empty one a redo left behind)
+        return [key for key, node in self.store.members(base)
+                if not hasattr(node, "shape") and self.store.has(f"{base}/{key}/mass")]
 
     def read_ground(self, r: ImageRange, taps: list[str]) -> dict[str, np.ndarray]:
         base = f"eval/{self.dictionary}/ground"
