@@ -326,3 +326,22 @@ def test_evaluate_after_a_redo_without_ground_truth_reads_no_empty_groups(attrib
     assert json.loads(again.stdout)["ground_truth"] == {}
     store = RunStore.open(url)
     assert not store.has("eval/bisecting_kmeans/ground")  # the redo took its groups with its arrays
+
+
+@pytest.mark.fast
+def test_the_concepts_each_fraction_counts_round_halves_to_even():
+    """By hand: 5 active concepts at fractions 0, 0.1, ..., 1 are 0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5,
+    4, 4.5, 5 concepts: halves to the even neighbour (a half-up recomputation differed by up to
+    0.011 at the 0.5 point); 7 concepts at 0, 0.5, 1: 0, 3.5 -> 4, 7."""
+    from gig_dist.kernels.evaluation import counts
+
+    assert counts(10, 5).tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5]
+    assert counts(2, 7).tolist() == [0, 4, 7] and counts(2, 5).tolist() == [0, 2, 5]
+    # the curves insert exactly that many: concept i drives class 0 only through its own code
+    index, value, dictionary = _codes()
+    head = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(4) * 8)
+    inserted, _ = curves(lambda x: (head(x.mean(dim=(2, 3))) > 0).sum(1).double(), index, value, dictionary, (4, 2, 2),
+                         np.array([0, 1, 2]), steps=4)
+    assert inserted.tolist() == [0, 1, 2, 2, 3]  # 3 concepts: 0, 0.75, 1.5 -> 2, 2.25, 3

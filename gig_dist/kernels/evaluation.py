@@ -7,6 +7,10 @@ image's active concepts. For fractions ``f = 0, 1/F, ..., 1`` of them:
 * insertion keeps only the first ``round(f n)`` concepts' codes (from zero codes up);
 * deletion removes them (from the full codes down);
 
+``round`` is numpy's, which rounds halves to the even integer (``round(0.5 * 5) = 2``,
+``round(0.5 * 7) = 4``, ``round(0.3 * 5) = 2``): a recomputation that rounds halves up counts one
+concept more at such points, on images with an odd number of active concepts (:func:`counts`);
+
 the reconstruction ``X~`` of what is kept runs through the rest of the network to a readout: the
 softmax probability of the class (C-Insertion / C-Deletion), or for a concept ``m`` of a later
 tap ``max_q <a^b_q, v_m>`` divided by its value at full reconstruction (inter-layer). The area
@@ -30,6 +34,12 @@ ORDERINGS = ("gig", "random", "code_mass", "grad_x_code")
 
 def fractions(steps: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, steps + 1)
+
+
+def counts(steps: int, active: int) -> np.ndarray:
+    """How many of ``active`` concepts each fraction inserts or deletes: ``round(f n)``, halves
+    to even (numpy's rounding)."""
+    return np.round(fractions(steps) * active).astype(int)
 
 
 def auc(curves: np.ndarray, steps: int | None = None) -> np.ndarray:
@@ -61,17 +71,17 @@ def curves(forward: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor,
     (P, L), concepts ``dictionary`` (K, C), tap ``shape`` (C, H, W), ``order`` of its active
     concepts; ``forward`` maps reconstructions (B, C, H, W) to readouts (B,)."""
     channels, height, width = shape
-    counts = np.round(fractions(steps) * len(order)).astype(int)
+    kept = counts(steps, len(order))
     position = torch.full((len(dictionary),), len(order), dtype=torch.int64, device=index.device)
     position[torch.as_tensor(np.ascontiguousarray(order), dtype=torch.int64, device=index.device)] = torch.arange(
         len(order), device=index.device)
     rank_of_slot = position[index.clamp_min(0)]  # (P, L): each slot's concept's place in the order
     live = (index >= 0) & (value != 0)
     masks = []
-    for k in counts:
+    for k in kept:
         first = rank_of_slot < int(k)
         masks.append(live & first)  # insertion: the first k
-    for k in counts:
+    for k in kept:
         masks.append(live & ~(rank_of_slot < int(k)))  # deletion: all but the first k
     mask = torch.stack(masks).to(value.dtype)  # (2F, P, L)
     vectors = dictionary[index.clamp_min(0)]  # (P, L, C)
@@ -81,7 +91,7 @@ def curves(forward: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor,
         x = x.transpose(1, 2).reshape(-1, channels, height, width)
         out.append(forward(x).to(torch.float64))
     readout = torch.cat(out).cpu().numpy()
-    return readout[: len(counts)], readout[len(counts) :]
+    return readout[: len(kept)], readout[len(kept) :]
 
 
 def class_probability(cls: int) -> Callable[[torch.Tensor], torch.Tensor]:
