@@ -626,3 +626,29 @@ def test_max_gap_integrates_coarse_targets_again_with_doubled_steps(reference, t
     assert "refined by gig.max_gap" in shown.stdout, shown.stdout
     with pytest.raises(ConfigError, match="needs gig.step_chunks = 1"):
         toy_config("gig.max_gap=0.01", "gig.step_chunks=2")
+
+
+@pytest.mark.fast
+def test_refinement_stops_where_the_gap_is_small_against_the_targets_value():
+    """A logit that barely changes (0.003) has a large relative gap at a negligible absolute one;
+    the relative test alone doubled its steps to the maximum. With atol, the refinement stops
+    there and still refines a target whose gap matters."""
+    from gig_dist.kernels.gig import GIGResult, refine
+
+    class Kernel:  # a quadrature whose error halves with the steps: error = 0.1 * 32 / steps
+        def __init__(self, steps):
+            self.steps = steps
+
+        def attribute(self, index, value, targets, image=None):
+            error = torch.tensor([0.1 * 32 / self.steps * 0.003, 0.1 * 32 / self.steps * 2.0])[targets]
+            change = torch.tensor([0.003, 2.0])[targets]
+            return GIGResult((change + error)[:, None].double())
+
+    delta, scale = torch.tensor([0.003, 2.0], dtype=torch.float64), torch.tensor([2.5, 3.0], dtype=torch.float64)
+    first = GIGResult(Kernel(32).attribute(None, None, torch.arange(2)).attribution, delta, scale)
+    _, steps_relative, gap = refine(Kernel, first, None, None, torch.arange(2), None, 32, 0.01, 256, atol=0.0)
+    _, steps_both, _ = refine(Kernel, first, None, None, torch.arange(2), None, 32, 0.01, 256, atol=1e-3)
+    assert gap.tolist() == pytest.approx([0.1, 0.1])
+    assert steps_relative.tolist() == [256, 256]  # 0.1 * 32 / 256 = 1.25 %: it runs out of steps
+    # target 0: |gap| = 3e-4 < 1e-3 x 2.5 at once; target 1 still refined to the maximum
+    assert steps_both.tolist() == [32, 256]

@@ -89,6 +89,10 @@ class GIGConfig(Section):
     #: ``max_steps``. The steps each target used and its gap at ``steps`` are stored. ``None``: off.
     max_gap: float | None = Field(default=None, gt=0)
     max_steps: int = Field(default=256, ge=1)
+    #: With ``max_gap``: a gap under ``atol`` times the target's magnitude at the path's ends is
+    #: fine whatever its share of the target's change (a target that barely changes cannot reach
+    #: a relative gap of 1 %; see ``kernels.gig.refine`` and the README's gap distributions).
+    atol: float = Field(default=1e-3, ge=0)
     #: Keep each image's GIG per source concept (float32, images x targets x active sources)
     #: after the reduction. Off: once reduced, an image keeps its targets, totals, gaps and top
     #: ``top_edges`` sources per target, and ``gig-dist evaluate`` recomputes the GIG of the
@@ -192,14 +196,14 @@ class AttributeStage(Stage):
     name = "attribute"
     reads = ("decompose",)
     result_keys = ("gig.pairs", "gig.steps", "gig.rule", "gig.targets", "gig.step_chunks", "gig.targets_per_unit",
-                   "gig.step_batch", "gig.max_gap", "gig.max_steps")
+                   "gig.step_batch", "gig.max_gap", "gig.max_steps", "gig.atol")
     coverage_key = "gig.images"
     per_dictionary = True
     # 2: also S(F(X)) - S(F(0)) of the real PFVs, for the kept fraction; 3: float32
     # ``attribution`` instead of float64 ``partial`` when the steps are not split
     version = 3
     #: The refinement (added after stores were made) counts only while gig.max_gap is set.
-    later_keys = {"gig.max_gap": (None, ("gig.max_steps",))}
+    later_keys = {"gig.max_gap": (None, ("gig.max_steps", "gig.atol"))}
     unit_noun = "image-pairs"  # an image of one pair (times its step and target chunks, when split)
 
     @classmethod
@@ -262,7 +266,7 @@ def image_gig(kernel_for, config: Config, index: torch.Tensor, value: torch.Tens
                                              image=image)
     if gig.max_gap is None:
         return result, None, None
-    return refine(kernel_for, result, index, value, goals, image, gig.steps, gig.max_gap, gig.max_steps)
+    return refine(kernel_for, result, index, value, goals, image, gig.steps, gig.max_gap, gig.max_steps, gig.atol)
 
 
 def pair_kernel(model: torch.nn.Module, store: RunStore, concepts, pair: Pair, device: torch.device,
