@@ -245,15 +245,17 @@ def _stage_work(stage, config, facts, sizes) -> Work:
             return Work(network=flops, memory=traffic, storage=pfv_bytes, decode=1)
         return Work(network=_backward_flops(model, crop), storage=pfv_bytes, decode=1)  # a forward and a backward
     if name == "concepts":
-        fp32, splits = 0.0, 0
+        fp32, traffic, splits = 0.0, 0.0, 0
         iterations = config.concepts.refine_iter or 20
         for tap, (c, h, w) in facts.taps.items():
             samples = facts.num_images * min(config.sample.per_image, h * w)
             k = sizes.concepts(tap)
             # each level of the tree splits every sample's cluster by 2-means: 2 distances of C
-            fp32 += 2 * 2 * c * samples * iterations * max(1, math.ceil(math.log2(max(k, 2))))
+            passes = samples * iterations * max(1, math.ceil(math.log2(max(k, 2))))
+            fp32 += 2 * 2 * c * passes
+            traffic += 2 * 4 * c * passes  # each pass reads every member's PFV and writes its distances
             splits += k - 1
-        return Work(fp32=fp32, fixed=splits * SPLIT_S, per_stage=True)
+        return Work(fp32=fp32, memory=traffic, fixed=splits * SPLIT_S, per_stage=True)
     if name == "decompose":
         from gig_dist.stages.decompose import decompose_taps
 

@@ -366,6 +366,7 @@ def bench_gaps(args: argparse.Namespace) -> None:
     from gig_dist.config import load_config
     from gig_dist.kernels.gig import GIG, LOGITS, refine
     from gig_dist.kernels.lasso import NonNegativeLassoCoder
+    from gig_dist.kernels.metrics import completeness_gap
     from gig_dist.kernels.taps import capture
     from gig_dist.models.loading import build_model
 
@@ -391,7 +392,7 @@ def bench_gaps(args: argparse.Namespace) -> None:
 
     print(f"\nResNet50 224 px, random weights, BatchNorm biases and means ~ N(0, {args.bn}^2), one image; {args.steps} midpoint steps, refined while "
           f"the relative gap > {args.max_gap}, up to {args.max_steps} steps")
-    print(f"  {'pair':<24}{'targets':>8}  {'mean gap before':>16}{'max before':>12}  {'mean after':>12}"
+    print(f"  {'pair':<24}{'targets':>8}{'atol':>8}  {'mean gap before':>16}{'max before':>12}  {'mean after':>12}"
           f"{'max after':>12}  {'steps used':<28}{'time':>8}{'refine':>8}")
     for source, target in (("layer2.3", "layer3.5"), ("layer3.5", "layer4.2"), ("layer3.5", LOGITS)):
         act = found[source][0]
@@ -412,15 +413,17 @@ def bench_gaps(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         result = kernel(args.steps).attribute(index, value, targets, endpoints=True)
         first_time = time.perf_counter() - started
-        started = time.perf_counter()
-        refined, used, before = refine(kernel, result, index, value, targets, None, args.steps, args.max_gap,
-                                       args.max_steps)
-        refine_time = time.perf_counter() - started
-        after = refined.gap.numpy()
-        steps, counts = np.unique(used, return_counts=True)
-        told = ", ".join(f"{c}x{s}" for s, c in zip(steps, counts))
-        print(f"  {source + ' -> ' + target:<24}{len(targets):>8}  {np.nanmean(before):>16.2e}{np.nanmax(before):>12.2e}"
-              f"  {np.nanmean(after):>12.2e}{np.nanmax(after):>12.2e}  {told:<28}{first_time:>7.1f}s{refine_time:>7.1f}s")
+        for atol in (0.0, args.atol):  # the relative test alone, then with the absolute one beside it
+            started = time.perf_counter()
+            refined, used, before = refine(kernel, result, index, value, targets, None, args.steps, args.max_gap,
+                                           args.max_steps, atol=atol)
+            refine_time = time.perf_counter() - started
+            after = completeness_gap(refined.total.numpy(), refined.delta.numpy())
+            steps, counts = np.unique(used, return_counts=True)
+            told = ", ".join(f"{c}x{s}" for s, c in zip(steps, counts))
+            print(f"  {source + ' -> ' + target:<24}{len(targets):>8}{atol:>8g}  {np.nanmean(before):>16.2e}"
+                  f"{np.nanmax(before):>12.2e}  {np.nanmean(after):>12.2e}{np.nanmax(after):>12.2e}  {told:<28}"
+                  f"{first_time:>7.1f}s{refine_time:>7.1f}s")
 
 
 def bench_graphs(args: argparse.Namespace) -> None:
@@ -542,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     gaps.add_argument("--steps", type=int, default=32)
     gaps.add_argument("--max-gap", type=float, default=0.01)
     gaps.add_argument("--max-steps", type=int, default=256)
+    gaps.add_argument("--atol", type=float, default=1e-3, help="gig.atol, beside the relative test")
     gaps.add_argument("--targets", type=int, default=8)
     gaps.add_argument("--bn", type=float, default=0.5, help="std of the random BatchNorm biases and means")
     rehearsal = sub.add_parser("rehearsal", help="ResNet50 at 224 px, every stage on Ray with 2 workers, against the plan")
