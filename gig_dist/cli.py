@@ -159,8 +159,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results, ground, seconds = {}, {}, 0.0
     for dictionary in dictionaries:
         # Each dictionary with the settings its level was made with: evaluating one never redoes another.
-        config = config_from_tree(store.manifest.dictionary_config(dictionary),
-                                  [f"concepts.method={dictionary}", f"evaluate.images={images}", "report.enabled=false",
+        recorded = store.manifest.dictionary_config(dictionary)
+        level = [] if dictionary in store.manifest.dictionaries else [f"concepts.method={dictionary}"]
+        config = config_from_tree(recorded, [*level, f"evaluate.images={images}", "report.enabled=false",
                                    *taps, *args.overrides])
         from gig_dist.stages.registry import stages_until as until
 
@@ -433,11 +434,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
+    from gig_dist.stages.base import level_of
     from gig_dist.store import RunStore
 
     store = RunStore.open(args.dir)
     names = list(store.facts.class_names)
-    dictionary = args.dict or Config.model_validate(store.manifest.config).concepts.method
+    dictionary = args.dict or level_of(Config.model_validate(store.manifest.config))
     if dictionary not in store.dictionaries():
         raise ConfigError(f"no dictionary {dictionary!r} in {args.dir}; it has {', '.join(store.dictionaries()) or 'none'}")
     cls = args.cls

@@ -27,7 +27,7 @@ from gig_dist.kernels.taps import probe, resolve_taps
 from gig_dist.models.loading import build_model, output_names, resolve_transform
 from gig_dist.runtime.address import check_reachable
 from gig_dist.runtime.local import LocalRuntime, StageReport
-from gig_dist.stages.base import Stage, consumed_by
+from gig_dist.stages.base import Stage, consumed_by, level_of
 from gig_dist.stages.registry import by_name, fingerprints, stages_until
 from gig_dist.stages.sizes import PlanSizes
 from gig_dist.store import Facts, Manifest, RunStore, StoreError
@@ -217,7 +217,7 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
                                                   dataset_fingerprint=index.fingerprint(), transform=vars(transform)),
                                     facts, index.paths, index.labels, fence=lease.fence)
         if any(stage.per_dictionary for stage in run_stages):  # this dictionary's level is made with this config
-            store.manifest.dictionaries[config.concepts.method] = config.to_dict()
+            store.manifest.dictionaries[level_of(config)] = config.to_dict()
             store.save_manifest()
         return Prepared(store, decide(store, config, run_stages), lease)
     except BaseException as exc:

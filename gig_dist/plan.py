@@ -35,7 +35,7 @@ import torch
 from gig_dist.config import Config
 from gig_dist.formatting import fmt_bytes, fmt_seconds
 from gig_dist.settings import ConfigError
-from gig_dist.stages.base import Footprint, Sizes, Stage
+from gig_dist.stages.base import Footprint, Sizes, Stage, level_of
 from gig_dist.stages.concepts import concept_count
 from gig_dist.stages.registry import stages_until
 from gig_dist.stages.sizes import PlanSizes
@@ -563,7 +563,7 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
         finally:
             prepared.lease.release()
         store = RunStore.open(prepared.store.url)
-        dictionary = config.concepts.method
+        dictionary = level_of(config)
         coverage = {}
         for stage_type in stages_until(until):
             stage = stage_type(config, prepared.store.url)

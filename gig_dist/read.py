@@ -16,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from gig_dist.config import Config
+from gig_dist.stages.base import level_of
 from gig_dist.store import LOGITS, ImageRange, RunStore, StoreError
 
 STATUS_NAMES = ("pending", "processed", "skipped")
@@ -28,7 +29,7 @@ class Run:
     def __init__(self, store: RunStore, dictionary: str | None = None) -> None:
         self.store = store
         self.config = Config.model_validate(store.manifest.config)
-        self.dictionary = dictionary or self.config.concepts.method
+        self.dictionary = dictionary or level_of(self.config)
         self._loader = None
         self._pfvs = None
 

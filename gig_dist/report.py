@@ -36,6 +36,7 @@ from gig_dist.kernels import metrics
 from gig_dist.kernels.gig import LOGITS
 from gig_dist.kernels.graphs import column, row, strongest
 from gig_dist.kernels.metrics import concept_purity
+from gig_dist.stages.base import level_of
 from gig_dist.store import RunStore, StoreError
 
 #: Concepts per index page.
@@ -96,7 +97,7 @@ class Report:
 
         self.store = RunStore.open(url)
         self.config = Config.model_validate(self.store.manifest.config)
-        self.dictionary = dictionary or self.config.concepts.method
+        self.dictionary = dictionary or level_of(self.config)
         self.site = Path(site).resolve()
         self.summary = ReportSummary(self.site)
         facts = self.store.facts

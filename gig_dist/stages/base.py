@@ -177,6 +177,11 @@ class StageWorker(ABC):
         """Release threads or devices."""
 
 
+def level_of(config: Config) -> str:
+    """A config's dictionary level: ``concepts.level``, else ``concepts.method``."""
+    return config.concepts.level or config.concepts.method
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
@@ -224,8 +229,8 @@ class Stage(ABC):
 
     @classmethod
     def key(cls, config: Config) -> str:
-        """Its name in the store's progress and manifest: ``<dictionary>/<name>`` per dictionary."""
-        return f"{config.concepts.method}/{cls.name}" if cls.per_dictionary else cls.name
+        """Its name in the store's progress and manifest: ``<level>/<name>`` per dictionary level."""
+        return f"{level_of(config)}/{cls.name}" if cls.per_dictionary else cls.name
 
     @property
     def progress_key(self) -> str:
@@ -233,6 +238,12 @@ class Stage(ABC):
 
     @property
     def dictionary(self) -> str:
+        """The dictionary level its results live under (``concepts.level``, else the method)."""
+        return level_of(self.config)
+
+    @property
+    def method(self) -> str:
+        """The dictionary's method (``concepts.method``)."""
         return self.config.concepts.method
 
     @classmethod

@@ -42,6 +42,10 @@ class ConceptsConfig(Section):
     #: The dictionary (``gig_dist.kernels.dictionary.DICTIONARIES``); also its level in the store
     #: (``concepts/<method>/<tap>``), so several dictionaries of one run share its PFVs and samples.
     method: Literal["bisecting_kmeans", "kmeans", "dictionary_learning", "nmf", "sae"] = "bisecting_kmeans"
+    #: The dictionary level's name in the store (``concepts/<level>``, and every later stage's
+    #: results under it). ``None``: the method's name. Several levels of one method (another K or
+    #: lambda: ``gig-dist sweep``, ``evaluate --match``) live side by side, sharing the PFVs.
+    level: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.=,+@-]+$")
     #: ``K = round(k_multiplier * C)`` concepts for a tap of C channels (the paper: 8).
     k_multiplier: float = Field(default=8.0, gt=0)
     #: Absolute K per tap (``{layer4.2: 4096}``), overriding the multiplier for those taps.
@@ -107,7 +111,7 @@ class ConceptsStage(Stage):
     name = "concepts"
     reads = ("sample",)
     result_keys = ("concepts.",)
-    later_keys = {"concepts.refine_iter": None}
+    later_keys = {"concepts.refine_iter": None, "concepts.level": None}
     per_dictionary = True
     unit_noun = "taps"
     # 2: bisecting k-means's Lloyd moves its sums by the members that changed sides (float64)
@@ -139,7 +143,7 @@ class ConceptsStage(Stage):
 
     def declared_arrays(self, store: RunStore) -> list[str]:
         """Each tap's fitted dictionary: written whole by its unit, shapes known once fit."""
-        names = DICTIONARIES[self.dictionary].stored_arrays
+        names = DICTIONARIES[self.method].stored_arrays
         return [path for tap in store.taps for path in store.concepts(self.dictionary).fitted_paths(tap, names)]
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
@@ -177,7 +181,7 @@ class ConceptsWorker(StageWorker):
                 "raise sample.per_image or lower concepts.k_multiplier / concepts.k"
             )
         started = time.perf_counter()
-        dictionary = make_dictionary(self.stage.dictionary, n_concepts=k, device=self.device, **fit_params(self.config))
+        dictionary = make_dictionary(self.stage.method, n_concepts=k, device=self.device, **fit_params(self.config))
         try:
             dictionary.fit(samples)
         except ValueError as exc:

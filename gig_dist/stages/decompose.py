@@ -142,7 +142,7 @@ class DecomposeWorker(StageWorker):
         self.store = stage.open_store()
         self.codes = self.store.codes(stage.dictionary)
         concepts = self.store.concepts(stage.dictionary)
-        kind = DICTIONARIES[stage.dictionary]
+        kind = DICTIONARIES[stage.method]
         self.width = stage.config.decompose.max_nonzero
         self.pfvs = PFVSource(stage.config, self.store, device, stage.taps(self.store.facts))
         self.dictionaries = {

@@ -263,13 +263,13 @@ class GroundTruth:
         from gig_dist.stages.decompose import encode_params
 
         self.worker, self.taps = worker, taps
-        config, dictionary = worker.config, worker.stage.dictionary
+        config, method = worker.config, worker.stage.method
         self.top = {}
         for tap in taps:
             matrix = worker.gig.read_matrix((tap, LOGITS))  # (K, classes): the dataset's class means
             order = np.argsort(-matrix, axis=0, kind="stable")[: config.evaluate.top_concepts].T  # (classes, n)
             self.top[tap] = np.where(np.take_along_axis(matrix.T, order, 1) > 0, order, -1)
-        self.coders = {tap: DICTIONARIES[dictionary].from_arrays(worker.concepts.arrays(tap),
+        self.coders = {tap: DICTIONARIES[method].from_arrays(worker.concepts.arrays(tap),
                                                                  **encode_params(config, tap, str(worker.device)))
                        for tap in taps}
         self.srd = SRD(worker.model)
