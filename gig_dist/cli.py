@@ -187,25 +187,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"evaluate: {len(dictionaries)} dictionaries, {images} images, {config.evaluate.steps} steps, {seconds:.1f}s")
     keys = list(next(iter(results.values())))
-    for title, keep in (("C-Insertion - C-Deletion (AUC of the class probability; higher: the first concepts "
-                         "carry the class)", lambda key: key.endswith("-> logits")),
-                        (f"inter-layer insertion - deletion (AUC of max_q <a_q, v_m> / full, first "
-                         f"{config.evaluate.targets} targets per image)", lambda key: not key.endswith("-> logits"))):
+    print("\nsparsity of each dictionary at the source taps (scores compare dictionaries fairly only at "
+          "matched sparsity: gig-dist evaluate --match l0=N)")
+    taps = list(dict.fromkeys(key.split(" -> ")[0] for key in keys))
+    print(f"  {'dictionary':<32}" + "".join(f"{tap + ': R^2, l0, active/img':>34}" for tap in taps))
+    for dictionary, found in results.items():
+        cells = []
+        for tap in taps:
+            sparsity = next((found[k]["sparsity"] for k in found if k.startswith(tap + " -> ")), {})
+            r2, l0, active = sparsity.get("r2"), sparsity.get("mean_l0"), sparsity.get("active_per_image")
+            cells.append(f"{_fmt(r2, '.3f')}, {_fmt(l0, '.1f')}, {_fmt(active, '.0f')}")
+        print(f"  {dictionary:<32}" + "".join(f"{cell:>34}" for cell in cells))
+    forms = (("score", "by fraction of the image's active concepts (AUC over 0, 1/S, ..., 1)"),
+             ("count_score", "by count: the first k = 1, 2, 4, ..., 32 concepts (mean of ins(k) - del(k))"))
+    for title, keep in (("C-Insertion - C-Deletion (the class probability; higher: the first concepts carry the "
+                         "class)", lambda key: key.endswith("-> logits")),
+                        (f"inter-layer insertion - deletion (max_q <a_q, v_m> / full, first {config.evaluate.targets} "
+                         "targets per image, averaged per image)", lambda key: not key.endswith("-> logits"))):
         columns = [key for key in keys if keep(key)]
         if not columns:
             continue
-        print(f"\n{title}; mean +- 95% interval over images")
-        print(f"  {'dictionary / ordering':<32}" + "".join(f"{key:>28}" for key in columns))
-        for dictionary, found in results.items():
-            for ordering in ORDERINGS:
-                cells = []
-                for key in columns:
-                    mean, half, n = found.get(key, {}).get(ordering, {}).get("score", (float("nan"),) * 2 + (0,))
-                    cells.append(f"{mean:+.3f} +- {half:.3f} ({n})")
-                print(f"  {dictionary + ' / ' + ordering:<32}" + "".join(f"{cell:>28}" for cell in cells))
+        for form, told in forms:
+            print(f"\n{title}, {told}; mean +- 95% interval over images")
+            print(f"  {'dictionary / ordering':<32}" + "".join(f"{key:>28}" for key in columns))
+            for dictionary, found in results.items():
+                for ordering in ORDERINGS:
+                    cells = []
+                    for key in columns:
+                        mean, half, n = found.get(key, {}).get(ordering, {}).get(form, (float("nan"),) * 2 + (0,))
+                        cells.append(f"{mean:+.3f} +- {half:.3f} ({n})")
+                    print(f"  {dictionary + ' / ' + ordering:<32}" + "".join(f"{cell:>28}" for cell in cells))
     if ground:
         _print_ground(ground, config.evaluate.top_concepts)
     return 0
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _print_ground(ground: dict[str, dict], top: int) -> None:

@@ -571,13 +571,23 @@ class Report:
             out.append(self._figure(f"eval_{safe(pair[0])}__{safe(pair[1])}.svg", fig, f"{pair[0]} to {pair[1]}",
                                     f"{pair[0]} &rarr; {pair[1]}"))
         scores = summarize(self.store, self.dictionary, pairs, images)
+        nan = (float("nan"), float("nan"), 0)
         out.append("<table><tr><th>ordering</th>" + "".join(f"<th>{html.escape(key)}</th>" for key in scores)
                    + "</tr>" + "".join(
                        f"<tr><td>{ordering}</td>" + "".join(
                            "<td>{:+.3f} &plusmn; {:.3f} ({})</td>".format(*found[ordering]["score"])
+                           + " <small>by count {:+.3f}</small>".format(found[ordering].get("count_score", nan)[0])
                            for found in scores.values()) + "</tr>" for ordering in ORDERINGS)
-                   + "</table><p>cells: AUC<sub>ins</sub> &minus; AUC<sub>del</sub>, mean &plusmn; 95 % interval "
-                     "(images, or image x target between taps)</p>")
+                   + "<tr><td>sparsity</td>" + "".join(
+                       "<td>R<sup>2</sup> {}, l0 {}, {} active per image</td>".format(
+                           *(("-" if v is None else f"{v:{spec}}") for v, spec in (
+                               (found["sparsity"]["r2"], ".3f"), (found["sparsity"]["mean_l0"], ".1f"),
+                               (found["sparsity"]["active_per_image"], ".0f"))))
+                       for found in scores.values()) + "</tr>"
+                   + "</table><p>cells: AUC<sub>ins</sub> &minus; AUC<sub>del</sub> by fraction of the image's active "
+                     "concepts, mean &plusmn; 95 % interval over images (between taps, an image's targets averaged "
+                     "first); by count: the mean of ins(k) &minus; del(k) over the first k = 1, 2, 4, ..., 32 "
+                     "concepts. Dictionaries compare fairly at matched sparsity only.</p>")
         ground = summarize_ground(self.store, self.dictionary, images, self.config.evaluate.top_concepts)
         if ground is not None:
             accuracy = ground["accuracy"]

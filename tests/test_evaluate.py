@@ -115,8 +115,22 @@ def test_evaluate_writes_curves_whose_ends_are_the_full_and_the_empty_codes(attr
             assert np.nanmin(ins) >= 0 and np.nanmax(ins) <= 1
         else:
             np.testing.assert_allclose(ins[..., -1][np.isfinite(ins[..., -1])], 1.0, rtol=1e-5)  # normalised
+        # the absolute form: k = 0 is the empty reconstruction, k past the active concepts the full one
+        counts_in, counts_del = got["count_insertion"].astype(np.float64), got["count_deletion"].astype(np.float64)
+        np.testing.assert_allclose(counts_in[..., 0], ins[..., 0], rtol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(counts_del[..., 0], dele[..., 0], rtol=1e-6, equal_nan=True)
+        active = got["active"]
+        done_rows = np.flatnonzero(active >= 0)
+        assert len(done_rows) and (active[done_rows] > 0).all()
+        few = done_rows[active[done_rows] <= 32]
+        np.testing.assert_allclose(counts_in[few][..., -1], ins[few][..., -1], rtol=1e-6, equal_nan=True)
     score = found["layer3.1 -> logits"]
     assert all(score[o]["score"][2] == 32 for o in ("gig", "random", "code_mass", "grad_x_code"))
+    assert all(score[o]["count_score"][2] == 32 for o in ("gig", "random", "code_mass", "grad_x_code"))
+    # between taps, one value per image (its targets averaged), not one per image x target
+    assert found["layer2.1 -> layer3.1"]["gig"]["score"][2] == 32
+    sparsity = score["sparsity"]
+    assert 0.8 < sparsity["r2"] <= 1 and 0 < sparsity["mean_l0"] < 64 and sparsity["active_per_image"] > 1
     # The run's other stages were kept, and evaluate is not part of a default run.
     assert "evaluate" not in [k.split("/")[-1] for k in RunStore.open(attributed).manifest.stages]
     check_ground_truth(store, json.loads(done.stdout)["ground_truth"]["bisecting_kmeans"])
@@ -345,3 +359,14 @@ def test_the_concepts_each_fraction_counts_round_halves_to_even():
     inserted, _ = curves(lambda x: (head(x.mean(dim=(2, 3))) > 0).sum(1).double(), index, value, dictionary, (4, 2, 2),
                          np.array([0, 1, 2]), steps=4)
     assert inserted.tolist() == [0, 1, 2, 2, 3]  # 3 concepts: 0, 0.75, 1.5 -> 2, 2.25, 3
+
+
+@pytest.mark.fast
+def test_the_absolute_form_inserts_the_first_k_concepts_whatever_their_number():
+    from gig_dist.kernels.evaluation import COUNTS, count_grid, count_score
+
+    assert COUNTS == (0, 1, 2, 4, 8, 16, 32)
+    assert count_grid(5).tolist() == [0, 1, 2, 4, 5, 5, 5]
+    ins = np.array([0.1, 0.5, 0.6, 0.8, 0.9, 0.9, 0.9])
+    dele = np.array([0.9, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1])
+    assert count_score(ins, dele) == pytest.approx(np.mean([0.1, 0.3, 0.6, 0.8, 0.8, 0.8]))

@@ -30,6 +30,21 @@ import numpy as np
 import torch
 
 ORDERINGS = ("gig", "random", "code_mass", "grad_x_code")
+#: The absolute form: the first k concepts inserted or deleted, whatever an image's number of
+#: active concepts (k past it counts them all). Dictionaries that use more concepts per image are
+#: not favoured here as they are by fractions, where a tenth of more concepts is more concepts.
+COUNTS = (0, 1, 2, 4, 8, 16, 32)
+
+
+def count_grid(active: int) -> np.ndarray:
+    """The concepts the absolute form inserts or deletes at each point of :data:`COUNTS`."""
+    return np.minimum(np.asarray(COUNTS), active)
+
+
+def count_score(insertion: np.ndarray, deletion: np.ndarray) -> np.ndarray:
+    """The absolute form's score: the mean over the points k = 1, 2, 4, ..., 32 of insertion(k)
+    minus deletion(k) (last axis: the COUNTS points, k = 0 left out)."""
+    return (np.asarray(insertion)[..., 1:] - np.asarray(deletion)[..., 1:]).mean(axis=-1)
 
 
 def fractions(steps: int) -> np.ndarray:
@@ -66,12 +81,13 @@ def random_scores(k: int, seed: int, image: int) -> np.ndarray:
 @torch.no_grad()
 def curves(forward: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor, value: torch.Tensor,
            dictionary: torch.Tensor, shape: tuple[int, int, int], order: np.ndarray, steps: int,
-           batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+           batch: int = 16, kept: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Insertion and deletion curves (steps + 1,) each for one image: codes ``index``/``value``
     (P, L), concepts ``dictionary`` (K, C), tap ``shape`` (C, H, W), ``order`` of its active
-    concepts; ``forward`` maps reconstructions (B, C, H, W) to readouts (B,)."""
+    concepts; ``forward`` maps reconstructions (B, C, H, W) to readouts (B,). ``kept``: the
+    numbers of concepts at each point (default: the fractions' :func:`counts`)."""
     channels, height, width = shape
-    kept = counts(steps, len(order))
+    kept = counts(steps, len(order)) if kept is None else np.asarray(kept)
     position = torch.full((len(dictionary),), len(order), dtype=torch.int64, device=index.device)
     position[torch.as_tensor(np.ascontiguousarray(order), dtype=torch.int64, device=index.device)] = torch.arange(
         len(order), device=index.device)

@@ -24,6 +24,7 @@ sums (computed again, the same way, where the reduction compacted them); random;
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,12 +33,14 @@ from pydantic import Field
 
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.evaluation import (
+    COUNTS,
     ORDERINGS,
     REGION_OF_OBJECT,
     class_probability,
     code_mass,
     concept_peak,
     concept_weights,
+    count_grid,
     curves,
     random_scores,
     rank,
@@ -92,6 +95,7 @@ class EvaluateConfig(Section):
 
 class EvaluateStage(Stage):
     name = "evaluate"
+    version = 2  # 2: the absolute form (the first k concepts) and each image's active concepts
     reads = ("attribute", "reduce")  # per-image GIG for the orderings; the class matrices for ground truth
     result_keys = ("evaluate.steps", "evaluate.targets", "evaluate.seed", "evaluate.ground_truth",
                    "evaluate.top_concepts", "evaluate.taps", "gig.images")  # gig.images: the class matrices
@@ -130,7 +134,7 @@ class EvaluateStage(Stage):
         e = self.config.evaluate
         specs = [spec for pair in self.pairs(facts)
                  for spec in eval_specs(facts, self.dictionary, pair, len(ORDERINGS), e.steps + 1,
-                                        min(e.targets, self.config.gig.targets))]
+                                        min(e.targets, self.config.gig.targets), len(COUNTS))]
         taps = self.ground_taps(facts)
         return specs + (ground_specs(facts, self.dictionary, taps) if taps else [])
 
@@ -194,10 +198,14 @@ class EvaluateWorker(PairWorker):
         points = e.steps + 1
         ins = np.full((len(r), slots, len(ORDERINGS), points), np.nan, dtype=np.float32)
         dele = np.full_like(ins, np.nan)
+        count_ins = np.full((len(r), slots, len(ORDERINGS), len(COUNTS)), np.nan, dtype=np.float32)
+        count_del = np.full_like(count_ins, np.nan)
         targets = np.full((len(r), slots), -1, dtype=np.int32)
+        active_count = np.full(len(r), -1, dtype=np.int32)
         for row in rows:
             used = index[row] >= 0
             active = np.unique(index[row][used])
+            active_count[row] = len(active)
             wanted = [s for s in range(slots) if chosen[row, s] >= 0]
             if len(active) == 0 or not wanted:
                 continue
@@ -234,9 +242,12 @@ class EvaluateWorker(PairWorker):
                     order = rank(scores, active)
                     ins[row, s, o], dele[row, s, o] = curves(forward, image_index, image_value, V, shape, order,
                                                              e.steps)
+                    count_ins[row, s, o], count_del[row, s, o] = curves(
+                        forward, image_index, image_value, V, shape, order, e.steps, kept=count_grid(len(order)))
                 targets[row, s] = m
-        arrays = {"insertion": ins[:, 0] if target == LOGITS else ins,
-                  "deletion": dele[:, 0] if target == LOGITS else dele}
+        first = (lambda a: a[:, 0]) if target == LOGITS else (lambda a: a)
+        arrays = {"insertion": first(ins), "deletion": first(dele), "count_insertion": first(count_ins),
+                  "count_deletion": first(count_del), "active": active_count}
         if target != LOGITS:
             arrays["target"] = targets
         self.out.write(pair, r, arrays)
@@ -333,31 +344,54 @@ class GroundTruth:
 
 
 def summarize(store: RunStore, dictionary: str, pairs: list[Pair], images: int) -> dict[str, dict]:
-    """Per pair and ordering: mean and 95 % interval over images (inter-layer: over image x
-    target) of AUC_ins - AUC_del, AUC_ins and AUC_del; read a unit at a time."""
-    from gig_dist.kernels.evaluation import auc, mean_interval
+    """Per pair and ordering: mean and 95 % interval over images of AUC_ins - AUC_del, AUC_ins
+    and AUC_del by fraction of the active concepts (``score``), and of the mean of ins(k) -
+    del(k) over the first k = 1, 2, 4, ..., 32 concepts (``count_score``); an inter-layer image's
+    targets are averaged first, so the interval is over images, not image x target pairs. Beside
+    them, ``sparsity``: the source tap's R^2 and mean l0 over all its codes, and the evaluated
+    images' active concepts (mean). Read a unit at a time."""
+    from gig_dist.kernels.evaluation import auc, count_score, mean_interval
 
     section = store.evaluation(dictionary)
+    codes, concepts = store.codes(dictionary), store.concepts(dictionary)
     found: dict[str, dict] = {}
     for pair in pairs:
         if not section.has(pair):
             continue
-        ins_auc, del_auc = [], []
+        scores: dict[str, list[np.ndarray]] = {"score": [], "insertion": [], "deletion": [], "count_score": []}
+        active: list[np.ndarray] = []
+        counted = store.has(section._path(pair, "count_insertion"))  # evaluated before the absolute form
         for r in store.units():
             if r.start >= images:
                 break
-            got = section.read(pair, r)
+            got = section.read(pair, r) if counted else _read_fractions(section, pair, r)
             stop = min(len(r), images - r.start)
-            i, d = got["insertion"][:stop], got["deletion"][:stop]
-            if pair[1] != LOGITS:
-                i, d = i.reshape(-1, *i.shape[2:]), d.reshape(-1, *d.shape[2:])
-            ins_auc.append(auc(i.astype(np.float64)))
-            del_auc.append(auc(d.astype(np.float64)))
-        ins_auc, del_auc = np.concatenate(ins_auc), np.concatenate(del_auc)  # (n, ordering)
-        found[f"{pair[0]} -> {pair[1]}"] = {
-            ordering: {"score": mean_interval(ins_auc[:, o] - del_auc[:, o]), "insertion": mean_interval(ins_auc[:, o]),
-                       "deletion": mean_interval(del_auc[:, o])} for o, ordering in enumerate(ORDERINGS)}
+            i, d = got["insertion"][:stop].astype(np.float64), got["deletion"][:stop].astype(np.float64)
+            ins_auc, del_auc = auc(i), auc(d)  # (n[, target], ordering)
+            per_image = {"score": ins_auc - del_auc, "insertion": ins_auc, "deletion": del_auc}
+            if counted:
+                per_image["count_score"] = count_score(got["count_insertion"][:stop], got["count_deletion"][:stop])
+                active.append(got["active"][:stop][got["active"][:stop] >= 0])
+            for name, values in per_image.items():
+                if pair[1] != LOGITS:  # an image's targets averaged: one value per image
+                    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        values = np.nanmean(values, axis=1)
+                scores[name].append(values)
+        merged = {name: np.concatenate(parts) for name, parts in scores.items() if parts}
+        entry = {ordering: {name: mean_interval(values[:, o]) for name, values in merged.items()}
+                 for o, ordering in enumerate(ORDERINGS)}
+        summary = codes.summary(pair[0], concepts.count(pair[0])) if concepts.has(pair[0]) else {}
+        entry["sparsity"] = {"r2": summary.get("r2"), "mean_l0": summary.get("mean_l0"),
+                             "active_per_image": float(np.concatenate(active).mean()) if active and
+                             np.concatenate(active).size else None}
+        found[f"{pair[0]} -> {pair[1]}"] = entry
     return found
+
+
+def _read_fractions(section, pair: Pair, r: ImageRange) -> dict[str, np.ndarray]:
+    """The fraction curves of a store evaluated before the absolute form existed."""
+    return {name: section.store.array(section._path(pair, name))[r.start : r.stop] for name in ("insertion", "deletion")}
 
 
 def summarize_ground(store: RunStore, dictionary: str, images: int, top_concepts: int) -> dict[str, Any] | None:

@@ -7,6 +7,10 @@
                          ``max_q <a^b_q, v_m>`` over its value at full reconstruction, for the
                          image's first target concepts m at tap b
     eval/<dict>/<a>__<b>/target                  (image, target_slot) int32 those concepts (-1: none)
+    eval/<dict>/<pair>/count_insertion, count_deletion  as insertion and deletion, with the first
+                         k = 0, 1, 2, 4, ..., 32 concepts (``kernels.evaluation.COUNTS``) in place of
+                         fractions of the image's active ones
+    eval/<dict>/<pair>/active                    (image,) int32 the image's active concepts at tap a
 
 Ground truth (toy world, ``evaluate.ground_truth``), for each image and each tap with a class
 matrix; variant 0 the image itself, 1 the same image with a distractor object of another class:
@@ -30,16 +34,17 @@ from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, per_imag
 from gig_dist.store.gig import LOGITS, Pair, pair_key
 
 
-def eval_specs(facts: Facts, dictionary: str, pair: Pair, orderings: int, points: int, targets: int) -> list[ArraySpec]:
+def eval_specs(facts: Facts, dictionary: str, pair: Pair, orderings: int, points: int, targets: int,
+               count_points: int) -> list[ArraySpec]:
     base = f"eval/{dictionary}/{pair_key(*pair)}"
-    if pair[1] == LOGITS:
-        tail, dims = (orderings, points), ("ordering", "fraction")
-        extra = []
-    else:
-        tail, dims = (targets, orderings, points), ("target_slot", "ordering", "fraction")
-        extra = [per_image_spec(facts, f"{base}/target", (targets,), "int32", -1, ("target_slot",))]
-    return [per_image_spec(facts, f"{base}/{name}", tail, "float32", np.nan, dims)
-            for name in ("insertion", "deletion")] + extra
+    head, head_dims = ((), ()) if pair[1] == LOGITS else ((targets,), ("target_slot",))
+    extra = [] if pair[1] == LOGITS else [
+        per_image_spec(facts, f"{base}/target", (targets,), "int32", -1, ("target_slot",))]
+    return ([per_image_spec(facts, f"{base}/{name}", (*head, orderings, points), "float32", np.nan,
+                            (*head_dims, "ordering", "fraction")) for name in ("insertion", "deletion")]
+            + [per_image_spec(facts, f"{base}/count_{name}", (*head, orderings, count_points), "float32", np.nan,
+                              (*head_dims, "ordering", "count")) for name in ("insertion", "deletion")]
+            + [per_image_spec(facts, f"{base}/active", (), "int32", -1, ())] + extra)
 
 
 GROUND_VARIANTS = ("image", "with distractor")
@@ -96,5 +101,6 @@ class EvaluationSection:
         return self.store.has(self._path(pair, "insertion"))
 
     def read(self, pair: Pair, r: ImageRange) -> dict[str, np.ndarray]:
-        names = ("insertion", "deletion") + (() if pair[1] == LOGITS else ("target",))
+        names = ("insertion", "deletion", "count_insertion", "count_deletion", "active") + (
+            () if pair[1] == LOGITS else ("target",))
         return {name: self.store.array(self._path(pair, name))[r.start : r.stop] for name in names}
