@@ -357,14 +357,17 @@ def bench_gig(args: argparse.Namespace) -> None:
 def bench_gaps(args: argparse.Namespace) -> None:
     """``gig.max_gap`` on a model of real size: ResNet50 at 224 px (random weights, random
     BatchNorm statistics and biases so that blocks are not positively homogeneous), one random
-    image, concepts from k-means of its own PFVs and the non-negative Lasso. Per pair: the gaps
-    at ``--steps``, after refinement, the steps the targets used, and the time of each."""
+    image, concepts from k-means of its own PFVs and the non-negative Lasso. Class targets: the
+    half of ``--targets`` that change most and the half that barely change, where a relative gap
+    cannot fall under max_gap. Per pair, with the relative test alone (atol 0) and beside
+    ``gig.atol``: the gaps at ``--steps``, after refinement, the steps the targets used, and the
+    time of each."""
     import numpy as np
     import torch
     from torch import nn
 
     from gig_dist.config import load_config
-    from gig_dist.kernels.gig import GIG, LOGITS, refine
+    from gig_dist.kernels.gig import GIG, LOGITS, reconstruct, refine
     from gig_dist.kernels.lasso import NonNegativeLassoCoder
     from gig_dist.kernels.metrics import completeness_gap
     from gig_dist.kernels.taps import capture
@@ -408,11 +411,20 @@ def bench_gaps(args: argparse.Namespace) -> None:
                 kernels[steps] = GIG(model, source, target, torch.from_numpy(V), shape, W, steps=steps)
             return kernels[steps]
 
-        targets = torch.arange(args.targets) if target != LOGITS else \
-            model(torch.randn(1, 3, 224, 224, generator=g)).topk(args.targets).indices[0].clone()
+        if target != LOGITS:
+            targets = torch.arange(args.targets)
+        else:  # the classes that change most, and those that barely change (where the relative gap breaks down)
+            x_full = reconstruct(index, value, torch.from_numpy(V)).T.reshape(act.shape)
+            change = kernel(args.steps).change(x_full, torch.arange(1000)).abs()
+            order = torch.argsort(change, descending=True)
+            targets = torch.cat([order[: args.targets // 2], order[-(args.targets - args.targets // 2):]])
         started = time.perf_counter()
         result = kernel(args.steps).attribute(index, value, targets, endpoints=True)
         first_time = time.perf_counter() - started
+        if target == LOGITS:
+            error = (result.total - result.delta).abs()
+            print(f"  {'':<24}changes {np.array2string(result.delta.numpy(), precision=4)}, absolute gaps "
+                  f"{np.array2string(error.numpy(), precision=1)}, scales {np.array2string(result.scale.numpy(), precision=3)}")
         for atol in (0.0, args.atol):  # the relative test alone, then with the absolute one beside it
             started = time.perf_counter()
             refined, used, before = refine(kernel, result, index, value, targets, None, args.steps, args.max_gap,

@@ -261,8 +261,10 @@ class GIGResult:
 
     attribution: torch.Tensor
     delta: torch.Tensor | None = None
-    #: (T,) the target's magnitude at the path's ends, ``max(|S(F(X~))|, |S(F(0))|)``: the scale
-    #: an absolute gap is judged against where the target barely changes (:func:`refine`).
+    #: (T,) the readout's scale in the image: the largest magnitude any target of the pair takes at
+    #: the path's ends. A gap small against it is negligible, however much of the target's own
+    #: change it is (:func:`refine`): float32 noise in a network whose outputs reach it does not
+    #: shrink with the steps.
     scale: torch.Tensor | None = None
 
     @property
@@ -404,8 +406,8 @@ class GIG:
         attribution /= self.steps
         if not endpoints:
             return GIGResult(attribution)
-        ends = self.ends(x_full, targets, None if image is None else image[0])
-        return GIGResult(attribution, ends[0] - ends[1], ends.abs().max(dim=0).values)
+        ends, scale = self.ends(x_full, targets, None if image is None else image[0], scale=True)
+        return GIGResult(attribution, ends[0] - ends[1], scale.expand(len(targets)))
 
     def change(self, activation: torch.Tensor, targets: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """``S_t(F(a)) - S_t(F(0))`` (T,) float64 for a source activation ``a`` (C, H, W): with the
@@ -414,16 +416,23 @@ class GIG:
         ends = self.ends(activation, targets, image)
         return ends[0] - ends[1]
 
-    def ends(self, activation: torch.Tensor, targets: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        """``[S_t(F(a)), S_t(F(0))]`` (2, T) float64: the readouts at the path's two ends."""
+    def ends(self, activation: torch.Tensor, targets: torch.Tensor, image: torch.Tensor | None = None,
+             scale: bool = False):
+        """``[S_t(F(a)), S_t(F(0))]`` (2, T) float64: the readouts at the path's two ends; with
+        ``scale``, also the readout's scale in this image: the largest magnitude any target of
+        the pair (every class, or every target concept) takes at either end."""
         from gig_dist.kernels.srd import refuse_training_mode
 
         refuse_training_mode(self.subnet.model, "GIG")
         with torch.no_grad():
             activation = activation.to(self.V.device, self.V.dtype)
             ends = torch.stack([activation, torch.zeros_like(activation)])
-            read = self._readout(self.subnet(ends, None if image is None else image[None]), targets)
-        return read.to(torch.float64)
+            out = self.subnet(ends, None if image is None else image[None])
+            read = self._readout(out, targets).to(torch.float64)
+            if not scale:
+                return read
+            every = out if self.logits else out.sum(dim=(2, 3)) @ self.W.T.to(out.dtype)
+        return read, every.abs().max().to(torch.float64).reshape(1)
 
 
 
@@ -432,10 +441,13 @@ def refine(kernel: Callable[[int], GIG], result: GIGResult, index: torch.Tensor,
            max_steps: int, atol: float = 0.0) -> tuple[GIGResult, np.ndarray, np.ndarray]:
     """Integrate again every target whose completeness gap is coarse, with twice the steps each
     time, up to ``max_steps``: while ``|sum_k GIG - delta| > max(max_gap |delta|, atol scale)``,
-    ``scale`` the target's magnitude at the path's ends (``GIGResult.scale``). The relative test
-    alone asks the impossible of a target that barely changes (a logit that moves by 0.003 has a
-    relative gap of 1.8 % at an absolute one of 5e-5, and doubling the steps to the maximum spent
-    the most where the target mattered least); the absolute one stops there. ``result`` is the
+    ``scale`` the readout's scale in the image (``GIGResult.scale``: the largest magnitude any
+    class, or target concept, takes at the path's ends). The relative test alone asks the
+    impossible of a target that barely changes while the network's outputs are large: its
+    integrand is a small difference of large float32 values, whose noise does not shrink with
+    the steps (a logit that moves by 0.003 had a relative gap of 1.8 % at an absolute one of 5e-5,
+    and doubling the steps to the maximum spent the most where the target mattered least); the
+    absolute test stops there. ``result`` is the
     image's GIG with endpoints at ``steps``; ``kernel(m)`` is the same pair's kernel with ``m``
     steps. Returns the refined result, the steps each target used and its relative gap at ``steps``."""
     from gig_dist.kernels.metrics import GAP_EPSILON

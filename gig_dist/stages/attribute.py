@@ -89,9 +89,9 @@ class GIGConfig(Section):
     #: ``max_steps``. The steps each target used and its gap at ``steps`` are stored. ``None``: off.
     max_gap: float | None = Field(default=None, gt=0)
     max_steps: int = Field(default=256, ge=1)
-    #: With ``max_gap``: a gap under ``atol`` times the target's magnitude at the path's ends is
-    #: fine whatever its share of the target's change (a target that barely changes cannot reach
-    #: a relative gap of 1 %; see ``kernels.gig.refine`` and the README's gap distributions).
+    #: With ``max_gap``: a gap under ``atol`` times the readout's scale in the image (the largest
+    #: magnitude a class, or target concept, takes at the path's ends) is fine whatever its share
+    #: of the target's own change (``kernels.gig.refine``; the README's gap distributions).
     atol: float = Field(default=1e-3, ge=0)
     #: Keep each image's GIG per source concept (float32, images x targets x active sources)
     #: after the reduction. Off: once reduced, an image keeps its targets, totals, gaps and top
