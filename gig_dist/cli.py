@@ -148,7 +148,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     base = store.manifest.config
     attributed = [key.split("/")[0] for key, record in store.manifest.stages.items()
                   if key.endswith("/attribute") and record.finished]
-    dictionaries = args.dicts or attributed
+    # By default the run's own levels; matched and sweep levels (``<name>@...``) when named.
+    dictionaries = args.dicts or [d for d in attributed if "@" not in d] or attributed
     missing = [d for d in dictionaries if d not in attributed]
     if missing or not dictionaries:
         raise ConfigError(f"no finished GIG for dictionar{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} in "
@@ -156,6 +157,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           if missing else f"{args.dir} has no finished GIG yet: run the pipeline first")
     images = args.images or min(64, base.get("gig", {}).get("images") or store.num_images)
     taps = [f"evaluate.taps=[{','.join(args.taps)}]"] if args.taps else []
+    stream = sys.stderr if args.json else sys.stdout
+    matched = []
+    if args.match:
+        from gig_dist.sweep import match_level, parse_target
+
+        metric, target = parse_target(args.match)
+        plans = []
+        for dictionary in dictionaries:  # every level matched (and validated) before any work
+            print(f"{dictionary}: matching {metric} = {target:g} on each tap's samples", file=stream, flush=True)
+            found = match_level(store, dictionary, metric, target, log=lambda line: print(line, file=stream, flush=True))
+            plans.append((found, config_from_tree(store.manifest.dictionary_config(dictionary), [
+                *found.overrides, f"evaluate.images={images}", "report.enabled=false", *taps, *args.overrides])))
+        for found, config in plans:
+            pipeline.run(config, store.url, until="evaluate", on_plan=lambda decisions, level=found.level: print(
+                f"{level}: " + ", ".join(f"{d.key.split('/')[-1]} {d.action}" for d in decisions if "/" in d.key),
+                file=stream, flush=True))
+            matched.append(found)
+        dictionaries = [found.level for found in matched]
+        store = RunStore.open(args.dir)
     results, ground, seconds = {}, {}, 0.0
     for dictionary in dictionaries:
         # Each dictionary with the settings its level was made with: evaluating one never redoes another.
@@ -181,11 +201,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         results[dictionary] = summarize(done, dictionary, EvaluateStage(config, store.url).pairs(done.facts), images)
         ground[dictionary] = summarize_ground(done, dictionary, images, config.evaluate.top_concepts)
     ground = {d: found for d, found in ground.items() if found is not None}
+    match = _match_table(RunStore.open(args.dir), matched, args.match) if matched else None
     if args.json:
-        print(json.dumps({"images": images, "steps": config.evaluate.steps, "results": results, "ground_truth": ground},
-                         indent=2))
+        print(json.dumps({"images": images, "steps": config.evaluate.steps, "results": results, "ground_truth": ground,
+                          **({"match": match} if match else {})}, indent=2))
         return 0
     print(f"evaluate: {len(dictionaries)} dictionaries, {images} images, {config.evaluate.steps} steps, {seconds:.1f}s")
+    if match:
+        _print_match(match)
     keys = list(next(iter(results.values())))
     print("\nsparsity of each dictionary at the source taps (scores compare dictionaries fairly only at "
           "matched sparsity: gig-dist evaluate --match l0=N)")
@@ -220,6 +243,105 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if ground:
         _print_ground(ground, config.evaluate.top_concepts)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The concept-size and sparsity sweep: each (dictionary, K, lambda) a level of the run's
+    store, run through evaluate on a subset of images; then the table of what each measured."""
+    from gig_dist.store import RunStore
+    from gig_dist.sweep import plot_sweep, run_sweep, sweep_levels, sweep_table
+
+    store = RunStore.open(args.dir)
+    if "sample" not in store.manifest.stages or not store.manifest.stages["sample"].finished:
+        raise ConfigError(f"{args.dir} has no finished sample stage: gig-dist run it first (the sweep reuses its PFVs "
+                          "and samples)")
+    from gig_dist.kernels.dictionary import DICTIONARIES
+    from gig_dist.sweep import SWEEP_IMAGES
+
+    methods = args.dicts or ["bisecting_kmeans", "kmeans"]
+    unknown = [m for m in methods if m not in DICTIONARIES]
+    if unknown:
+        raise ConfigError(f"--dict {', '.join(unknown)}: the dictionaries are {', '.join(DICTIONARIES)}")
+    images = args.images or SWEEP_IMAGES
+    if images < 1:
+        raise ConfigError(f"--images {images}: at least 1")
+    if not args.table_only:
+        run_sweep(args.dir, methods, _floats(args.k, "--k"), _floats(args.lambdas, "--lambda"), images,
+                  out=sys.stderr if args.json else sys.stdout)
+    store = RunStore.open(args.dir)
+    if not sweep_levels(store):
+        raise ConfigError(f"{args.dir} has no finished sweep point yet: run gig-dist sweep {args.dir}")
+    rows = sweep_table(store)
+    if args.plot:
+        plot_sweep(rows, args.plot)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _print_sweep(rows)
+    if args.plot:
+        print(f"\nPareto plots: {args.plot}")
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not np.isfinite(v) or v <= 0 for v in values):
+        raise ConfigError(f"{flag} {text!r}: give positive numbers separated by commas, e.g. 1,2,4")
+    return values
+
+
+def _print_sweep(rows: list[dict[str, Any]]) -> None:
+    from gig_dist.sweep import _mean
+
+    def avg(row, name):
+        return _mean([entry.get(name) for entry in row["taps"].values()])
+
+    print(f"\nsweep: {len(rows)} points, {rows[0]['images']} images each; per point the mean over its source taps "
+          "(C-Ins - C-Del and inter-layer: GIG order; tiny: concepts with 1-2 members)")
+    header = ("level", "R^2", "l0", "score", "by count", "inter", "purity", "tiny", "recall", "gap", "kept", "fit s",
+              "dec s", "GIG s")
+    print(f"  {header[0]:<34}" + "".join(f"{h:>9}" for h in header[1:]))
+    for row in rows:
+        seconds = row["seconds"]
+        cells = [(avg(row, "r2"), ".3f"), (avg(row, "mean_l0"), ".2f"), (avg(row, "score"), "+.3f"),
+                 (avg(row, "count_score"), "+.3f"), (avg(row, "inter_layer"), "+.3f"), (avg(row, "purity"), ".3f"),
+                 (avg(row, "tiny_concepts"), ".2f"), (row["part_recall"], ".2f"), (row["gap"], ".1e"),
+                 (row["kept"], ".3f"), (seconds.get("concepts"), ".1f"), (seconds.get("decompose"), ".1f"),
+                 (seconds.get("attribute"), ".1f")]
+        print(f"  {row['level']:<34}" + "".join(f"{_fmt(value, spec):>9}" for value, spec in cells))
+
+
+def _match_table(store, matched, text: str) -> dict[str, Any]:
+    """Per matched level and tap: the parameter chosen, and the l0 and R^2 its codes reached over
+    every decomposed image, against the target."""
+    from gig_dist.sweep import achieved, parse_target
+
+    metric, target = parse_target(text)
+    table = {"metric": metric, "target": target, "levels": {}}
+    for found in matched:
+        reached = achieved(store, found.level, list(found.per_tap))
+        rows = {}
+        for tap, chosen in found.per_tap.items():
+            value = reached[tap]["mean_l0" if metric == "l0" else "r2"]
+            rows[tap] = {**chosen, **reached[tap],
+                         "within_10pct": bool(value is not None and abs(value - target) <= 0.1 * target)}
+        table["levels"][found.level] = {"from": found.source, "method": found.method, "taps": rows}
+    return table
+
+
+def _print_match(match: dict[str, Any]) -> None:
+    metric, target = match["metric"], match["target"]
+    print(f"\nmatched sparsity: each dictionary refit to {metric} = {target:g} (Lasso-coded: lambda_rel per tap; the "
+          "SAE: retrained top-k); achieved over all decomposed images")
+    print(f"  {'level':<32}{'tap':<14}{'setting':>20}{'R^2':>8}{'mean l0':>9}  within 10%")
+    for level, entry in match["levels"].items():
+        for tap, row in entry["taps"].items():
+            setting = f"lambda_rel {row['lambda_rel']:.4g}" if "lambda_rel" in row else f"top-k {row['sae_top_k']}"
+            print(f"  {level:<32}{tap:<14}{setting:>20}{_fmt(row['r2'], '.3f'):>8}{_fmt(row['mean_l0'], '.2f'):>9}  "
+                  f"{'yes' if row['within_10pct'] else 'NO'}")
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -623,8 +745,27 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a dictionary of the run (repeatable; default: every one with finished GIG)")
     evaluate.add_argument("--taps", nargs="+", metavar="TAP",
                           help="evaluate only the pairs from these taps (default: every GIG pair)")
+    evaluate.add_argument("--match", metavar="l0=N|r2=X",
+                          help="refit each dictionary to one sparsity first (a level <dict>@l0=N beside it: lambda_rel "
+                               "per tap for the Lasso-coded ones, a top-k SAE), then compare those")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    sweep = sub.add_parser("sweep", help="the concept-size and sparsity sweep: K x lambda per dictionary, each a "
+                                          "level of the run, evaluated on a subset; a table and Pareto plots")
+    sweep.add_argument("dir", metavar="DIR")
+    sweep.add_argument("--dict", dest="dicts", action="append", metavar="NAME",
+                       help="a dictionary method (repeatable; default: bisecting_kmeans and kmeans)")
+    sweep.add_argument("--k", default="1,2,4,8,16", metavar="M1,M2,...",
+                       help="concepts.k_multiplier values (K = M x channels; default 1,2,4,8,16)")
+    sweep.add_argument("--lambda", dest="lambdas", default="0.025,0.05,0.1", metavar="L1,L2,...",
+                       help="decompose.lambda_rel values (default 0.025,0.05,0.1; the SAE takes none)")
+    sweep.add_argument("--images", type=int, default=None, metavar="N",
+                       help="images each point decomposes, attributes and evaluates (default 32)")
+    sweep.add_argument("--plot", metavar="FILE", help="write the Pareto plots (.png) there")
+    sweep.add_argument("--table-only", action="store_true", help="only the table of the points already finished")
+    sweep.add_argument("--json", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
 
     show = sub.add_parser("show", help="a figure of a concept (its members on their images) or of a class graph")
     show.add_argument("dir", metavar="DIR")

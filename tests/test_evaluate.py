@@ -370,3 +370,159 @@ def test_the_absolute_form_inserts_the_first_k_concepts_whatever_their_number():
     ins = np.array([0.1, 0.5, 0.6, 0.8, 0.9, 0.9, 0.9])
     dele = np.array([0.9, 0.4, 0.3, 0.2, 0.1, 0.1, 0.1])
     assert count_score(ins, dele) == pytest.approx(np.mean([0.1, 0.3, 0.6, 0.8, 0.8, 0.8]))
+
+
+# -- matched sparsity and the sweep -----------------------------------------------------------------
+
+
+def _clustered(n=600, c=12, k=24, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.abs(rng.normal(size=(k, c)))
+    X = centres[rng.integers(0, k, n)] * rng.uniform(0.5, 2, (n, 1)) + 0.3 * np.abs(rng.normal(size=(n, c)))
+    return X.astype(np.float32)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(("metric", "target"), [("l0", 2.0), ("l0", 3.5), ("r2", 0.9)])
+def test_matched_lambda_reaches_the_target_sparsity_on_the_pfvs(metric, target):
+    from gig_dist.kernels.dictionary import KMeansDictionary
+    from gig_dist.stages.decompose import matched_lambda, sparsity_of
+
+    X = _clustered()
+    fitted = KMeansDictionary(24, seed=0).fit(X)
+    arrays = fitted.fitted_arrays()
+
+    def coder_for(lam):
+        return KMeansDictionary.from_arrays(arrays, lambda_rel=lam)
+
+    lam, reached = matched_lambda(coder_for, X, metric, target)
+    assert reached == pytest.approx(target, rel=0.02)
+    assert sparsity_of(coder_for(lam), X, metric) == pytest.approx(reached)
+    # the search's direction: a larger lambda is sparser (and less faithful)
+    assert sparsity_of(coder_for(lam * 2), X, metric) < reached
+
+
+@pytest.mark.fast
+def test_matched_top_k_is_the_smallest_k_whose_sae_reaches_the_r2():
+    from gig_dist.kernels.dictionary import SparseAutoencoderDictionary
+    from gig_dist.stages.decompose import matched_top_k, sparsity_of
+
+    X = _clustered(n=400)
+    fits = {}
+
+    def fit_for(k):
+        fits[k] = SparseAutoencoderDictionary(16, seed=0, top_k=k, steps=150).fit(X)
+        return fits[k]
+
+    target = 0.8
+    k, reached = matched_top_k(fit_for, X, target, largest=8)
+    assert reached >= target or k == 8
+    assert sparsity_of(fits[k], X, "r2") == reached
+    if k > 1 and k - 1 in fits:
+        assert sparsity_of(fits[k - 1], X, "r2") < target
+    # a top-k SAE's codes have at most k concepts per PFV
+    assert sparsity_of(fits[k], X, "l0") <= k
+
+
+@pytest.mark.fast
+def test_match_targets_and_the_pareto_front():
+    from gig_dist.sweep import pareto, parse_target
+
+    assert parse_target("l0=5") == ("l0", 5.0) and parse_target("R^2=0.9") == ("r2", 0.9)
+    for bad in ("l0", "l1=3", "r2=1.5", "l0=-1", "l0=nan"):
+        with pytest.raises(ConfigError, match="--match"):
+            parse_target(bad)
+    points = [(1.0, 0.5), (2.0, 0.7), (2.0, 0.6), (3.0, 0.65), (0.5, 0.1)]
+    assert pareto(points) == [4, 0, 1]
+
+
+@pytest.mark.fast
+def test_the_sae_settings_count_only_for_the_sae():
+    from gig_dist.stages.concepts import ConceptsStage, fit_params
+    from gig_dist.stages.decompose import encode_params
+
+    base = toy_config()
+    assert ConceptsStage.key_values(toy_config("concepts.sae_top_k=5")) == ConceptsStage.key_values(base)
+    sae = toy_config("concepts.method=sae")
+    topk = toy_config("concepts.method=sae", "concepts.sae_top_k=5")
+    assert ConceptsStage.key_values(sae) != ConceptsStage.key_values(topk)
+    assert "concepts.sae_top_k" not in ConceptsStage.key_values(sae)  # stores made before keep their fingerprint
+    assert fit_params(topk)["top_k"] == 5 and "top_k" not in fit_params(base)
+    assert encode_params(topk, "layer1.0", "cpu")["top_k"] == 5  # decompose encodes as it was trained
+
+
+def test_evaluate_match_refits_each_dictionary_to_the_target_l0(attributed, tmp_path):
+    """`--match l0=2` makes a level per dictionary whose codes reach l0 = 2 within 10 % at every
+    tap (this small world's K = C / 4 has 16-64 concepts), and leaves the dictionaries it matched
+    as they were."""
+    import shutil
+
+    url = str(tmp_path / "run.zarr")
+    shutil.copytree(attributed, url)
+    pipeline.run(toy_config(*SMALL, "concepts.method=kmeans"), url, until="graphs")
+    before = _level_bytes(url, "bisecting_kmeans")
+    done = _evaluate(url, "--images", "16", "--match", "l0=2", "--dict", "bisecting_kmeans", "--dict", "kmeans")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout)
+    assert set(found["results"]) == {"bisecting_kmeans@l0=2", "kmeans@l0=2"}
+    store = RunStore.open(url)
+    for level, entry in found["match"]["levels"].items():
+        assert set(entry["taps"]) == set(store.taps)
+        for tap, row in entry["taps"].items():
+            assert abs(row["mean_l0"] - 2) <= 0.2 and row["within_10pct"], (level, tap, row)
+            summary = store.codes(level).summary(tap, store.concepts(level).count(tap))
+            assert summary["mean_l0"] == pytest.approx(row["mean_l0"])
+        # the level keeps the dictionary and changes only lambda
+        assert np.array_equal(store.concepts(level).vectors("layer3.1"),
+                              store.concepts(entry["from"]).vectors("layer3.1"))
+        assert store.manifest.dictionary_config(level)["decompose"]["lambda_rel"] == \
+            {tap: row["lambda_rel"] for tap, row in entry["taps"].items()}
+    assert _level_bytes(url, "bisecting_kmeans") == before
+    # matched again: the same lambdas, every stage kept
+    again = subprocess.run([*CLI, "evaluate", url, "--images", "16", "--match", "l0=2", "--dict", "kmeans"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    plan = next(line for line in again.stdout.splitlines() if line.startswith("kmeans@l0=2: concepts"))
+    assert "new" not in plan and "redo" not in plan, plan
+    assert "within 10%" in again.stdout and " NO" not in again.stdout
+
+
+def test_sweep_resumes_after_a_kill_and_tabulates_every_point(attributed, tmp_path):
+    """`gig-dist sweep`: each (dictionary, K, lambda) a level of the store; killed in the second
+    point, it resumes (the first point kept whole) and writes the table and the Pareto plots."""
+    import shutil
+
+    url = str(tmp_path / "run.zarr")
+    shutil.copytree(attributed, url)
+    command = [*CLI, "sweep", url, "--dict", "bisecting_kmeans", "--dict", "kmeans", "--k", "0.125,0.25",
+               "--lambda", "0.1", "--images", "16", "--json"]
+    taps = len(RunStore.open(url).taps)
+    # the concepts stage fits one unit per tap: the kill falls in the second point's fit
+    env = {**os.environ, "GIG_DIST_FAILPOINT": f"concepts.before_commit:{taps + 2}"}
+    killed = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    store = RunStore.open(url)
+    first, second = "bisecting_kmeans@k=0.125,lambda=0.1", "bisecting_kmeans@k=0.25,lambda=0.1"
+    assert store.manifest.stages[f"{first}/evaluate"].finished
+    assert not store.manifest.stages[f"{second}/concepts"].finished
+    plot = tmp_path / "sweep.png"
+    done = subprocess.run([*command, "--plot", str(plot)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plans = [line for line in done.stderr.splitlines() if line.startswith("  ")]
+    assert "new" not in plans[0] and "redo" not in plans[0] and "resume" not in plans[0], plans[0]
+    assert "concepts resume" in plans[1], plans[1]
+    rows = json.loads(done.stdout)
+    assert [row["level"] for row in rows] == [first, second, "kmeans@k=0.125,lambda=0.1", "kmeans@k=0.25,lambda=0.1"]
+    store = RunStore.open(url)
+    for row in rows:
+        assert row["images"] == 16 and row["method"] in ("bisecting_kmeans", "kmeans")
+        tap = row["taps"]["layer3.1"]
+        assert tap["k"] == round(row["k_multiplier"] * 256) == store.concepts(row["level"]).count("layer3.1")
+        assert 0 < tap["r2"] <= 1 and tap["mean_l0"] > 0 and np.isfinite(tap["score"]) and np.isfinite(tap["count_score"])
+        assert tap["purity"] is not None and 0 <= tap["purity"] <= 1
+        assert row["gap"] is not None and row["seconds"]["attribute"] > 0
+    # the run's own level is untouched, and evaluate without --dict leaves the sweep's levels out
+    assert store.manifest.dictionary_config("bisecting_kmeans")["concepts"]["k_multiplier"] == 0.25
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = subprocess.run([*CLI, "sweep", url, "--table-only"], capture_output=True, text=True)
+    assert table.returncode == 0 and first in table.stdout and "by count" in table.stdout, table.stderr[-2000:]

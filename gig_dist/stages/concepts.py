@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -61,6 +61,11 @@ class ConceptsConfig(Section):
     #: it initialises on (None: until the centres settle, up to 300). 8 fitted overlapping,
     #: blob-like data 2.3x faster at +0.3 % inertia (``python -m jobs.benchmark concepts``).
     refine_iter: int | None = Field(default=None, ge=1)
+    #: The sparse autoencoder's L1 weight on its latents (``method: sae``; ignored with ``sae_top_k``).
+    sae_l1: float = Field(default=0.03, ge=0)
+    #: Keep only the SAE's ``top_k`` largest latents per PFV, in training and in its codes (a
+    #: top-k SAE; ``None``: the L1 penalty). ``evaluate --match l0=N`` sets it to N.
+    sae_top_k: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _positive_k(self) -> ConceptsConfig:
@@ -78,8 +83,11 @@ def concept_count(config: Config, tap: str, channels: int) -> int:
 def fit_params(config: Config) -> dict:
     """The dictionary's fit hyper-parameters from ``concepts.*`` (K is per tap)."""
     options = config.concepts
-    return {"seed": options.seed, "n_init": options.n_init, "backend": options.backend,
-            "refine_iter": options.refine_iter}
+    params = {"seed": options.seed, "n_init": options.n_init, "backend": options.backend,
+              "refine_iter": options.refine_iter}
+    if options.method == "sae":
+        params.update(l1=options.sae_l1, top_k=options.sae_top_k)
+    return params
 
 
 def sample_count_errors(config: Config, facts: Facts, samples: dict[str, int], bound: str, warn: bool) -> list[str]:
@@ -111,7 +119,8 @@ class ConceptsStage(Stage):
     name = "concepts"
     reads = ("sample",)
     result_keys = ("concepts.",)
-    later_keys = {"concepts.refine_iter": None, "concepts.level": None}
+    later_keys = {"concepts.refine_iter": None, "concepts.level": None, "concepts.sae_l1": 0.03,
+                  "concepts.sae_top_k": None}
     per_dictionary = True
     unit_noun = "taps"
     # 2: bisecting k-means's Lloyd moves its sums by the members that changed sides (float64)
@@ -132,6 +141,14 @@ class ConceptsStage(Stage):
                               stacklevel=2)
         capacity = {tap: facts.num_images * min(config.sample.per_image, h * w) for tap, (_, h, w) in known.items()}
         return errors + sample_count_errors(config, facts, capacity, "at most ", warn=True)
+
+    @classmethod
+    def key_values(cls, config: Config) -> dict[str, Any]:
+        """The SAE's settings count only for the SAE."""
+        found = super().key_values(config)
+        if config.concepts.method != "sae":
+            found = {key: value for key, value in found.items() if not key.startswith("concepts.sae_")}
+        return found
 
     def check_inputs(self, store: RunStore) -> list[str]:
         """Against the samples actually drawn: skipped images gave none."""
