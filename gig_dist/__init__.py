@@ -1,11 +1,8 @@
 """gig-dist: mechanistic interpretability of image models at dataset scale (GIG, arXiv 2409.01610)."""
 
-from importlib import metadata
+from gig_dist._version import __version__
 
-try:
-    __version__ = metadata.version("gig-dist")
-except metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
+__all__ = ["__version__", "open_run"]
 
 
 def open_run(url: str, dictionary: str | None = None):

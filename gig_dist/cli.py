@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from gig_dist import __version__
+from gig_dist._version import __version__
 from gig_dist.config import Config, ConfigError, load_config
 from gig_dist.formatting import fmt_bytes
 from gig_dist.stages.registry import stage_names, stages_until
@@ -397,7 +397,7 @@ def _print_ground(ground: dict[str, dict], top: int) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from gig_dist import open_run
+    from gig_dist.read import open_run
 
     run = open_run(args.dir)
     if (args.cls is None) == (args.tap is None):
@@ -419,79 +419,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def stage_states(store) -> dict[str, dict[str, Any]]:
-    """Each recorded stage: units done of those planned, complete, and stale (an input it read
-    was redone since)."""
-    states = {}
-    records = store.manifest.stages
-    for key, record in records.items():
-        done = store.done_units(key)
-        stale = [k for k, fp in record.upstream.items() if k not in records or records[k].fingerprint != fp]
-        states[key] = {"complete": bool(record.finished and record.fingerprint), "units_done": int(done.sum()),
-                       "units": record.units, "stale": stale}
-    return states
-
-
-def inspect_summary(url: str) -> dict[str, Any]:
-    from gig_dist.store import RunStore
-
-    store = RunStore.open(url)
-    manifest = store.manifest
-    dictionaries = {}
-    for name in store.dictionaries():
-        concepts, codes, gig = store.concepts(name), store.codes(name), store.gig(name)
-        dictionaries[name] = {
-            "concepts": {tap: concepts.fit(tap) for tap in store.taps if concepts.has(tap)},
-            "codes": {tap: codes.summary(tap, concepts.count(tap)) for tap in codes.taps() if concepts.has(tap)},
-            "gig": gig.summary(),
-        }
-    return {
-        "store": store.url,
-        "stages": stage_states(store),
-        # which relevance and iERF each stage ran, where the model decides (SRD or not)
-        "methods": {key: dict(record.methods) for key, record in manifest.stages.items() if record.methods},
-        "labels": label_summary(store),
-        "coverage": coverage_summary(store),
-        "arrays": store.describe_arrays(),
-        "images": store.meta.image_counts(),
-        "skipped": store.meta.skipped_images(),
-        "taps": {tap: list(shape) for tap, shape in store.taps.items()},
-        "dictionaries": dictionaries,
-        "config": manifest.config,
-        "versions": manifest.versions,
-    }
-
-
-def label_summary(store) -> dict[str, Any]:
-    from gig_dist.data.labels import DESCRIPTIONS
-
-    facts = store.facts
-    return {"source": facts.label_source, "description": DESCRIPTIONS.get(facts.label_source, facts.label_source),
-            "dataset_classes": len(facts.dataset_classes), "outputs": facts.num_outputs}
-
-
-def coverage_summary(store) -> dict[str, dict[str, Any]]:
-    """Processed images per class in what each stage covers: every image (extract), the first
-    ``decompose.images`` and the first ``gig.images`` (whole store units)."""
-    if not store.has("meta/status"):
-        return {}
-    config = store.manifest.config
-    unit = store.facts.images_per_unit
-    found = {}
-    for name, limit in (("extract", None), ("decompose", config.get("decompose", {}).get("images")),
-                        ("attribute", config.get("gig", {}).get("images"))):
-        if limit is not None:
-            limit = min(store.num_images, -(-limit // unit) * unit)
-        counts = store.meta.class_counts(limit)
-        used = counts[counts > 0]
-        found[name] = {"images": int(counts.sum()), "classes": int(len(used)), "of_classes": len(counts),
-                       "per_class_min": int(used.min()) if len(used) else 0,
-                       "per_class_median": float(np.median(used)) if len(used) else 0.0,
-                       "per_class_max": int(used.max()) if len(used) else 0}
-    return found
-
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from gig_dist.read import inspect_summary
+
     summary = inspect_summary(args.dir)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -592,8 +523,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
     if args.top is None and args.gamma in (None, config.gig.graph_gamma):
         graph = store.gig(dictionary).read_graph(int(cls))
     else:
-        from gig_dist.stages.attribute import gig_pairs
         from gig_dist.stages.graphs import build_graphs
+        from gig_dist.stages.pairs import gig_pairs
 
         top = args.top or config.gig.graph_top
         if top > config.gig.top_edges and (args.gamma or config.gig.graph_gamma) == "class":

@@ -8,8 +8,8 @@ Errors name the key and the value: ``dataset.stride = 0: Input should be greater
 to 1``; an unknown key suggests the closest valid one.
 
 The run's inputs (model, dataset, transform, taps) and its execution (store, runtime) are
-configured here; each stage's own section lives in its module (``extract``, ``sample``,
-``concepts``, ``decompose``, and ``gig`` in ``stages/attribute.py``) and is assembled below.
+configured here; the stages' own sections live in :mod:`gig_dist.sections`, a leaf module, so
+that validating a config imports no torch, FAISS or Zarr (a test checks it).
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from gig_dist.sections import (
+    AtlasConfig,
+    ConceptsConfig,
+    DecomposeConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    GIGConfig,
+    SampleConfig,
+)
 from gig_dist.settings import ConfigError, Section
 
 #: Samples per image and tap for the toy world (the paper's 1 is for ImageNet's 50,000 images).
@@ -177,16 +186,6 @@ class ReportConfig(Section):
     #: Where: a local folder. ``None``: beside a local store, ``<store>.report``; a store on
     #: object storage gets no report unless this is set.
     out: str | None = None
-
-
-# The stages' own sections, imported once the sections above (which the stages' inputs use) exist.
-from gig_dist.stages.attribute import GIGConfig  # noqa: E402
-from gig_dist.stages.concepts import ConceptsConfig  # noqa: E402
-from gig_dist.stages.decompose import DecomposeConfig  # noqa: E402
-from gig_dist.stages.evaluate import EvaluateConfig  # noqa: E402
-from gig_dist.stages.extract import ExtractConfig  # noqa: E402
-from gig_dist.stages.members import AtlasConfig  # noqa: E402
-from gig_dist.stages.sample import SampleConfig  # noqa: E402
 
 
 class Config(Section):

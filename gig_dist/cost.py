@@ -257,7 +257,7 @@ def _stage_work(stage, config, facts, sizes) -> Work:
             splits += k - 1
         return Work(fp32=fp32, memory=traffic, fixed=splits * SPLIT_S, per_stage=True)
     if name == "decompose":
-        from gig_dist.stages.decompose import decompose_taps
+        from gig_dist.stages.coding import decompose_taps
 
         fp64 = traffic = 0.0
         for tap in decompose_taps(config, list(facts.taps)):
@@ -355,7 +355,7 @@ def _gig_flops(stage, config, facts, sizes, model) -> float:
 
     from gig_dist.kernels.gig import LOGITS, SubNetwork
     from gig_dist.kernels.taps import stored_layout
-    from gig_dist.stages.attribute import num_targets
+    from gig_dist.stages.pairs import num_targets
 
     total = 0.0
     for source, target in stage.pairs(facts):

@@ -27,7 +27,8 @@ from gig_dist.kernels.taps import probe, resolve_taps
 from gig_dist.models.loading import build_model, output_names, resolve_transform
 from gig_dist.runtime.address import check_reachable
 from gig_dist.runtime.local import LocalRuntime, StageReport
-from gig_dist.stages.base import Stage, consumed_by, level_of
+from gig_dist.stages.base import Stage, level_of
+from gig_dist.stages.driver import consumed_by
 from gig_dist.stages.registry import by_name, fingerprints, stages_until
 from gig_dist.stages.sizes import PlanSizes
 from gig_dist.store import Facts, Manifest, RunStore, StoreError

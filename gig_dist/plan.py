@@ -36,7 +36,7 @@ from gig_dist.config import Config
 from gig_dist.formatting import fmt_bytes, fmt_seconds
 from gig_dist.settings import ConfigError
 from gig_dist.stages.base import Footprint, Sizes, Stage, level_of
-from gig_dist.stages.concepts import concept_count
+from gig_dist.stages.coding import concept_count
 from gig_dist.stages.registry import stages_until
 from gig_dist.stages.sizes import PlanSizes
 from gig_dist.store import ArraySpec, Facts, RunStore

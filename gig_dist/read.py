@@ -108,7 +108,7 @@ class Run:
             values = self.store.meta.read_pfvs(tap, r)[0].astype(np.float32)
         else:
             if self._pfvs is None:
-                from gig_dist.stages.extract import PFVSource, resolve_device
+                from gig_dist.stages.forward import PFVSource, resolve_device
 
                 self._pfvs = PFVSource(self.config, self.store, resolve_device("auto"), list(self.store.taps))
             unit = self.store.units()[image // self.store.facts.images_per_unit]
@@ -277,3 +277,78 @@ def open_run(url: str, dictionary: str | None = None) -> Run:
     from gig_dist.pipeline import store_url
 
     return Run(RunStore.open(store_url(url)), dictionary)
+
+
+# -- the run's summary: what `gig-dist inspect`, the report and the plan show --------------------
+
+
+def stage_states(store) -> dict[str, dict[str, Any]]:
+    """Each recorded stage: units done of those planned, complete, and stale (an input it read
+    was redone since)."""
+    states = {}
+    records = store.manifest.stages
+    for key, record in records.items():
+        done = store.done_units(key)
+        stale = [k for k, fp in record.upstream.items() if k not in records or records[k].fingerprint != fp]
+        states[key] = {"complete": bool(record.finished and record.fingerprint), "units_done": int(done.sum()),
+                       "units": record.units, "stale": stale}
+    return states
+
+
+def inspect_summary(url: str) -> dict[str, Any]:
+    from gig_dist.store import RunStore
+
+    store = RunStore.open(url)
+    manifest = store.manifest
+    dictionaries = {}
+    for name in store.dictionaries():
+        concepts, codes, gig = store.concepts(name), store.codes(name), store.gig(name)
+        dictionaries[name] = {
+            "concepts": {tap: concepts.fit(tap) for tap in store.taps if concepts.has(tap)},
+            "codes": {tap: codes.summary(tap, concepts.count(tap)) for tap in codes.taps() if concepts.has(tap)},
+            "gig": gig.summary(),
+        }
+    return {
+        "store": store.url,
+        "stages": stage_states(store),
+        # which relevance and iERF each stage ran, where the model decides (SRD or not)
+        "methods": {key: dict(record.methods) for key, record in manifest.stages.items() if record.methods},
+        "labels": label_summary(store),
+        "coverage": coverage_summary(store),
+        "arrays": store.describe_arrays(),
+        "images": store.meta.image_counts(),
+        "skipped": store.meta.skipped_images(),
+        "taps": {tap: list(shape) for tap, shape in store.taps.items()},
+        "dictionaries": dictionaries,
+        "config": manifest.config,
+        "versions": manifest.versions,
+    }
+
+
+def label_summary(store) -> dict[str, Any]:
+    from gig_dist.data.labels import DESCRIPTIONS
+
+    facts = store.facts
+    return {"source": facts.label_source, "description": DESCRIPTIONS.get(facts.label_source, facts.label_source),
+            "dataset_classes": len(facts.dataset_classes), "outputs": facts.num_outputs}
+
+
+def coverage_summary(store) -> dict[str, dict[str, Any]]:
+    """Processed images per class in what each stage covers: every image (extract), the first
+    ``decompose.images`` and the first ``gig.images`` (whole store units)."""
+    if not store.has("meta/status"):
+        return {}
+    config = store.manifest.config
+    unit = store.facts.images_per_unit
+    found = {}
+    for name, limit in (("extract", None), ("decompose", config.get("decompose", {}).get("images")),
+                        ("attribute", config.get("gig", {}).get("images"))):
+        if limit is not None:
+            limit = min(store.num_images, -(-limit // unit) * unit)
+        counts = store.meta.class_counts(limit)
+        used = counts[counts > 0]
+        found[name] = {"images": int(counts.sum()), "classes": int(len(used)), "of_classes": len(counts),
+                       "per_class_min": int(used.min()) if len(used) else 0,
+                       "per_class_median": float(np.median(used)) if len(used) else 0.0,
+                       "per_class_max": int(used.max()) if len(used) else 0}
+    return found

@@ -235,7 +235,7 @@ class Report:
         return PART_NAMES[int(index)]
 
     def _pairs(self) -> list[tuple[str, str]]:
-        from gig_dist.stages.attribute import gig_pairs
+        from gig_dist.stages.pairs import gig_pairs
 
         return gig_pairs(self.config, list(self.store.taps))
 
@@ -411,7 +411,7 @@ class Report:
         return "".join(parts)
 
     def build_index(self) -> None:
-        from gig_dist.cli import coverage_summary, label_summary, stage_states
+        from gig_dist.read import coverage_summary, label_summary, stage_states
 
         store = self.store
         counts = store.meta.image_counts()

@@ -82,7 +82,7 @@ def spread_pfvs(store: RunStore, config: Config, tap: str, n: int, units: int = 
     denser than a typical position). One unit in memory at a time."""
     import torch
 
-    from gig_dist.stages.extract import PFVSource
+    from gig_dist.stages.forward import PFVSource
     from gig_dist.store import PROCESSED
 
     decomposed = config.decompose.images or store.num_images
@@ -121,10 +121,11 @@ def match_level(store: RunStore, dictionary: str, metric: str, target: float, ta
     lambda_rel (Lasso-coded dictionaries) or top-k (the SAE) whose codes of the tap's samples reach
     ``target``. Reads the fitted concepts and samples; writes nothing."""
     from gig_dist.kernels.dictionary import DICTIONARIES, make_dictionary
-    from gig_dist.stages.concepts import concept_count, fit_params
-    from gig_dist.stages.decompose import (
+    from gig_dist.stages.coding import (
+        concept_count,
         decompose_taps,
         encode_params,
+        fit_params,
         matched_lambda,
         matched_top_k,
     )

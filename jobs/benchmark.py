@@ -452,8 +452,8 @@ def bench_graphs(args: argparse.Namespace) -> None:
     from gig_dist.config import Config
     from gig_dist.kernels.gig import LOGITS
     from gig_dist.kernels.graphs import class_graph, dense_sources
-    from gig_dist.stages.attribute import gig_pairs
     from gig_dist.stages.graphs import build_graphs, chain_to_class
+    from gig_dist.stages.pairs import gig_pairs
     from gig_dist.stages.reduce import image_class
     from gig_dist.store import PROCESSED, RunStore
 

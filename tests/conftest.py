@@ -186,3 +186,11 @@ def s3_server(tmp_path_factory):
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
         log.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test of the session's Ray head runs on one xdist worker (``--dist loadgroup``): a
+    second head on the machine would be joined by a bare ``ray.init()`` and stopped by ``ray stop``."""
+    for item in items:
+        if "ray_head" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))

@@ -169,7 +169,7 @@ def test_a_gpu_checks_efficiency_file_calibrates_the_plan(tmp_path):
 def test_the_cost_model_counts_the_work_it_times():
     from gig_dist.cost import Device, Work, forward_flops
     from gig_dist.pipeline import collect_facts
-    from gig_dist.stages import ExtractStage
+    from gig_dist.stages.extract import ExtractStage
     from gig_dist.stages.sizes import PlanSizes
 
     config = load_config(None, ["dataset.toy.num_images=8"])

@@ -187,7 +187,9 @@ def test_duplicate_samples_fewer_distinct_than_k_fail_naming_the_tap(tmp_path):
     config = toy_config("sample.method=uniform", "taps=[layer1.0]")
     store = pipeline.prepare(config, tmp_path / "dup.zarr").store
     runtime = pipeline.make_runtime(config)
-    from gig_dist.stages import ConceptsStage, ExtractStage, SampleStage
+    from gig_dist.stages.concepts import ConceptsStage
+    from gig_dist.stages.extract import ExtractStage
+    from gig_dist.stages.sample import SampleStage
 
     runtime.run(ExtractStage(config, store.url))
     runtime.run(SampleStage(config, store.url))
@@ -202,7 +204,10 @@ def test_nan_pfvs_stop_decomposition_naming_the_images(tmp_path):
     config = toy_config("taps=[layer3.1]")
     store = pipeline.prepare(config, tmp_path / "nan.zarr").store
     runtime = pipeline.make_runtime(config)
-    from gig_dist.stages import ConceptsStage, DecomposeStage, ExtractStage, SampleStage
+    from gig_dist.stages.concepts import ConceptsStage
+    from gig_dist.stages.decompose import DecomposeStage
+    from gig_dist.stages.extract import ExtractStage
+    from gig_dist.stages.sample import SampleStage
 
     for stage in (ExtractStage, SampleStage, ConceptsStage):
         runtime.run(stage(config, store.url))

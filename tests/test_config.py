@@ -129,3 +129,16 @@ def test_settings_whose_planned_memory_exceeds_a_workers_are_refused_before_any_
 
     config = load_config(None, ["runtime.worker_memory_gib=2"])
     assert memory_errors(config, collect_facts(config)[0], stages_until(None)) == []
+
+
+def test_validating_a_config_imports_no_torch_faiss_zarr_or_ray():
+    """The config sits at the bottom of the house: a config error comes before any heavy import."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom gig_dist.config import load_config\n"
+            "load_config(None, ['concepts.method=kmeans', 'gig.steps=16'])\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'faiss', 'zarr', 'ray', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

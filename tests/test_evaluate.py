@@ -386,7 +386,7 @@ def _clustered(n=600, c=12, k=24, seed=0):
 @pytest.mark.parametrize(("metric", "target"), [("l0", 2.0), ("l0", 3.5), ("r2", 0.9)])
 def test_matched_lambda_reaches_the_target_sparsity_on_the_pfvs(metric, target):
     from gig_dist.kernels.dictionary import KMeansDictionary
-    from gig_dist.stages.decompose import matched_lambda, sparsity_of
+    from gig_dist.stages.coding import matched_lambda, sparsity_of
 
     X = _clustered()
     fitted = KMeansDictionary(24, seed=0).fit(X)
@@ -405,7 +405,7 @@ def test_matched_lambda_reaches_the_target_sparsity_on_the_pfvs(metric, target):
 @pytest.mark.fast
 def test_matched_top_k_is_the_smallest_k_whose_sae_reaches_the_r2():
     from gig_dist.kernels.dictionary import SparseAutoencoderDictionary
-    from gig_dist.stages.decompose import matched_top_k, sparsity_of
+    from gig_dist.stages.coding import matched_top_k, sparsity_of
 
     X = _clustered(n=400)
     fits = {}
@@ -438,8 +438,8 @@ def test_match_targets_and_the_pareto_front():
 
 @pytest.mark.fast
 def test_the_sae_settings_count_only_for_the_sae():
-    from gig_dist.stages.concepts import ConceptsStage, fit_params
-    from gig_dist.stages.decompose import encode_params
+    from gig_dist.stages.coding import encode_params, fit_params
+    from gig_dist.stages.concepts import ConceptsStage
 
     base = toy_config()
     assert ConceptsStage.key_values(toy_config("concepts.sae_top_k=5")) == ConceptsStage.key_values(base)

@@ -18,9 +18,10 @@ from gig_dist.config import ConfigError
 from gig_dist.data.sources import ImageLoader
 from gig_dist.models.loading import build_model, resolve_transform
 from gig_dist.plan import make_plan
-from gig_dist.stages import ExtractStage, SampleStage, execute_unit
-from gig_dist.stages.base import open_stage
-from gig_dist.stages.extract import PFVSource
+from gig_dist.stages.driver import execute_unit, open_stage
+from gig_dist.stages.extract import ExtractStage
+from gig_dist.stages.forward import PFVSource
+from gig_dist.stages.sample import SampleStage
 from gig_dist.store import FORMAT_VERSION, RunStore, StoreError
 from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config, zgroup
 

@@ -23,8 +23,8 @@ from gig_dist.kernels.lasso import NonNegativeLassoCoder
 from gig_dist.kernels.taps import capture, probe_model
 from gig_dist.models.loading import build_model
 from gig_dist.report import build_report
-from gig_dist.stages.attribute import gig_pairs, stage_outputs
 from gig_dist.stages.graphs import build_graphs
+from gig_dist.stages.pairs import gig_pairs, stage_outputs
 from gig_dist.store import RunStore
 from tests.conftest import TOY_BASE, toy_config, zgroup
 

@@ -321,7 +321,8 @@ def test_refine_iter_reaches_the_fit_and_leaves_old_fingerprints_alone():
     from gig_dist.config import load_config
     from gig_dist.kernels.dictionary import make_dictionary
     from gig_dist.kernels.kmeans import BisectingKMeans
-    from gig_dist.stages.concepts import ConceptsStage, fit_params
+    from gig_dist.stages.coding import fit_params
+    from gig_dist.stages.concepts import ConceptsStage
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(64, 16))

@@ -180,7 +180,7 @@ def test_weights_that_do_not_fit_a_factorys_model_are_named(tmp_path):
 def test_a_factorys_preprocessing_must_be_given_and_another_checkpoint_redoes_the_store(tmp_path):
     from gig_dist.config import load_config
     from gig_dist.models.loading import resolve_transform
-    from gig_dist.stages import ExtractStage
+    from gig_dist.stages.extract import ExtractStage
 
     with pytest.raises(ConfigError, match=r"its preprocessing is not known to gig-dist; set transform.resize, "
                                           r"transform.crop, transform.mean, transform.std"):

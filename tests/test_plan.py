@@ -106,7 +106,7 @@ def test_projected_time_scales_by_the_images_a_stage_covers_not_its_units():
     in 4 s of unit time (plus 1 s start-up) are 0.125 s per image; 50,000 images over 8 workers
     then take 1 + 0.125 * 50,000 / 8 s, whatever the unit size."""
     from gig_dist.plan import plan_facts, project_seconds
-    from gig_dist.stages import ExtractStage
+    from gig_dist.stages.extract import ExtractStage
 
     config = toy_config("store.images_per_unit=256")
     facts, _ = plan_facts(config, 50_000)

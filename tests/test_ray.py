@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from gig_dist import pipeline
-from gig_dist.stages import AttributeStage, ExtractStage
+from gig_dist.stages.attribute import AttributeStage
 from gig_dist.stages.base import UnitFailed
+from gig_dist.stages.extract import ExtractStage
 from gig_dist.store import RunStore
 from tests.conftest import GIG_LIGHT, REPO, assert_stores_equal, toy_config, zgroup
 

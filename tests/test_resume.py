@@ -21,7 +21,7 @@ from gig_dist.stages.base import (
     WorkUnit,
 )
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
-from gig_dist.store.core import per_image_spec
+from gig_dist.store.types import per_image_spec
 from tests.conftest import assert_stores_equal, toy_config, zgroup
 
 D = "bisecting_kmeans"
@@ -178,7 +178,7 @@ def test_a_per_tap_lambda_is_in_the_fingerprint():
     scalar = registry.fingerprints(toy_config("decompose.lambda_rel=0.1"))
     assert one[f"{D}/decompose"][0] != other[f"{D}/decompose"][0] != scalar[f"{D}/decompose"][0]
     assert one[f"{D}/concepts"] == other[f"{D}/concepts"]  # upstream of the codes: unchanged
-    from gig_dist.stages import DecomposeStage
+    from gig_dist.stages.decompose import DecomposeStage
 
     assert DecomposeStage.key_values(toy_config("decompose.lambda_rel={layer3.1: 0.3}"))[
         "decompose.lambda_rel.layer3.1"] == 0.3

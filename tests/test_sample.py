@@ -130,7 +130,7 @@ def test_skipped_images_get_no_samples(tmp_path):
     positions = zgroup(store)["samples/layer2.0/position"][:]
     assert skipped.sum() == 1 and (positions[skipped] == -1).all() and (positions[~skipped] >= 0).all()
     # The progress of a unit counts its skipped images too, so the bar ends at 100%.
-    from gig_dist.stages import SampleStage
+    from gig_dist.stages.sample import SampleStage
 
     stage = SampleStage(config, store.url)
     worker = stage.open_worker("cpu")

@@ -9,13 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from gig_dist.stages.base import (
-    Stage,
-    UnitFailed,
-    close_stage,
-    execute_unit,
-    open_stage,
-)
+from gig_dist.stages.base import Stage, UnitFailed
+from gig_dist.stages.driver import close_stage, execute_unit, open_stage
 from gig_dist.store import LeaseLost, RunStore
 
 

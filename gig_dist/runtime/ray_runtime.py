@@ -30,15 +30,8 @@ from tqdm.auto import tqdm
 
 from gig_dist.config import RuntimeConfig
 from gig_dist.runtime.local import StageReport
-from gig_dist.stages.base import (
-    Stage,
-    UnitFailed,
-    UnitReport,
-    WorkUnit,
-    close_stage,
-    execute_unit,
-    open_stage,
-)
+from gig_dist.stages.base import Stage, UnitFailed, UnitReport, WorkUnit
+from gig_dist.stages.driver import close_stage, execute_unit, open_stage
 from gig_dist.store import LeaseLost, RunStore
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from gig_dist.stages.base import (
     model_bytes,
     tap_values,
 )
-from gig_dist.stages.decompose import decompose_taps
-from gig_dist.stages.extract import resolve_device
+from gig_dist.stages.coding import decompose_taps
+from gig_dist.stages.forward import resolve_device
 from gig_dist.store import ArraySpec, Facts, RunStore
 from gig_dist.store.atlas import CONCEPT_CHUNK, render_specs
 

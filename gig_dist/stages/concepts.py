@@ -9,16 +9,13 @@ which k-means needs all at once.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field, model_validator
 
 from gig_dist.kernels.dictionary import DICTIONARIES, make_dictionary
-from gig_dist.settings import Section
 from gig_dist.stages.base import (
     Footprint,
     Progress,
@@ -28,91 +25,13 @@ from gig_dist.stages.base import (
     UnitReport,
     WorkUnit,
 )
-from gig_dist.stages.extract import resolve_device
+from gig_dist.stages.coding import concept_count, fit_params, sample_count_errors
+from gig_dist.stages.forward import resolve_device
 from gig_dist.store import ArraySpec, Facts, RunStore
 from gig_dist.store.concepts import member_specs
 
 if TYPE_CHECKING:
     from gig_dist.config import Config
-
-
-class ConceptsConfig(Section):
-    """Concept dictionaries: bisecting k-means on each tap's samples (method.md section 4)."""
-
-    #: The dictionary (``gig_dist.kernels.dictionary.DICTIONARIES``); also its level in the store
-    #: (``concepts/<method>/<tap>``), so several dictionaries of one run share its PFVs and samples.
-    method: Literal["bisecting_kmeans", "kmeans", "dictionary_learning", "nmf", "sae"] = "bisecting_kmeans"
-    #: The dictionary level's name in the store (``concepts/<level>``, and every later stage's
-    #: results under it). ``None``: the method's name. Several levels of one method (another K or
-    #: lambda: ``gig-dist sweep``, ``evaluate --match``) live side by side, sharing the PFVs.
-    level: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.=,+@-]+$")
-    #: ``K = round(k_multiplier * C)`` concepts for a tap of C channels (the paper: 8).
-    k_multiplier: float = Field(default=8.0, gt=0)
-    #: Absolute K per tap (``{layer4.2: 4096}``), overriding the multiplier for those taps.
-    k: dict[str, int] = Field(default_factory=dict)
-    seed: int = 0
-    #: 2-means runs per split; the lowest inertia is kept.
-    n_init: int = Field(default=1, ge=1)
-    #: ``numpy`` (fastest on CPUs), ``faiss`` (``faiss.Kmeans`` per split, on the GPU with
-    #: faiss-gpu), ``torch`` (the numpy algorithm on the worker's device) or ``auto`` (FAISS
-    #: where it sees a GPU, else torch on a CUDA worker, else numpy).
-    backend: Literal["auto", "numpy", "faiss", "torch"] = "auto"
-    #: Bisecting k-means: Lloyd iterations over all members of a cluster larger than the 4,096
-    #: it initialises on (None: until the centres settle, up to 300). 8 fitted overlapping,
-    #: blob-like data 2.3x faster at +0.3 % inertia (``python -m jobs.benchmark concepts``).
-    refine_iter: int | None = Field(default=None, ge=1)
-    #: The sparse autoencoder's L1 weight on its latents (``method: sae``; ignored with ``sae_top_k``).
-    sae_l1: float = Field(default=0.03, ge=0)
-    #: Keep only the SAE's ``top_k`` largest latents per PFV, in training and in its codes (a
-    #: top-k SAE; ``None``: the L1 penalty). ``evaluate --match l0=N`` sets it to N.
-    sae_top_k: int | None = Field(default=None, ge=1)
-
-    @model_validator(mode="after")
-    def _positive_k(self) -> ConceptsConfig:
-        bad = {tap: k for tap, k in self.k.items() if k < 1}
-        if bad:
-            raise ValueError(f"concepts.k must be at least 1 per tap, got {bad}")
-        return self
-
-
-def concept_count(config: Config, tap: str, channels: int) -> int:
-    """K for a tap: the absolute ``concepts.k[tap]``, else ``round(k_multiplier * C)``."""
-    return int(config.concepts.k.get(tap, max(1, round(config.concepts.k_multiplier * channels))))
-
-
-def fit_params(config: Config) -> dict:
-    """The dictionary's fit hyper-parameters from ``concepts.*`` (K is per tap)."""
-    options = config.concepts
-    params = {"seed": options.seed, "n_init": options.n_init, "backend": options.backend,
-              "refine_iter": options.refine_iter}
-    if options.method == "sae":
-        params.update(l1=options.sae_l1, top_k=options.sae_top_k)
-    return params
-
-
-def sample_count_errors(config: Config, facts: Facts, samples: dict[str, int], bound: str, warn: bool) -> list[str]:
-    """Every tap whose K exceeds its samples, each with values that work."""
-    errors = []
-    for tap, count in samples.items():
-        channels, height, width = facts.taps[tap]
-        k = concept_count(config, tap, channels)
-        if k > count:
-            fixes = [f"concepts.k_multiplier <= {math.floor(count / channels * 1000) / 1000}",
-                     f"concepts.k={{{tap}: {count}}}"]
-            per_image = math.ceil(k / max(facts.num_images, 1))
-            if per_image <= height * width and per_image > config.sample.per_image:
-                fixes.insert(0, f"sample.per_image >= {per_image}")
-            errors.append(f"tap {tap}: K = {k} concepts but the run has {bound}{count} samples ({facts.num_images} "
-                          f"images x min(sample.per_image = {config.sample.per_image}, {height * width} positions)); "
-                          f"use {' or '.join(fixes)}")
-        elif warn and count / k < 10:
-            warnings.warn(
-                f"tap {tap}: K = {k} concepts from {bound}{count} samples leaves {count / k:.1f} "
-                "members per concept on average; below about 10, concepts are single PFVs rather than "
-                "clusters (raise sample.per_image or lower concepts.k_multiplier)",
-                stacklevel=3,
-            )
-    return errors
 
 
 class ConceptsStage(Stage):

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.evaluation import (
@@ -48,8 +47,9 @@ from gig_dist.kernels.evaluation import (
 )
 from gig_dist.kernels.gig import GIG, LOGITS
 from gig_dist.models.loading import resolve_transform
-from gig_dist.settings import Section
-from gig_dist.stages.attribute import (
+from gig_dist.stages.base import Footprint, Progress, Sizes, Stage, UnitReport, WorkUnit
+from gig_dist.stages.forward import resolve_device
+from gig_dist.stages.pairs import (
     Pair,
     PairWorker,
     gig_footprint,
@@ -57,8 +57,6 @@ from gig_dist.stages.attribute import (
     image_gig,
     pair_kernel,
 )
-from gig_dist.stages.base import Footprint, Progress, Sizes, Stage, UnitReport, WorkUnit
-from gig_dist.stages.extract import resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.evaluation import (
     GROUND_ORDERINGS,
@@ -72,25 +70,6 @@ if TYPE_CHECKING:
     from gig_dist.config import Config
 
 
-class EvaluateConfig(Section):
-    """Concept insertion/deletion (``gig-dist evaluate``)."""
-
-    #: Evaluate the first N images (whole store units; at most ``gig.images``). 0: none.
-    images: int = Field(default=0, ge=0)
-    #: Fractions 0, 1/steps, ..., 1 of the concepts inserted or deleted.
-    steps: int = Field(default=10, ge=1)
-    #: Target concepts per image for the inter-layer test (the image's first GIG targets).
-    targets: int = Field(default=5, ge=1)
-    #: Seed of the random ordering (per image: (seed, image index)).
-    seed: int = 0
-    #: Evaluate only the pairs from these taps (and their ground truth). ``None``: every GIG pair.
-    taps: tuple[str, ...] | None = None
-    #: Toy world: where the iERF mass of each class's top concepts (by GIG) falls, on the image and
-    #: on the same image with a distractor object of another class, against random active concepts
-    #: and the pixels' shares.
-    ground_truth: bool = True
-    #: The class's top concepts per tap in that test.
-    top_concepts: int = Field(default=3, ge=1)
 
 
 class EvaluateStage(Stage):
@@ -271,7 +250,7 @@ class GroundTruth:
     def __init__(self, worker: EvaluateWorker, taps: list[str]) -> None:
         from gig_dist.kernels.dictionary import DICTIONARIES
         from gig_dist.kernels.srd import SRD
-        from gig_dist.stages.decompose import encode_params
+        from gig_dist.stages.coding import encode_params
 
         self.worker, self.taps = worker, taps
         config, method = worker.config, worker.stage.method

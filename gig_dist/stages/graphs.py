@@ -12,7 +12,6 @@ from gig_dist.kernels.graphs import (
     mark_shared,
     top_table_sources,
 )
-from gig_dist.stages.attribute import Pair, gig_pairs
 from gig_dist.stages.base import (
     Progress,
     Sizes,
@@ -21,6 +20,7 @@ from gig_dist.stages.base import (
     UnitReport,
     WorkUnit,
 )
+from gig_dist.stages.pairs import Pair, gig_pairs
 from gig_dist.store import ArraySpec, Facts, RunStore
 from gig_dist.store.gig import graph_specs
 

@@ -15,7 +15,7 @@ import torch
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.ierf import Method, ierf
 from gig_dist.models.loading import build_model, resolve_transform
-from gig_dist.stages.extract import resolve_device
+from gig_dist.stages.forward import resolve_device
 from gig_dist.store import RunStore
 
 if TYPE_CHECKING:

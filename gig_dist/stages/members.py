@@ -10,13 +10,9 @@ units ran. Skipped images have no codes and so are never members.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
-
 import numpy as np
-from pydantic import Field
 
 from gig_dist.kernels.topk import top_per_group
-from gig_dist.settings import Section
 from gig_dist.stages.base import (
     Progress,
     Sizes,
@@ -25,26 +21,9 @@ from gig_dist.stages.base import (
     UnitReport,
     WorkUnit,
 )
-from gig_dist.stages.decompose import decompose_taps
+from gig_dist.stages.coding import decompose_taps
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.atlas import CONCEPT_CHUNK, FIELDS, member_specs
-
-if TYPE_CHECKING:
-    pass
-
-
-class AtlasConfig(Section):
-    """The concept atlas: each concept shown by its top members (issue: see the README)."""
-
-    #: Members shown per concept: the PFVs with the largest code value for it.
-    members: int = Field(default=8, ge=1, le=64)
-    #: Side in pixels of each member's crop (and of the concept's thumbnail).
-    crop: int = Field(default=48, ge=8, le=512)
-    #: iERF kind: ``auto`` (SRD where it applies, else gradient), ``srd`` or ``gradient``.
-    ierf: Literal["auto", "srd", "gradient"] = "auto"
-    #: Image copies per backward pass of a gradient iERF: the peak memory grows with it, and
-    #: time barely shrinks (see the README's measurement).
-    ierf_copies: int = Field(default=8, ge=1, le=256)
 
 
 class MembersStage(Stage):

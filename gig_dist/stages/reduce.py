@@ -31,7 +31,6 @@ from gig_dist.kernels.metrics import (
     kept_summary,
     refinement_summary,
 )
-from gig_dist.stages.attribute import AttributeStage, Pair, num_targets
 from gig_dist.stages.base import (
     Footprint,
     Progress,
@@ -41,7 +40,9 @@ from gig_dist.stages.base import (
     StoreSizes,
     UnitReport,
     WorkUnit,
+    level_of,
 )
+from gig_dist.stages.pairs import Pair, gig_pairs, num_targets
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
 from gig_dist.store.gig import class_specs, reduction_specs
 
@@ -72,7 +73,7 @@ class ReduceStage(Stage):
     unit_noun = "blocks"
 
     def pairs(self, facts: Facts) -> list[Pair]:
-        return AttributeStage(self.config, self.store_url).pairs(facts)
+        return gig_pairs(self.config, list(facts.taps))
 
     def dense(self, k_a: int, columns: int) -> bool:
         """Whether a pair's dataset Gamma is kept dense (``gig.dense_matrix_mib``)."""
@@ -233,7 +234,7 @@ class ReduceStage(Stage):
         if not whole:
             return
         deleted = max(u.stop for u in whole)
-        attribute = AttributeStage.key(self.config)
+        attribute = f"{level_of(self.config)}/attribute"  # the attribute stage's key
         if not keep:
             record = store.record(attribute)
             done = int(record.compacted["images"]) if record.compacted else 0

@@ -8,18 +8,14 @@ exactly what the store holds.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
-
 import numpy as np
 import torch
-from pydantic import Field
 
 from gig_dist.data.sources import ImageLoader
 from gig_dist.kernels.sampling import draw_positions, grad_x_act
 from gig_dist.kernels.srd import SRD, srd_problem
 from gig_dist.kernels.taps import stored_layout
 from gig_dist.models.loading import build_model, resolve_transform
-from gig_dist.settings import Section
 from gig_dist.stages.base import (
     Footprint,
     Progress,
@@ -31,29 +27,9 @@ from gig_dist.stages.base import (
     model_bytes,
     tap_values,
 )
-from gig_dist.stages.extract import PFVSource, forward_bytes, resolve_device
+from gig_dist.stages.forward import PFVSource, forward_bytes, resolve_device
 from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange
 from gig_dist.store.samples import sample_specs
-
-if TYPE_CHECKING:
-    pass
-
-
-class SampleConfig(Section):
-    """PFV sampling for concept discovery (method.md section 3)."""
-
-    #: ``srd``: probability proportional to max(R_p, 0), the SRD relevance of the predicted class,
-    #: where SRD has rules for the model and every tap (ResNet-style models), else grad x act (the
-    #: run says which ran); ``grad_x_act``: to max(<dy_c/da_p, a_p>, 0), any model; ``uniform``.
-    #: Where every score is <= 0, an image's PFVs are drawn uniformly.
-    method: Literal["srd", "grad_x_act", "uniform"] = "srd"
-    #: PFVs drawn per image and tap, without replacement. The paper draws 1; the toy world's
-    #: default is 24 (``TOY_SAMPLES_PER_IMAGE``): its 1,024 images would otherwise give the
-    #: ``8 x C`` concepts of a 256-channel tap one or two members each, and 24 gives 12 on average.
-    per_image: int = Field(default=1, ge=1)
-    seed: int = 0
-    #: Images per SRD or gradient pass.
-    batch_size: int = Field(default=16, ge=1)
 
 
 class SampleStage(Stage):

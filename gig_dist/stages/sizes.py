@@ -7,7 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from gig_dist.stages.base import Sizes
-from gig_dist.stages.concepts import concept_count
+from gig_dist.stages.coding import concept_count
 from gig_dist.store import Facts
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class PlanSizes(Sizes):
         return min(self.concepts(tap), h * w * self.config.decompose.max_nonzero)
 
     def crop_capacity(self) -> int:
-        from gig_dist.stages.decompose import decompose_taps
+        from gig_dist.stages.coding import decompose_taps
 
         crops = self.config.atlas.members * sum(self.concepts(t) for t in decompose_taps(self.config, list(self.facts.taps)))
         units = len(self.facts.units)

@@ -22,9 +22,15 @@ written by the members stage, and by the atlas stage:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from gig_dist.store.core import ArraySpec, Facts, RunStore, StoreError
+from gig_dist.store.errors import StoreError
+from gig_dist.store.types import ArraySpec, Facts
+
+if TYPE_CHECKING:
+    from gig_dist.store.core import RunStore
 
 FIELDS = (("value", "float32", np.nan), ("image", "int32", -1), ("position", "int32", -1))
 #: Concepts per chunk of the per-unit tables.

@@ -14,19 +14,16 @@ Reads return int32 indices and float32 values whatever is stored (stores made be
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gig_dist.kernels.metrics import RECONSTRUCTION_STATS, reconstruction_summary
-from gig_dist.store.core import (
-    ArraySpec,
-    Facts,
-    ImageRange,
-    RunStore,
-    StoreError,
-    per_unit_spec,
-)
+from gig_dist.store.errors import StoreError
+from gig_dist.store.types import ArraySpec, Facts, ImageRange, per_unit_spec
+
+if TYPE_CHECKING:
+    from gig_dist.store.core import RunStore
 
 
 def index_dtype(concepts: int) -> str:

@@ -13,11 +13,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gig_dist.store.core import ArraySpec, Facts, RunStore, StoreError, per_image_spec
+from gig_dist.store.errors import StoreError
+from gig_dist.store.types import ArraySpec, Facts, per_image_spec
+
+if TYPE_CHECKING:
+    from gig_dist.store.core import RunStore
 
 #: Dimension names of the arrays dictionaries store, by name; the first axis of others is
 #: ``concept`` when it has K rows.

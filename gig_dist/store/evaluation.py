@@ -28,10 +28,15 @@ NaN where an image was not evaluated (or a target's full-reconstruction value is
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, per_image_spec
 from gig_dist.store.gig import LOGITS, Pair, pair_key
+from gig_dist.store.types import ArraySpec, Facts, ImageRange, per_image_spec
+
+if TYPE_CHECKING:
+    from gig_dist.store.core import RunStore
 
 
 def eval_specs(facts: Facts, dictionary: str, pair: Pair, orderings: int, points: int, targets: int,

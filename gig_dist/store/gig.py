@@ -58,12 +58,16 @@ class graph per class (method.md section 6), written by the graphs stage.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.sparse import csr_array
 
-from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, StoreError
+from gig_dist.store.errors import StoreError
+from gig_dist.store.types import ArraySpec, Facts, ImageRange
+
+if TYPE_CHECKING:
+    from gig_dist.store.core import RunStore
 
 LOGITS = "logits"
 Pair = tuple[str, str]

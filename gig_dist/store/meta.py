@@ -17,22 +17,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote_to_bytes
 
 import numpy as np
 
 from gig_dist.data.files import shown
-from gig_dist.store.core import (
+from gig_dist.store.types import (
     PENDING,
     PROCESSED,
     SKIPPED,
     ArraySpec,
     Facts,
     ImageRange,
-    RunStore,
     per_image_spec,
 )
+
+if TYPE_CHECKING:
+    from gig_dist.store.core import RunStore
 
 #: Prefix of a stored path whose name is not UTF-8 (Zarr stores text as UTF-8).
 FSBYTES = "fsbytes:"

@@ -10,10 +10,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gig_dist.store.core import ArraySpec, Facts, ImageRange, RunStore, per_image_spec
+from gig_dist.store.types import ArraySpec, Facts, ImageRange, per_image_spec
+
+if TYPE_CHECKING:
+    from gig_dist.store.core import RunStore
 
 
 def sample_specs(facts: Facts, per_image: int, pfv_dtype: str, scores: bool) -> list[ArraySpec]:

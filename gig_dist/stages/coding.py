@@ -1,0 +1,122 @@
+"""What a dictionary level is made of, below the stages (no stage imports another): the taps it
+codes, K per tap, its fit and encode parameters, the sample-count checks, and the matching of a
+sparsity target (the lambda or top-k whose codes reach a mean l0 or R^2)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gig_dist.store import Facts
+
+if TYPE_CHECKING:
+    from gig_dist.config import Config
+
+
+def decompose_taps(config: Config, taps: list[str]) -> list[str]:
+    return list(config.decompose.taps) if config.decompose.taps is not None else list(taps)
+
+
+def encode_params(config: Config, tap: str, device: str) -> dict:
+    """How a fitted dictionary encodes: the Lasso's lambda and tolerance; a top-k SAE's k."""
+    options = config.decompose
+    params = {"lambda_rel": options.lambda_for(tap), "lam": options.lam, "tol": options.tol,
+              "batch_size": options.batch_size, "device": device}
+    if config.concepts.method == "sae":
+        params["top_k"] = config.concepts.sae_top_k
+    return params
+
+
+def sparsity_of(coder, X: np.ndarray, metric: str) -> float:
+    """The mean l0 (``metric`` ``l0``) or R^2 (``r2``) of ``coder``'s codes of ``X`` (n, C)."""
+    index, value = coder.encode(X)
+    if metric == "l0":
+        return float(((index >= 0) & (value != 0)).sum(1).mean())
+    X64 = X.astype(np.float64)
+    variance = float(((X64 - X64.mean(0)) ** 2).sum())
+    error = float(((X64 - coder.decode(index, value)) ** 2).sum())
+    return 1 - error / variance if variance > 0 else 1.0
+
+
+def matched_lambda(coder_for, pfvs: np.ndarray, metric: str, target: float, low: float = 1e-4,
+                   high: float = 0.95, iterations: int = 16, tolerance: float = 0.02) -> tuple[float, float]:
+    """The ``lambda_rel`` whose codes of ``pfvs`` (n, C) reach ``target`` mean l0 (``metric``
+    ``l0``) or R^2 (``r2``). Both fall as lambda grows, so a bisection on log lambda finds it;
+    it stops within ``tolerance`` (relative) of the target. ``coder_for(lambda_rel)`` is a fitted
+    dictionary that encodes at that lambda. Returns the lambda and the value it reached."""
+    X = np.ascontiguousarray(pfvs, dtype=np.float32)
+    lo, hi = np.log(low), np.log(high)
+    best: tuple[float, float] | None = None
+    for _ in range(iterations):
+        lam = float(np.exp((lo + hi) / 2))
+        value = sparsity_of(coder_for(lam), X, metric)
+        if best is None or abs(value - target) < abs(best[1] - target):
+            best = (lam, value)
+        if abs(value - target) <= tolerance * abs(target):
+            break
+        if value > target:  # too dense (or too faithful): raise lambda
+            lo = np.log(lam)
+        else:
+            hi = np.log(lam)
+    return best
+
+
+def matched_top_k(fit_for, pfvs: np.ndarray, target: float, largest: int) -> tuple[int, float]:
+    """The smallest top-k in 1..``largest`` whose top-k SAE (``fit_for(k)``, fitted) reconstructs
+    ``pfvs`` to R^2 >= ``target`` (else ``largest``): R^2 grows with k, so a bisection over k, a
+    fit per step. Returns k and the R^2 it reached."""
+    X = np.ascontiguousarray(pfvs, dtype=np.float32)
+    lo, hi, reached = 1, largest, {}
+    while lo < hi:
+        k = (lo + hi) // 2
+        reached[k] = sparsity_of(fit_for(k), X, "r2")
+        if reached[k] >= target:
+            hi = k
+        else:
+            lo = k + 1
+    if lo not in reached:
+        reached[lo] = sparsity_of(fit_for(lo), X, "r2")
+    return lo, reached[lo]
+
+
+def concept_count(config: Config, tap: str, channels: int) -> int:
+    """K for a tap: the absolute ``concepts.k[tap]``, else ``round(k_multiplier * C)``."""
+    return int(config.concepts.k.get(tap, max(1, round(config.concepts.k_multiplier * channels))))
+
+
+def fit_params(config: Config) -> dict:
+    """The dictionary's fit hyper-parameters from ``concepts.*`` (K is per tap)."""
+    options = config.concepts
+    params = {"seed": options.seed, "n_init": options.n_init, "backend": options.backend,
+              "refine_iter": options.refine_iter}
+    if options.method == "sae":
+        params.update(l1=options.sae_l1, top_k=options.sae_top_k)
+    return params
+
+
+def sample_count_errors(config: Config, facts: Facts, samples: dict[str, int], bound: str, warn: bool) -> list[str]:
+    """Every tap whose K exceeds its samples, each with values that work."""
+    errors = []
+    for tap, count in samples.items():
+        channels, height, width = facts.taps[tap]
+        k = concept_count(config, tap, channels)
+        if k > count:
+            fixes = [f"concepts.k_multiplier <= {math.floor(count / channels * 1000) / 1000}",
+                     f"concepts.k={{{tap}: {count}}}"]
+            per_image = math.ceil(k / max(facts.num_images, 1))
+            if per_image <= height * width and per_image > config.sample.per_image:
+                fixes.insert(0, f"sample.per_image >= {per_image}")
+            errors.append(f"tap {tap}: K = {k} concepts but the run has {bound}{count} samples ({facts.num_images} "
+                          f"images x min(sample.per_image = {config.sample.per_image}, {height * width} positions)); "
+                          f"use {' or '.join(fixes)}")
+        elif warn and count / k < 10:
+            warnings.warn(
+                f"tap {tap}: K = {k} concepts from {bound}{count} samples leaves {count / k:.1f} "
+                "members per concept on average; below about 10, concepts are single PFVs rather than "
+                "clusters (raise sample.per_image or lower concepts.k_multiplier)",
+                stacklevel=3,
+            )
+    return errors
