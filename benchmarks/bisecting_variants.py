@@ -37,7 +37,7 @@ def main() -> None:
     from sklearn.cluster import BisectingKMeans as SkBisecting
 
     from gig_dist.config import Config
-    from gig_dist.kernels.dictionary import BisectingKMeansDictionary
+    from gig_dist.kernels.dictionaries.bisecting_kmeans import BisectingKMeansDictionary
     from gig_dist.kernels.kmeans import BisectingKMeans, concept_vectors
     from gig_dist.stages.coding import matched_lambda
     from gig_dist.store import RunStore

@@ -255,7 +255,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if "sample" not in store.manifest.stages or not store.manifest.stages["sample"].finished:
         raise ConfigError(f"{args.dir} has no finished sample stage: gig-dist run it first (the sweep reuses its PFVs "
                           "and samples)")
-    from gig_dist.kernels.dictionary import DICTIONARIES
+    from gig_dist.kernels.dictionaries import DICTIONARIES
     from gig_dist.sweep import SWEEP_IMAGES
 
     methods = args.dicts or ["bisecting_kmeans", "kmeans"]

@@ -4,9 +4,9 @@ config imports no torch, FAISS or Zarr. Each stage imports its section from here
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gig_dist.settings import Section
 
@@ -43,9 +43,10 @@ class SampleConfig(Section):
 class ConceptsConfig(Section):
     """Concept dictionaries: bisecting k-means on each tap's samples (method.md section 4)."""
 
-    #: The dictionary (``gig_dist.kernels.dictionary.DICTIONARIES``); also its level in the store
+    #: The dictionary: a name of ``gig_dist.kernels.dictionaries.DICTIONARIES`` (bisecting_kmeans,
+    #: kmeans, dictionary_learning, nmf, sae, or one registered); also its level in the store
     #: (``concepts/<method>/<tap>``), so several dictionaries of one run share its PFVs and samples.
-    method: Literal["bisecting_kmeans", "kmeans", "dictionary_learning", "nmf", "sae"] = "bisecting_kmeans"
+    method: str = "bisecting_kmeans"
     #: The dictionary level's name in the store (``concepts/<level>``, and every later stage's
     #: results under it). ``None``: the method's name. Several levels of one method (another K or
     #: lambda: ``gig-dist sweep``, ``evaluate --match``) live side by side, sharing the PFVs.
@@ -65,11 +66,23 @@ class ConceptsConfig(Section):
     #: it initialises on (None: until the centres settle, up to 300). 8 fitted overlapping,
     #: blob-like data 2.3x faster at +0.3 % inertia (``python -m jobs.benchmark concepts``).
     refine_iter: int | None = Field(default=None, ge=1)
-    #: The sparse autoencoder's L1 weight on its latents (``method: sae``; ignored with ``sae_top_k``).
-    sae_l1: float = Field(default=0.03, ge=0)
-    #: Keep only the SAE's ``top_k`` largest latents per PFV, in training and in its codes (a
-    #: top-k SAE; ``None``: the L1 penalty). ``evaluate --match l0=N`` sets it to N.
-    sae_top_k: int | None = Field(default=None, ge=1)
+    #: Each dictionary's own parameters, by method: ``{sae: {top_k: 5, steps: 2000}}``
+    #: (``-o concepts.params.sae.top_k=5``). Only the chosen method's count; a name the method
+    #: does not take is refused before any work. The SAE: ``l1`` (0.03, its L1 weight), ``top_k``
+    #: (None: the L1 penalty; N: only the N largest latents, as ``evaluate --match l0=N`` sets),
+    #: ``steps`` (3000), ``max_slots`` (32); k-means, dictionary learning and NMF: ``max_iter`` (100).
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from gig_dist.kernels.dictionaries import (
+            DICTIONARIES,  # names only: imports no dictionary
+        )
+
+        if value not in DICTIONARIES:
+            raise ValueError(f"unknown dictionary {value!r}; the dictionaries are {', '.join(DICTIONARIES)}")
+        return value
 
     @model_validator(mode="after")
     def _positive_k(self) -> ConceptsConfig:

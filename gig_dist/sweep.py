@@ -120,7 +120,7 @@ def match_level(store: RunStore, dictionary: str, metric: str, target: float, ta
     """The level ``<dictionary>@<metric>=<target>``: ``dictionary``'s settings with, per tap, the
     lambda_rel (Lasso-coded dictionaries) or top-k (the SAE) whose codes of the tap's samples reach
     ``target``. Reads the fitted concepts and samples; writes nothing."""
-    from gig_dist.kernels.dictionary import DICTIONARIES, make_dictionary
+    from gig_dist.kernels.dictionaries import DICTIONARIES, make_dictionary
     from gig_dist.stages.coding import (
         concept_count,
         decompose_taps,
@@ -140,7 +140,7 @@ def match_level(store: RunStore, dictionary: str, metric: str, target: float, ta
     if method == "sae":
         if metric == "l0":
             k = max(1, round(target))
-            found.overrides.append(f"concepts.sae_top_k={k}")
+            found.overrides.append(f"concepts.params.sae.top_k={k}")
             found.per_tap = {tap: {"sae_top_k": k} for tap in chosen}
             return found
         ks = {}
@@ -159,7 +159,7 @@ def match_level(store: RunStore, dictionary: str, metric: str, target: float, ta
             if log:
                 log(f"  {level} {tap}: top-k {k}, R^2 {reached:.3f} on {len(pfvs)} samples")
         # One top-k for the SAE (its setting is not per tap): the largest any tap needs.
-        found.overrides.append(f"concepts.sae_top_k={max(ks.values())}")
+        found.overrides.append(f"concepts.params.sae.top_k={max(ks.values())}")
         return found
     lambdas = {}
     for tap in chosen:

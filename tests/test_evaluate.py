@@ -385,7 +385,7 @@ def _clustered(n=600, c=12, k=24, seed=0):
 @pytest.mark.fast
 @pytest.mark.parametrize(("metric", "target"), [("l0", 2.0), ("l0", 3.5), ("r2", 0.9)])
 def test_matched_lambda_reaches_the_target_sparsity_on_the_pfvs(metric, target):
-    from gig_dist.kernels.dictionary import KMeansDictionary
+    from gig_dist.kernels.dictionaries.kmeans import KMeansDictionary
     from gig_dist.stages.coding import matched_lambda, sparsity_of
 
     X = _clustered()
@@ -404,7 +404,7 @@ def test_matched_lambda_reaches_the_target_sparsity_on_the_pfvs(metric, target):
 
 @pytest.mark.fast
 def test_matched_top_k_is_the_smallest_k_whose_sae_reaches_the_r2():
-    from gig_dist.kernels.dictionary import SparseAutoencoderDictionary
+    from gig_dist.kernels.dictionaries.sae import SparseAutoencoderDictionary
     from gig_dist.stages.coding import matched_top_k, sparsity_of
 
     X = _clustered(n=400)
@@ -437,17 +437,25 @@ def test_match_targets_and_the_pareto_front():
 
 
 @pytest.mark.fast
-def test_the_sae_settings_count_only_for_the_sae():
+def test_a_dictionarys_own_parameters_count_only_for_that_dictionary():
     from gig_dist.stages.coding import encode_params, fit_params
     from gig_dist.stages.concepts import ConceptsStage
 
     base = toy_config()
-    assert ConceptsStage.key_values(toy_config("concepts.sae_top_k=5")) == ConceptsStage.key_values(base)
+    assert ConceptsStage.key_values(toy_config("concepts.params.sae.top_k=5")) == ConceptsStage.key_values(base)
     sae = toy_config("concepts.method=sae")
-    topk = toy_config("concepts.method=sae", "concepts.sae_top_k=5")
+    topk = toy_config("concepts.method=sae", "concepts.params.sae.top_k=5")
     assert ConceptsStage.key_values(sae) != ConceptsStage.key_values(topk)
-    assert "concepts.sae_top_k" not in ConceptsStage.key_values(sae)  # stores made before keep their fingerprint
+    assert not any(key.startswith("concepts.params") for key in ConceptsStage.key_values(sae))  # stores made before
     assert fit_params(topk)["top_k"] == 5 and "top_k" not in fit_params(base)
+    # a parameter the method does not take is refused before any work, naming those it takes
+    from gig_dist.stages.coding import own_param_errors
+
+    assert own_param_errors(toy_config("concepts.method=sae", "concepts.params.sae.topk=5")) == [
+        "concepts.params.sae: sae takes no parameter 'topk'; its own parameters are l1, top_k, steps, max_slots"]
+    assert own_param_errors(toy_config("concepts.params.bisecting_kmeans.max_iter=5"))[0].endswith("are none")
+    with pytest.raises(ConfigError, match="unknown dictionary 'ica'; the dictionaries are bisecting_kmeans, kmeans"):
+        toy_config("concepts.method=ica")
     assert encode_params(topk, "layer1.0", "cpu")["top_k"] == 5  # decompose encodes as it was trained
 
 

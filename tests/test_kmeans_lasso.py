@@ -233,11 +233,8 @@ def test_over_many_seeds_no_leaf_is_dropped_and_inertia_matches_scikit_learn():
 def test_baseline_dictionaries_keep_the_contract(method):
     """Each baseline fits, encodes sparse non-negative codes by decreasing value, decodes, and
     encodes the same again after the store's round trip (fitted_arrays -> from_arrays)."""
-    from gig_dist.kernels.dictionary import (
-        DICTIONARIES,
-        NotFittedError,
-        make_dictionary,
-    )
+    from gig_dist.kernels.dictionaries import DICTIONARIES, make_dictionary
+    from gig_dist.kernels.dictionaries.base import NotFittedError
 
     rng = np.random.default_rng(0)
     centers = np.abs(rng.normal(size=(6, 16))).astype(np.float32)
@@ -319,7 +316,7 @@ def test_refine_iter_reaches_the_fit_and_leaves_old_fingerprints_alone():
     whose large clusters need more Lloyd passes); unset, the concepts fingerprint is the one of
     stores made before the key existed."""
     from gig_dist.config import load_config
-    from gig_dist.kernels.dictionary import make_dictionary
+    from gig_dist.kernels.dictionaries import make_dictionary
     from gig_dist.kernels.kmeans import BisectingKMeans
     from gig_dist.stages.coding import fit_params
     from gig_dist.stages.concepts import ConceptsStage
@@ -334,7 +331,7 @@ def test_refine_iter_reaches_the_fit_and_leaves_old_fingerprints_alone():
     default = BisectingKMeans(16, seed=0, backend="numpy").fit(X)
     assert np.array_equal(fitted.cluster_centers_, kernel.cluster_centers_)
     assert not np.array_equal(kernel.cluster_centers_, default.cluster_centers_)
-    from gig_dist.kernels.dictionary import DICTIONARIES
+    from gig_dist.kernels.dictionaries import DICTIONARIES
 
     for name in DICTIONARIES:  # every dictionary takes the concepts settings (a baseline refused it once)
         assert make_dictionary(name, n_concepts=4, **fit_params(config)).refine_iter == 1

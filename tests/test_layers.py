@@ -18,7 +18,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gig_dist"
 #: Layers, lowest first. A module may import its own layer or lower ones. Inside ``stages`` the
 #: order is: base, the shared helpers, the stages, the registry, the driver.
 LAYERS: list[tuple[str, ...]] = [
-    ("_version", "settings", "_failpoints", "formatting", "sections"),
+    # the dictionaries' registry (``=``: that module alone) names its modules as strings, imported on use
+    ("_version", "settings", "_failpoints", "formatting", "=kernels.dictionaries"),
+    ("sections",),
     ("config", "kernels", "toy"),
     ("data",),
     ("models",),
@@ -59,6 +61,10 @@ def layer_of(module: str) -> int:
     best, rank = -1, None
     for number, names in enumerate(LAYERS):
         for name in names:
+            if name.startswith("="):
+                if module == name[1:]:
+                    return number
+                continue
             # the longest name that is the module or a package above it
             if (module == name or module.startswith(name + ".") or name == "") and len(name) > best:
                 best, rank = len(name), number

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,8 +25,8 @@ def encode_params(config: Config, tap: str, device: str) -> dict:
     options = config.decompose
     params = {"lambda_rel": options.lambda_for(tap), "lam": options.lam, "tol": options.tol,
               "batch_size": options.batch_size, "device": device}
-    if config.concepts.method == "sae":
-        params["top_k"] = config.concepts.sae_top_k
+    if "top_k" in own_params(config):  # a top-k SAE codes with its k
+        params["top_k"] = own_params(config)["top_k"]
     return params
 
 
@@ -90,11 +90,26 @@ def concept_count(config: Config, tap: str, channels: int) -> int:
 def fit_params(config: Config) -> dict:
     """The dictionary's fit hyper-parameters from ``concepts.*`` (K is per tap)."""
     options = config.concepts
-    params = {"seed": options.seed, "n_init": options.n_init, "backend": options.backend,
-              "refine_iter": options.refine_iter}
-    if options.method == "sae":
-        params.update(l1=options.sae_l1, top_k=options.sae_top_k)
-    return params
+    return {"seed": options.seed, "n_init": options.n_init, "backend": options.backend,
+            "refine_iter": options.refine_iter, **own_params(config)}
+
+
+def own_params(config: Config) -> dict[str, Any]:
+    """The chosen dictionary's own parameters (``concepts.params.<method>``)."""
+    return dict(config.concepts.params.get(config.concepts.method, {}))
+
+
+def own_param_errors(config: Config) -> list[str]:
+    """A ``concepts.params.<method>.<name>`` the method does not take, before any work."""
+    from gig_dist.kernels.dictionaries import DICTIONARIES
+
+    method = config.concepts.method
+    allowed = DICTIONARIES[method].own_params
+    unknown = sorted(set(own_params(config)) - set(allowed))
+    if not unknown:
+        return []
+    return [f"concepts.params.{method}: {method} takes no parameter {', '.join(map(repr, unknown))}; its own "
+            f"parameters are {', '.join(allowed) or 'none'}"]
 
 
 def sample_count_errors(config: Config, facts: Facts, samples: dict[str, int], bound: str, warn: bool) -> list[str]:

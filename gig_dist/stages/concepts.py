@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gig_dist.kernels.dictionary import DICTIONARIES, make_dictionary
+from gig_dist.kernels.dictionaries import DICTIONARIES, make_dictionary
 from gig_dist.stages.base import (
     Footprint,
     Progress,
@@ -25,7 +25,12 @@ from gig_dist.stages.base import (
     UnitReport,
     WorkUnit,
 )
-from gig_dist.stages.coding import concept_count, fit_params, sample_count_errors
+from gig_dist.stages.coding import (
+    concept_count,
+    fit_params,
+    own_param_errors,
+    sample_count_errors,
+)
 from gig_dist.stages.forward import resolve_device
 from gig_dist.store import ArraySpec, Facts, RunStore
 from gig_dist.store.concepts import member_specs
@@ -38,8 +43,7 @@ class ConceptsStage(Stage):
     name = "concepts"
     reads = ("sample",)
     result_keys = ("concepts.",)
-    later_keys = {"concepts.refine_iter": None, "concepts.level": None, "concepts.sae_l1": 0.03,
-                  "concepts.sae_top_k": None}
+    later_keys = {"concepts.refine_iter": None, "concepts.level": None, "concepts.params": {}}
     per_dictionary = True
     unit_noun = "taps"
     # 2: bisecting k-means's Lloyd moves its sums by the members that changed sides (float64)
@@ -59,15 +63,15 @@ class ConceptsStage(Stage):
                               f"positions ({height} x {width}); it draws at most {height * width} per image",
                               stacklevel=2)
         capacity = {tap: facts.num_images * min(config.sample.per_image, h * w) for tap, (_, h, w) in known.items()}
-        return errors + sample_count_errors(config, facts, capacity, "at most ", warn=True)
+        return errors + own_param_errors(config) + sample_count_errors(config, facts, capacity, "at most ",
+                                                                       warn=True)
 
     @classmethod
     def key_values(cls, config: Config) -> dict[str, Any]:
-        """The SAE's settings count only for the SAE."""
-        found = super().key_values(config)
-        if config.concepts.method != "sae":
-            found = {key: value for key, value in found.items() if not key.startswith("concepts.sae_")}
-        return found
+        """A dictionary's own parameters count only for that dictionary."""
+        mine = f"concepts.params.{config.concepts.method}."
+        return {key: value for key, value in super().key_values(config).items()
+                if not key.startswith("concepts.params.") or key.startswith(mine)}
 
     def check_inputs(self, store: RunStore) -> list[str]:
         """Against the samples actually drawn: skipped images gave none."""

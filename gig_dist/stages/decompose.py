@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from gig_dist.kernels.dictionary import DICTIONARIES
+from gig_dist.kernels.dictionaries import DICTIONARIES
 from gig_dist.kernels.metrics import reconstruction_stats
 from gig_dist.stages.base import (
     Footprint,

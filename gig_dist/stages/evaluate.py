@@ -248,7 +248,7 @@ class GroundTruth:
     """The toy world's ground-truth test of one evaluate worker (see the module's text)."""
 
     def __init__(self, worker: EvaluateWorker, taps: list[str]) -> None:
-        from gig_dist.kernels.dictionary import DICTIONARIES
+        from gig_dist.kernels.dictionaries import DICTIONARIES
         from gig_dist.kernels.srd import SRD
         from gig_dist.stages.coding import encode_params
 
