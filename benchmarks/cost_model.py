@@ -4,7 +4,7 @@ every stage against the stage's measured time on the rehearsal's world, side by 
 
     python benchmarks/cost_model.py [--images 64 --unit 16 --targets 4 --steps 8]
 
-The world is the rehearsal's (``python -m jobs.benchmark rehearsal``): ResNet50 with random
+The world is the rehearsal's (``python benchmarks/rehearsal.py``): ResNet50 with random
 weights and random BatchNorm statistics at 224 px, its four stage outputs, GIG on 2 pairs. The
 stages run in-process on every core; the prediction is :mod:`gig_dist.cost`'s, with its modelled
 efficiency factors (the same ones a GPU plan uses) and the work it counts. Compared: each stage's
@@ -20,13 +20,13 @@ import time
 
 def main(argv: list[str] | None = None) -> None:
     import torch
+    from _common import rehearsal_setup as _rehearsal_setup
 
     from gig_dist.config import load_config
     from gig_dist.cost import EFFICIENCY, Work, measure_cpu, stage_work
     from gig_dist.plan import calibrate_run, plan_facts
     from gig_dist.stages.registry import stages_until
     from gig_dist.stages.sizes import PlanSizes
-    from jobs.benchmark import _rehearsal_setup
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)

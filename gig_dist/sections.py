@@ -64,7 +64,7 @@ class ConceptsConfig(Section):
     backend: Literal["auto", "numpy", "faiss", "torch"] = "auto"
     #: Bisecting k-means: Lloyd iterations over all members of a cluster larger than the 4,096
     #: it initialises on (None: until the centres settle, up to 300). 8 fitted overlapping,
-    #: blob-like data 2.3x faster at +0.3 % inertia (``python -m jobs.benchmark concepts``).
+    #: blob-like data 2.3x faster at +0.3 % inertia (``python benchmarks/concepts.py``).
     refine_iter: int | None = Field(default=None, ge=1)
     #: Each dictionary's own parameters, by method: ``{sae: {top_k: 5, steps: 2000}}``
     #: (``-o concepts.params.sae.top_k=5``). Only the chosen method's count; a name the method

@@ -31,7 +31,7 @@ batching of splits is needed for speed, so the tree is the textbook one.
 GPU worker's own; :mod:`gig_dist.kernels.kmeans_torch`). ``"auto"`` picks FAISS where it sees a
 GPU, else torch on a CUDA ``device``, else numpy. On the CPU the numpy backend is faster than
 FAISS: FAISS's per-call set-up dominates the thousand small splits of a concept dictionary
-(measured in ``jobs/benchmark.py``). ``predict`` (the assignment step) always runs on a FAISS
+(measured in ``benchmarks/``). ``predict`` (the assignment step) always runs on a FAISS
 flat index.
 
 The estimator follows scikit-learn's contract: hyper-parameters in ``__init__``, learning in
@@ -220,7 +220,7 @@ class BisectingKMeans:
     Where the time goes: passes over the members. On overlapping data (post-ReLU Gaussian blobs,
     2,048 centres, noise 0.8, 200,000 x 256, K = 1024) the full-member Lloyd of the large
     clusters ran 28 iterations on average (up to 172) to reach ``tol``; ``refine_iter=8`` stops
-    them early (inertia within 1 % of scikit-learn's; ``python -m jobs.benchmark concepts``
+    them early (inertia within 1 % of scikit-learn's; ``python benchmarks/concepts.py``
     times it beside scikit-learn). On ``pfv_like`` data (the benchmark's, 512 modes) a fit of
     1.2 s splits into Lloyd passes 0.47 s, the partition's gathers 0.20 s, the float64 sums of
     the halves 0.18 s (a float64 column sum runs at a fifth of a float32 pass) and per-split
