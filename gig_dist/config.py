@@ -87,7 +87,7 @@ class DatasetConfig(Section):
     #: ``imagenet`` (wnid folders, standard indices), ``prediction`` (group images by the
     #: model's prediction), or a file mapping class names to output indices (JSON or
     #: ``name index`` lines). ``auto`` warns and groups by prediction when the dataset's classes
-    #: are not the model's outputs. See the README.
+    #: are not the model's outputs. See docs/guides/own-model.md.
     label_map: str = "auto"
     #: Images with more pixels than this are skipped as absurdly large (PIL's bomb limit).
     max_image_pixels: int = Field(default=89_478_485, ge=1)

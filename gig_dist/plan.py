@@ -584,7 +584,7 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
                              if path.startswith(f"concepts/{dictionary}/") and "str" not in found["dtype"].lower()}
         codes = store.codes(dictionary)
         max_active = {tap: codes.max_active(tap) for tap in codes.taps()}
-        capacity = store.atlas(dictionary).capacity() if store.has(f"atlas/{dictionary}") else None
+        capacity = store.atlas(dictionary).capacity()
         result = {"images": store.num_images, "device": device, "stages": measured, "ratios": ratios,
                   "threads": torch.get_num_threads(), "baseline_rss": baseline,
                   "k": {tap: concept_count(config, tap, c) for tap, (c, _, _) in facts.taps.items()} if facts else {},

@@ -104,7 +104,7 @@ class Run:
         (the unit's are kept for the next image asked)."""
         channels, height, width = self._tap(tap)
         r = self._image_range(image)
-        if self.store.has(f"pfv/{tap}"):
+        if self.store.meta.has_pfvs(tap):
             values = self.store.meta.read_pfvs(tap, r)[0].astype(np.float32)
         else:
             if self._pfvs is None:

@@ -463,6 +463,7 @@ class Report:
             for key, s in states.items()) + "</table>")
         parts.append(self._plots(stats, gig))
         parts.append(self._evaluation())
+        parts.append(self._sweep())
         if self.gig.has_graphs():
             parts.append("<h2>classes</h2><p>" + " ".join(self.class_link(c, 0) for c in range(len(self.class_names)))
                          + "</p>")
@@ -496,9 +497,10 @@ class Report:
             figures.append(("sizes.svg", fig, "distribution of concept sizes"))
         gaps = {}
         for key, g in gig.items():
-            r = self.gig.store.array(f"gig/{self.dictionary}/{key}/gap")
-            limit = self.config.gig.images or r.shape[0]
-            values = np.concatenate([r[u.start : min(u.stop, limit)].ravel() for u in self.store.units() if u.start < limit])
+            pair = tuple(g["pair"])
+            limit = self.config.gig.images or self.store.num_images
+            values = np.concatenate([self.gig.read_gaps(pair, u)[: min(u.stop, limit) - u.start].ravel()
+                                     for u in self.store.units() if u.start < limit])
             values = values[np.isfinite(values) & (values > 0)]
             if len(values):
                 gaps[key.replace("__", " -> ")] = values
@@ -525,6 +527,35 @@ class Report:
         return (f"<figure style='display:inline-block'><img src='img/{name}' alt='{alt}'>"
                 f"<figcaption>{caption}</figcaption></figure>")
 
+
+    def _sweep(self) -> str:
+        """``gig-dist sweep``'s points, where it ran: the Pareto plots and the table."""
+        from gig_dist.sweep import _mean, plot_sweep, sweep_levels, sweep_table
+
+        if not sweep_levels(self.store):
+            return ""
+        rows = sweep_table(self.store)
+        (self.site / "img").mkdir(exist_ok=True)
+        plot_sweep(rows, self.site / "img" / "sweep.png")
+        head = ["dictionary", "K / C", "lambda_rel", "R^2", "mean l0", "C-Ins - C-Del", "by count", "purity",
+                "1-2 member concepts", "part recall", "gap", "kept", "seconds"]
+        body = []
+        for point in rows:
+            taps = point["taps"].values()
+
+            def mean(name, taps=taps):
+                return _mean([entry.get(name) for entry in taps])
+
+            body.append("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in (
+                point["method"], point["k_multiplier"], point["lambda_rel"], mean("r2"), mean("mean_l0"),
+                mean("score"), mean("count_score"), mean("purity"), mean("tiny_concepts"), point["part_recall"],
+                point["gap"], point["kept"], sum(point["seconds"].values()))) + "</tr>")
+        return ("<h2>sweep (<code>gig-dist sweep</code>)</h2><p>each point a dictionary level of this run: its K and "
+                f"lambda, {rows[0]['images']} images decomposed, attributed and evaluated; values are means over the "
+                "source taps. The dashed line is the Pareto front of score against sparsity.</p>"
+                "<img src='img/sweep.png' alt='sweep: score against l0, purity against K, cost against K' "
+                "style='max-width:100%'><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+                + "".join(body) + "</table>")
 
     def _evaluation(self) -> str:
         """``gig-dist evaluate``'s results, where it ran: each pair's mean insertion and deletion

@@ -24,7 +24,7 @@ class ExtractConfig(Section):
 
 
 class SampleConfig(Section):
-    """PFV sampling for concept discovery (method.md section 3)."""
+    """PFV sampling for concept discovery (docs/method.md section 3)."""
 
     #: ``srd``: probability proportional to max(R_p, 0), the SRD relevance of the predicted class,
     #: where SRD has rules for the model and every tap (ResNet-style models), else grad x act (the
@@ -41,7 +41,7 @@ class SampleConfig(Section):
 
 
 class ConceptsConfig(Section):
-    """Concept dictionaries: bisecting k-means on each tap's samples (method.md section 4)."""
+    """Concept dictionaries: bisecting k-means on each tap's samples (docs/method.md section 4)."""
 
     #: The dictionary: a name of ``gig_dist.kernels.dictionaries.DICTIONARIES`` (bisecting_kmeans,
     #: kmeans, dictionary_learning, nmf, sae, or one registered); also its level in the store
@@ -93,7 +93,7 @@ class ConceptsConfig(Section):
 
 
 class DecomposeConfig(Section):
-    """Every PFV as a sparse non-negative combination of its tap's concepts (method.md section 5)."""
+    """Every PFV as a sparse non-negative combination of its tap's concepts (docs/method.md section 5)."""
 
     #: Taps to decompose. ``None``: every tap.
     taps: tuple[str, ...] | None = None
@@ -132,7 +132,7 @@ class DecomposeConfig(Section):
 
 
 class GIGConfig(Section):
-    """Generalized Integrated Gradients between taps and to the classes (method.md section 6)."""
+    """Generalized Integrated Gradients between taps and to the classes (docs/method.md section 6)."""
 
     #: ``[source, target]`` tap pairs; ``logits`` as target for concept -> class. ``None``:
     #: consecutive stage outputs, plus every stage output to the logits (a stage output is the
@@ -163,7 +163,7 @@ class GIGConfig(Section):
     #: Concepts per level of a class graph (the top sources of each node, and of the class).
     graph_top: int = Field(default=3, ge=1)
     #: Where a class graph's lower levels come from: ``class``, the GIG means over the class's
-    #: own images (Gamma_c); ``dataset``, the means over all attributed images. See the README.
+    #: own images (Gamma_c); ``dataset``, the means over all attributed images. See docs/guides/pipeline.md, "Class graphs".
     graph_gamma: Literal["class", "dataset"] = "class"
     #: Refine the integral where it is coarse: a target whose relative completeness gap exceeds
     #: ``max_gap`` after ``steps`` is integrated again with twice the steps, and again, up to
@@ -172,7 +172,7 @@ class GIGConfig(Section):
     max_steps: int = Field(default=256, ge=1)
     #: With ``max_gap``: a gap under ``atol`` times the readout's scale in the image (the largest
     #: magnitude a class, or target concept, takes at the path's ends) is fine whatever its share
-    #: of the target's own change (``kernels.gig.refine``; the README's gap distributions).
+    #: of the target's own change (``kernels.gig.refine``; docs/evaluation.md, "Completeness gaps").
     atol: float = Field(default=1e-3, ge=0)
     #: Keep each image's GIG per source concept (float32, images x targets x active sources)
     #: after the reduction. Off: once reduced, an image keeps its targets, totals, gaps and top
@@ -203,7 +203,7 @@ class GIGConfig(Section):
 
 
 class AtlasConfig(Section):
-    """The concept atlas: each concept shown by its top members (issue: see the README)."""
+    """The concept atlas: each concept shown by its top members (docs/guides/reading-a-run.md)."""
 
     #: Members shown per concept: the PFVs with the largest code value for it.
     members: int = Field(default=8, ge=1, le=64)
@@ -212,7 +212,7 @@ class AtlasConfig(Section):
     #: iERF kind: ``auto`` (SRD where it applies, else gradient), ``srd`` or ``gradient``.
     ierf: Literal["auto", "srd", "gradient"] = "auto"
     #: Image copies per backward pass of a gradient iERF: the peak memory grows with it, and
-    #: time barely shrinks (see the README's measurement).
+    #: time barely shrinks (docs/benchmarks.md).
     ierf_copies: int = Field(default=8, ge=1, le=256)
 
 

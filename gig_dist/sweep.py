@@ -33,8 +33,9 @@ MATCH_SAMPLES = 2048
 #: Default grid of ``gig-dist sweep`` (the paper's K = 8 C among them).
 SWEEP_K_MULTIPLIERS = (1.0, 2.0, 4.0, 8.0, 16.0)
 SWEEP_LAMBDAS = (0.025, 0.05, 0.1)
-#: Images each sweep point attributes and evaluates (it decomposes their whole store unit).
-SWEEP_IMAGES = 32
+#: Images each sweep point attributes and evaluates (it decomposes their whole store unit): 16
+#: keeps the toy sweep (5 K x 3 lambdas x 2 dictionaries) under an hour on 2 cores.
+SWEEP_IMAGES = 16
 #: The prefix of a sweep point's level: ``<method>@k=<K multiplier>,lambda=<lambda_rel>``.
 _POINT = re.compile(r"^(?P<method>[a-z_]+)@k=(?P<k>[0-9.]+),lambda=(?P<lam>[0-9.]+|none)$")
 
@@ -288,7 +289,7 @@ def point_row(store: RunStore, level: str) -> dict[str, Any]:
         entry["inter_layer"] = _mean(entry.get("inter_layer", []))
         fit = concepts.fit(tap)
         entry["k"] = fit.get("k")
-        sizes = store.array(f"concepts/{level}/{tap}/size")[...] if store.has(f"concepts/{level}/{tap}/size") else None
+        sizes = store.concepts(level).sizes(tap)
         entry["tiny_concepts"] = float(((sizes >= 1) & (sizes <= 2)).mean()) if sizes is not None else None
         entry["median_members"] = float(np.median(sizes)) if sizes is not None else None
         entry["purity"] = ground.get("taps", {}).get(tap, {}).get("purity", {}).get("all")
@@ -323,13 +324,14 @@ def plot_sweep(rows: list[dict[str, Any]], path) -> None:
     """The sweep's three Pareto plots side by side: C-Ins - C-Del against mean l0 (per source tap,
     averaged; the front over all points as a line), purity against K and seconds against K."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import (
+        Figure,  # not pyplot: a notebook's backend stays as it is
+    )
 
     methods = sorted({row["method"] for row in rows})
-    colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    colours = dict(zip(methods, matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]))
+    figure = Figure(figsize=(15, 4.4))
+    axes = figure.subplots(1, 3)
 
     def per_point(row, name):
         return _mean([entry.get(name) for entry in row["taps"].values()])
@@ -370,4 +372,3 @@ def plot_sweep(rows: list[dict[str, Any]], path) -> None:
     figure.suptitle(f"gig-dist sweep: {len(rows)} points, {images} images each; marker size grows with K", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)

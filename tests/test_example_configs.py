@@ -47,7 +47,7 @@ def test_the_toy_world_sets_its_own_sample_count_and_lambda():
 
 
 def test_the_readmes_imagenet_sizes_follow_from_the_tap_shapes():
-    """Every size the README gives for the ImageNet run, recomputed from ResNet50's tap shapes
+    """Every size the ImageNet guide gives for the ImageNet run, recomputed from ResNet50's tap shapes
     (the PFV figure was once off by a factor of two)."""
     import re
 
@@ -62,7 +62,7 @@ def test_the_readmes_imagenet_sizes_follow_from_the_tap_shapes():
                   taps={t: (s.channels, s.height, s.width) for t, s in shapes.items()}, num_outputs=classes)
     pfv = sum(spec.nbytes for spec in extraction_specs(facts, "float16") if spec.path.startswith("pfv/"))
     assert pfv == 50_000 * 2 * (56 * 56 * 256 + 28 * 28 * 512 + 14 * 14 * 1024 + 7 * 7 * 2048)
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "guides" / "imagenet.md").read_text()
     stated = float(re.search(r"four stage outputs are about (\d+) GB of float16", readme).group(1))
     assert abs(stated * 1e9 - pfv) / pfv < 0.02, (stated, pfv / 1e9)
     per_image = float(re.search(r"before compression \((\d+\.\d) MB per image", readme).group(1))

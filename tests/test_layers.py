@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("stages.forward", "stages.coding"),
     ("stages.pairs",),
     ("stages.extract", "stages.sample", "stages.concepts", "stages.decompose", "stages.attribute", "stages.reduce",
-     "stages.graphs", "stages.members", "stages.atlas", "stages.evaluate", "stages.sizes", "stages.ierf"),
+     "stages.graphs", "stages.members", "stages.atlas", "stages.evaluate", "stages.sizes"),
     ("stages.registry",),
     ("stages.driver", "stages"),
     ("runtime.address", "runtime.local", "cost", "cluster"),

@@ -65,13 +65,18 @@ def test_open_run_names_what_is_missing(run_url, tmp_path):
         gig_dist.open_run(early).concepts("layer3.1")
 
 
-def test_the_readme_notebook_example_runs(run_url, monkeypatch):
+def test_the_guides_notebook_example_and_the_readmes_run(run_url, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    readme = (REPO / "README.md").read_text()
-    example = re.search(r"### Reading a run.*?```python\n(.*?)```", readme, re.S).group(1)
+    guide = (REPO / "docs" / "guides" / "reading-a-run.md").read_text()
+    example = re.search(r"## Reading a run.*?```python\n(.*?)```", guide, re.S).group(1)
     monkeypatch.chdir(run_url.rsplit("/", 1)[0])  # the example opens gig-dist-run.zarr in the working directory
     namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
+    exec(compile(example, "reading-a-run.md", "exec"), namespace)
     assert namespace["image"].shape == (64, 64, 3) and 0 <= namespace["concept"] < 64  # K = C / 4 at layer3.1 here
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["run"].gamma("layer3.1", "logits").dims[0].endswith("concept")

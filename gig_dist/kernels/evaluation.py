@@ -1,4 +1,4 @@
-"""Insertion and deletion of concepts (method.md section 7): do the concepts an attribution ranks
+"""Insertion and deletion of concepts (docs/method.md section 7): do the concepts an attribution ranks
 first matter most to the model?
 
 For one image at a tap with sparse codes ``U`` over concepts ``V``, an *ordering* ranks the

@@ -1,4 +1,4 @@
-"""Generalized Integrated Gradients (method.md section 6): attributions of the concepts of a source
+"""Generalized Integrated Gradients (docs/method.md section 6): attributions of the concepts of a source
 tap ``a`` to the concepts of a later tap ``b``, or to the logits.
 
 For one image with codes ``U`` (positions x K_a) at tap ``a`` and its reconstruction

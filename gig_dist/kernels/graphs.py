@@ -1,4 +1,4 @@
-"""Class graphs and the class-conditional GIG matrices they are read from (method.md section 6).
+"""Class graphs and the class-conditional GIG matrices they are read from (docs/method.md section 6).
 
 A class graph is built top-down: the ``top`` concepts of the last tap with the largest
 ``Gamma^(last -> class)[:, c]``, then for each of them the ``top`` sources in the previous tap,
@@ -11,7 +11,7 @@ Below the top level, the sources of a node come from one of two matrices:
 * ``dataset``: ``Gamma^(a -> b)``, the mean over every attributed image.
 
 The top level, ``Gamma^(a -> class)[:, c]``, is a mean over class c's images in both. Measured on
-the toy world (README, "Class graphs"), the class-conditional sources keep more of held-out
+the toy world (docs/guides/pipeline.md, "Class graphs"), the class-conditional sources keep more of held-out
 class images' attribution than the dataset-wide ones, hence the default.
 
 Edge weights keep their GIG values; every edge also has ``relative``: its weight over the

@@ -1,7 +1,7 @@
 """Instance-level effective receptive fields (iERFs) of PFVs, for any model.
 
 SRD (:mod:`gig_dist.kernels.srd`) where it has rules for every layer and the tap is a residual
-block output; elsewhere the gradient iERF of method.md section 2: the absolute gradient of
+block output; elsewhere the gradient iERF of docs/method.md section 2: the absolute gradient of
 ``<a_p, a_p / ||a_p||>`` (= ``||a_p||``) with respect to the input, summed over colour channels
 and normalised to sum 1. Every result says which kind it is.
 """

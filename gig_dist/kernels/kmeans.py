@@ -1,4 +1,4 @@
-"""Bisecting k-means (Steinbach et al. 2000), the concept clustering of method.md section 4.
+"""Bisecting k-means (Steinbach et al. 2000), the concept clustering of docs/method.md section 4.
 
 Start with one cluster; repeatedly split the leaf with the largest inertia (sum of squared
 distances to its centroid) by 2-means, until ``n_clusters`` leaves. The split tree is kept: it is

@@ -1,4 +1,4 @@
-"""Non-negative Lasso decomposition of PFVs into concept vectors (method.md section 5).
+"""Non-negative Lasso decomposition of PFVs into concept vectors (docs/method.md section 5).
 
 For each PFV ``a`` (C,) and a shared dictionary ``V`` (K, C) of unit concept vectors::
 

@@ -14,7 +14,7 @@ GAP_EPSILON = 1e-12
 
 
 def completeness_gap(total: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """The relative completeness gap ``|total - delta| / |delta|`` of GIG (method.md section 6),
+    """The relative completeness gap ``|total - delta| / |delta|`` of GIG (docs/method.md section 6),
     elementwise; NaN where ``delta`` is NaN or ``|delta| <= GAP_EPSILON`` (nothing to complete)."""
     total, delta = np.asarray(total, dtype=np.float64), np.asarray(delta, dtype=np.float64)
     defined = np.abs(delta) > GAP_EPSILON  # False for NaN as well

@@ -1,4 +1,4 @@
-"""Choosing which PFVs of an image go into concept discovery (method.md section 3)."""
+"""Choosing which PFVs of an image go into concept discovery (docs/method.md section 3)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ PFVs ``a_i`` below it (conv + folded BatchNorm per kernel tap, an identity skip,
 skip) plus an effective bias. The bias is split among the contributions in proportion to their
 norms, and the share of source ``i`` in ``j`` is ``mu_(i->j) = <c'_(i->j), z_j> / ||z_j||^2``, so
 the shares into every target sum to 1. Relevance passes unchanged through ReLU and flows down as
-``R_i = sum_j mu_(i->j) R_j`` (method.md section 2).
+``R_i = sum_j mu_(i->j) R_j`` (docs/method.md section 2).
 
 Ratios are computed once per image (:meth:`SRD.decompose`, about the cost of a forward pass);
 propagating relevance is then a cheap linear map, so many relevance maps of one image go down in

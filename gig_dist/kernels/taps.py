@@ -7,7 +7,7 @@ lie on the image's patch grid after ``prefix`` class and register tokens (vision
 or vectors (N, C) as 1 x 1 maps. Every later stage sees PFVs on a grid.
 
 The default taps are the outputs of a model's blocks: the residual blocks of torchvision's
-CNNs (after the block's final ReLU, as in method.md section 1), else the children of its trunk,
+CNNs (after the block's final ReLU, as in docs/method.md section 1), else the children of its trunk,
 the sequence of blocks it is built around (timm's ``blocks.N`` and ``stages.N``, ViTs'
 ``blocks.N``, torchvision ViT's ``encoder.layers.encoder_layer_N``).
 """

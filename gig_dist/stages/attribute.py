@@ -1,4 +1,4 @@
-"""Stage ``attribute``: GIG over the dataset (method.md section 6), the expensive part.
+"""Stage ``attribute``: GIG over the dataset (docs/method.md section 6), the expensive part.
 
 Work units are (tap pair, image range, step range, target chunk). Each computes, for every image
 of its range and every target slot of its chunk, the GIG of each of the image's active source

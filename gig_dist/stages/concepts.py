@@ -1,5 +1,5 @@
 """Stage ``concepts``: one unit per tap, the run's dictionary (``concepts.method``, default
-bisecting k-means, method.md section 4) fit to the tap's samples, written under the dictionary's
+bisecting k-means, docs/method.md section 4) fit to the tap's samples, written under the dictionary's
 own level of the store.
 
 The samples of one tap are the only data a unit holds in memory: ``sample.per_image`` PFVs per

@@ -1,5 +1,5 @@
 """Stage ``decompose``: every PFV of the chosen taps as a sparse code over its tap's concepts
-(method.md section 5: the non-negative Lasso for the paper's dictionary), one unit per shard.
+(docs/method.md section 5: the non-negative Lasso for the paper's dictionary), one unit per shard.
 
 A unit reads its images' PFVs, encodes all of them with the run's dictionary (on the worker's
 device), and writes fixed-width codes (``decompose.max_nonzero`` slots of index and value, by

@@ -1,4 +1,4 @@
-"""Stage ``evaluate``: concept insertion and deletion (method.md section 7), per store unit.
+"""Stage ``evaluate``: concept insertion and deletion (docs/method.md section 7), per store unit.
 
 For every attributed image among the first ``evaluate.images`` (whole store units; the store's
 interleaved order spreads them over the classes), and every GIG pair:

@@ -145,7 +145,7 @@ class PFVSource:
     def __init__(self, config: Config, store: RunStore, device: torch.device, taps: list[str]) -> None:
         self.store = store
         self.taps = [tap for tap in store.taps if tap in taps]
-        self.stored = all(store.has(f"pfv/{tap}") for tap in self.taps)
+        self.stored = all(store.meta.has_pfvs(tap) for tap in self.taps)
         self.config, self.device = config, device
         self._forward: UnitForward | None = None
         self._unit: tuple[ImageRange | None, dict[str, np.ndarray]] = (None, {})

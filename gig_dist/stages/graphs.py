@@ -1,4 +1,4 @@
-"""Stage ``graphs``: every class's concept graph (method.md section 6), written as one JSON
+"""Stage ``graphs``: every class's concept graph (docs/method.md section 6), written as one JSON
 document per class. Below the top level the sources come from the class-conditional Gamma_c
 (``gig.graph_gamma = class``, the default) or the dataset-wide Gamma (``dataset``); see
 :mod:`gig_dist.kernels.graphs`."""

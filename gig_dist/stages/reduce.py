@@ -1,5 +1,5 @@
 """Stage ``reduce``: the attribute stage's partial sums into per-image results and the dataset
-Gamma matrices (method.md section 6), as a fixed tree over image units.
+Gamma matrices (docs/method.md section 6), as a fixed tree over image units.
 
 Units are (pair, block of ``gig.reduce_block_units`` store units) and run in parallel. Each reads its
 images' GIG per source (the step ranges' partial sums added in step order, rounded to float32 as
@@ -126,8 +126,7 @@ class ReduceStage(Stage):
                           and (u.pair not in stops or stops[u.pair][u.index % count] != self.block_stop(u, facts))]
 
     def final_is_current(self, store: RunStore) -> bool:
-        base = f"gig/{self.dictionary}"
-        return store.has(base) and store.attrs(base).get("reduced_images") == self.covered_images(store.facts)
+        return store.gig(self.dictionary).reduced_images() == self.covered_images(store.facts)
 
     def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
         """A worker: one block's sparse entries (class, key, value and their sort, ~48 bytes
@@ -219,7 +218,7 @@ class ReduceStage(Stage):
                 **kept_summary(np.concatenate(kept) if kept else np.zeros(0)),
                 "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1],
                 **(refinement_summary(np.concatenate(steps), np.concatenate(first)) if refined and steps else {})})
-        store.set_attrs(f"gig/{self.dictionary}", reduced_images=self.covered_images(store.facts))
+        store.gig(self.dictionary).set_reduced_images(self.covered_images(store.facts))
         self.compact(store, units)
 
     def compact(self, store: RunStore, units: list[WorkUnit]) -> None:

@@ -1,5 +1,5 @@
 """Stage ``sample``: per image and tap, draw PFVs for concept discovery, weighted by their
-contribution to the predicted class (method.md section 3), and keep the drawn vectors.
+contribution to the predicted class (docs/method.md section 3), and keep the drawn vectors.
 
 Draws depend only on ``(sample.seed, tap, image)``, never on how images were split into units
 or batches. The drawn vectors are read from the extracted PFVs, so the concepts are fit to

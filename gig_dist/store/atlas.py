@@ -97,8 +97,10 @@ class AtlasSection:
     def rows(self, tap: str) -> np.ndarray:
         return self.store.array(self._path(tap, "row"))[...]
 
-    def capacity(self) -> int:
-        return int(self.store.attrs(f"atlas/{self.dictionary}")["crop_capacity"])
+    def capacity(self) -> int | None:
+        """Crop rows the atlas declared (None: no atlas yet)."""
+        base = f"atlas/{self.dictionary}"
+        return int(self.store.attrs(base)["crop_capacity"]) if self.store.has(base) else None
 
     # -- the atlas stage ------------------------------------------------------------------------
 

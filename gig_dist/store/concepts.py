@@ -82,6 +82,11 @@ class ConceptsSection:
     def count(self, tap: str) -> int:
         return int(self.store.array(self._path(tap, "vector")).shape[0])
 
+    def sizes(self, tap: str) -> np.ndarray | None:
+        """Samples per concept (None for a dictionary that stores none)."""
+        path = self._path(tap, "size")
+        return self.store.array(path)[...] if self.store.has(path) else None
+
     def arrays(self, tap: str) -> dict[str, np.ndarray]:
         """Every stored array of the tap's dictionary (small: K rows), except the sample members."""
         found = {}

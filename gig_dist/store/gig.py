@@ -52,7 +52,7 @@ over the images of class c only), reduced per class:
 Once the reduce stage has a block of images in its sums, their ``partial`` and (unless
 ``gig.keep_image_attributions``) ``attribution`` and ``sum`` are deleted: what stays per image
 is its targets, sources, totals, gaps and top edges (:meth:`GIGSection.compact`). ``gig/<dict>/graphs (class,)`` holds one JSON
-class graph per class (method.md section 6), written by the graphs stage.
+class graph per class (docs/method.md section 6), written by the graphs stage.
 """
 
 from __future__ import annotations
@@ -439,6 +439,18 @@ class GIGSection:
         return found
 
     # -- graphs -----------------------------------------------------------------------------------------
+
+    def reduced_images(self) -> int | None:
+        """The images the reduce stage last summed (None: never reduced)."""
+        base = f"gig/{self.dictionary}"
+        return self.store.attrs(base).get("reduced_images") if self.store.has(base) else None
+
+    def set_reduced_images(self, images: int) -> None:
+        self.store.set_attrs(f"gig/{self.dictionary}", reduced_images=int(images))
+
+    def read_gaps(self, pair: Pair, r: ImageRange) -> np.ndarray:
+        """The completeness gaps (image, target_slot) of the images ``r``."""
+        return self.store.array(self._path(pair, "gap"))[r.start : r.stop]
 
     def write_graphs(self, graphs: list[dict[str, Any]]) -> None:
         self.store.array(f"gig/{self.dictionary}/graphs")[...] = np.asarray([json.dumps(g) for g in graphs], dtype=str)

@@ -138,16 +138,9 @@ class MetaSection:
 
     # -- iERFs of requested PFVs ---------------------------------------------------------------------
 
-    def write_ierfs(self, name: str, requests: np.ndarray, maps: np.ndarray, kinds: list[str]) -> None:
-        """iERFs (M, H, W) of the PFVs ``requests`` (M, 3) = (image, tap index, position), under
-        ``ierf/<name>``, replacing any of that name; ``complete`` is set last."""
-        base = f"ierf/{name}"
-        if self.store.has(base):
-            self.store.set_attrs(base, complete=False)
-        self.store.write_whole(f"{base}/map", maps.astype(np.float32), ("request", "y", "x"), owner="ierf")
-        self.store.write_whole(f"{base}/request", requests.astype(np.int64), ("request", "field"), owner="ierf")
-        self.store.write_whole(f"{base}/kind", np.asarray(kinds, dtype=str), ("request",), owner="ierf")
-        self.store.set_attrs(base, taps=list(self.store.taps), complete=True)
+    def has_pfvs(self, tap: str) -> bool:
+        """Whether the run stored the PFVs of ``tap`` (not with ``extract.pfvs: recompute``)."""
+        return self.store.has(f"pfv/{tap}")
 
     # -- summaries ---------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Concept dictionaries, one module each, behind one interface (design.md, "Dictionaries swap").
+"""Concept dictionaries, one module each, behind one interface (docs/architecture.md).
 
 A dictionary follows scikit-learn's estimator contract and overcomplete's verbs::
 

@@ -91,7 +91,7 @@ class Dictionary(BaseEstimator):
 
 
 class LassoCoded(Dictionary):
-    """A dictionary whose codes are exact non-negative Lasso solutions (method.md section 5),
+    """A dictionary whose codes are exact non-negative Lasso solutions (docs/method.md section 5),
     ``lambda = lambda_rel * max_k <v_k, a>`` per PFV (or an absolute ``lam``): the paper's and
     every baseline whose vectors come from another fit. Subclasses implement :meth:`fit`."""
 

@@ -1,4 +1,4 @@
-"""The paper's dictionary: bisecting k-means centroids, Lasso codes (method.md sections 4-5)."""
+"""The paper's dictionary: bisecting k-means centroids, Lasso codes (docs/method.md sections 4-5)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from gig_dist.kernels.kmeans import BisectingKMeans, concept_vectors
 
 
 class BisectingKMeansDictionary(LassoCoded):
-    """The paper's dictionary (method.md sections 4-5): concept vectors are the unit-normalised
+    """The paper's dictionary (docs/method.md sections 4-5): concept vectors are the unit-normalised
     centroids of bisecting k-means (largest-inertia splits); codes are exact non-negative Lasso
     solutions, ``lambda = lambda_rel * max_k <v_k, a>`` per PFV (or an absolute ``lam``).
 

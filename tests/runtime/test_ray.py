@@ -231,7 +231,7 @@ def test_a_users_factory_model_on_two_ray_workers_equals_the_in_process_run(ray_
     """``model.name = tests.test_models:tiny_net``: its package travels to the actors (Ray's
     py_modules), every worker builds the same seeded model, and every array is bitwise the
     in-process run's."""
-    from tests.test_models import FACTORY
+    from tests.models.test_models import FACTORY
 
     extra = (*FACTORY, "concepts.k_multiplier=1", "sample.per_image=8")
     local = pipeline.run(toy_config(*BASE, *extra), tmp_path / "local.zarr")

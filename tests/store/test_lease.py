@@ -18,7 +18,7 @@ import pytest
 
 from gig_dist.store import ArraySpec, LeaseLost, RunStore, StoreError
 from gig_dist.store.lease import LEASE_DIR, Fence, Lease
-from tests.test_store import make_store
+from tests.store.test_store import make_store
 
 
 def _plant(url: str, generation: int = 1, **fields) -> str:

@@ -6,7 +6,6 @@ import torch
 
 from gig_dist import pipeline
 from gig_dist.kernels.sampling import draw_positions, grad_x_act
-from gig_dist.stages.ierf import compute_ierfs
 from gig_dist.store import SKIPPED, RunStore
 from gig_dist.toy.model import load_toy_model
 from tests.conftest import assert_stores_equal, toy_config, zgroup
@@ -160,14 +159,3 @@ def test_srd_sampling_where_srd_has_no_rule_runs_grad_x_act_and_says_so(tmp_path
     srd = pipeline.run(toy_config("dataset.toy.num_images=8"), tmp_path / "srd.zarr", until="sample")
     assert srd.stages[1].methods == {"relevance": "srd"}
 
-
-def test_ierfs_of_given_pfvs_are_stored(sampled, tmp_path):
-    store = sampled["srd"]
-    requests = [(0, "layer3.1", 10), (0, "layer1.0", 500), (7, "layer2.0", 3)]
-    maps, kinds = compute_ierfs(toy_config("dataset.toy.num_images=256"), store.url, requests, name="test")
-    assert kinds == ["srd"] * 3 and np.allclose(maps.sum((1, 2)), 1, atol=1e-4)
-    again = RunStore.open(store.url)
-    assert np.array_equal(zgroup(again)["ierf/test/map"][:], maps)
-    assert zgroup(again)["ierf/test/request"][:].tolist() == [[0, 4, 10], [0, 0, 500], [7, 1, 3]]
-    with pytest.raises(ValueError, match="position 5000 is outside layer1.0"):
-        compute_ierfs(toy_config(), store.url, [(0, "layer1.0", 5000)])
