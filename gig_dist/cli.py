@@ -505,36 +505,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from gig_dist.stages.base import level_of
-    from gig_dist.store import RunStore
+    from gig_dist.read import open_run
 
-    store = RunStore.open(args.dir)
-    names = list(store.facts.class_names)
-    dictionary = args.dict or level_of(Config.model_validate(store.manifest.config))
-    if dictionary not in store.dictionaries():
-        raise ConfigError(f"no dictionary {dictionary!r} in {args.dir}; it has {', '.join(store.dictionaries()) or 'none'}")
-    cls = args.cls
-    if not cls.lstrip("-").isdigit():
-        if cls not in names:
-            raise ConfigError(f"unknown class {cls!r}; classes are indices 0..{store.facts.num_outputs - 1}"
-                              + (f" or names ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""))
-        cls = str(names.index(cls))
-    config = Config.model_validate(store.manifest.config)
-    if args.top is None and args.gamma in (None, config.gig.graph_gamma):
-        graph = store.gig(dictionary).read_graph(int(cls))
-    else:
-        from gig_dist.stages.graphs import build_graphs
-        from gig_dist.stages.pairs import gig_pairs
-
-        top = args.top or config.gig.graph_top
-        if top > config.gig.top_edges and (args.gamma or config.gig.graph_gamma) == "class":
-            raise ConfigError(f"--top {top}: the run kept {config.gig.top_edges} sources per class and target concept "
-                              "(gig.top_edges); use --top at most that, or --gamma dataset")
-        if not 0 <= int(cls) < store.facts.num_outputs:
-            raise ConfigError(f"class {cls} out of range: the model has {store.facts.num_outputs} classes")
-        graphs = build_graphs(store, dictionary, gig_pairs(config, list(store.taps)), top,
-                              args.gamma or config.gig.graph_gamma)
-        graph = graphs[int(cls)]
+    run = open_run(args.dir, args.dict)
+    if run.dictionary not in run.store.dictionaries():
+        raise ConfigError(f"no dictionary {run.dictionary!r} in {args.dir}; it has "
+                          f"{', '.join(run.store.dictionaries()) or 'none'}")
+    graph = run.graph(args.cls, top=args.top, gamma=args.gamma)
     if args.json:
         print(json.dumps(graph, indent=2))
         return 0

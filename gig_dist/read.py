@@ -170,9 +170,23 @@ class Run:
             raise StoreError(f"class {cls} out of range: the model has classes 0..{len(names) - 1}")
         return int(cls)
 
-    def graph(self, cls: int | str) -> dict[str, Any]:
-        """The concept graph of a class (index or name)."""
-        return self.store.gig(self.dictionary).read_graph(self._class_index(cls))
+    def graph(self, cls: int | str, top: int | None = None, gamma: str | None = None) -> dict[str, Any]:
+        """The concept graph of a class (index or name): the stored one, or, with another ``top``
+        (sources per concept) or ``gamma`` (``class`` or ``dataset``) than the run's, one built
+        again from the stored Gamma."""
+        index = self._class_index(cls)
+        gig = self.config.gig
+        if top is None and gamma in (None, gig.graph_gamma):
+            return self.store.gig(self.dictionary).read_graph(index)
+        from gig_dist.stages.graphs import build_graphs
+        from gig_dist.stages.pairs import gig_pairs
+
+        top, gamma = top or gig.graph_top, gamma or gig.graph_gamma
+        if top > gig.top_edges and gamma == "class":
+            raise StoreError(f"--top {top}: the run kept {gig.top_edges} sources per class and target concept "
+                             "(gig.top_edges); use --top at most that, or --gamma dataset")
+        return build_graphs(self.store, self.dictionary, gig_pairs(self.config, list(self.store.taps)), top,
+                            gamma)[index]
 
     # -- the atlas ----------------------------------------------------------------------------------
 
@@ -336,7 +350,7 @@ def label_summary(store) -> dict[str, Any]:
 def coverage_summary(store) -> dict[str, dict[str, Any]]:
     """Processed images per class in what each stage covers: every image (extract), the first
     ``decompose.images`` and the first ``gig.images`` (whole store units)."""
-    if not store.has("meta/status"):
+    if not store.meta.has_status():
         return {}
     config = store.manifest.config
     unit = store.facts.images_per_unit

@@ -194,3 +194,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_head" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))
+    # The longest tests start first, so that no worker is left with one of them at the end.
+    items.sort(key=lambda item: item.name not in LONGEST)
+
+
+#: The tests that run for minutes (the embedded default end to end, the S3 run killed twice).
+LONGEST = {"test_embedded_default_end_to_end", "test_a_run_from_a_bucket_into_a_bucket_killed_twice_resumes_to_the_local_runs_arrays"}

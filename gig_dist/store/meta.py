@@ -138,6 +138,10 @@ class MetaSection:
 
     # -- iERFs of requested PFVs ---------------------------------------------------------------------
 
+    def has_status(self) -> bool:
+        """Whether the run has its image index and statuses yet."""
+        return self.store.has("meta/status")
+
     def has_pfvs(self, tap: str) -> bool:
         """Whether the run stored the PFVs of ``tap`` (not with ``extract.pfvs: recompute``)."""
         return self.store.has(f"pfv/{tap}")
