@@ -129,7 +129,7 @@ class TinyNet(torch.nn.Module):
 
 
 def tiny_net(width: int = 16, classes: int = 8) -> torch.nn.Module:
-    """``model.name = tests.test_models:tiny_net``."""
+    """``model.name = tests.models.test_models:tiny_net``."""
     return TinyNet(width, classes)
 
 
@@ -141,12 +141,12 @@ def broken_factory() -> torch.nn.Module:
     raise RuntimeError("no GPU here")
 
 
-FACTORY = ("model.name=tests.test_models:tiny_net", "model.weights=none", "model.kwargs={width: 12}",
+FACTORY = ("model.name=tests.models.test_models:tiny_net", "model.weights=none", "model.kwargs={width: 12}",
            "transform.resize=64", "transform.crop=64", "transform.mean=[0.5,0.5,0.5]", "transform.std=[0.25,0.25,0.25]")
 
 
 def test_a_factory_of_a_users_module_builds_the_same_seeded_model_everywhere():
-    config = ModelConfig(name="tests.test_models:tiny_net", weights=None, kwargs={"width": 12})
+    config = ModelConfig(name="tests.models.test_models:tiny_net", weights=None, kwargs={"width": 12})
     first, second = build_model(config), build_model(config)
     assert isinstance(first, TinyNet) and first.head.in_features == 12 and not first.training
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
@@ -156,11 +156,11 @@ def test_a_factory_of_a_users_module_builds_the_same_seeded_model_everywhere():
 
 
 @pytest.mark.parametrize(("name", "weights", "message"), [
-    ("tests.test_models:not_a_module", None, "returned a str, not a torch nn.Module"),
-    ("tests.test_models:broken_factory", None, "the factory raised RuntimeError: no GPU here"),
-    ("tests.test_models:nothing_here", None, "tests.test_models has no nothing_here"),
+    ("tests.models.test_models:not_a_module", None, "returned a str, not a torch nn.Module"),
+    ("tests.models.test_models:broken_factory", None, "the factory raised RuntimeError: no GPU here"),
+    ("tests.models.test_models:nothing_here", None, "tests.models.test_models has no nothing_here"),
     ("no_such_package.models:build", None, "cannot import no_such_package.models"),
-    ("tests.test_models:tiny_net", "DEFAULT", "a factory has no named weights"),
+    ("tests.models.test_models:tiny_net", "DEFAULT", "a factory has no named weights"),
     ("timm:no_such_net_at_all", None, "timm has no model 'no_such_net_at_all'"),
     ("timm:resnet18", "IMAGENET1K_V1", "timm models take 'pretrained'"),
 ])
@@ -173,8 +173,8 @@ def test_models_that_cannot_be_built_are_refused_in_one_line(name, weights, mess
 def test_weights_that_do_not_fit_a_factorys_model_are_named(tmp_path):
     torch.save(TinyNet(width=8).state_dict(), tmp_path / "w8.pt")
     with pytest.raises(ConfigError, match=r"does not fit the model: shape mismatch at"):
-        build_model(ModelConfig(name="tests.test_models:tiny_net", weights=str(tmp_path / "w8.pt"), kwargs={"width": 12}))
-    build_model(ModelConfig(name="tests.test_models:tiny_net", weights=str(tmp_path / "w8.pt"), kwargs={"width": 8}))
+        build_model(ModelConfig(name="tests.models.test_models:tiny_net", weights=str(tmp_path / "w8.pt"), kwargs={"width": 12}))
+    build_model(ModelConfig(name="tests.models.test_models:tiny_net", weights=str(tmp_path / "w8.pt"), kwargs={"width": 8}))
 
 
 def test_a_factorys_preprocessing_must_be_given_and_another_checkpoint_redoes_the_store(tmp_path):
@@ -184,7 +184,7 @@ def test_a_factorys_preprocessing_must_be_given_and_another_checkpoint_redoes_th
 
     with pytest.raises(ConfigError, match=r"its preprocessing is not known to gig-dist; set transform.resize, "
                                           r"transform.crop, transform.mean, transform.std"):
-        resolve_transform(load_config(None, ["model.name=tests.test_models:tiny_net", "model.weights=none"]))
+        resolve_transform(load_config(None, ["model.name=tests.models.test_models:tiny_net", "model.weights=none"]))
     assert resolve_transform(load_config(None, list(FACTORY))).crop == 64
     torch.save(TinyNet(width=12).state_dict(), tmp_path / "w.pt")
     keys = ExtractStage.key_values(load_config(None, [*FACTORY, f"model.weights={tmp_path / 'w.pt'}"]))
@@ -206,4 +206,4 @@ def stubborn_net() -> torch.nn.Module:
 
 def test_a_model_that_stays_in_training_mode_is_refused():
     with pytest.raises(ConfigError, match="stays in training mode after model.eval"):
-        build_model(ModelConfig(name="tests.test_models:stubborn_net", weights=None))
+        build_model(ModelConfig(name="tests.models.test_models:stubborn_net", weights=None))

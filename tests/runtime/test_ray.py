@@ -235,7 +235,7 @@ def test_stage_objects_travel_to_actors(ray_head, tmp_path):
 
 
 def test_a_users_factory_model_on_two_ray_workers_equals_the_in_process_run(ray_head, tmp_path):
-    """``model.name = tests.test_models:tiny_net``: its package travels to the actors (Ray's
+    """``model.name = tests.models.test_models:tiny_net``: its package travels to the actors (Ray's
     py_modules), every worker builds the same seeded model, and every array is bitwise the
     in-process run's."""
     from tests.models.test_models import FACTORY
