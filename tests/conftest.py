@@ -188,6 +188,7 @@ def s3_server(tmp_path_factory):
         log.close()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Every test of the session's Ray head runs on one xdist worker (``--dist loadgroup``): a
     second head on the machine would be joined by a bare ``ray.init()`` and stopped by ``ray stop``."""

@@ -55,10 +55,15 @@ class LocalRuntime:
         images = skipped = worker_peak = 0
         unit_seconds = 0.0
         methods: dict[str, str] = {}
+        threads_before = torch.get_num_threads()  # the caller's, given back after the stage
         if pending:
             if self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
-            worker = stage.open_worker(self.device)
+            try:
+                worker = stage.open_worker(self.device)
+            except BaseException:
+                torch.set_num_threads(threads_before)
+                raise
             bar = tqdm(
                 total=sum(stage.work(u, store.facts) for u in pending), unit=stage.unit_noun,
                 desc=stage.name, disable=not self.progress,
@@ -92,6 +97,7 @@ class LocalRuntime:
                 pool.shutdown(wait=True, cancel_futures=True)
                 bar.close()
                 worker.close()
+                torch.set_num_threads(threads_before)
         close_stage(stage, store, methods)
         return StageReport(stage.name, units_total, len(pending), images, skipped, time.perf_counter() - started,
                            placement={"local": len(pending)} if pending else {}, worker_peak_rss=worker_peak,

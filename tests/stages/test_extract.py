@@ -306,3 +306,14 @@ def test_inspect_json(reference):
     assert summary["skipped"] == []
     assert summary["config"]["extract"]["batch_size"] == 4
     assert "torch" in summary["versions"]
+
+
+def test_a_run_gives_the_callers_torch_thread_count_back(tmp_path):
+    """runtime.torch_threads sets torch's threads for the stages only: a notebook (or the next
+    run in this process) keeps its own count, so that its results do not change with it."""
+    import torch
+
+    before = torch.get_num_threads()
+    pipeline.run(toy_config("dataset.toy.num_images=8", f"runtime.torch_threads={max(1, before - 1) if before > 1 else 2}"),
+                 tmp_path / "run.zarr", until="extract")
+    assert torch.get_num_threads() == before
