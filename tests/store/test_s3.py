@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,11 @@ def bucket(s3_server, photo_folder) -> str:
     """A bucket holding the images under ``images/``."""
     import s3fs
 
-    url = s3_server.bucket("gig-dist-e2e")
+    # A new bucket each time the module's fixtures are set up (xdist may interleave modules).
+    name = f"gig-dist-e2e-{uuid.uuid4().hex[:8]}"
+    url = s3_server.bucket(name)
     fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint, key="testing", secret="testing")
-    fs.put(str(photo_folder), "gig-dist-e2e/images", recursive=True)
+    fs.put(str(photo_folder), f"{name}/images", recursive=True)
     return url
 
 
