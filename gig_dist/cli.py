@@ -168,7 +168,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"{dictionary}: matching {metric} = {target:g} on each tap's samples", file=stream, flush=True)
             found = match_level(store, dictionary, metric, target, log=lambda line: print(line, file=stream, flush=True))
             plans.append((found, config_from_tree(store.manifest.dictionary_config(dictionary), [
-                *found.overrides, f"evaluate.images={images}", "report.enabled=false", *taps, *args.overrides])))
+                *found.overrides, f"evaluate.images={images}", "report.enabled=false", *taps, *args.overrides,
+                # a matched level exists to be evaluated: it decomposes and attributes only those images
+                f"decompose.images={images}", f"gig.images={images}"])))
         for found, config in plans:
             pipeline.run(config, store.url, until="evaluate", on_plan=lambda decisions, level=found.level: print(
                 f"{level}: " + ", ".join(f"{d.key.split('/')[-1]} {d.action}" for d in decisions if "/" in d.key),
