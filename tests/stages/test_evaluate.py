@@ -534,3 +534,10 @@ def test_sweep_resumes_after_a_kill_and_tabulates_every_point(attributed, tmp_pa
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = subprocess.run([*CLI, "sweep", url, "--table-only"], capture_output=True, text=True)
     assert table.returncode == 0 and first in table.stdout and "by count" in table.stdout, table.stderr[-2000:]
+    # the report shows the sweep: its Pareto plots and a row per point
+    from gig_dist.report import build_report
+
+    build_report(url, tmp_path / "site")
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert "gig-dist sweep" in index and (tmp_path / "site" / "img" / "sweep.png").stat().st_size > 10_000
+    assert index.count("<tr><td>kmeans</td>") == 2 and index.count("<tr><td>bisecting_kmeans</td>") == 2
