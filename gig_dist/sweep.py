@@ -361,13 +361,18 @@ def plot_sweep(rows: list[dict[str, Any]], path) -> None:
         axes[0].plot([xy[i][0] for i in front], [xy[i][1] for i in front], "k--", lw=1, label="Pareto front")
     axes[0].set(xlabel="mean l0 (concepts per PFV)", ylabel="C-Insertion - C-Deletion (GIG order)",
                 title="score against sparsity")
-    axes[1].set(xscale="log", xlabel="K / C (concepts per channel)", ylabel="median purity",
-                title="purity against K (mean over lambdas)")
-    axes[2].set(xscale="log", yscale="log", xlabel="K / C", ylabel="seconds (fit + decompose + attribute)",
-                title="cost against K")
+    axes[1].set(xlabel="K / C (concepts per channel)", ylabel="median purity", title="purity against K (mean over lambdas)")
+    axes[2].set(xlabel="K / C", ylabel="seconds (fit + decompose + attribute)", title="cost against K")
+    from matplotlib.ticker import NullFormatter
+
+    for axis in axes[1:]:  # K on a log2 axis, labelled at the grid's values only
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(ks, [f"{k:g}" for k in ks])
+        axis.xaxis.set_minor_formatter(NullFormatter())
     for axis in axes:
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     images = rows[0]["images"] if rows else 0
     figure.suptitle(f"gig-dist sweep: {len(rows)} points, {images} images each; marker size grows with K", fontsize=10)
     figure.tight_layout()
