@@ -142,3 +142,9 @@ def test_validating_a_config_imports_no_torch_faiss_zarr_or_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_dataset_path_with_the_toy_kind_is_refused_naming_the_kind():
+    """-o dataset.path=photos without dataset.kind=imagefolder once ran the toy world silently."""
+    with pytest.raises(ConfigError, match=r"dataset.path = 'photos' is given but dataset.kind is 'toy'"):
+        load_config(None, ["dataset.path=photos"])
