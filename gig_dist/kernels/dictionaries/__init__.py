@@ -93,7 +93,9 @@ DICTIONARIES = _Registry(_BUILTIN)
 
 def register(name: str, target: type | str) -> None:
     """Add a dictionary (a class, or ``"module:Class"``) under ``name``: ``concepts.method=name``
-    then uses it, with its ``own_params`` settable as ``concepts.params.<name>.<param>``."""
+    then uses it, with its ``own_params`` settable as ``concepts.params.<name>.<param>``. This
+    registers it in this process only: Ray workers are other processes, so for a run on Ray
+    declare it as an entry point in the group ``gig_dist.dictionaries`` of an installed package."""
     DICTIONARIES.register(name, target)
 
 
