@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from gig_dist.store import ConceptsSection
+
 
 def _stats(X: np.ndarray, centers: np.ndarray, labels: np.ndarray, k: int) -> dict[str, float]:
     sizes = np.bincount(labels, minlength=k)
@@ -50,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     store = RunStore.open(args.store)
     config = Config.model_validate(store.manifest.dictionary_config("bisecting_kmeans"))
-    concepts = store.concepts("bisecting_kmeans")
+    concepts = store.family(ConceptsSection, "bisecting_kmeans")
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, store {args.store}, l0 = {args.l0:g}")
     print(f"{'tap':10} {'variant':9} {'K':>5} {'1-2 members':>11} {'median':>7} {'explained':>9} "
           f"{'lambda_rel':>10} {'l0':>5} {'R^2@l0':>7} {'fit s':>6}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from gig_dist.config import Config
+from gig_dist.store import GIGSection, MetaSection
 
 
 def bench_graphs(args: argparse.Namespace) -> None:
@@ -38,7 +39,7 @@ def bench_graphs(args: argparse.Namespace) -> None:
     store = RunStore.open(args.store)
     config = Config.model_validate(store.manifest.config)
     dictionary = config.concepts.method
-    gig = store.gig(dictionary)
+    gig = store.family(GIGSection, dictionary)
     pairs = gig_pairs(config, list(store.taps))
     chain = chain_to_class(pairs, list(store.taps))
     links = [(lower, upper) for upper, lower in zip(chain, chain[1:])]
@@ -67,8 +68,8 @@ def bench_graphs(args: argparse.Namespace) -> None:
     for r in store.units():
         if limit is not None and r.start >= limit:
             break
-        status, prediction = store.meta.read_status(r)
-        _, labels = store.meta.read_index(r)
+        status, prediction = store.family(MetaSection).read_status(r)
+        _, labels = store.family(MetaSection).read_index(r)
         cls = image_class(labels, prediction)
         parts = {link: {**gig.read_unit(link, r), "vectors": gig.read_vectors(link, r)[0]} for link in links}
         for row in np.flatnonzero((status == PROCESSED) & (cls >= 0)):

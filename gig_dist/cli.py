@@ -26,6 +26,7 @@ from gig_dist._version import __version__
 from gig_dist.config import Config, ConfigError, load_config
 from gig_dist.formatting import fmt_bytes
 from gig_dist.stages.registry import stage_names, stages_until
+from gig_dist.store import MetaSection
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  units per node: {dict(stage.placement)}; units rerun after a worker died: {stage.retries}")
     from gig_dist.store import RunStore
 
-    counts = RunStore.open(report.url).meta.image_counts()
+    counts = RunStore.open(report.url).family(MetaSection).image_counts()
     print(
         f"store: {report.url}\nimages: {counts['processed']} processed, {counts['skipped']} skipped, "
         f"{counts['pending']} pending of {counts['total']}"
@@ -437,6 +438,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {name:<28} {state:<10} {stage['units_done']}/{stage['units']} units{stale}")
         for what, method in summary["methods"].get(name, {}).items():
             print(f"  {'':<28} {what}: {method}")
+        for what, value in summary["summaries"].get(name, {}).items():
+            print(f"  {'':<28} {what}: {value}")
     images = summary["images"]
     print(
         f"images  {images['total']} total: {images['processed']} processed, {images['skipped']} skipped, "

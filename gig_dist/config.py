@@ -240,6 +240,28 @@ class Config(Section):
         return json.loads(self.model_dump_json())
 
 
+_MODELS: dict[tuple[tuple[str, type], ...], type[Config]] = {}
+
+
+def config_model() -> type[Config]:
+    """The schema configs are validated against: :class:`Config`, plus the config section of
+    every stage added to the registry (``registry.register``), each under its own name."""
+    from pydantic import create_model
+
+    from gig_dist.sections import added_sections
+
+    added = tuple(sorted(added_sections().items()))
+    if not added:
+        return Config
+    if added not in _MODELS:
+        clashes = [name for name, _ in added if name in Config.model_fields]
+        if clashes:
+            raise ConfigError(f"a registered stage's config section clashes with a built-in key: {', '.join(clashes)}")
+        fields: dict[str, Any] = {name: (section, section()) for name, section in added}
+        _MODELS[added] = create_model("Config", __base__=Config, __module__=__name__, **fields)
+    return _MODELS[added]
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -286,7 +308,7 @@ def _none_strings(value: Any) -> Any:
 
 
 def _field_names(loc: tuple[Any, ...]) -> list[str]:
-    node: Any = Config
+    node: Any = config_model()
     for part in loc[:-1]:
         field = node.model_fields.get(part) if isinstance(part, str) else None
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
@@ -345,6 +367,6 @@ def config_from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...
     if overrides:
         source += " with overrides " + " ".join(overrides)
     try:
-        return Config.model_validate(_none_strings(tree))
+        return config_model().model_validate(_none_strings(tree))
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None

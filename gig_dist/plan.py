@@ -39,7 +39,7 @@ from gig_dist.stages.base import Footprint, Sizes, Stage, level_of
 from gig_dist.stages.coding import concept_count
 from gig_dist.stages.registry import stages_until
 from gig_dist.stages.sizes import PlanSizes
-from gig_dist.store import ArraySpec, Facts, RunStore
+from gig_dist.store import ArraySpec, AtlasSection, CodesSection, Facts, RunStore
 from gig_dist.store.meta import extraction_specs
 
 GiB = 1024**3
@@ -582,9 +582,9 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
         dictionary_arrays = {_generic(path, dictionary): (found["shape"], found["dtype"])
                              for path, found in described.items()
                              if path.startswith(f"concepts/{dictionary}/") and "str" not in found["dtype"].lower()}
-        codes = store.codes(dictionary)
+        codes = store.family(CodesSection, dictionary)
         max_active = {tap: codes.max_active(tap) for tap in codes.taps()}
-        capacity = store.atlas(dictionary).capacity()
+        capacity = store.family(AtlasSection, dictionary).capacity()
         result = {"images": store.num_images, "device": device, "stages": measured, "ratios": ratios,
                   "threads": torch.get_num_threads(), "baseline_rss": baseline,
                   "k": {tap: concept_count(config, tap, c) for tap, (c, _, _) in facts.taps.items()} if facts else {},

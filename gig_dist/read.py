@@ -15,9 +15,19 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from gig_dist.config import Config
+from gig_dist.config import config_model
 from gig_dist.stages.base import level_of
-from gig_dist.store import LOGITS, ImageRange, RunStore, StoreError
+from gig_dist.store import (
+    LOGITS,
+    AtlasSection,
+    CodesSection,
+    ConceptsSection,
+    GIGSection,
+    ImageRange,
+    MetaSection,
+    RunStore,
+    StoreError,
+)
 
 STATUS_NAMES = ("pending", "processed", "skipped")
 
@@ -28,7 +38,7 @@ class Run:
 
     def __init__(self, store: RunStore, dictionary: str | None = None) -> None:
         self.store = store
-        self.config = Config.model_validate(store.manifest.config)
+        self.config = config_model().model_validate(store.manifest.config)
         self.dictionary = dictionary or level_of(self.config)
         self._loader = None
         self._pfvs = None
@@ -73,8 +83,8 @@ class Run:
         """Path, label, prediction and status of every image (one row each; small even at 50,000)."""
         columns: dict[str, list[np.ndarray]] = {"path": [], "label": [], "prediction": [], "status": []}
         for r in self.store.units():
-            paths, labels = self.store.meta.read_index(r)
-            status, prediction = self.store.meta.read_status(r)
+            paths, labels = self.store.family(MetaSection).read_index(r)
+            status, prediction = self.store.family(MetaSection).read_status(r)
             columns["path"].append(np.asarray(paths, dtype=str))
             columns["label"].append(labels)
             columns["prediction"].append(prediction)
@@ -92,7 +102,7 @@ class Run:
                                 for k, v in self.store.manifest.transform.items()})
         if self._loader is None:
             self._loader = ImageLoader(spec, self.config.dataset.max_image_pixels, 1)
-        loaded = self._loader.load(self.store.meta.path(image))
+        loaded = self._loader.load(self.store.family(MetaSection).path(image))
         if loaded.image is None:
             raise StoreError(f"image {image} cannot be read now: {loaded.reason}")
         mean, std = np.asarray(spec.mean)[:, None, None], np.asarray(spec.std)[:, None, None]
@@ -104,8 +114,8 @@ class Run:
         (the unit's are kept for the next image asked)."""
         channels, height, width = self._tap(tap)
         r = self._image_range(image)
-        if self.store.meta.has_pfvs(tap):
-            values = self.store.meta.read_pfvs(tap, r)[0].astype(np.float32)
+        if self.store.family(MetaSection).has_pfvs(tap):
+            values = self.store.family(MetaSection).read_pfvs(tap, r)[0].astype(np.float32)
         else:
             if self._pfvs is None:
                 from gig_dist.stages.forward import PFVSource, resolve_device
@@ -119,11 +129,11 @@ class Run:
         """Codes of one image as dense per-concept maps (concept, y, x): the value of each concept
         at each position (0 where the code does not use it)."""
         _, height, width = self._tap(tap)
-        codes = self.store.codes(self.dictionary)
+        codes = self.store.family(CodesSection, self.dictionary)
         if tap not in codes.taps():
             raise StoreError(f"{self.url} has no {self.dictionary} codes at {tap}; decomposed taps: {codes.taps()}")
         index, value = codes.read(tap, self._image_range(image))
-        k = self.store.concepts(self.dictionary).count(tap)
+        k = self.store.family(ConceptsSection, self.dictionary).count(tap)
         dense = np.zeros((k, height * width), dtype=np.float32)
         positions, slots = np.nonzero(index[0] >= 0)
         np.add.at(dense, (index[0][positions, slots], positions), value[0][positions, slots])
@@ -135,7 +145,7 @@ class Run:
     def concepts(self, tap: str) -> xr.DataArray:
         """The concept vectors of ``tap`` (concept, channel)."""
         self._tap(tap)
-        vectors = self.store.concepts(self.dictionary).vectors(tap)
+        vectors = self.store.family(ConceptsSection, self.dictionary).vectors(tap)
         return xr.DataArray(vectors, dims=("concept", "channel"), coords={"concept": np.arange(len(vectors))},
                             name=f"{tap} concepts")
 
@@ -144,7 +154,7 @@ class Run:
         concept``) or (``<source> concept``, ``class``) with the class names as coordinates.
         A matrix stored sparse (``gig.dense_matrix_mib``) is read dense here; :meth:`gamma_sparse`
         reads it as it is stored."""
-        matrix = self.store.gig(self.dictionary).read_matrix((source, target))
+        matrix = self.store.family(GIGSection, self.dictionary).read_matrix((source, target))
         rows = f"{source} concept"
         if target == LOGITS:
             return xr.DataArray(matrix, dims=(rows, "class"), name=f"Gamma {source} -> classes",
@@ -157,7 +167,7 @@ class Run:
     def gamma_sparse(self, source: str, target: str) -> Any:
         """Gamma^(source -> target) as a ``scipy.sparse.csr_array`` (rows: source concepts),
         without its dense form in memory when the store keeps it sparse."""
-        return self.store.gig(self.dictionary).read_matrix((source, target), sparse=True)
+        return self.store.family(GIGSection, self.dictionary).read_matrix((source, target), sparse=True)
 
     def _class_index(self, cls: int | str) -> int:
         names = self.class_names
@@ -177,7 +187,7 @@ class Run:
         index = self._class_index(cls)
         gig = self.config.gig
         if top is None and gamma in (None, gig.graph_gamma):
-            return self.store.gig(self.dictionary).read_graph(index)
+            return self.store.family(GIGSection, self.dictionary).read_graph(index)
         from gig_dist.stages.graphs import build_graphs
         from gig_dist.stages.pairs import gig_pairs
 
@@ -194,12 +204,12 @@ class Run:
         """A concept's members: image, position, code value and crop (member, y, x, rgb) uint8
         around its iERF, and the iERF kind. Members are the PFVs with the largest code value."""
         self._tap(tap)
-        atlas = self.store.atlas(self.dictionary)
+        atlas = self.store.family(AtlasSection, self.dictionary)
         if tap not in atlas.taps():
             found = atlas.taps()
             raise StoreError(f"{self.url} has no atlas for tap {tap}" + (
                 f"; taps with one: {', '.join(found)}" if found else "; run the members and atlas stages"))
-        k = self.store.concepts(self.dictionary).count(tap)
+        k = self.store.family(ConceptsSection, self.dictionary).count(tap)
         if not 0 <= concept < k:
             raise StoreError(f"concept {concept} out of range: tap {tap} has concepts 0..{k - 1}")
         members = atlas.members(tap, concept)
@@ -233,7 +243,7 @@ class Run:
         for j in range(n):
             ax = axes.ravel()[j]
             ax.imshow(found["crop"][j], interpolation="nearest")
-            cls = int(self.store.meta.image_classes(ImageRange(int(found["image"][j]), int(found["image"][j]) + 1))[0])
+            cls = int(self.store.family(MetaSection).image_classes(ImageRange(int(found["image"][j]), int(found["image"][j]) + 1))[0])
             ax.set_title(f"image {found['image'][j]}\n{self.class_names[cls] if cls >= 0 else ''} "
                          f"({found['value'][j]:.2g})", fontsize=8)
         fig.suptitle(f"{tap}: concept {concept} ({found['kind']} iERFs)", fontsize=10)
@@ -250,7 +260,7 @@ class Run:
 
         c = self._class_index(cls)
         graph = self.graph(c)
-        atlas = self.store.atlas(self.dictionary)
+        atlas = self.store.family(AtlasSection, self.dictionary)
         levels = graph["taps"]
         nodes = {tap: [n for n in graph["nodes"] if n["tap"] == tap] for tap in levels}
         widest = max([len(v) for v in nodes.values()] + [1])
@@ -309,6 +319,24 @@ def stage_states(store) -> dict[str, dict[str, Any]]:
     return states
 
 
+def stage_summaries(store) -> dict[str, dict[str, Any]]:
+    """What each registered stage that declares a summary says of its finished results, by
+    progress key (``Stage.summary``)."""
+    from gig_dist.stages import registry
+
+    found = {}
+    records = store.manifest.stages
+    for stage in registry.STAGES:
+        keys = [f"{d}/{stage.name}" for d in store.dictionaries()] if stage.per_dictionary else [stage.name]
+        for key in keys:
+            record = records.get(key)
+            if record is not None and record.finished:
+                said = stage.summary(store, key)
+                if said:
+                    found[key] = said
+    return found
+
+
 def inspect_summary(url: str) -> dict[str, Any]:
     from gig_dist.store import RunStore
 
@@ -316,7 +344,7 @@ def inspect_summary(url: str) -> dict[str, Any]:
     manifest = store.manifest
     dictionaries = {}
     for name in store.dictionaries():
-        concepts, codes, gig = store.concepts(name), store.codes(name), store.gig(name)
+        concepts, codes, gig = store.family(ConceptsSection, name), store.family(CodesSection, name), store.family(GIGSection, name)
         dictionaries[name] = {
             "concepts": {tap: concepts.fit(tap) for tap in store.taps if concepts.has(tap)},
             "codes": {tap: codes.summary(tap, concepts.count(tap)) for tap in codes.taps() if concepts.has(tap)},
@@ -325,13 +353,14 @@ def inspect_summary(url: str) -> dict[str, Any]:
     return {
         "store": store.url,
         "stages": stage_states(store),
+        "summaries": stage_summaries(store),
         # which relevance and iERF each stage ran, where the model decides (SRD or not)
         "methods": {key: dict(record.methods) for key, record in manifest.stages.items() if record.methods},
         "labels": label_summary(store),
         "coverage": coverage_summary(store),
         "arrays": store.describe_arrays(),
-        "images": store.meta.image_counts(),
-        "skipped": store.meta.skipped_images(),
+        "images": store.family(MetaSection).image_counts(),
+        "skipped": store.family(MetaSection).skipped_images(),
         "taps": {tap: list(shape) for tap, shape in store.taps.items()},
         "dictionaries": dictionaries,
         "config": manifest.config,
@@ -350,7 +379,7 @@ def label_summary(store) -> dict[str, Any]:
 def coverage_summary(store) -> dict[str, dict[str, Any]]:
     """Processed images per class in what each stage covers: every image (extract), the first
     ``decompose.images`` and the first ``gig.images`` (whole store units)."""
-    if not store.meta.has_status():
+    if not store.family(MetaSection).has_status():
         return {}
     config = store.manifest.config
     unit = store.facts.images_per_unit
@@ -359,7 +388,7 @@ def coverage_summary(store) -> dict[str, dict[str, Any]]:
                         ("attribute", config.get("gig", {}).get("images"))):
         if limit is not None:
             limit = min(store.num_images, -(-limit // unit) * unit)
-        counts = store.meta.class_counts(limit)
+        counts = store.family(MetaSection).class_counts(limit)
         used = counts[counts > 0]
         found[name] = {"images": int(counts.sum()), "classes": int(len(used)), "of_classes": len(counts),
                        "per_class_min": int(used.min()) if len(used) else 0,

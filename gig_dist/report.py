@@ -37,7 +37,16 @@ from gig_dist.kernels.gig import LOGITS
 from gig_dist.kernels.graphs import column, row, strongest
 from gig_dist.kernels.metrics import concept_purity
 from gig_dist.stages.base import level_of
-from gig_dist.store import RunStore, StoreError
+from gig_dist.store import (
+    AtlasSection,
+    CodesSection,
+    ConceptsSection,
+    EvaluationSection,
+    GIGSection,
+    MetaSection,
+    RunStore,
+    StoreError,
+)
 
 #: Concepts per index page.
 PAGE = 256
@@ -93,18 +102,18 @@ def safe(name: str) -> str:
 
 class Report:
     def __init__(self, url: str, site: Path, dictionary: str | None = None) -> None:
-        from gig_dist.config import Config
+        from gig_dist.config import config_model
 
         self.store = RunStore.open(url)
-        self.config = Config.model_validate(self.store.manifest.config)
+        self.config = config_model().model_validate(self.store.manifest.config)
         self.dictionary = dictionary or level_of(self.config)
         self.site = Path(site).resolve()
         self.summary = ReportSummary(self.site)
         facts = self.store.facts
         self.class_names = list(facts.class_names) + [str(c) for c in range(len(facts.class_names), facts.num_outputs)]
-        self.atlas = self.store.atlas(self.dictionary)
-        self.gig = self.store.gig(self.dictionary)
-        self.concepts = self.store.concepts(self.dictionary)
+        self.atlas = self.store.family(AtlasSection, self.dictionary)
+        self.gig = self.store.family(GIGSection, self.dictionary)
+        self.concepts = self.store.family(ConceptsSection, self.dictionary)
         self.taps = [t for t in self.store.taps if self.concepts.has(t)] if self.dictionary in self.store.dictionaries() else []
         self.rendered = [t for t in self.taps if t in self.atlas.taps() and self.atlas.has_render(t)]
         self.purity: dict[str, dict[str, Any]] = {}
@@ -286,7 +295,7 @@ class Report:
         unit = self.store.facts.images_per_unit
         for start in np.unique(wanted // unit) * unit:
             r = ImageRange(int(start), int(min(start + unit, self.store.num_images)))
-            classes = self.store.meta.image_classes(r)
+            classes = self.store.family(MetaSection).image_classes(r)
             for i in wanted[(wanted >= r.start) & (wanted < r.stop)]:
                 cls = int(classes[i - r.start])
                 found[int(i)] = self.class_names[cls] if cls >= 0 else "unlabelled"
@@ -414,8 +423,8 @@ class Report:
         from gig_dist.read import coverage_summary, label_summary, stage_states
 
         store = self.store
-        counts = store.meta.image_counts()
-        skipped = store.meta.skipped_images(limit=100)
+        counts = store.family(MetaSection).image_counts()
+        skipped = store.family(MetaSection).skipped_images(limit=100)
         parts = [f"<p>store <code>{html.escape(store.url)}</code>; dictionary {html.escape(self.dictionary)}</p>"]
         if self.summary.missing:
             parts.append("<p class='missing'>missing: " + "; ".join(sorted(set(self.summary.missing))) + "</p>")
@@ -431,7 +440,7 @@ class Report:
                 for s in skipped) + "</table>")
         parts.append("<h2>concepts per tap</h2><table><tr><th>tap</th><th>K</th><th>R^2</th><th>mean l0</th>"
                      "<th>l0 ratio</th><th>purity (median)</th></tr>")
-        codes = store.codes(self.dictionary)
+        codes = store.family(CodesSection, self.dictionary)
         stats = {}
         for tap in self.taps:
             c = codes.summary(tap, self.concepts.count(tap)) if tap in codes.taps() else {}
@@ -464,6 +473,7 @@ class Report:
         parts.append(self._plots(stats, gig))
         parts.append(self._evaluation())
         parts.append(self._sweep())
+        parts.append(self._panels())
         if self.gig.has_graphs():
             parts.append("<h2>classes</h2><p>" + " ".join(self.class_link(c, 0) for c in range(len(self.class_names)))
                          + "</p>")
@@ -528,6 +538,22 @@ class Report:
                 f"<figcaption>{caption}</figcaption></figure>")
 
 
+    def _panels(self) -> str:
+        """The panels of registered stages that declare one (``Stage.report_panel``) and finished."""
+        from gig_dist.read import Run
+        from gig_dist.stages import registry
+
+        records, run, found = self.store.manifest.stages, None, []
+        for stage in registry.STAGES:
+            record = records.get(stage.key(self.config))
+            if record is None or not record.finished:
+                continue
+            run = run or Run(self.store, self.dictionary)
+            panel = stage.report_panel(run)
+            if panel:
+                found.append(f"<h2>{html.escape(panel[0])}</h2>{panel[1]}")
+        return "".join(found)
+
     def _sweep(self) -> str:
         """``gig-dist sweep``'s points, where it ran: the Pareto plots and the table."""
         from gig_dist.sweep import _mean, plot_sweep, sweep_levels, sweep_table
@@ -568,7 +594,7 @@ class Report:
         from gig_dist.kernels.evaluation import ORDERINGS, fractions
         from gig_dist.stages.evaluate import summarize, summarize_ground
 
-        section = self.store.evaluation(self.dictionary)
+        section = self.store.family(EvaluationSection, self.dictionary)
         pairs = [p for p in self._pairs() if section.has(p)]
         if not pairs:
             return ""

@@ -10,6 +10,25 @@ from pydantic import Field, field_validator, model_validator
 
 from gig_dist.settings import Section
 
+#: Config sections of stages added to the registry (``registry.register``): name -> section.
+#: ``gig_dist.config.config_model`` adds them to the schema beside the built-in stages' sections.
+_ADDED: dict[str, type[Section]] = {}
+
+
+def add_section(name: str, section: type[Section]) -> None:
+    """Add a registered stage's config section (``<name>.<key>`` in a config file)."""
+    if not (isinstance(section, type) and issubclass(section, Section)):
+        raise TypeError(f"config section {name!r} must be a gig_dist.settings.Section subclass, got {section!r}")
+    _ADDED[name] = section
+
+
+def remove_section(name: str) -> None:
+    _ADDED.pop(name, None)
+
+
+def added_sections() -> dict[str, type[Section]]:
+    return dict(_ADDED)
+
 
 class ExtractConfig(Section):
     batch_size: int = Field(default=32, ge=1)

@@ -26,7 +26,15 @@ import numpy as np
 
 from gig_dist.config import Config, config_from_tree
 from gig_dist.settings import ConfigError
-from gig_dist.store import LOGITS, RunStore
+from gig_dist.store import (
+    LOGITS,
+    CodesSection,
+    ConceptsSection,
+    GIGSection,
+    MetaSection,
+    RunStore,
+    SamplesSection,
+)
 
 #: PFVs per tap the matching measures its sparsity on (spread over the decomposed images).
 MATCH_SAMPLES = 2048
@@ -66,10 +74,10 @@ def level_config(store: RunStore, dictionary: str) -> dict[str, Any]:
 def spread_samples(store: RunStore, tap: str, n: int) -> np.ndarray:
     """About ``n`` of the run's sampled PFVs of ``tap`` (float32), every m-th one over all units,
     so they come from the whole dataset; never the whole sample at once."""
-    total = sum(int(valid.sum()) for _, valid in store.samples.valid_mask_blocks(tap))
+    total = sum(int(valid.sum()) for _, valid in store.family(SamplesSection).valid_mask_blocks(tap))
     stride = max(1, total // n)
     taken, seen = [], 0
-    for block in store.samples.iter_valid(tap):
+    for block in store.family(SamplesSection).iter_valid(tap):
         first = (-seen) % stride
         taken.append(block[first::stride])
         seen += len(block)
@@ -96,7 +104,7 @@ def spread_pfvs(store: RunStore, config: Config, tap: str, n: int, units: int = 
         for i in picks:
             r = ranges[i]
             block = np.asarray(source.read(tap, r))
-            rows = block[store.meta.read_status(r)[0] == PROCESSED].reshape(-1, block.shape[-1])
+            rows = block[store.family(MetaSection).read_status(r)[0] == PROCESSED].reshape(-1, block.shape[-1])
             keep = rng.choice(len(rows), min(len(rows), -(-n // len(picks))), replace=False) if len(rows) else []
             taken.append(rows[np.sort(keep)].astype(np.float32))
     finally:
@@ -137,7 +145,7 @@ def match_level(store: RunStore, dictionary: str, metric: str, target: float, ta
     level = f"{dictionary}@{metric}={target:g}"
     chosen = taps or decompose_taps(config, list(store.taps))
     found = Matched(dictionary, level, method, [f"concepts.level={level}"])
-    concepts = store.concepts(dictionary)
+    concepts = store.family(ConceptsSection, dictionary)
     if method == "sae":
         if metric == "l0":
             k = max(1, round(target))
@@ -187,7 +195,7 @@ def match_level(store: RunStore, dictionary: str, metric: str, target: float, ta
 
 def achieved(store: RunStore, level: str, taps: list[str]) -> dict[str, dict[str, float | None]]:
     """The R^2 and mean l0 a level's codes reached, per tap (over all its decomposed images)."""
-    codes, concepts = store.codes(level), store.concepts(level)
+    codes, concepts = store.family(CodesSection, level), store.family(ConceptsSection, level)
     out = {}
     for tap in taps:
         summary = codes.summary(tap, concepts.count(tap)) if concepts.has(tap) else {}
@@ -274,7 +282,7 @@ def point_row(store: RunStore, level: str) -> dict[str, Any]:
     images = config.evaluate.images
     scores = summarize(store, level, EvaluateStage(config, store.url).pairs(store.facts), images)
     ground = summarize_ground(store, level, images, config.evaluate.top_concepts) or {}
-    concepts = store.concepts(level)
+    concepts = store.family(ConceptsSection, level)
     taps: dict[str, dict[str, Any]] = {}
     for key, entry in scores.items():
         source, target = key.split(" -> ")
@@ -289,11 +297,11 @@ def point_row(store: RunStore, level: str) -> dict[str, Any]:
         entry["inter_layer"] = _mean(entry.get("inter_layer", []))
         fit = concepts.fit(tap)
         entry["k"] = fit.get("k")
-        sizes = store.concepts(level).sizes(tap)
+        sizes = store.family(ConceptsSection, level).sizes(tap)
         entry["tiny_concepts"] = float(((sizes >= 1) & (sizes <= 2)).mean()) if sizes is not None else None
         entry["median_members"] = float(np.median(sizes)) if sizes is not None else None
         entry["purity"] = ground.get("taps", {}).get(tap, {}).get("purity", {}).get("all")
-    gig = store.gig(level).summary()
+    gig = store.family(GIGSection, level).summary()
     seconds = {stage: store.manifest.stages[f"{level}/{stage}"].seconds for stage in ("concepts", "decompose", "attribute")
                if f"{level}/{stage}" in store.manifest.stages}
     return {"level": level, "method": match["method"] if match else config.concepts.method,

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gig_dist.store import GIGSection
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray binds to loopback
 
 
@@ -217,7 +219,7 @@ def check_ray(device: torch.device, address: str | None) -> tuple[float, float, 
     seconds = time.perf_counter() - started
     a, b = RunStore.open(str(root / "cpu.zarr")), RunStore.open(str(root / "ray.zarr"))
     difference = 0.0
-    gig_a, gig_b = a.gig("bisecting_kmeans"), b.gig("bisecting_kmeans")
+    gig_a, gig_b = a.family(GIGSection, "bisecting_kmeans"), b.family(GIGSection, "bisecting_kmeans")
     for key, stats in gig_a.summary().items():
         pair = tuple(stats["pair"])
         difference = max(difference, _relative(gig_b.read_matrix(pair), gig_a.read_matrix(pair)))

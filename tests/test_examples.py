@@ -14,6 +14,7 @@ import torch
 from gig_dist.config import load_config
 from gig_dist.data.sources import ImageLoader
 from gig_dist.models.loading import build_model, output_names, resolve_transform
+from gig_dist.store import GIGSection
 from jobs.examples import photos
 from tests.conftest import REPO
 
@@ -70,7 +71,7 @@ def test_a_vit_runs_end_to_end_on_the_toy_world_with_gig_between_blocks_and_to_t
                         "taps=[blocks.5,blocks.9]", "dataset.toy.num_images=16", "store.images_per_unit=8",
                         "gig.rule=power", "gig.steps=64", "gig.images=2", "atlas.members=2")
     report = pipeline.run(config, tmp_path / "vit.zarr")
-    store_gig = open_run(report.url).store.gig("bisecting_kmeans").summary()
+    store_gig = open_run(report.url).store.family(GIGSection, "bisecting_kmeans").summary()
     assert {tuple(g["pair"]) for g in store_gig.values()} == {("blocks.5", "blocks.9"), ("blocks.5", "logits"),
                                                               ("blocks.9", "logits")}
     for g in store_gig.values():

@@ -13,7 +13,7 @@ import pytest
 from gig_dist import open_run, pipeline
 from gig_dist.cli import main
 from gig_dist.report import build_report
-from gig_dist.store import RunStore
+from gig_dist.store import ConceptsSection, GIGSection, RunStore
 from tests.conftest import toy_config, zgroup
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -64,7 +64,7 @@ def test_pages_load_in_a_browser_without_a_broken_image_or_a_console_error(finis
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line]
     assert not [line for line in console if re.search(r"error|uncaught|failed", line, re.I)], console
     if page.startswith("class/"):
-        graph = store.gig("bisecting_kmeans").read_graph(0)
+        graph = store.family(GIGSection, "bisecting_kmeans").read_graph(0)
         # the class graph is drawn: one node (a concept thumbnail linking to its page) per concept
         assert done.stdout.count('class="node"') >= len(graph["nodes"]) > 0
         assert done.stdout.count("<image") >= len(graph["nodes"])
@@ -90,7 +90,7 @@ def test_show_writes_figures_and_names_the_valid_range(finished, tmp_path, capsy
     found = run.members("layer2.1", 3)
     assert found["crop"].shape == (len(found["image"]), 24, 24, 3) and found["kind"] == "srd"
     assert (np.diff(found["value"]) <= 0).all()
-    k = store.concepts("bisecting_kmeans").count("layer2.1")
+    k = store.family(ConceptsSection, "bisecting_kmeans").count("layer2.1")
     for args, message in ((["--tap", "layer9", "--concept", "0"], "tap 'layer9' is not in this run"),
                           (["--tap", "layer2.1", "--concept", str(k)], f"concepts 0..{k - 1}"),
                           (["--class", "99"], "classes 0..7"),

@@ -34,7 +34,7 @@ from gig_dist.stages.base import (
 )
 from gig_dist.stages.coding import decompose_taps
 from gig_dist.stages.forward import resolve_device
-from gig_dist.store import ArraySpec, Facts, RunStore
+from gig_dist.store import ArraySpec, AtlasSection, Facts, MetaSection, RunStore
 from gig_dist.store.atlas import CONCEPT_CHUNK, render_specs
 
 #: Images per batched SRD decomposition.
@@ -52,6 +52,8 @@ def mask_values(facts: Facts) -> int:
 
 class AtlasStage(Stage):
     name = "atlas"
+    config_section = "atlas"
+    family = AtlasSection
     reads = ("members",)
     result_keys = ("atlas.crop", "atlas.ierf")
     per_dictionary = True
@@ -76,7 +78,7 @@ class AtlasStage(Stage):
         return AtlasWorker(self, resolve_device(device))
 
     def finish(self, store: RunStore) -> None:
-        atlas = store.atlas(self.dictionary)
+        atlas = store.family(AtlasSection, self.dictionary)
         parts = mask_values(store.facts)
         for tap in self.taps(store.facts):
             rows = atlas.rows(tap)
@@ -101,7 +103,7 @@ class AtlasWorker(StageWorker):
         self.config = stage.config
         self.device = device
         self.store = stage.open_store()
-        self.atlas = self.store.atlas(stage.dictionary)
+        self.atlas = self.store.family(AtlasSection, stage.dictionary)
         self.model = build_model(self.config.model).to(device).eval()
         self.spec = resolve_transform(self.config)
         self.loader = ImageLoader(self.spec, self.config.dataset.max_image_pixels, self.config.dataset.loader_threads)
@@ -116,9 +118,9 @@ class AtlasWorker(StageWorker):
 
     def _image(self, image: int) -> tuple[torch.Tensor, np.ndarray]:
         """The model input and the picture (H, W, 3) in [0, 1] of a member's image."""
-        loaded = self.loader.load(self.store.meta.path(image))
+        loaded = self.loader.load(self.store.family(MetaSection).path(image))
         if loaded.image is None:  # members come from processed images: the file changed since
-            raise ValueError(f"image {image} ({self.store.meta.path(image)}) cannot be read now: {loaded.reason}")
+            raise ValueError(f"image {image} ({self.store.family(MetaSection).path(image)}) cannot be read now: {loaded.reason}")
         mean, std = np.asarray(self.spec.mean)[:, None, None], np.asarray(self.spec.std)[:, None, None]
         return loaded.image, np.clip(loaded.image.numpy() * std + mean, 0, 1).transpose(1, 2, 0)
 
@@ -150,7 +152,7 @@ class AtlasWorker(StageWorker):
                     requests[tap] = torch.tensor([[p for p, _ in wanted[i][tap]] + [0] * (width - len(wanted[i][tap]))
                                                   for i in batch], device=self.device)
             found = ierfs(self.model, x, requests, a.ierf, self.layouts, a.ierf_copies)
-            masks = self.store.meta.read_part_masks(None, batch) if parts else None
+            masks = self.store.family(MetaSection).read_part_masks(None, batch) if parts else None
             for tap, (maps, kind) in found.items():
                 maps = maps.detach().cpu().numpy()
                 for b, i in enumerate(batch):

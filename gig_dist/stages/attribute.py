@@ -43,7 +43,14 @@ from gig_dist.stages.pairs import (
     num_targets,
     step_bounds,
 )
-from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange
+from gig_dist.store import (
+    PROCESSED,
+    ArraySpec,
+    Facts,
+    GIGSection,
+    ImageRange,
+    MetaSection,
+)
 from gig_dist.store.gig import attribution_specs
 
 if TYPE_CHECKING:
@@ -52,6 +59,8 @@ if TYPE_CHECKING:
 
 class AttributeStage(Stage):
     name = "attribute"
+    config_section = "gig"
+    family = GIGSection
     reads = ("decompose",)
     result_keys = ("gig.pairs", "gig.steps", "gig.rule", "gig.targets", "gig.step_chunks", "gig.targets_per_unit",
                    "gig.step_batch", "gig.max_gap", "gig.max_steps", "gig.atol")
@@ -127,15 +136,15 @@ class AttributeWorker(PairWorker):
         if self._loader is None:
             self._loader = ImageLoader(resolve_transform(self.config), self.config.dataset.max_image_pixels,
                                        self.config.dataset.loader_threads)
-        paths, _ = self.store.meta.read_index(r)
+        paths, _ = self.store.family(MetaSection).read_index(r)
         return {int(row): self._loader.load(paths[row]).image.to(self.device) for row in rows}
 
     def choose_targets(self, target: str, r: ImageRange, rows: np.ndarray, count: int) -> np.ndarray:
         """Target slots (n, count) of every image: concepts by code mass, or the classes (-1: none)."""
         chosen = np.full((len(r), count), -1, dtype=np.int32)
-        _, prediction = self.store.meta.read_status(r)
+        _, prediction = self.store.family(MetaSection).read_status(r)
         if target == LOGITS:
-            _, labels = self.store.meta.read_index(r)
+            _, labels = self.store.family(MetaSection).read_index(r)
             for row in rows:
                 chosen[row, 0] = prediction[row]
                 if labels[row] >= 0 and labels[row] != prediction[row]:
@@ -154,7 +163,7 @@ class AttributeWorker(PairWorker):
         source, target = pair = unit.pair
         kernel = self.gig_kernel(pair)
         r = ImageRange(unit.start, unit.stop)
-        status, _ = self.store.meta.read_status(r)
+        status, _ = self.store.family(MetaSection).read_status(r)
         rows = np.flatnonzero(status == PROCESSED)
         step_chunk = self.bounds.index(unit.steps[0])
         first_steps = step_chunk == 0

@@ -34,7 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from gig_dist.store import ArraySpec, Facts, RunStore
+from gig_dist.store import (
+    ArraySpec,
+    AtlasSection,
+    CodesSection,
+    ConceptsSection,
+    Facts,
+    RunStore,
+)
 from gig_dist.store.lease import Fence
 
 if TYPE_CHECKING:
@@ -125,13 +132,13 @@ class StoreSizes(Sizes):
         self.store, self.dictionary = store, dictionary
 
     def concepts(self, tap: str) -> int:
-        return self.store.concepts(self.dictionary).count(tap)
+        return self.store.family(ConceptsSection, self.dictionary).count(tap)
 
     def max_active(self, tap: str) -> int:
-        return self.store.codes(self.dictionary).max_active(tap)
+        return self.store.family(CodesSection, self.dictionary).max_active(tap)
 
     def crop_capacity(self) -> int:
-        return self.store.atlas(self.dictionary).capacity()
+        return self.store.family(AtlasSection, self.dictionary).capacity()
 
 
 MiB = 2**20
@@ -210,6 +217,15 @@ class Stage(ABC):
     #: Units in flight per worker, in threads. A worker that serialises its compute internally
     #: and writes outside that lock overlaps one unit's writes with the next unit's compute.
     worker_concurrency: ClassVar[int] = 1
+    #: Its config section: ``config.<config_section>`` holds its settings (the built-in stages'
+    #: sections are in :mod:`gig_dist.sections`; several stages may share one).
+    config_section: ClassVar[str | None] = None
+    #: A stage added to the registry brings its section's class here (a
+    #: :class:`gig_dist.settings.Section` with defaults); ``registry.register`` adds it to the schema.
+    config_model: ClassVar[type | None] = None
+    #: Its store family: the class that owns the paths, reads and writes of what it stores,
+    #: reached as ``store.family(<family>[, level])`` (``family_of`` below).
+    family: ClassVar[type | None] = None
 
     def __init__(self, config: Config, store_url: str, fence: Fence | None = None) -> None:
         self.config = config
@@ -264,6 +280,31 @@ class Stage(ABC):
         text = json.dumps({"stage": cls.name, "version": cls.version, "keys": cls.key_values(config),
                            "upstream": upstream}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def settings(self) -> Any:
+        """Its config section's values (``config.<config_section>``)."""
+        return getattr(self.config, self.config_section) if self.config_section else None
+
+    def family_of(self, store: RunStore) -> Any:
+        """Its store family in ``store``, under its dictionary level where it has one."""
+        if self.family is None:
+            raise TypeError(f"stage {self.name!r} declares no store family")
+        return store.family(self.family, self.dictionary if self.per_dictionary else None)
+
+    # -- what the read layer shows (optional) ------------------------------------------------
+
+    @classmethod
+    def summary(cls, store: RunStore, key: str) -> dict[str, Any] | None:
+        """A few named values ``gig-dist inspect`` prints under the stage's line (and ``--json``
+        lists), read from its finished results under progress key ``key``. None: nothing."""
+        return None
+
+    @classmethod
+    def report_panel(cls, run: Any) -> tuple[str, str] | None:
+        """A panel of the report's index page, ``(title, HTML body)``, for a run (``read.Run``)
+        whose results this stage finished. None: no panel (the built-in stages have pages)."""
+        return None
 
     # -- before any work ---------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from gig_dist.stages.coding import (
     sample_count_errors,
 )
 from gig_dist.stages.forward import resolve_device
-from gig_dist.store import ArraySpec, Facts, RunStore
+from gig_dist.store import ArraySpec, ConceptsSection, Facts, RunStore, SamplesSection
 from gig_dist.store.concepts import member_specs
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 class ConceptsStage(Stage):
     name = "concepts"
+    config_section = "concepts"
+    family = ConceptsSection
     reads = ("sample",)
     result_keys = ("concepts.",)
     later_keys = {"concepts.refine_iter": None, "concepts.level": None, "concepts.params": {}}
@@ -75,7 +77,7 @@ class ConceptsStage(Stage):
 
     def check_inputs(self, store: RunStore) -> list[str]:
         """Against the samples actually drawn: skipped images gave none."""
-        drawn = {tap: sum(int(block.sum()) for _, block in store.samples.valid_mask_blocks(tap)) for tap in store.taps}
+        drawn = {tap: sum(int(block.sum()) for _, block in store.family(SamplesSection).valid_mask_blocks(tap)) for tap in store.taps}
         return sample_count_errors(self.config, store.facts, drawn, "", warn=False)
 
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
@@ -84,7 +86,7 @@ class ConceptsStage(Stage):
     def declared_arrays(self, store: RunStore) -> list[str]:
         """Each tap's fitted dictionary: written whole by its unit, shapes known once fit."""
         names = DICTIONARIES[self.method].stored_arrays
-        return [path for tap in store.taps for path in store.concepts(self.dictionary).fitted_paths(tap, names)]
+        return [path for tap in store.taps for path in store.family(ConceptsSection, self.dictionary).fitted_paths(tap, names)]
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
         return [WorkUnit(self.progress_key, i, tap=tap) for i, tap in enumerate(facts.taps)]
@@ -109,12 +111,12 @@ class ConceptsWorker(StageWorker):
         self.stage = stage
         self.config = stage.config
         self.store = stage.open_store()
-        self.concepts = self.store.concepts(stage.dictionary)
+        self.concepts = self.store.family(ConceptsSection, stage.dictionary)
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         tap = unit.tap
         k = concept_count(self.config, tap, self.store.taps[tap][0])
-        samples = np.concatenate(list(self.store.samples.iter_valid(tap)))
+        samples = np.concatenate(list(self.store.family(SamplesSection).iter_valid(tap)))
         if len(samples) < k:
             raise ValueError(
                 f"tap {tap}: K = {k} concepts need at least {k} sampled PFVs, the store has {len(samples)}; "

@@ -31,7 +31,15 @@ from gig_dist.stages.coding import (
     encode_params,
 )
 from gig_dist.stages.forward import PFVSource, forward_bytes, resolve_device
-from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange
+from gig_dist.store import (
+    PROCESSED,
+    ArraySpec,
+    CodesSection,
+    ConceptsSection,
+    Facts,
+    ImageRange,
+    MetaSection,
+)
 from gig_dist.store.codes import code_specs
 
 if TYPE_CHECKING:
@@ -40,6 +48,8 @@ if TYPE_CHECKING:
 
 class DecomposeStage(Stage):
     name = "decompose"
+    config_section = "decompose"
+    family = CodesSection
     reads = ("concepts",)
     result_keys = ("decompose.taps", "decompose.lambda_rel", "decompose.lam", "decompose.max_nonzero", "decompose.value_dtype",
                    "decompose.tol", "decompose.batch_size")
@@ -93,8 +103,8 @@ class DecomposeStage(Stage):
 class DecomposeWorker(StageWorker):
     def __init__(self, stage: DecomposeStage, device: torch.device) -> None:
         self.store = stage.open_store()
-        self.codes = self.store.codes(stage.dictionary)
-        concepts = self.store.concepts(stage.dictionary)
+        self.codes = self.store.family(CodesSection, stage.dictionary)
+        concepts = self.store.family(ConceptsSection, stage.dictionary)
         kind = DICTIONARIES[stage.method]
         self.width = stage.config.decompose.max_nonzero
         self.pfvs = PFVSource(stage.config, self.store, device, stage.taps(self.store.facts))
@@ -105,7 +115,7 @@ class DecomposeWorker(StageWorker):
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         r = ImageRange(unit.start, unit.stop)
-        status, _ = self.store.meta.read_status(r)
+        status, _ = self.store.family(MetaSection).read_status(r)
         rows = np.flatnonzero(status == PROCESSED)
         for tap, dictionary in self.dictionaries.items():
             pfvs = self.pfvs.read(tap, r)  # (n, H*W, C)

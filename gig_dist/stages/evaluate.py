@@ -57,7 +57,19 @@ from gig_dist.stages.pairs import (
     image_gig,
     pair_kernel,
 )
-from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
+from gig_dist.store import (
+    PROCESSED,
+    ArraySpec,
+    AtlasSection,
+    CodesSection,
+    ConceptsSection,
+    EvaluationSection,
+    Facts,
+    GIGSection,
+    ImageRange,
+    MetaSection,
+    RunStore,
+)
 from gig_dist.store.evaluation import (
     GROUND_ORDERINGS,
     GROUND_REGIONS,
@@ -74,6 +86,8 @@ if TYPE_CHECKING:
 
 class EvaluateStage(Stage):
     name = "evaluate"
+    config_section = "evaluate"
+    family = EvaluationSection
     version = 2  # 2: the absolute form (the first k concepts) and each image's active concepts
     reads = ("attribute", "reduce")  # per-image GIG for the orderings; the class matrices for ground truth
     result_keys = ("evaluate.steps", "evaluate.targets", "evaluate.seed", "evaluate.ground_truth",
@@ -130,7 +144,7 @@ class EvaluateStage(Stage):
 class EvaluateWorker(PairWorker):
     def __init__(self, stage: EvaluateStage, device: torch.device) -> None:
         super().__init__(stage, device)
-        self.out = self.store.evaluation(stage.dictionary)
+        self.out = self.store.family(EvaluationSection, stage.dictionary)
         ground = stage.ground_taps(self.store.facts)
         self.ground = GroundTruth(self, ground) if ground else None
 
@@ -145,12 +159,12 @@ class EvaluateWorker(PairWorker):
     def _image(self, image: int) -> torch.Tensor:
         if self._loader is None:
             self._loader = ImageLoader(resolve_transform(self.config), self.config.dataset.max_image_pixels, 1)
-        return self._loader.load(self.store.meta.path(image)).image.to(self.device)
+        return self._loader.load(self.store.family(MetaSection).path(image)).image.to(self.device)
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         e = self.config.evaluate
         r = ImageRange(unit.start, unit.stop)
-        status, _ = self.store.meta.read_status(r)
+        status, _ = self.store.family(MetaSection).read_status(r)
         rows = [int(row) for row in np.flatnonzero(status == PROCESSED) if r.start + row < e.images]
         for pair in self.stage.pairs(self.store.facts):
             self.run_pair(pair, r, rows)
@@ -281,8 +295,8 @@ class GroundTruth:
         for tap in self.taps:
             out[f"{tap}/mass"] = np.full((n, v, o, g), np.nan, dtype=np.float32)
             out[f"{tap}/active"] = np.full((n, v, o), -1, dtype=np.int16)
-        paths, labels = worker.store.meta.read_index(r)
-        _, predictions = worker.store.meta.read_status(r)
+        paths, labels = worker.store.family(MetaSection).read_index(r)
+        _, predictions = worker.store.family(MetaSection).read_status(r)
         stored = {tap: worker.codes.read(tap, r) for tap in self.taps}
         for row in rows:
             cls = int(labels[row]) if labels[row] >= 0 else int(predictions[row])
@@ -331,8 +345,8 @@ def summarize(store: RunStore, dictionary: str, pairs: list[Pair], images: int) 
     images' active concepts (mean). Read a unit at a time."""
     from gig_dist.kernels.evaluation import auc, count_score, mean_interval
 
-    section = store.evaluation(dictionary)
-    codes, concepts = store.codes(dictionary), store.concepts(dictionary)
+    section = store.family(EvaluationSection, dictionary)
+    codes, concepts = store.family(CodesSection, dictionary), store.family(ConceptsSection, dictionary)
     found: dict[str, dict] = {}
     for pair in pairs:
         if not section.has(pair):
@@ -383,7 +397,7 @@ def summarize_ground(store: RunStore, dictionary: str, images: int, top_concepts
     from gig_dist.kernels.metrics import concept_purity, part_recall
     from gig_dist.toy.world import NUM_PARTS
 
-    section = store.evaluation(dictionary)
+    section = store.family(EvaluationSection, dictionary)
     taps = sorted(section.ground_taps(), key=list(store.taps).index)
     if not taps:
         return None
@@ -395,8 +409,8 @@ def summarize_ground(store: RunStore, dictionary: str, images: int, top_concepts
         stop = min(len(r), images - r.start)
         for name, values in section.read_ground(r, taps).items():
             rows.setdefault(name, []).append(values[:stop])
-        labels.append(store.meta.read_index(r)[1][:stop])
-        status.append(store.meta.read_status(r)[0][:stop])
+        labels.append(store.family(MetaSection).read_index(r)[1][:stop])
+        status.append(store.family(MetaSection).read_status(r)[0][:stop])
     got = {name: np.concatenate(values) for name, values in rows.items()}
     labels, done = np.concatenate(labels), np.concatenate(status) == PROCESSED
     prediction, distractor = got["prediction"], got["distractor"]
@@ -410,8 +424,8 @@ def summarize_ground(store: RunStore, dictionary: str, images: int, top_concepts
                              for g, region in enumerate(GROUND_REGIONS)} for v, variant in enumerate(GROUND_VARIANTS)},
         "taps": {},
     }
-    gig = store.gig(dictionary)
-    atlas = store.atlas(dictionary)
+    gig = store.family(GIGSection, dictionary)
+    atlas = store.family(AtlasSection, dictionary)
     everything, tops = [], []
     for tap in taps:
         mass, active = got[f"{tap}/mass"][seen].astype(np.float64), got[f"{tap}/active"][seen]

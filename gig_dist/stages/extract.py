@@ -32,7 +32,7 @@ from gig_dist.stages.forward import (
     forward_why,
     resolve_device,
 )
-from gig_dist.store import SKIPPED, ArraySpec, Facts, ImageRange
+from gig_dist.store import SKIPPED, ArraySpec, Facts, ImageRange, MetaSection
 from gig_dist.store.meta import extraction_specs
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 class ExtractStage(Stage):
     name = "extract"
+    config_section = "extract"
+    family = MetaSection
     # What decides the PFVs: the model, the images and how they are read, the taps, the dtype.
     # (The batch size too: convolution results may differ in the last bits between batch sizes.)
     result_keys = ("model.", "dataset.kind", "dataset.path", "dataset.toy.", "dataset.stride", "dataset.limit",
@@ -82,7 +84,7 @@ class ExtractWorker(StageWorker):
         # recompute: the forward pass for the logits only, no tap captured
         taps = list(self.store.taps) if config.extract.pfvs == "store" else []
         self.forward = UnitForward(config, self.store, device, taps)
-        self.meta = self.store.meta
+        self.meta = self.store.family(MetaSection)
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         r = ImageRange(unit.start, unit.stop)

@@ -20,7 +20,7 @@ from gig_dist.stages.base import (
     model_bytes,
     tap_values,
 )
-from gig_dist.store import PROCESSED, SKIPPED, Facts, ImageRange, RunStore
+from gig_dist.store import PROCESSED, SKIPPED, Facts, ImageRange, MetaSection, RunStore
 
 if TYPE_CHECKING:
     from gig_dist.config import Config
@@ -77,7 +77,7 @@ class UnitForward:
 
     def compute(self, r: ImageRange, progress: Progress | None = None, processed: np.ndarray | None = None):
         """PFVs {tap: (n, H*W, C)} (NaN where skipped), logits, status, skip reasons and part masks of images ``r``."""
-        paths, _ = self.store.meta.read_index(r)
+        paths, _ = self.store.family(MetaSection).read_index(r)
         n = len(paths)
         outputs = {tap: np.full((n, h * w, c), np.nan, dtype=self.dtype_np)
                    for tap, (c, h, w) in self.store.taps.items() if tap in self.taps}
@@ -145,7 +145,7 @@ class PFVSource:
     def __init__(self, config: Config, store: RunStore, device: torch.device, taps: list[str]) -> None:
         self.store = store
         self.taps = [tap for tap in store.taps if tap in taps]
-        self.stored = all(store.meta.has_pfvs(tap) for tap in self.taps)
+        self.stored = all(store.family(MetaSection).has_pfvs(tap) for tap in self.taps)
         self.config, self.device = config, device
         self._forward: UnitForward | None = None
         self._unit: tuple[ImageRange | None, dict[str, np.ndarray]] = (None, {})
@@ -153,7 +153,7 @@ class PFVSource:
     def read(self, tap: str, r: ImageRange) -> np.ndarray:
         """PFVs (images, positions, channels) of ``tap`` for images ``r``, in the store dtype."""
         if self.stored:
-            return self.store.meta.read_pfvs(tap, r)
+            return self.store.family(MetaSection).read_pfvs(tap, r)
         if self._unit[0] != r:
             self._unit = (r, self._compute(r))
         return self._unit[1][tap]
@@ -161,10 +161,10 @@ class PFVSource:
     def _compute(self, r: ImageRange) -> dict[str, np.ndarray]:
         if self._forward is None:
             self._forward = UnitForward(self.config, self.store, self.device, self.taps)
-        status, _ = self.store.meta.read_status(r)
+        status, _ = self.store.family(MetaSection).read_status(r)
         processed = np.flatnonzero(status == PROCESSED)
         outputs, logits, *_ = self._forward.compute(r, processed=processed)
-        stored = self.store.meta.read_logits(r)[processed]
+        stored = self.store.family(MetaSection).read_logits(r)[processed]
         scale = max(float(np.abs(stored).max()) if stored.size else 0.0, 1e-12)
         worst = float(np.abs(logits[processed] - stored).max()) / scale if stored.size else 0.0
         if not worst <= RECOMPUTE_LOGIT_TOLERANCE:

@@ -21,7 +21,7 @@ from gig_dist.stages.base import (
     WorkUnit,
 )
 from gig_dist.stages.pairs import Pair, gig_pairs
-from gig_dist.store import ArraySpec, Facts, RunStore
+from gig_dist.store import ArraySpec, Facts, GIGSection, RunStore
 from gig_dist.store.gig import graph_specs
 
 
@@ -43,7 +43,7 @@ def build_graphs(store: RunStore, dictionary: str, pairs: list[Pair], top: int, 
     chain = chain_to_class(pairs, list(store.taps))
     if not chain:
         return []
-    gig = store.gig(dictionary)
+    gig = store.family(GIGSection, dictionary)
     class_pair = (chain[0], LOGITS)
     class_matrix = gig.read_matrix(class_pair)
     class_count = gig.read_count(class_pair)
@@ -71,6 +71,8 @@ def build_graphs(store: RunStore, dictionary: str, pairs: list[Pair], top: int, 
 
 class GraphStage(Stage):
     name = "graphs"
+    config_section = "gig"
+    family = GIGSection
     reads = ("reduce",)
     result_keys = ("gig.graph_top", "gig.graph_gamma", "gig.images")  # the matrices are means over gig.images
     per_dictionary = True
@@ -98,7 +100,7 @@ class GraphWorker(StageWorker):
         pairs = gig_pairs(self.stage.config, list(self.store.taps))
         gig = self.stage.config.gig
         graphs = build_graphs(self.store, self.stage.dictionary, pairs, gig.graph_top, gig.graph_gamma)
-        self.store.gig(self.stage.dictionary).write_graphs(graphs)
+        self.store.family(GIGSection, self.stage.dictionary).write_graphs(graphs)
         if progress is not None:
             progress(len(graphs))
         return UnitReport(unit.index, 0, 0)

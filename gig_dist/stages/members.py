@@ -22,12 +22,24 @@ from gig_dist.stages.base import (
     WorkUnit,
 )
 from gig_dist.stages.coding import decompose_taps
-from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
+from gig_dist.store import (
+    PROCESSED,
+    ArraySpec,
+    AtlasSection,
+    CodesSection,
+    ConceptsSection,
+    Facts,
+    ImageRange,
+    MetaSection,
+    RunStore,
+)
 from gig_dist.store.atlas import CONCEPT_CHUNK, FIELDS, member_specs
 
 
 class MembersStage(Stage):
     name = "members"
+    config_section = "atlas"
+    family = AtlasSection
     reads = ("decompose",)
     # Which images were decomposed decides the merged members, so decompose.images redoes it.
     result_keys = ("atlas.members", "decompose.images")
@@ -50,7 +62,7 @@ class MembersStage(Stage):
         return MembersWorker(self)
 
     def finish(self, store: RunStore) -> None:
-        atlas, concepts = store.atlas(self.dictionary), store.concepts(self.dictionary)
+        atlas, concepts = store.family(AtlasSection, self.dictionary), store.family(ConceptsSection, self.dictionary)
         units = [u.index for u in self.covered_units(store.facts)]
         m = self.config.atlas.members
         for tap in self.taps(store):
@@ -97,13 +109,13 @@ class MembersWorker(StageWorker):
     def __init__(self, stage: MembersStage) -> None:
         self.stage = stage
         self.store = stage.open_store()
-        self.atlas = self.store.atlas(stage.dictionary)
-        self.codes = self.store.codes(stage.dictionary)
-        self.concepts = self.store.concepts(stage.dictionary)
+        self.atlas = self.store.family(AtlasSection, stage.dictionary)
+        self.codes = self.store.family(CodesSection, stage.dictionary)
+        self.concepts = self.store.family(ConceptsSection, stage.dictionary)
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         r = ImageRange(unit.start, unit.stop)
-        status, _ = self.store.meta.read_status(r)
+        status, _ = self.store.family(MetaSection).read_status(r)
         processed = status == PROCESSED
         m = self.stage.config.atlas.members
         for tap in self.stage.taps(self.store):

@@ -23,7 +23,7 @@ from gig_dist.stages.base import (
 )
 from gig_dist.stages.coding import concept_count
 from gig_dist.stages.forward import forward_bytes
-from gig_dist.store import Facts, RunStore
+from gig_dist.store import CodesSection, ConceptsSection, Facts, GIGSection, RunStore
 
 if TYPE_CHECKING:
     from gig_dist.config import Config
@@ -138,9 +138,9 @@ class PairWorker(StageWorker):
         self.model = build_model(self.config.model).to(device).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.gig = self.store.gig(stage.dictionary)
-        self.codes = self.store.codes(stage.dictionary)
-        self.concepts = self.store.concepts(stage.dictionary)
+        self.gig = self.store.family(GIGSection, stage.dictionary)
+        self.codes = self.store.family(CodesSection, stage.dictionary)
+        self.concepts = self.store.family(ConceptsSection, stage.dictionary)
         self._kernels: dict = {}
         self._loader: ImageLoader | None = None
 

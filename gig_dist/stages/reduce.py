@@ -43,7 +43,15 @@ from gig_dist.stages.base import (
     level_of,
 )
 from gig_dist.stages.pairs import Pair, gig_pairs, num_targets
-from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
+from gig_dist.store import (
+    PROCESSED,
+    ArraySpec,
+    Facts,
+    GIGSection,
+    ImageRange,
+    MetaSection,
+    RunStore,
+)
 from gig_dist.store.gig import class_specs, reduction_specs
 
 #: Classes per step of the class-conditional reduction in ``finish``, at most: fewer where a
@@ -59,6 +67,8 @@ def image_class(labels: np.ndarray, prediction: np.ndarray) -> np.ndarray:
 
 class ReduceStage(Stage):
     name = "reduce"
+    config_section = "gig"
+    family = GIGSection
     reads = ("attribute",)
     # gig.images is its coverage: a block records the image its sums stop at, and runs again when
     # that changes; the final step runs again when the covered images change. The stages that
@@ -118,7 +128,7 @@ class ReduceStage(Stage):
     def pending(self, store: RunStore) -> list[WorkUnit]:
         """Blocks not done, and done blocks whose sums stop elsewhere than the coverage asks now."""
         pending = super().pending(store)
-        gig, facts = store.gig(self.dictionary), store.facts
+        gig, facts = store.family(GIGSection, self.dictionary), store.facts
         count = len(self.blocks(facts))
         stops = {pair: gig.block_stops(pair) for pair in self.pairs(facts) if gig.has(pair, "block/stop")}
         todo = {u.index for u in pending}
@@ -126,7 +136,7 @@ class ReduceStage(Stage):
                           and (u.pair not in stops or stops[u.pair][u.index % count] != self.block_stop(u, facts))]
 
     def final_is_current(self, store: RunStore) -> bool:
-        return store.gig(self.dictionary).reduced_images() == self.covered_images(store.facts)
+        return store.family(GIGSection, self.dictionary).reduced_images() == self.covered_images(store.facts)
 
     def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
         """A worker: one block's sparse entries (class, key, value and their sort, ~48 bytes
@@ -170,7 +180,7 @@ class ReduceStage(Stage):
 
     def finish(self, store: RunStore) -> None:
         """Add each pair's block sums in block order; divide into the dataset Gamma."""
-        gig = store.gig(self.dictionary)
+        gig = store.family(GIGSection, self.dictionary)
         units = self.covered_units(store.facts)
         for pair in self.pairs(store.facts):
             blocks = [u for u in units if u.pair == pair]
@@ -191,7 +201,7 @@ class ReduceStage(Stage):
                     matrix.reshape(-1)[block_keys] += block_values  # each key once per block
                 count += block_count
             for r in self.store_units_in(store, blocks):
-                status, _ = store.meta.read_status(r)
+                status, _ = store.family(MetaSection).read_status(r)
                 images += int((status == PROCESSED).sum())
                 reduced = gig.read_reduced(pair, r)
                 gaps.append(reduced["gap"].ravel())
@@ -218,7 +228,7 @@ class ReduceStage(Stage):
                 **kept_summary(np.concatenate(kept) if kept else np.zeros(0)),
                 "steps": self.config.gig.steps, "rule": self.config.gig.rule, "columns": shape[1],
                 **(refinement_summary(np.concatenate(steps), np.concatenate(first)) if refined and steps else {})})
-        store.gig(self.dictionary).set_reduced_images(self.covered_images(store.facts))
+        store.family(GIGSection, self.dictionary).set_reduced_images(self.covered_images(store.facts))
         self.compact(store, units)
 
     def compact(self, store: RunStore, units: list[WorkUnit]) -> None:
@@ -227,7 +237,7 @@ class ReduceStage(Stage):
         sums, and, unless ``gig.keep_image_attributions``, the whole sums. The attribute stage's
         record says so first, so that a reduction that needs them again redoes the attribution
         (:func:`gig_dist.stages.base.consumed_by`) instead of reading zeros."""
-        facts, gig = store.facts, store.gig(self.dictionary)
+        facts, gig = store.facts, store.family(GIGSection, self.dictionary)
         keep = self.config.gig.keep_image_attributions
         whole = [u for u in units if self.block_stop(u, facts) == u.stop]
         if not whole:
@@ -249,8 +259,8 @@ class ReduceStage(Stage):
         classes = store.facts.num_outputs
         count = np.zeros(classes, dtype=np.int64)
         for r in units:
-            status, prediction = store.meta.read_status(r)
-            _, labels = store.meta.read_index(r)
+            status, prediction = store.family(MetaSection).read_status(r)
+            _, labels = store.family(MetaSection).read_index(r)
             cls = image_class(labels, prediction)[status == PROCESSED]
             count += np.bincount(cls[cls >= 0], minlength=classes)[:classes]
         k_a, k_b = gig.matrix_shape(pair)
@@ -279,7 +289,7 @@ class ReduceWorker(StageWorker):
         self.stage = stage
         self.config = stage.config
         self.store = stage.open_store()
-        self.gig = self.store.gig(stage.dictionary)
+        self.gig = self.store.family(GIGSection, stage.dictionary)
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         pair = unit.pair
@@ -338,8 +348,8 @@ def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int,
     if not whole:
         gig.write_vectors(pair, r, summed, exact)
     sources, chosen, delta = parts["source"], parts["target"], parts["delta"]
-    status, prediction = store.meta.read_status(r)
-    _, labels = store.meta.read_index(r)
+    status, prediction = store.family(MetaSection).read_status(r)
+    _, labels = store.family(MetaSection).read_index(r)
     valid = chosen >= 0
     total = np.where(valid, exact, np.nan)
     gap = completeness_gap(total, delta)

@@ -1,8 +1,10 @@
 """The registry: every pipeline stage, in the order the pipeline runs them.
 
-Adding a stage is its module plus one line here. The CLI's stage names, ``--until`` choices and
-help, the checks before any work, the keep/redo plan and the store's progress all come from
-this list.
+Adding a stage is its module plus one line here (or, from outside the package, one
+:func:`register` call). The CLI's stage names, ``--until`` choices and help, the config's schema
+(a registered stage's own section), the checks before any work, the keep/redo plan, the plan's
+sizes, ``inspect``'s summaries, the report's panels and the store's progress all come from this
+list.
 """
 
 from __future__ import annotations
@@ -32,6 +34,36 @@ STAGES: list[type[Stage]] = [
     AtlasStage,
     EvaluateStage,
 ]
+
+
+def register(stage: type[Stage], after: str | None = None) -> type[Stage]:
+    """Add ``stage`` to the pipeline, after the stage named ``after`` (default: last), with its
+    config section (``stage.config_model`` under ``stage.config_section``). Registration holds for
+    this process: a stage run by Ray workers must be importable there (a package of your own)."""
+    from gig_dist.sections import add_section
+
+    if stage.name in stage_names():
+        raise ValueError(f"a stage named {stage.name!r} is registered already")
+    missing = [name for name in stage.reads if name not in stage_names()]
+    if missing:
+        raise ValueError(f"stage {stage.name!r} reads {', '.join(missing)}, which no registered stage is")
+    if stage.config_model is not None:
+        if not stage.config_section:
+            raise ValueError(f"stage {stage.name!r} brings a config_model but no config_section to put it under")
+        add_section(stage.config_section, stage.config_model)
+    at = len(STAGES) if after is None else stage_names().index(by_name(after).name) + 1
+    STAGES.insert(at, stage)
+    return stage
+
+
+def unregister(name: str) -> None:
+    """Take a stage added by :func:`register` out again (and its config section)."""
+    from gig_dist.sections import remove_section
+
+    stage = by_name(name)
+    STAGES.remove(stage)
+    if stage.config_model is not None and stage.config_section:
+        remove_section(stage.config_section)
 
 
 def stage_names() -> list[str]:

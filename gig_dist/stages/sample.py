@@ -28,12 +28,21 @@ from gig_dist.stages.base import (
     tap_values,
 )
 from gig_dist.stages.forward import PFVSource, forward_bytes, resolve_device
-from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange
+from gig_dist.store import (
+    PROCESSED,
+    ArraySpec,
+    Facts,
+    ImageRange,
+    MetaSection,
+    SamplesSection,
+)
 from gig_dist.store.samples import sample_specs
 
 
 class SampleStage(Stage):
     name = "sample"
+    config_section = "sample"
+    family = SamplesSection
     reads = ("extract",)
     result_keys = ("sample.",)
 
@@ -104,12 +113,12 @@ class SampleWorker(StageWorker):
 
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         r = ImageRange(unit.start, unit.stop)
-        status, predictions = self.store.meta.read_status(r)
+        status, predictions = self.store.family(MetaSection).read_status(r)
         rows = np.flatnonzero(status == PROCESSED)
         count = self.sample.per_image
         scores = None
         if self.model is not None and rows.size:
-            paths, _ = self.store.meta.read_index(r)
+            paths, _ = self.store.family(MetaSection).read_index(r)
             scores = self._scores(paths, rows, predictions, progress)  # reports the scored images
             if progress is not None:
                 progress(len(r) - rows.size)  # and the skipped ones
@@ -129,7 +138,7 @@ class SampleWorker(StageWorker):
                 vectors[row, : len(drawn)] = pfvs[row, drawn]
                 if tap_scores is not None:
                     tap_scores[row] = score
-            self.store.samples.write(r, tap, positions, vectors, tap_scores)
+            self.store.family(SamplesSection).write(r, tap, positions, vectors, tap_scores)
         return UnitReport(unit.index, len(r), int(len(r) - rows.size), methods={"relevance": self.relevance})
 
     def close(self) -> None:

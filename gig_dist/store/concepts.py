@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gig_dist.store.errors import StoreError
+from gig_dist.store.samples import SamplesSection
 from gig_dist.store.types import ArraySpec, Facts, per_image_spec
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class ConceptsSection:
         if labels is not None:
             member = self.store.array(self._path(tap, "member"))
             filled = 0
-            for r, valid in self.store.samples.valid_mask_blocks(tap):
+            for r, valid in self.store.family(SamplesSection).valid_mask_blocks(tap):
                 block = np.full(valid.shape, -1, dtype=np.int32)
                 block[valid] = labels[filled : filled + int(valid.sum())]
                 filled += int(valid.sum())

@@ -28,7 +28,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -57,6 +57,9 @@ from gig_dist.store.types import (
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
 # The lease object sits beside the root's zarr.json; zarr notes any non-Zarr key it lists.
 warnings.filterwarnings("ignore", message="Object at gig-dist.lease is not recognized", category=UserWarning)
+
+
+F = TypeVar("F")
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -127,6 +130,7 @@ class RunStore:
         self.fence = fence
         self.role = role
         self.manifest = Manifest.from_json(group.attrs[MARKER])
+        self._families: dict[type, Any] = {}
 
     # -- creating and opening --------------------------------------------------------------
 
@@ -228,7 +232,9 @@ class RunStore:
         group.attrs[MARKER] = manifest.to_json()
         store = cls(group, url, fence)
         store.ensure_arrays("index", index_specs(facts))
-        store.meta.write_index(paths, labels)
+        from gig_dist.store.meta import MetaSection
+
+        store.family(MetaSection).write_index(paths, labels)
         store.manifest.state = "ready"
         store.save_manifest()
         return store
@@ -504,46 +510,20 @@ class RunStore:
 
     # -- sections --------------------------------------------------------------------------------
 
-    @cached_property
-    def meta(self):
-        from gig_dist.store.meta import MetaSection
-
-        return MetaSection(self)
-
-    @cached_property
-    def samples(self):
-        from gig_dist.store.samples import SamplesSection
-
-        return SamplesSection(self)
-
-    def concepts(self, dictionary: str):
-        from gig_dist.store.concepts import ConceptsSection
-
-        return ConceptsSection(self, dictionary)
-
-    def codes(self, dictionary: str):
-        from gig_dist.store.codes import CodesSection
-
-        return CodesSection(self, dictionary)
-
-    def gig(self, dictionary: str):
-        from gig_dist.store.gig import GIGSection
-
-        return GIGSection(self, dictionary)
-
-    def atlas(self, dictionary: str):
-        from gig_dist.store.atlas import AtlasSection
-
-        return AtlasSection(self, dictionary)
-
-    def evaluation(self, dictionary: str):
-        from gig_dist.store.evaluation import EvaluationSection
-
-        return EvaluationSection(self, dictionary)
+    def family(self, kind: type[F], dictionary: str | None = None) -> F:
+        """The store's section of one family (``MetaSection``, ``CodesSection``, a new stage's
+        own :class:`~gig_dist.store.section.Section` subclass): the family's class owns its paths,
+        reads and writes, so a stage adds a family without touching this handle. Families per
+        dictionary level take the level's name; a family without one is made once per handle."""
+        if dictionary is not None:
+            return kind(self, dictionary)
+        made = self._families.get(kind)
+        if made is None:
+            made = self._families[kind] = kind(self)
+        return made
 
     def section(self, prefix: str) -> Section:
-        """A plain per-image section at ``prefix`` for a stage whose family has no module of its
-        own yet (a new stage's first version): its arrays are ``<prefix>/<name>``."""
+        """A plain per-image section at ``prefix``: its arrays are ``<prefix>/<name>``."""
         return Section(self, prefix)
 
     def dictionaries(self) -> list[str]:

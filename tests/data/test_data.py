@@ -12,7 +12,7 @@ from gig_dist import pipeline
 from gig_dist.config import ConfigError
 from gig_dist.data.images import SkippedImage, open_rgb
 from gig_dist.data.sources import build_index
-from gig_dist.store import PROCESSED, SKIPPED, RunStore
+from gig_dist.store import PROCESSED, SKIPPED, MetaSection, RunStore
 from tests.conftest import toy_config, zgroup
 
 
@@ -110,7 +110,7 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(tmp_path):
     )
     report = pipeline.run(config, tmp_path / "run.zarr", until="sample")
     store = RunStore.open(report.url)
-    paths, labels = store.meta.read_index(store.units()[0])
+    paths, labels = store.family(MetaSection).read_index(store.units()[0])
     all_paths = [str(p) for p in zgroup(store)["meta/path"][:]]
     status = zgroup(store)["meta/status"][:]
     reasons = [str(r) for r in zgroup(store)["meta/skip_reason"][:]]
@@ -123,10 +123,10 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(tmp_path):
             assert state == SKIPPED and fragment in reason, (path, reason)
 
     bad = [n for n, r in expected.items() if r is not None]
-    counts = store.meta.image_counts()
+    counts = store.family(MetaSection).image_counts()
     assert counts == {"total": len(expected), "processed": len(expected) - len(bad), "skipped": len(bad), "pending": 0}
     assert [r.skipped for r in report.stages] == [len(bad), len(bad)]  # extract, sample
-    assert sorted(Path(s["path"]).name for s in store.meta.skipped_images()) == sorted(bad)
+    assert sorted(Path(s["path"]).name for s in store.family(MetaSection).skipped_images()) == sorted(bad)
 
     logits = zgroup(store)["meta/logits"][:]
     assert np.isfinite(logits[status == PROCESSED]).all() and np.isnan(logits[status == SKIPPED]).all()
@@ -164,8 +164,8 @@ def test_filelist_with_labels_comments_and_relative_paths(tmp_path):
     assert index.paths == [str(tmp_path / "a.jpg"), str(tmp_path / "b c.jpg"), str(tmp_path / "missing.jpg")]
     assert index.labels.tolist() == [3, 5, -1]
     store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr", until="sample").url)
-    assert store.meta.image_counts()["skipped"] == 1
-    assert store.meta.skipped_images()[0]["reason"] == "file not found"
+    assert store.family(MetaSection).image_counts()["skipped"] == 1
+    assert store.family(MetaSection).skipped_images()[0]["reason"] == "file not found"
 
 
 def test_filelist_bad_label_names_the_line(tmp_path):
@@ -353,10 +353,10 @@ def test_a_file_name_that_is_not_utf8_is_read_stored_and_shown(tmp_path):
                         "store.images_per_chunk=1")
     report = pipeline.run(config, tmp_path / "run.zarr", until="extract")
     store = RunStore.open(report.url)
-    assert store.meta.image_counts()["processed"] == 2
+    assert store.family(MetaSection).image_counts()["processed"] == 2
     stored = sorted(str(p) for p in zgroup(store)["meta/path"][:])
     assert stored[1].startswith("fsbytes:") and stored[1].endswith("/cls/caf%E9.png")
-    assert sorted(store.meta.read_index(store.units()[0])[0]) == sorted(
+    assert sorted(store.family(MetaSection).read_index(store.units()[0])[0]) == sorted(
         [str(root / "cls" / "ok.png"), os.path.join(root, "cls", name)])
     assert pipeline.run(config, tmp_path / "run.zarr", until="extract").stages[0].units_run == 0  # same fingerprint
     from gig_dist.data.files import shown

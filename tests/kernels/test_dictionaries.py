@@ -8,6 +8,7 @@ import pytest
 
 from gig_dist.kernels.dictionaries import DICTIONARIES, register
 from gig_dist.kernels.dictionaries.base import LassoCoded
+from gig_dist.store import CodesSection, ConceptsSection
 from gig_dist.testing import check_dictionary
 
 BUILTIN = ("bisecting_kmeans", "kmeans", "dictionary_learning", "nmf", "sae")
@@ -85,9 +86,9 @@ def test_a_new_dictionary_with_its_own_parameter_runs_in_the_pipeline(tmp_path, 
     config = toy_config("concepts.method=random_rows", "concepts.params.random_rows.jitter=0.25")
     pipeline.run(config, url, until="decompose")
     store = RunStore.open(url)
-    fit = store.concepts("random_rows").fit("layer3.1")
+    fit = store.family(ConceptsSection, "random_rows").fit("layer3.1")
     assert fit["jitter"] == 0.25
-    assert store.codes("random_rows").summary("layer3.1", store.concepts("random_rows").count("layer3.1"))["r2"] > 0
+    assert store.family(CodesSection, "random_rows").summary("layer3.1", store.family(ConceptsSection, "random_rows").count("layer3.1"))["r2"] > 0
     other = toy_config("concepts.method=random_rows", "concepts.params.random_rows.jitter=0.5")
     decisions = {d.key: d.action for d in pipeline.decide(RunStore.open(url), other, pipeline.stages_until("decompose"))}
     assert decisions["random_rows/concepts"] == "redo"

@@ -15,7 +15,7 @@ from gig_dist import pipeline
 from gig_dist.stages.attribute import AttributeStage
 from gig_dist.stages.base import UnitFailed
 from gig_dist.stages.extract import ExtractStage
-from gig_dist.store import RunStore
+from gig_dist.store import GIGSection, RunStore
 from tests.conftest import GIG_LIGHT, REPO, assert_stores_equal, toy_config, zgroup
 
 # One torch thread in every worker, in-process and on Ray: thread count changes float summation
@@ -93,7 +93,7 @@ def test_gig_split_by_steps_on_two_workers_with_one_killed_gives_the_same_matric
     # 2 concept pairs x 2 step ranges x 2 target chunks, 3 class pairs x 2 step ranges; one image unit.
     assert attribute.retries >= 1 and attribute.units_run == 2 * 2 * 2 + 3 * 2
     local, on_ray = RunStore.open(in_process), RunStore.open(report.url)
-    for key in local.gig("bisecting_kmeans").summary():
+    for key in local.family(GIGSection, "bisecting_kmeans").summary():
         left, right = zgroup(local)[f"gig/bisecting_kmeans/{key}/matrix"][...], zgroup(on_ray)[f"gig/bisecting_kmeans/{key}/matrix"][...]
         assert np.abs(left - right).max() <= 1e-6 * np.abs(left).max(), key
 

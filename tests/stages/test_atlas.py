@@ -5,7 +5,7 @@ import pytest
 
 from gig_dist import pipeline
 from gig_dist.kernels.topk import top_per_group
-from gig_dist.store import PROCESSED, RunStore
+from gig_dist.store import PROCESSED, AtlasSection, ConceptsSection, RunStore
 from tests.conftest import toy_config, zgroup
 
 
@@ -25,11 +25,11 @@ def test_members_are_the_strongest_codes_over_the_decomposed_images(tmp_path):
     store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr", until="members").url)
     g = zgroup(store)
     status = g["meta/status"][...]
-    atlas = store.atlas("bisecting_kmeans")
+    atlas = store.family(AtlasSection, "bisecting_kmeans")
     for tap in store.taps:
         index = g[f"codes/bisecting_kmeans/{tap}/index"][:32]
         value = g[f"codes/bisecting_kmeans/{tap}/value"][:32]
-        k = store.concepts("bisecting_kmeans").count(tap)
+        k = store.family(ConceptsSection, "bisecting_kmeans").count(tap)
         candidates: list[list[tuple]] = [[] for _ in range(k)]
         for i in np.flatnonzero(status[:32] == PROCESSED):
             for p, s in zip(*np.nonzero(index[i] >= 0)):
@@ -52,7 +52,7 @@ def atlas_run(tmp_path_factory):
 
 
 def test_atlas_crops_every_member_and_only_members(atlas_run):
-    store, atlas = atlas_run, atlas_run.atlas("bisecting_kmeans")
+    store, atlas = atlas_run, atlas_run.family(AtlasSection, "bisecting_kmeans")
     seen_rows = []
     for tap in store.taps:
         members, rows = atlas.members(tap), atlas.rows(tap)
@@ -84,7 +84,7 @@ def test_a_crop_shows_its_members_ierf(atlas_run):
     from gig_dist.kernels.ierf import ierf
     from gig_dist.models.loading import build_model
 
-    store, atlas = atlas_run, atlas_run.atlas("bisecting_kmeans")
+    store, atlas = atlas_run, atlas_run.family(AtlasSection, "bisecting_kmeans")
     config = Config.model_validate(store.manifest.config)
     tap = "layer2.1"
     members, rows = atlas.members(tap), atlas.rows(tap)

@@ -14,7 +14,13 @@ from gig_dist import pipeline
 from gig_dist.config import ConfigError
 from gig_dist.kernels.lasso import NonNegativeLassoCoder, objective
 from gig_dist.stages.base import UnitFailed
-from gig_dist.store import ImageRange, RunStore
+from gig_dist.store import (
+    CodesSection,
+    ImageRange,
+    MetaSection,
+    RunStore,
+    SamplesSection,
+)
 from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config, zgroup
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
@@ -34,7 +40,7 @@ def run(tmp_path_factory):
 def test_concepts_are_unit_centroids_of_the_samples_with_their_split_tree(run):
     for tap, (channels, _, _) in run.taps.items():
         k = channels // 4
-        samples = np.concatenate(list(run.samples.iter_valid(tap)))
+        samples = np.concatenate(list(run.family(SamplesSection).iter_valid(tap)))
         assert len(samples) == 40 * 24
         group = zgroup(run)[f"concepts/bisecting_kmeans/{tap}"]
         vectors, centers, size = group["vector"][...], group["center"][...], group["size"][...]
@@ -65,7 +71,7 @@ def test_codes_are_the_lasso_solution_of_every_pfv_and_the_summary_recomputes(ru
         error = norm = l0 = count = 0.0
         total = np.zeros(channels)
         for r in run.units():
-            pfvs = run.meta.read_pfvs(tap, r).astype(np.float32)
+            pfvs = run.family(MetaSection).read_pfvs(tap, r).astype(np.float32)
             index, value = run.codes(D).read(tap, r)
             assert index.shape[:2] == pfvs.shape[:2] and index.shape[2] == 32
             assert ((index >= -1) & (index < k)).all() and (value >= 0).all() and (value[index < 0] == 0).all()
@@ -96,11 +102,11 @@ def test_codes_are_the_lasso_solution_of_every_pfv_and_the_summary_recomputes(ru
 def test_an_image_subset_and_a_tap_subset(tmp_path):
     store = RunStore.open(pipeline.run(
         toy_config("decompose.images=20", "decompose.taps=[layer3.1]"), tmp_path / "subset.zarr", until="decompose").url)
-    assert store.codes(D).taps() == ["layer3.1"] and "codes/bisecting_kmeans/layer1.0" not in zgroup(store)
+    assert store.family(CodesSection, D).taps() == ["layer3.1"] and "codes/bisecting_kmeans/layer1.0" not in zgroup(store)
     index = zgroup(store)["codes/bisecting_kmeans/layer3.1/index"][...]
     # 20 images round up to 2 units of 16: images 0-31 decomposed, the last unit not.
     assert (index[:32, :, 0] >= 0).all() and (index[32:] == -1).all()
-    assert store.codes(D).summary("layer3.1", 64)["pfvs"] == 32 * 64
+    assert store.family(CodesSection, D).summary("layer3.1", 64)["pfvs"] == 32 * 64
     again = pipeline.run(toy_config("decompose.images=20", "decompose.taps=[layer3.1]"), tmp_path / "subset.zarr",
                          until="decompose")
     assert [s.units_run for s in again.stages] == [0] * 4
@@ -157,7 +163,7 @@ def test_skipped_images_count_against_the_samples_before_any_concept_unit(tmp_pa
                                           r"concepts.k=\{layer3.1: 192\}"):
         pipeline.run(config, tmp_path / "run.zarr")
     store = RunStore.open(str(tmp_path / "run.zarr"))
-    assert store.meta.image_counts()["skipped"] == 5 and len(store.done_units(f"{D}/concepts")) == 0
+    assert store.family(MetaSection).image_counts()["skipped"] == 5 and len(store.done_units(f"{D}/concepts")) == 0
 
 
 def test_few_members_per_concept_warns(tmp_path):
@@ -234,8 +240,8 @@ def test_codes_are_stored_narrow_and_read_back_as_before(tmp_path):
     assert raw["codes/bisecting_kmeans/layer3.1/value"].dtype == np.float32
     assert zgroup(half)["codes/bisecting_kmeans/layer3.1/value"].dtype == np.float16
     r = ImageRange(0, 16)
-    index, value = wide.codes(D).read("layer3.1", r)
-    index16, value16 = half.codes(D).read("layer3.1", r)
+    index, value = wide.family(CodesSection, D).read("layer3.1", r)
+    index16, value16 = half.family(CodesSection, D).read("layer3.1", r)
     assert index.dtype == np.int32 and value.dtype == np.float32 and value16.dtype == np.float32
     assert (index == index16).all() and (index[..., 0] >= 0).all() and (index == -1).any()
     assert np.array_equal(value16, value.astype(np.float16).astype(np.float32))

@@ -12,6 +12,13 @@ from gig_dist.kernels.evaluation import (
     mean_interval,
     rank,
 )
+from gig_dist.store import (
+    CodesSection,
+    ConceptsSection,
+    EvaluationSection,
+    GIGSection,
+    MetaSection,
+)
 
 
 class MeanHead(nn.Module):
@@ -102,7 +109,7 @@ def test_evaluate_writes_curves_whose_ends_are_the_full_and_the_empty_codes(attr
     found = found["results"]["bisecting_kmeans"]
     assert set(found) == {"layer2.1 -> layer3.1", "layer3.1 -> logits"}
     store = RunStore.open(url)
-    section = store.evaluation("bisecting_kmeans")
+    section = store.family(EvaluationSection, "bisecting_kmeans")
     for pair in (("layer3.1", "logits"), ("layer2.1", "layer3.1")):
         got = section.read(pair, store.units()[0])
         ins, dele = got["insertion"].astype(np.float64), got["deletion"].astype(np.float64)
@@ -157,12 +164,12 @@ def check_ground_truth(store, summary):
     from gig_dist.store import ImageRange
 
     r = ImageRange(0, 32)  # the evaluated images (two store units)
-    section = store.evaluation("bisecting_kmeans")
+    section = store.family(EvaluationSection, "bisecting_kmeans")
     assert section.ground_taps() == ["layer3.1"]  # the taps with a GIG pair to the classes
     got = section.read_ground(r, ["layer3.1"])
     mass, active, pixels = got["layer3.1/mass"][:32], got["layer3.1/active"][:32], got["pixels"][:32]
-    _, labels = store.meta.read_index(r)
-    _, predictions = store.meta.read_status(r)
+    _, labels = store.family(MetaSection).read_index(r)
+    _, predictions = store.family(MetaSection).read_status(r)
     assert np.allclose(pixels.sum(-1), 1) and (pixels[:, 0, 1] == 0).all() and (pixels[:, 1, 1] > 0).all()
     assert (got["prediction"][:32, 0] == predictions[:32]).all()
     assert ((got["distractor"][:32] >= 0) & (got["distractor"][:32] != labels[:32])).all()
@@ -177,11 +184,11 @@ def check_ground_truth(store, summary):
     model = build_model(config.model).eval()
     loader = ImageLoader(resolve_transform(config), config.dataset.max_image_pixels, 1)
     row = 5
-    scene = loader.load_scene(store.meta.path(row), False)
+    scene = loader.load_scene(store.family(MetaSection).path(row), False)
     d = SRD(model).decompose(scene.image[None])
-    matrix = store.gig("bisecting_kmeans").read_matrix(("layer3.1", "logits"))
+    matrix = store.family(GIGSection, "bisecting_kmeans").read_matrix(("layer3.1", "logits"))
     top = [k for k in np.argsort(-matrix[:, labels[row]], kind="stable")[:3] if matrix[k, labels[row]] > 0]
-    index, value = store.codes("bisecting_kmeans").read("layer3.1", store.units()[0])
+    index, value = store.family(CodesSection, "bisecting_kmeans").read("layer3.1", store.units()[0])
     index, value = index[row], value[row]
     present = [k for k in top if (index == k).any()]
     every = d.ierf("layer3.1", torch.arange(len(index))[None])[0].double().numpy()  # (P, H, W)
@@ -250,7 +257,7 @@ def test_a_baseline_dictionary_flows_through_the_pipeline_into_its_own_level(att
     assert actions["extract"] == actions["sample"] == "keep" and actions["kmeans/concepts"] == "new"
     store = RunStore.open(url)
     assert sorted(store.dictionaries()) == ["bisecting_kmeans", "kmeans"]
-    assert store.gig("kmeans").has_graphs() and store.concepts("kmeans").fit("layer3.1")["k"] == 64
+    assert store.family(GIGSection, "kmeans").has_graphs() and store.family(ConceptsSection, "kmeans").fit("layer3.1")["k"] == 64
     done = _evaluate(url, "--dict", "bisecting_kmeans", "--dict", "kmeans")
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)["results"]
@@ -259,7 +266,7 @@ def test_a_baseline_dictionary_flows_through_the_pipeline_into_its_own_level(att
     # the fit's loss curve is stored, and inspect shows its ends
     shown = subprocess.run([*CLI, "inspect", url], capture_output=True, text=True).stdout
     section = shown.split("dictionary kmeans")[1]
-    curve = store.concepts("kmeans").arrays("layer3.1")["loss"]
+    curve = store.family(ConceptsSection, "kmeans").arrays("layer3.1")["loss"]
     assert len(curve) > 1 and f"training loss {curve[0]:.4g} -> {curve[-1]:.4g}" in section
 
 
@@ -277,14 +284,14 @@ def test_evaluate_computes_again_the_gig_a_compacted_store_deleted(tmp_path):
     pipeline.run(toy_config(*whole), compact, until="graphs")  # reduce again, deleting the per-source GIG
     store = RunStore.open(compact)
     pair = ("layer2.1", "layer3.1")
-    assert not store.gig("bisecting_kmeans").has_vectors(pair, store.units()[0])
-    assert RunStore.open(kept).gig("bisecting_kmeans").has_vectors(pair, store.units()[0])
+    assert not store.family(GIGSection, "bisecting_kmeans").has_vectors(pair, store.units()[0])
+    assert RunStore.open(kept).family(GIGSection, "bisecting_kmeans").has_vectors(pair, store.units()[0])
     evaluate = ("evaluate.images=16", "evaluate.ground_truth=false")
     pipeline.run(toy_config(*whole, "gig.keep_image_attributions=true", *evaluate), kept, until="evaluate")
     pipeline.run(toy_config(*whole, *evaluate), compact, until="evaluate")
     for pair in (("layer3.1", "logits"), ("layer2.1", "layer3.1")):
-        a = RunStore.open(kept).evaluation("bisecting_kmeans").read(pair, store.units()[0])
-        b = store.evaluation("bisecting_kmeans").read(pair, store.units()[0])
+        a = RunStore.open(kept).family(EvaluationSection, "bisecting_kmeans").read(pair, store.units()[0])
+        b = store.family(EvaluationSection, "bisecting_kmeans").read(pair, store.units()[0])
         gig = 0  # the GIG ordering (kernels.evaluation.ORDERINGS)
         for name in ("insertion", "deletion"):
             left, right = a[name][..., gig, :], b[name][..., gig, :]
@@ -478,11 +485,11 @@ def test_evaluate_match_refits_each_dictionary_to_the_target_l0(attributed, tmp_
         assert set(entry["taps"]) == set(store.taps)
         for tap, row in entry["taps"].items():
             assert abs(row["mean_l0"] - 2) <= 0.2 and row["within_10pct"], (level, tap, row)
-            summary = store.codes(level).summary(tap, store.concepts(level).count(tap))
+            summary = store.family(CodesSection, level).summary(tap, store.family(ConceptsSection, level).count(tap))
             assert summary["mean_l0"] == pytest.approx(row["mean_l0"])
         # the level keeps the dictionary and changes only lambda
-        assert np.array_equal(store.concepts(level).vectors("layer3.1"),
-                              store.concepts(entry["from"]).vectors("layer3.1"))
+        assert np.array_equal(store.family(ConceptsSection, level).vectors("layer3.1"),
+                              store.family(ConceptsSection, entry["from"]).vectors("layer3.1"))
         assert store.manifest.dictionary_config(level)["decompose"]["lambda_rel"] == \
             {tap: row["lambda_rel"] for tap, row in entry["taps"].items()}
     assert _level_bytes(url, "bisecting_kmeans") == before
@@ -525,7 +532,7 @@ def test_sweep_resumes_after_a_kill_and_tabulates_every_point(attributed, tmp_pa
     for row in rows:
         assert row["images"] == 16 and row["method"] in ("bisecting_kmeans", "kmeans")
         tap = row["taps"]["layer3.1"]
-        assert tap["k"] == round(row["k_multiplier"] * 256) == store.concepts(row["level"]).count("layer3.1")
+        assert tap["k"] == round(row["k_multiplier"] * 256) == store.family(ConceptsSection, row["level"]).count("layer3.1")
         assert 0 < tap["r2"] <= 1 and tap["mean_l0"] > 0 and np.isfinite(tap["score"]) and np.isfinite(tap["count_score"])
         assert tap["purity"] is not None and 0 <= tap["purity"] <= 1
         assert row["gap"] is not None and row["seconds"]["attribute"] > 0

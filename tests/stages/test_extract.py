@@ -22,7 +22,13 @@ from gig_dist.stages.driver import execute_unit, open_stage
 from gig_dist.stages.extract import ExtractStage
 from gig_dist.stages.forward import PFVSource
 from gig_dist.stages.sample import SampleStage
-from gig_dist.store import FORMAT_VERSION, RunStore, StoreError
+from gig_dist.store import (
+    FORMAT_VERSION,
+    AtlasSection,
+    MetaSection,
+    RunStore,
+    StoreError,
+)
 from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal, toy_config, zgroup
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
@@ -55,7 +61,7 @@ def test_recomputed_pfvs_give_the_stored_runs_results_without_storing_them(refer
                               open_run(reference).pfvs("layer2.1", image).values)
     store = RunStore.open(str(url), mode="r+")
     unit = store.units()[1]
-    logits = store.meta.read_logits(unit)
+    logits = store.family(MetaSection).read_logits(unit)
     store.array("meta/logits")[unit.start : unit.stop] = logits * 1.01  # as if the model had changed
     source = PFVSource(config, store, torch.device("cpu"), ["layer2.1"])
     assert np.array_equal(source.read("layer2.1", store.units()[0]), zgroup(reference)["pfv/layer2.1"][:8])
@@ -115,7 +121,7 @@ def test_units_are_exactly_the_shards_of_every_array(reference):
         assert zgroup(store)[path].shape[0] == len(units) and zgroup(store)[path].chunks[0] == 1, path
     # The atlas's crops: rows grouped by store unit, one shard of `capacity` rows per unit.
     crops = zgroup(store)["atlas/bisecting_kmeans/crops/crop"]
-    capacity = store.atlas("bisecting_kmeans").capacity()
+    capacity = store.family(AtlasSection, "bisecting_kmeans").capacity()
     assert crops.shape[0] == capacity * len(units) and crops.shards[0] == capacity
     stage = ExtractStage(toy_config(*SMALL_CONFIG), reference)
     assert [(u.start, u.stop) for u in stage.plan(store.facts)] == [(u.start, u.stop) for u in units]
@@ -128,7 +134,7 @@ def test_writes_that_are_not_one_whole_unit_are_refused(reference, tmp_path):
     from gig_dist.store import ImageRange
 
     with pytest.raises(ValueError, match="not a work unit"):
-        store.meta.write_extraction(ImageRange(4, 12), pfvs={}, logits=np.zeros((8, 8)), status=np.zeros(8),
+        store.family(MetaSection).write_extraction(ImageRange(4, 12), pfvs={}, logits=np.zeros((8, 8)), status=np.zeros(8),
                                skip_reasons=[""] * 8, part_masks=None)
 
 
@@ -235,7 +241,7 @@ def test_a_moved_store_resumes_and_file_urls_are_local_paths(reference, tmp_path
 def test_runs_smaller_than_one_unit_and_fsspec_urls(tmp_path):
     report = pipeline.run(toy_config("dataset.toy.num_images=5"), "memory://tiny.zarr")
     store = RunStore.open(report.url)
-    assert report.url == "memory://tiny.zarr" and store.meta.image_counts()["processed"] == 5
+    assert report.url == "memory://tiny.zarr" and store.family(MetaSection).image_counts()["processed"] == 5
     assert zgroup(store)["pfv/layer1.0"].shards[0] == 16 and zgroup(store)["pfv/layer1.0"].chunks[0] == 4
 
 

@@ -25,7 +25,7 @@ from gig_dist.models.loading import build_model
 from gig_dist.report import build_report
 from gig_dist.stages.graphs import build_graphs
 from gig_dist.stages.pairs import gig_pairs, stage_outputs
-from gig_dist.store import RunStore
+from gig_dist.store import CodesSection, ConceptsSection, GIGSection, RunStore
 from tests.conftest import TOY_BASE, toy_config, zgroup
 
 CLI = [sys.executable, "-m", "gig_dist.cli"]
@@ -204,7 +204,7 @@ def reference(tmp_path_factory):
 
 
 def _matrices(store: RunStore) -> dict[str, np.ndarray]:
-    return {key: zgroup(store)[f"gig/bisecting_kmeans/{key}/matrix"][...] for key in store.gig("bisecting_kmeans").summary()}
+    return {key: zgroup(store)[f"gig/bisecting_kmeans/{key}/matrix"][...] for key in store.family(GIGSection, "bisecting_kmeans").summary()}
 
 
 def assert_same_matrices(a: RunStore, b: RunStore) -> float:
@@ -221,7 +221,7 @@ def assert_same_matrices(a: RunStore, b: RunStore) -> float:
 
 
 def test_reference_run_is_complete_and_reports_its_gaps(reference):
-    summary = reference.gig("bisecting_kmeans").summary()
+    summary = reference.family(GIGSection, "bisecting_kmeans").summary()
     assert set(summary) == {"layer2.1__layer3.1", "layer3.1__logits", "layer2.1__logits"}
     for stats in summary.values():
         # 8 steps here (GIG_LIGHT): a coarser quadrature. The default 32 steps are held to 1 % by
@@ -322,7 +322,7 @@ def test_per_source_gig_is_deleted_once_reduced_and_redone_only_when_the_reducti
         for name in ("attribution", "sum"):
             assert zgroup(compact)[f"gig/bisecting_kmeans/{pair}/{name}"].nchunks_initialized == 0, (pair, name)
     with pytest.raises(Exception, match="was deleted once reduced; set gig.keep_image_attributions"):
-        compact.gig("bisecting_kmeans").read_vectors(("layer2.1", "layer3.1"), compact.units()[0])
+        compact.family(GIGSection, "bisecting_kmeans").read_vectors(("layer2.1", "layer3.1"), compact.units()[0])
     # The same settings again: everything kept, nothing made again.
     again = pipeline.run(toy_config(PAIRS, *every), url)
     assert all(d.action == "keep" for d in again.decisions), again.decisions
@@ -355,7 +355,7 @@ def test_matrices_above_the_dense_limit_are_stored_sparse_with_the_same_values(r
     report = pipeline.run(toy_config(PAIRS, "gig.images=16", KEEP, "gig.dense_matrix_mib=0"), url)
     actions = {d.key.split("/")[-1]: d.action for d in report.decisions}
     assert actions["attribute"] == "keep" and actions["reduce"] == "redo"
-    store, gig, dense_gig = RunStore.open(str(url)), RunStore.open(str(url)).gig("bisecting_kmeans"), reference.gig("bisecting_kmeans")
+    store, gig, dense_gig = RunStore.open(str(url)), RunStore.open(str(url)).gig("bisecting_kmeans"), reference.family(GIGSection, "bisecting_kmeans")
     pairs = [tuple(p["pair"]) for p in dense_gig.summary().values()]
     assert len(pairs) == 3
     for pair in pairs:
@@ -528,7 +528,7 @@ def test_class_conditional_gamma_is_the_mean_over_the_class_images(reference):
             for w, k in enumerate(sources[i]):
                 if m >= 0 and k >= 0:
                     dense[c, k, m] += partial[i, slot, w]
-    gig = reference.gig("bisecting_kmeans")
+    gig = reference.family(GIGSection, "bisecting_kmeans")
     assert gig.read_class_count(pair).tolist() == count.tolist() and count.sum() == 16
     assert g[f"{key}/class_block/value"].dtype == np.float32  # block sums rounded once: ranks within 1e-5
     dense /= np.maximum(count, 1)[:, None, None]
@@ -555,7 +555,7 @@ def test_graphs_name_shared_classes_scale_levels_and_explain_empty_ones(tmp_path
     with pytest.warns(UserWarning, match="grouped by the model's prediction"):
         store = RunStore.open(pipeline.run(toy_config(PAIRS, "gig.images=16", "model.weights=none",
                                                       "model.num_classes=12"), tmp_path / "run.zarr").url)
-    graphs = [store.gig("bisecting_kmeans").read_graph(c) for c in range(12)]
+    graphs = [store.family(GIGSection, "bisecting_kmeans").read_graph(c) for c in range(12)]
     empty = [g for g in graphs if g["images"] == 0]
     full = [g for g in graphs if g["edges"]]
     assert empty and full
@@ -609,8 +609,8 @@ def test_max_gap_integrates_coarse_targets_again_with_doubled_steps(reference, t
     assert np.nanmean(gap[valid]) < np.nanmean(first_gap[valid])
     image, slot = map(int, np.argwhere(coarse)[0])
     store = RunStore.open(refined.url)
-    index, value = store.codes("bisecting_kmeans").read("layer2.1", store.units()[0])
-    concepts = store.concepts("bisecting_kmeans")
+    index, value = store.family(CodesSection, "bisecting_kmeans").read("layer2.1", store.units()[0])
+    concepts = store.family(ConceptsSection, "bisecting_kmeans")
     kernel = GIG(build_model(toy_config().model).eval(), "layer2.1", "layer3.1",
                  torch.from_numpy(concepts.vectors("layer2.1")), store.taps["layer2.1"],
                  torch.from_numpy(concepts.vectors("layer3.1")), steps=int(steps[image, slot]))
@@ -620,7 +620,7 @@ def test_max_gap_integrates_coarse_targets_again_with_doubled_steps(reference, t
     used = sources >= 0
     assert np.allclose(partial_after[image, slot, used], direct[sources[used]], rtol=1e-6, atol=1e-12)
     # The summary counts the targets by steps and keeps the gaps before refinement.
-    stats = refined.gig("bisecting_kmeans").summary()["layer2.1__layer3.1"]
+    stats = refined.family(GIGSection, "bisecting_kmeans").summary()["layer2.1__layer3.1"]
     assert sum(stats["steps_used"].values()) == valid.sum() and stats["steps_used"]["8"] == (valid & ~coarse).sum()
     assert stats["gap_before"]["max"] == pytest.approx(np.nanmax(first_gap))
     shown = subprocess.run([*CLI, "inspect", refined.url], capture_output=True, text=True)

@@ -1,27 +1,21 @@
 """Resume by fingerprint: a rerun keeps the stages whose config keys and inputs are unchanged,
 redoes exactly the others and what follows them, and extends a stage when more images are asked
-for. Also: a stage added in one module plus the registry runs like the built-in ones."""
+for. (A stage added from outside: test_added_stage.py.)"""
 
 from __future__ import annotations
 
 import shutil
-from typing import ClassVar
 
-import numpy as np
 import pytest
 
 from gig_dist import pipeline
 from gig_dist.stages import registry
 from gig_dist.stages.base import (
-    Progress,
-    Sizes,
-    Stage,
-    StageWorker,
-    UnitReport,
     WorkUnit,
 )
-from gig_dist.store import PROCESSED, ArraySpec, Facts, ImageRange, RunStore
-from gig_dist.store.types import per_image_spec
+from gig_dist.store import (
+    RunStore,
+)
 from tests.conftest import assert_stores_equal, toy_config, zgroup
 
 D = "bisecting_kmeans"
@@ -97,51 +91,6 @@ def test_overwrite_starts_afresh(first_run, tmp_path):
     report = pipeline.run(toy_config(*BASE), run, overwrite=True, until="extract")
     assert [d.action for d in report.decisions] == ["new"] and report.stages[0].units_run == 2
     assert RunStore.open(str(run)).record(f"{D}/concepts") is None
-
-
-class MeanLogitStage(Stage):
-    """A stage as a newcomer would add it: this class and one line in the registry."""
-
-    name = "mean_logit"
-    reads = ("extract",)
-    result_keys: ClassVar[tuple[str, ...]] = ("extract.dtype",)
-
-    def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
-        return [per_image_spec(facts, "mean_logit/value", (), "float32", np.nan, ())]
-
-    def open_worker(self, device: str) -> StageWorker:
-        return MeanLogitWorker(self.store_url)
-
-
-class MeanLogitWorker(StageWorker):
-    def __init__(self, url: str) -> None:
-        self.store = RunStore.open(url, mode="r+")
-
-    def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
-        r = ImageRange(unit.start, unit.stop)
-        status, _ = self.store.meta.read_status(r)
-        means = np.where(status == PROCESSED, np.nanmean(self.store.meta.read_logits(r), axis=1), np.nan)
-        self.store.section("mean_logit").write("value", r, means.astype(np.float32))
-        return UnitReport(unit.index, len(r), 0)
-
-
-def test_a_stage_added_in_one_module_and_the_registry_runs_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(registry, "STAGES", [*registry.STAGES[:1], MeanLogitStage, *registry.STAGES[1:]])
-    config = toy_config("dataset.toy.num_images=20")
-    report = pipeline.run(config, tmp_path / "run.zarr", until="mean_logit")
-    assert [s.stage for s in report.stages] == ["extract", "mean_logit"]
-    logits = zgroup(report.url)["meta/logits"][:]
-    assert np.allclose(zgroup(report.url)["mean_logit/value"][:], logits.mean(axis=1))
-    assert zgroup(report.url)["mean_logit/value"].metadata.dimension_names == ("image",)
-    again = pipeline.run(config, tmp_path / "run.zarr", until="mean_logit")
-    assert [d.action for d in again.decisions] == ["keep", "keep"]
-    from gig_dist.cli import build_parser
-
-    assert build_parser().parse_args(["run", "--until", "mean_logit"]).until == "mean_logit"
-    redo = pipeline.run(toy_config("dataset.toy.num_images=20", "extract.dtype=float32"), tmp_path / "run.zarr",
-                        until="mean_logit")
-    assert [d.action for d in redo.decisions] == ["redo", "redo"]
-    assert zgroup(redo.url)["pfv/layer1.0"].dtype == np.float32
 
 
 def test_config_fingerprints_ignore_execution_settings():

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from gig_dist import pipeline
-from gig_dist.store import RunStore, StoreError
+from gig_dist.store import MetaSection, RunStore, StoreError
 from gig_dist.toy.world import CLASS_NAMES, render
 from tests.conftest import GIG_LIGHT_CLI, assert_stores_equal
 
@@ -73,7 +73,7 @@ def test_a_run_from_a_bucket_into_a_bucket_killed_twice_resumes_to_the_local_run
     mirror = tmp_path / "mirror.zarr"  # the bucket's store, copied down to compare array by array
     fsspec.filesystem("s3").get(url.removeprefix("s3://"), str(mirror), recursive=True)
     assert_stores_equal(str(tmp_path / "local.zarr"), str(mirror), ignore=("meta/path",))
-    paths = [str(p) for p in RunStore.open(url).meta.read_index(RunStore.open(url).units()[0])[0]]
+    paths = [str(p) for p in RunStore.open(url).family(MetaSection).read_index(RunStore.open(url).units()[0])[0]]
     assert all(p.startswith(f"{bucket}/images/") for p in paths)
 
     # Another process reads the bucket's run: inspect, the report and open_run.

@@ -18,7 +18,16 @@ from gig_dist.kernels.metrics import (
     reconstruction_stats,
     reconstruction_summary,
 )
-from gig_dist.store import ArraySpec, Facts, Manifest, RunStore, StageRecord, StoreError
+from gig_dist.store import (
+    ArraySpec,
+    CodesSection,
+    Facts,
+    Manifest,
+    MetaSection,
+    RunStore,
+    StageRecord,
+    StoreError,
+)
 
 pytestmark = pytest.mark.fast
 
@@ -37,7 +46,7 @@ def test_create_marks_first_and_reopens_with_a_typed_manifest(tmp_path):
     again = RunStore.open(store.url)
     assert again.manifest.state == "ready" and again.manifest.config == {"x": 1}
     assert again.facts == FACTS and again.units()[-1].stop == 10
-    assert again.meta.read_index(again.units()[1]) == (["p4", "p5", "p6", "p7"], pytest.approx([0, 1, 0, 1]))
+    assert again.family(MetaSection).read_index(again.units()[1]) == (["p4", "p5", "p6", "p7"], pytest.approx([0, 1, 0, 1]))
     assert RunStore.claim(store.url, overwrite=False) is True  # a ready store is resumed, not replaced
     manifest = Manifest.from_json(json.loads(json.dumps(again.manifest.to_json())))
     assert manifest == again.manifest
@@ -79,7 +88,7 @@ def test_a_finished_runs_subgroup_is_not_a_store(tmp_path):
     store = make_store(str(tmp_path / "run.zarr"))
     with pytest.raises(StoreError, match="without gig-dist's marker"):
         RunStore.claim(f"{store.url}/meta", overwrite=True)
-    assert RunStore.open(store.url).meta.read_index(store.units()[0])[0] == ["p0", "p1", "p2", "p3"]
+    assert RunStore.open(store.url).family(MetaSection).read_index(store.units()[0])[0] == ["p0", "p1", "p2", "p3"]
 
 
 def test_arrays_are_deleted_only_by_their_owner_and_only_whole(tmp_path):
@@ -211,11 +220,11 @@ def test_a_code_value_that_float16_cannot_hold_is_refused_not_stored_as_inf(tmp_
     stats, total = np.zeros(7), np.zeros(3)
     value[1, 2, 0] = 1e5
     with pytest.raises(StoreError, match=r"tap t, images 0:4: a code value of 1e\+05 does not fit the store's float16"):
-        store.codes("d").write(r, "t", index, value, stats, total)
-    assert (store.codes("d").read("t", r)[0] == -1).all()  # nothing written
+        store.family(CodesSection, "d").write(r, "t", index, value, stats, total)
+    assert (store.family(CodesSection, "d").read("t", r)[0] == -1).all()  # nothing written
     value[1, 2, 0] = 6e4
-    store.codes("d").write(r, "t", index, value, stats, total)
-    assert store.codes("d").read("t", r)[1][1, 2, 0] == np.float16(6e4)
+    store.family(CodesSection, "d").write(r, "t", index, value, stats, total)
+    assert store.family(CodesSection, "d").read("t", r)[1][1, 2, 0] == np.float16(6e4)
 
 
 def test_a_key_is_ours_only_when_a_listed_node_owns_it():
@@ -267,7 +276,7 @@ def test_overwrite_keeps_a_users_data_inside_a_run_store(tmp_path, where, kind, 
     fs, _ = fsspec.core.url_to_fs(url)
     fs.invalidate_cache()
     assert {key: fs.cat_file(key) for key in theirs} == theirs
-    assert RunStore.open(url).meta.image_counts()["processed"] == 8  # the run is whole too
+    assert RunStore.open(url).family(MetaSection).image_counts()["processed"] == 8  # the run is whole too
 
 
 def test_zarrs_partial_files_of_our_arrays_are_ours_and_go_with_them(tmp_path):
