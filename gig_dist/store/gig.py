@@ -430,7 +430,8 @@ class GIGSection:
         base = f"gig/{self.dictionary}"
         if not self.store.has(base):
             return found
-        for key, node in self.store.members(base):
+        # in key order: Zarr lists a group's members in the order their metadata arrives, which varies
+        for key, node in sorted(self.store.members(base), key=lambda member: member[0]):
             if hasattr(node, "shape") or "completeness" not in node.attrs:
                 continue
             pair = tuple(node.attrs["pair"])
