@@ -223,6 +223,11 @@ class Stage(ABC):
     #: A stage added to the registry brings its section's class here (a
     #: :class:`gig_dist.settings.Section` with defaults); ``registry.register`` adds it to the schema.
     config_model: ClassVar[type | None] = None
+    #: How ``gig-dist plan`` scales a calibration's time: its work grows linearly with K (the
+    #: concepts' assignments, the coder's correlations), and it runs one unit per tap (its time
+    #: scales with the samples, its taps spread over the workers) rather than per image unit.
+    linear_in_k: ClassVar[bool] = False
+    units_per_tap: ClassVar[bool] = False
     #: Its store family: the class that owns the paths, reads and writes of what it stores,
     #: reached as ``store.family(<family>[, level])`` (``family_of`` below).
     family: ClassVar[type | None] = None
@@ -325,6 +330,11 @@ class Stage(ABC):
     def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
         """Its estimated peak memory (``gig-dist plan``). Default: small tables."""
         return Footprint(worker=128 * MiB)
+
+    def whole_arrays(self, facts: Facts, sizes: Sizes, calibration: dict[str, Any] | None) -> list[ArraySpec]:
+        """For ``gig-dist plan``: arrays it writes whole rather than from :meth:`specs` (their
+        shapes from a calibration's ``dictionary_arrays`` where only the work knows them). Default: none."""
+        return []
 
     def declared_arrays(self, store: RunStore) -> list[str]:
         """Arrays its workers write whole, whose shapes only the work knows (a fitted

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 class ConceptsStage(Stage):
     name = "concepts"
     config_section = "concepts"
+    linear_in_k = True
+    units_per_tap = True
     family = ConceptsSection
     reads = ("sample",)
     result_keys = ("concepts.",)
@@ -79,6 +81,17 @@ class ConceptsStage(Stage):
         """Against the samples actually drawn: skipped images gave none."""
         drawn = {tap: sum(int(block.sum()) for _, block in store.family(SamplesSection).valid_mask_blocks(tap)) for tap in store.taps}
         return sample_count_errors(self.config, store.facts, drawn, "", warn=False)
+
+    def whole_arrays(self, facts: Facts, sizes: Sizes, calibration: dict[str, Any] | None) -> list[ArraySpec]:
+        """Each tap's fitted dictionary: its arrays depend on the method and K alone, so a
+        calibration (same K) gives their shapes; without one, only the concept vectors count."""
+        if calibration is not None and calibration["dictionary_arrays"] is not None:
+            return [ArraySpec(ConceptsSection.level_path(self.dictionary, name), tuple(shape), dtype,
+                              ("i",) * len(shape), tuple(shape))
+                    for name, (shape, dtype) in calibration["dictionary_arrays"].items()]
+        return [ArraySpec(ConceptsSection.level_path(self.dictionary, f"{tap}/vector"), (sizes.concepts(tap), c),
+                          "float32", ("concept", "channel"), (sizes.concepts(tap), c))
+                for tap, (c, _, _) in facts.taps.items()]
 
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         return member_specs(facts, self.dictionary, self.config.sample.per_image)

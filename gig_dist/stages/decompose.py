@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 class DecomposeStage(Stage):
     name = "decompose"
     config_section = "decompose"
+    linear_in_k = True
     family = CodesSection
     reads = ("concepts",)
     result_keys = ("decompose.taps", "decompose.lambda_rel", "decompose.lam", "decompose.max_nonzero", "decompose.value_dtype",

@@ -66,6 +66,12 @@ class ExtractStage(Stage):
         return found
     worker_concurrency = 2
 
+    def whole_arrays(self, facts: Facts, sizes: Sizes, calibration: dict[str, Any] | None) -> list[ArraySpec]:
+        """The image index, written with the store (its strings have no fixed size: not counted)."""
+        from gig_dist.store.meta import index_specs
+
+        return [spec for spec in index_specs(facts) if spec.dtype != "str"]
+
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         return extraction_specs(facts, self.config.extract.dtype, pfvs=self.config.extract.pfvs == "store")
 

@@ -39,6 +39,11 @@ class ConceptsSection:
         self.store = store
         self.dictionary = dictionary
 
+    @staticmethod
+    def level_path(dictionary: str, name: str = "") -> str:
+        """A dictionary level's group (``concepts/<level>``), or ``name`` under it (``<tap>/vector``)."""
+        return f"concepts/{dictionary}" + (f"/{name}" if name else "")
+
     def _path(self, tap: str, name: str = "") -> str:
         return f"concepts/{self.dictionary}/{tap}" + (f"/{name}" if name else "")
 

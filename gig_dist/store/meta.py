@@ -82,6 +82,11 @@ def extraction_specs(facts: Facts, pfv_dtype: str, pfvs: bool = True) -> list[Ar
 
 
 class MetaSection:
+
+    @staticmethod
+    def is_pfv_path(path: str) -> bool:
+        """Whether an array path is a tap's PFVs."""
+        return path.startswith("pfv/")
     def __init__(self, store: RunStore) -> None:
         self.store = store
 

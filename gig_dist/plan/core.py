@@ -1,4 +1,6 @@
-"""``gig-dist plan``: what a run will take, before it runs.
+"""The plan itself: sizes, memory and time of every stage (``calibration`` measures, ``render`` prints).
+
+``gig-dist plan``: what a run will take, before it runs.
 
 For every stage of the pipeline: its work units, each array it writes (raw bytes from the
 stage's own array specs, compressed bytes from a calibration's measured ratio or, without one,
@@ -19,27 +21,25 @@ arrays; the atlas's crops per unit) come from the calibration; without one they 
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from gig_dist.config import Config
 from gig_dist.formatting import fmt_bytes, fmt_seconds
+from gig_dist.plan.calibration import _generic, _per_unit, calibrate_run
 from gig_dist.settings import ConfigError
-from gig_dist.stages.base import Footprint, Sizes, Stage, level_of
-from gig_dist.stages.coding import concept_count
+from gig_dist.stages.base import Footprint, Sizes, Stage
 from gig_dist.stages.registry import stages_until
 from gig_dist.stages.sizes import PlanSizes
-from gig_dist.store import ArraySpec, AtlasSection, CodesSection, Facts, RunStore
+from gig_dist.store import (
+    Facts,
+    MetaSection,
+)
 from gig_dist.store.meta import extraction_specs
 
 GiB = 1024**3
@@ -216,10 +216,6 @@ class _Wider(Sizes):
         return self.sizes.crop_capacity() + 7
 
 
-def _generic(path: str, dictionary: str) -> str:
-    """The array's name with the dictionary level taken out (calibration ratios match by it)."""
-    return path.replace(f"/{dictionary}/", "/")
-
 
 def make_plan(config: Config, *, images: int | None = None, workers: int = 1, device: str = "cpu",
               calibrate: int = 0, out: str | None = None, worker_memory: int | None = None,
@@ -273,7 +269,7 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
     for stage_type in stage_types:
         stage = stage_type(config, "memory://plan")
         specs = stage.specs(facts, sizes)
-        specs += [spec for spec in _unspecified(stage, facts, sizes, calibration)
+        specs += [spec for spec in stage.whole_arrays(facts, sizes, calibration)
                   if spec.path not in {known.path for known in specs}]
         wider = {spec.path: spec.shape for spec in stage.specs(facts, _Wider(sizes))}
         arrays = []
@@ -294,7 +290,7 @@ def make_plan(config: Config, *, images: int | None = None, workers: int = 1, de
             plan.measured = measured
             plan.seconds = project_seconds(stage, measured, len(units), facts, calibration["images"], workers,
                                            slowdown)
-            if k_scale and stage.name in ("concepts", "decompose"):  # both linear in K (assignments, correlations)
+            if k_scale and stage.linear_in_k:
                 plan.seconds *= float(np.mean([k_scale.get(tap, 1.0) for tap in facts.taps]))
         stages.append(plan)
     plan = Plan(facts.num_images, images_from, workers, device, stages, problems, caught, notes, calibration,
@@ -363,39 +359,17 @@ def pfv_tradeoff(config: Config, facts: Facts, stages: list[StagePlan]) -> list[
     readers = [s.key for s in stages if s.key.split("/")[-1] in ("sample", "decompose", "attribute")]
     if extract is None or not readers:
         return []
-    raw = sum(spec.nbytes for spec in extraction_specs(facts, config.extract.dtype) if spec.path.startswith("pfv/"))
+    raw = sum(spec.nbytes for spec in extraction_specs(facts, config.extract.dtype) if MetaSection.is_pfv_path(spec.path))
     if config.extract.pfvs == "recompute":
         return [f"PFVs recomputed (extract.pfvs = recompute): {fmt_bytes(raw)} (raw) not stored; "
                 f"{', '.join(readers)} each run the forward pass again"
                 + (" (in their calibrated times)" if extract.seconds is not None else "")]
-    stored = sum(a.compressed for a in extract.arrays if a.path.startswith("pfv/"))
+    stored = sum(a.compressed for a in extract.arrays if MetaSection.is_pfv_path(a.path))
     cost = (f", at most {fmt_seconds(extract.seconds)} each (the extraction's time, which includes writing them)"
             if extract.seconds is not None else "")
     return [f"PFVs take {fmt_bytes(stored)} of the store ({fmt_bytes(raw)} raw); with -o extract.pfvs=recompute "
             f"none are stored and {', '.join(readers)} each run the forward pass again{cost}"]
 
-
-def _per_unit(dims: tuple[str, ...]) -> bool:
-    """Whether an array is written unit by unit (so only the covered units' chunks exist)."""
-    return any(d in ("image", "unit", "block", "row") for d in dims)
-
-
-def _unspecified(stage: Stage, facts: Facts, sizes: Sizes, calibration: dict[str, Any] | None) -> list[ArraySpec]:
-    """Arrays written whole rather than from specs: the image index (with the store) and each
-    tap's fitted dictionary. A dictionary's arrays depend on its method and on K alone, so a
-    calibration (same K) gives their shapes; without one, only the concept vectors are counted."""
-    from gig_dist.store.meta import index_specs
-
-    if stage.name == "extract":
-        return [spec for spec in index_specs(facts) if spec.dtype != "str"]
-    if stage.name != "concepts":
-        return []
-    base = f"concepts/{stage.dictionary}"
-    if calibration is not None and calibration["dictionary_arrays"] is not None:
-        return [ArraySpec(f"{base}/{path[len('concepts/'):]}", tuple(shape), dtype, ("i",) * len(shape),
-                          tuple(shape)) for path, (shape, dtype) in calibration["dictionary_arrays"].items()]
-    return [ArraySpec(f"{base}/{tap}/vector", (sizes.concepts(tap), c), "float32", ("concept", "channel"),
-                      (sizes.concepts(tap), c)) for tap, (c, _, _) in facts.taps.items()]
 
 
 def project_seconds(stage: Stage, measured: dict[str, Any], units: int, facts: Facts, calibrated_images: int,
@@ -408,11 +382,11 @@ def project_seconds(stage: Stage, measured: dict[str, Any], units: int, facts: F
     done = max(1, measured["units"])
     startup = measured.get("startup", 0.0)
     work = measured.get("unit_seconds", measured["seconds"]) * slowdown
-    if units <= 1 and stage.name != "concepts":
+    if units <= 1 and not stage.units_per_tap:
         return startup + work
     covered = measured.get("images") or calibrated_images
     scaled = work * stage.covered_images(facts) / max(1, covered)
-    parallel = min(workers, done if stage.name == "concepts" else units)
+    parallel = min(workers, done if stage.units_per_tap else units)
     return startup + scaled / parallel
 
 
@@ -437,217 +411,3 @@ def _limits(plan: Plan, out: str | None, worker_memory: int | None) -> list[str]
             found.append(f"the store needs about {fmt_bytes(plan.peak)} at its fullest but {where} has "
                          f"{fmt_bytes(free)} free")
     return found
-
-
-# -- calibration ------------------------------------------------------------------------------------
-
-
-class PeakRSS:
-    """The process's peak resident memory while a block runs, sampled every 20 ms."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def now() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            return 0
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.now())
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self.now()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
-
-
-def _stand_in(config: Config, images: int) -> tuple[Config, list[str]]:
-    """The config with toy-world images at the model's input size in place of a dataset that is
-    not here, and random weights in place of named weights that are not cached here."""
-    from gig_dist.models.loading import is_weights_path, resolve_transform
-
-    notes = []
-    crop = resolve_transform(config).crop
-    update: dict[str, Any] = {"dataset": config.dataset.model_copy(update={
-        "kind": "toy", "path": None, "limit": None, "label_map": "auto",
-        "toy": config.dataset.toy.model_copy(update={"num_images": images, "image_size": min(512, max(16, crop))})})}
-    notes.append(f"calibrated on {images} toy-world images at {crop} px in place of the dataset (not on this machine)")
-    weights = config.model.weights
-    if config.model.name != "toy" and weights not in (None, "shipped") and not is_weights_path(weights):
-        if not _weights_cached(config):
-            update["model"] = config.model.model_copy(update={"weights": None})
-            notes.append(f"calibrated with random weights: {config.model.name} weights {weights} are not cached here")
-    return config.model_copy(update=update), notes
-
-
-def _weights_cached(config: Config) -> bool:
-    from gig_dist.models.loading import resolve_torchvision_weights
-
-    try:
-        url = resolve_torchvision_weights(config.model.name, config.model.weights).url
-    except (ConfigError, ValueError):
-        return False
-    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).exists()
-
-
-def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until: str | None = None,
-                  facts: Facts | None = None) -> dict[str, Any]:
-    """Run every stage on the first ``units`` store units in a temporary store: seconds, peak
-    memory, compressed ratio of every array, and the data-dependent sizes. Where a tap's K
-    needs more samples than the subset has, the calibration fits K = samples / 4 there instead
-    (``k`` records the K each tap was calibrated at)."""
-    from gig_dist.pipeline import make_runtime, prepare
-
-    images = units * config.store.images_per_unit
-    notes: list[str] = []
-    shrunk_taps: list[str] = []
-    if facts is not None:
-        shrunk = dict(config.concepts.k)
-        for tap, (c, h, w) in facts.taps.items():
-            k = concept_count(config, tap, c)
-            samples = images * min(config.sample.per_image, h * w)
-            if k > samples // 4:
-                shrunk[tap] = max(2, samples // 4)
-                shrunk_taps.append(tap)
-        if shrunk_taps:
-            config = config.model_copy(update={"concepts": config.concepts.model_copy(update={"k": shrunk})})
-            notes.append(f"the calibration's {images} images give too few samples for the planned K: it fit "
-                         + ", ".join(f"{tap} K = {shrunk[tap]}" for tap in shrunk_taps)
-                         + "; concepts and decompose times are scaled by the planned K over that, the "
-                           "dictionaries' bytes are the planned K's concept vectors")
-    if stand_in:
-        config, notes = _stand_in(config, images)
-    else:
-        config = config.model_copy(update={"dataset": config.dataset.model_copy(update={"limit": images})})
-    if device == "cuda" and not torch.cuda.is_available():
-        notes.append("--device cuda, but this machine has no CUDA device: calibrated on the CPU")
-        device = "cpu"
-    config = config.model_copy(update={
-        "runtime": config.runtime.model_copy(update={"kind": "local", "device": device, "progress": False}),
-        "report": config.report.model_copy(update={"enabled": False}),
-        # kept, so that their compression is measured (a run deletes them once reduced)
-        "gig": config.gig.model_copy(update={"keep_image_attributions": True})})
-    root = Path(tempfile.mkdtemp(prefix="gig-dist-plan-"))
-    measured: dict[str, Any] = {}
-    baseline = PeakRSS.now()  # a process with torch and gig-dist loaded, before any stage
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prepared = prepare(config, root / "calibration.zarr", until=until)
-        try:
-            runtime = make_runtime(config)
-            for stage_type in stages_until(until):
-                stage = stage_type(config, prepared.store.url, fence=prepared.lease.fence)
-                started = time.perf_counter()
-                with PeakRSS() as rss, warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    report = runtime.run(stage)
-                seconds = time.perf_counter() - started
-                measured[stage.progress_key] = {"seconds": seconds, "units": report.units_run, "peak_rss": rss.peak,
-                                                "images": stage.covered_images(prepared.store.facts),
-                                                # units overlap in stages that run two at once
-                                                "unit_seconds": min(report.unit_seconds, seconds),
-                                                "startup": seconds - min(report.unit_seconds, seconds)}
-        finally:
-            prepared.lease.release()
-        store = RunStore.open(prepared.store.url)
-        dictionary = level_of(config)
-        coverage = {}
-        for stage_type in stages_until(until):
-            stage = stage_type(config, prepared.store.url)
-            share = stage.covered_images(store.facts) / store.facts.num_images
-            coverage.update({path: share for path in store.owned_arrays(stage.progress_key)})
-        described = store.describe_arrays()  # stored bytes of every array: one listing
-        ratios = {}  # stored bytes per raw byte written
-        for path, found in described.items():
-            if "str" in found["dtype"].lower():
-                continue
-            raw = int(np.prod(found["shape"], dtype=np.int64)) * np.dtype(found["dtype"]).itemsize
-            node = store.array(path)
-            written = raw * (coverage.get(path, 1.0) if _per_unit(tuple(node.metadata.dimension_names or ())) else 1.0)
-            if written:
-                ratios[_generic(path, dictionary)] = found["stored_bytes"] / written
-        dictionary_arrays = {_generic(path, dictionary): (found["shape"], found["dtype"])
-                             for path, found in described.items()
-                             if path.startswith(f"concepts/{dictionary}/") and "str" not in found["dtype"].lower()}
-        codes = store.family(CodesSection, dictionary)
-        max_active = {tap: codes.max_active(tap) for tap in codes.taps()}
-        capacity = store.family(AtlasSection, dictionary).capacity()
-        result = {"images": store.num_images, "device": device, "stages": measured, "ratios": ratios,
-                  "threads": torch.get_num_threads(), "baseline_rss": baseline,
-                  "k": {tap: concept_count(config, tap, c) for tap, (c, _, _) in facts.taps.items()} if facts else {},
-                  "max_active": max_active, "units": len(store.facts.units), "notes": notes,
-                  "dictionary_arrays": dictionary_arrays}
-        if capacity is not None:
-            result["crop_capacity"] = capacity
-        return result
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-# -- printing ----------------------------------------------------------------------------------------
-
-
-def render(plan: Plan, arrays: bool = True) -> str:
-    lines = [f"plan: {plan.images:,} images (from {plan.images_from}), {plan.workers} worker(s) on {plan.device}"]
-    for note in plan.notes:
-        lines.append(f"  note: {note}")
-    if plan.problems:
-        lines.append(f"checks: {len(plan.problems)} problem(s); `gig-dist run` would refuse:")
-        lines += [f"  - {p}" for p in plan.problems]
-    else:
-        lines.append("checks: every stage's checks pass")
-    gpu = plan.modelled_seconds is not None
-    header = f"{'stage':<26} {'units':>7} {'raw':>11} {'compressed':>11} {'worker peak':>12} {'driver':>10} {'time':>9}"
-    if gpu:
-        header += f" {'GPU time':>10}"
-        lines.append(f"GPU model: {plan.workers} x {plan.gpu}, {plan.gpu_basis} (gig_dist/cost.py)")
-    lines += ["", header, "-" * len(header)]
-    for s in plan.stages:
-        measured = s.measured.get("peak_rss")
-        bound = "<=" if not plan.widths_measured and any(a.data_dependent for a in s.arrays) else ""
-        lines.append(f"{s.key:<26} {s.units:>7} {bound + fmt_bytes(s.raw):>11} {bound + fmt_bytes(s.compressed):>11} "
-                     f"{fmt_bytes(s.footprint.worker):>12} {fmt_bytes(s.footprint.driver):>10} {fmt_seconds(s.seconds):>9}"
-                     + (f" {fmt_seconds(s.modelled_seconds):>10} ({s.bound_by})" if gpu else "")
-                     + (f"   (calibration: {s.measured['units']} units in {s.measured['seconds']:.1f} s, "
-                        f"peak RSS {fmt_bytes(measured)})" if measured else ""))
-        for name, shape, dtype in s.footprint.dense:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            lines.append(f"    dense  {name} {tuple(shape)} {dtype}: {fmt_bytes(nbytes)}")
-        if arrays:
-            for a in s.arrays:
-                flag = (" (data-dependent width)" if a.data_dependent else "") + \
-                    (" (deleted once reduced)" if a.transient else "")
-                lines.append(f"    {a.path:<48} {str(a.shape):<26} {a.dtype:<8} {fmt_bytes(a.raw):>10} "
-                             f"-> {fmt_bytes(a.compressed):>10}{flag}")
-    lines.append("-" * len(header))
-    total = sum(s.seconds for s in plan.stages if s.seconds is not None) if plan.calibration else None
-    lines.append(f"{'total':<26} {'':>7} {fmt_bytes(plan.raw):>11} {fmt_bytes(plan.compressed):>11} "
-                 f"{'':>12} {'':>10} {fmt_seconds(total):>9}")
-    if gpu:
-        cost = (f", {plan.gpu_hours * plan.price_per_gpu_hour:,.2f} at {plan.price_per_gpu_hour:g} per GPU-hour"
-                if plan.price_per_gpu_hour is not None else " (--price-per-gpu-hour prices it)")
-        lines.append(f"{'GPU total':<26} wall {fmt_seconds(plan.modelled_seconds)} on {plan.workers} GPU(s), "
-                     f"{plan.gpu_hours:,.1f} GPU-hours{cost}; {plan.gpu_basis}")
-    if plan.peak > plan.compressed:
-        lines.append(f"{'at its fullest':<26} {'':>7} {'':>11} {fmt_bytes(plan.peak):>11}   (with the per-source GIG, "
-                     "deleted once reduced unless gig.keep_image_attributions)")
-    if not plan.calibration:
-        lines.append("without --calibrate M (M units of each stage run here first): compressed = raw, no times, and "
-                     "<= marks stages whose array widths depend on the data (an image's active concepts, the "
-                     "atlas's crops per unit), planned at their bounds")
-    for w in plan.warnings:
-        lines.append(f"warning: {w}")
-    return "\n".join(lines)
