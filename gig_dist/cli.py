@@ -135,76 +135,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Insertion/deletion of concepts on the first N attributed images of a run, for each of its
     dictionaries; tables with the dictionary and the ordering as rows."""
-    from gig_dist import pipeline
-    from gig_dist.config import config_from_tree
     from gig_dist.kernels.evaluation import ORDERINGS
-    from gig_dist.stages.evaluate import EvaluateStage, summarize, summarize_ground
-    from gig_dist.store import RunStore
+    from gig_dist.sweep import evaluate_levels
 
-    others = [kv for kv in args.overrides if not kv.split("=", 1)[0].strip().startswith("evaluate.")]
-    if others:
-        raise ConfigError(f"gig-dist evaluate takes only evaluate.* settings, got {', '.join(others)}: the model, the "
-                          "data and the other stages are the run's own (change them with gig-dist run)")
-    store = RunStore.open(args.dir)
-    base = store.manifest.config
-    attributed = [key.split("/")[0] for key, record in store.manifest.stages.items()
-                  if key.endswith("/attribute") and record.finished]
-    # By default the run's own levels; matched and sweep levels (``<name>@...``) when named.
-    dictionaries = args.dicts or [d for d in attributed if "@" not in d] or attributed
-    missing = [d for d in dictionaries if d not in attributed]
-    if missing or not dictionaries:
-        raise ConfigError(f"no finished GIG for dictionar{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} in "
-                          f"{args.dir}; it has {', '.join(attributed) or 'none'} (run gig-dist run -o concepts.method=NAME)"
-                          if missing else f"{args.dir} has no finished GIG yet: run the pipeline first")
-    images = args.images or min(64, base.get("gig", {}).get("images") or store.num_images)
-    taps = [f"evaluate.taps=[{','.join(args.taps)}]"] if args.taps else []
     stream = sys.stderr if args.json else sys.stdout
-    matched = []
-    if args.match:
-        from gig_dist.sweep import match_level, parse_target
-
-        metric, target = parse_target(args.match)
-        plans = []
-        for dictionary in dictionaries:  # every level matched (and validated) before any work
-            print(f"{dictionary}: matching {metric} = {target:g} on each tap's samples", file=stream, flush=True)
-            found = match_level(store, dictionary, metric, target, log=lambda line: print(line, file=stream, flush=True))
-            plans.append((found, config_from_tree(store.manifest.dictionary_config(dictionary), [
-                *found.overrides, f"evaluate.images={images}", "report.enabled=false", *taps, *args.overrides,
-                # a matched level exists to be evaluated: it decomposes and attributes only those images
-                f"decompose.images={images}", f"gig.images={images}"])))
-        for found, config in plans:
-            pipeline.run(config, store.url, until="evaluate", on_plan=lambda decisions, level=found.level: print(
-                f"{level}: " + ", ".join(f"{d.key.split('/')[-1]} {d.action}" for d in decisions if "/" in d.key),
-                file=stream, flush=True))
-            matched.append(found)
-        dictionaries = [found.level for found in matched]
-        store = RunStore.open(args.dir)
-    results, ground, seconds = {}, {}, 0.0
-    for dictionary in dictionaries:
-        # Each dictionary with the settings its level was made with: evaluating one never redoes another.
-        recorded = store.manifest.dictionary_config(dictionary)
-        level = [] if dictionary in store.manifest.dictionaries else [f"concepts.method={dictionary}"]
-        config = config_from_tree(recorded, [*level, f"evaluate.images={images}", "report.enabled=false",
-                                   *taps, *args.overrides])
-        from gig_dist.stages.registry import stages_until as until
-
-        stages = until("evaluate")
-        redo = [d for d in pipeline.decide(RunStore.open(store.url), config, stages)
-                if d.action == "redo" and not d.key.endswith("/evaluate")]
-        if redo:
-            raise ConfigError(f"evaluating {dictionary} would redo {redo[0].key} ({redo[0].reason}); gig-dist evaluate "
-                              "runs only the evaluation: redo the level with gig-dist run -o concepts.method="
-                              f"{dictionary} first")
-        report = pipeline.run(config, store.url, until="evaluate",
-                              on_plan=lambda decisions: print(f"{dictionary}: " + ", ".join(
-                                  f"{d.key.split('/')[-1]} {d.action}" for d in decisions),
-                                  file=sys.stderr if args.json else sys.stdout))
-        seconds += report.stages[-1].seconds
-        done = RunStore.open(store.url)
-        results[dictionary] = summarize(done, dictionary, EvaluateStage(config, store.url).pairs(done.facts), images)
-        ground[dictionary] = summarize_ground(done, dictionary, images, config.evaluate.top_concepts)
-    ground = {d: found for d, found in ground.items() if found is not None}
-    match = _match_table(RunStore.open(args.dir), matched, args.match) if matched else None
+    found = evaluate_levels(args.dir, args.dicts, args.images, args.taps, args.match, args.overrides,
+                            log=lambda line: print(line, file=stream, flush=True))
+    images, results, ground, match = found["images"], found["results"], found["ground_truth"], found.get("match")
+    config, dictionaries, seconds = found["config"], list(found["results"]), found["seconds"]
     if args.json:
         print(json.dumps({"images": images, "steps": config.evaluate.steps, "results": results, "ground_truth": ground,
                           **({"match": match} if match else {})}, indent=2))
@@ -315,24 +253,6 @@ def _print_sweep(rows: list[dict[str, Any]]) -> None:
                  (row["kept"], ".3f"), (seconds.get("concepts"), ".1f"), (seconds.get("decompose"), ".1f"),
                  (seconds.get("attribute"), ".1f")]
         print(f"  {row['level']:<34}" + "".join(f"{_fmt(value, spec):>9}" for value, spec in cells))
-
-
-def _match_table(store, matched, text: str) -> dict[str, Any]:
-    """Per matched level and tap: the parameter chosen, and the l0 and R^2 its codes reached over
-    every decomposed image, against the target."""
-    from gig_dist.sweep import achieved, parse_target
-
-    metric, target = parse_target(text)
-    table = {"metric": metric, "target": target, "levels": {}}
-    for found in matched:
-        reached = achieved(store, found.level, list(found.per_tap))
-        rows = {}
-        for tap, chosen in found.per_tap.items():
-            value = reached[tap]["mean_l0" if metric == "l0" else "r2"]
-            rows[tap] = {**chosen, **reached[tap],
-                         "within_10pct": bool(value is not None and abs(value - target) <= 0.1 * target)}
-        table["levels"][found.level] = {"from": found.source, "method": found.method, "taps": rows}
-    return table
 
 
 def _print_match(match: dict[str, Any]) -> None:

@@ -254,6 +254,97 @@ def run_sweep(url: str, methods: list[str], k_multipliers: list[float], lambdas:
     return levels
 
 
+def evaluate_levels(url: str, dicts: list[str] | None = None, images: int | None = None, taps: list[str] | None = None,
+                    match: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                    log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """``gig-dist evaluate``: insertion/deletion of concepts on the first ``images`` attributed
+    images of a run, for each of its dictionary levels (``dicts``, default the run's own), each
+    refit first to a matched sparsity where ``match`` says (``l0=N``, ``r2=X``). Returns the
+    images, the results and ground truth per level, the match table, the last config and the
+    evaluation's seconds."""
+    from gig_dist import pipeline
+    from gig_dist.stages.evaluate import EvaluateStage, summarize, summarize_ground
+    from gig_dist.stages.registry import stages_until
+
+    others = [kv for kv in overrides if not kv.split("=", 1)[0].strip().startswith("evaluate.")]
+    if others:
+        raise ConfigError(f"gig-dist evaluate takes only evaluate.* settings, got {', '.join(others)}: the model, the "
+                          "data and the other stages are the run's own (change them with gig-dist run)")
+    store = RunStore.open(url)
+    base = store.manifest.config
+    attributed = [key.split("/")[0] for key, record in store.manifest.stages.items()
+                  if key.endswith("/attribute") and record.finished]
+    # By default the run's own levels; matched and sweep levels (``<name>@...``) when named.
+    dictionaries = dicts or [d for d in attributed if "@" not in d] or attributed
+    missing = [d for d in dictionaries if d not in attributed]
+    if missing or not dictionaries:
+        raise ConfigError(f"no finished GIG for dictionar{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} in "
+                          f"{url}; it has {', '.join(attributed) or 'none'} (run gig-dist run -o concepts.method=NAME)"
+                          if missing else f"{url} has no finished GIG yet: run the pipeline first")
+    images = images or min(64, base.get("gig", {}).get("images") or store.num_images)
+    taps = [f"evaluate.taps=[{','.join(taps)}]"] if taps else []
+    matched = []
+    if match:
+        metric, target = parse_target(match)
+        plans = []
+        for dictionary in dictionaries:  # every level matched (and validated) before any work
+            log(f"{dictionary}: matching {metric} = {target:g} on each tap's samples")
+            found = match_level(store, dictionary, metric, target, log=log)
+            plans.append((found, config_from_tree(store.manifest.dictionary_config(dictionary), [
+                *found.overrides, f"evaluate.images={images}", "report.enabled=false", *taps, *overrides,
+                # a matched level exists to be evaluated: it decomposes and attributes only those images
+                f"decompose.images={images}", f"gig.images={images}"])))
+        for found, config in plans:
+            pipeline.run(config, store.url, until="evaluate", on_plan=lambda decisions, level=found.level: log(
+                f"{level}: " + ", ".join(f"{d.key.split('/')[-1]} {d.action}" for d in decisions if "/" in d.key)))
+            matched.append(found)
+        dictionaries = [found.level for found in matched]
+        store = RunStore.open(url)
+    results, ground, seconds = {}, {}, 0.0
+    for dictionary in dictionaries:
+        # Each dictionary with the settings its level was made with: evaluating one never redoes another.
+        recorded = store.manifest.dictionary_config(dictionary)
+        level = [] if dictionary in store.manifest.dictionaries else [f"concepts.method={dictionary}"]
+        config = config_from_tree(recorded, [*level, f"evaluate.images={images}", "report.enabled=false",
+                                   *taps, *overrides])
+        stages = stages_until("evaluate")
+        redo = [d for d in pipeline.decide(RunStore.open(store.url), config, stages)
+                if d.action == "redo" and not d.key.endswith("/evaluate")]
+        if redo:
+            raise ConfigError(f"evaluating {dictionary} would redo {redo[0].key} ({redo[0].reason}); gig-dist evaluate "
+                              "runs only the evaluation: redo the level with gig-dist run -o concepts.method="
+                              f"{dictionary} first")
+        report = pipeline.run(config, store.url, until="evaluate",
+                              on_plan=lambda decisions, dictionary=dictionary: log(f"{dictionary}: " + ", ".join(
+                                  f"{d.key.split('/')[-1]} {d.action}" for d in decisions)))
+        seconds += report.stages[-1].seconds
+        done = RunStore.open(store.url)
+        results[dictionary] = summarize(done, dictionary, EvaluateStage(config, store.url).pairs(done.facts), images)
+        ground[dictionary] = summarize_ground(done, dictionary, images, config.evaluate.top_concepts)
+    ground = {d: found for d, found in ground.items() if found is not None}
+    out = {"images": images, "results": results, "ground_truth": ground, "config": config, "seconds": seconds}
+    if matched:
+        out["match"] = match_table(RunStore.open(url), matched, match)
+    return out
+
+
+def match_table(store, matched, text: str) -> dict[str, Any]:
+    """Per matched level and tap: the parameter chosen, and the l0 and R^2 its codes reached over
+    every decomposed image, against the target."""
+    metric, target = parse_target(text)
+    table = {"metric": metric, "target": target, "levels": {}}
+    for found in matched:
+        reached = achieved(store, found.level, list(found.per_tap))
+        rows = {}
+        for tap, chosen in found.per_tap.items():
+            value = reached[tap]["mean_l0" if metric == "l0" else "r2"]
+            rows[tap] = {**chosen, **reached[tap],
+                         "within_10pct": bool(value is not None and abs(value - target) <= 0.1 * target)}
+        table["levels"][found.level] = {"from": found.source, "method": found.method, "taps": rows}
+    return table
+
+
+
 def sweep_levels(store: RunStore) -> list[str]:
     """The store's sweep points that finished their evaluation, in grid order."""
     found = []
