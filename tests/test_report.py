@@ -81,6 +81,21 @@ def test_a_concept_without_members_says_so(finished, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
+def test_a_tap_whose_atlas_shows_no_part_mass_yet_is_built_without_a_purity_summary(finished, tmp_path, monkeypatch):
+    """An atlas still running (or a level whose members have no part masks) leaves every purity
+    NaN at a tap: the build went on to a median of nothing and crashed."""
+    from gig_dist.store import AtlasSection
+
+    store, _ = finished
+    real = AtlasSection.part_mass
+    monkeypatch.setattr(AtlasSection, "part_mass",
+                        lambda self, tap: real(self, tap) * (np.nan if tap == "layer3.1" else 1))
+    summary = build_report(store.url, tmp_path / "site")
+    page = (summary.site / "tap/layer3.1/p0.html").read_text()
+    assert "purity (share of shown iERF mass" not in page and "<th>purity</th>" in page
+    assert "purity (share of shown iERF mass" in (summary.site / "tap/layer2.1/p0.html").read_text()
+
+
 def test_show_writes_figures_and_names_the_valid_range(finished, tmp_path, capsys):
     store, _ = finished
     assert main(["show", store.url, "--tap", "layer2.1", "--concept", "3", "--out", str(tmp_path / "k.png")]) == 0

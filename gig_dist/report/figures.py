@@ -1,0 +1,148 @@
+"""The report's figures: PNG thumbnails and member strips, the index's plots and evaluation curves
+(matplotlib ``Figure`` objects, never pyplot: building a report in a notebook leaves its backend
+and open figures alone), and the class graphs as SVG (Graphviz ``dot`` where installed, else a
+layered layout of gig-dist's own)."""
+
+from __future__ import annotations
+
+import html
+import io
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gig_dist.report.pages import safe
+
+
+def png(array: np.ndarray, path: Path, scale: int = 1) -> None:
+    picture = Image.fromarray(array)
+    if scale > 1:
+        picture = picture.resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, optimize=False, compress_level=1)
+
+
+def new_figure(size: tuple[float, float] = (4, 3)):
+    """A figure and its one axes, outside pyplot's state."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    return fig, fig.add_subplot()
+
+
+def save_svg(site: Path, name: str, fig, alt: str, caption: str) -> dict[str, str]:
+    """Write ``fig`` as ``img/<name>`` (SVG); what the page's ``figure`` macro shows of it."""
+    buffer = io.StringIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="svg")
+    (site / "img").mkdir(exist_ok=True)
+    (site / "img" / name).write_text(buffer.getvalue())
+    return {"name": name, "alt": alt, "caption": caption}
+
+
+def index_plots(site: Path, stats: dict[str, dict], sizes: dict[str, np.ndarray],
+                gaps: dict[str, np.ndarray]) -> list[dict[str, str]]:
+    """R^2 against l0 per tap, concept sizes and completeness gaps (where there is data)."""
+    figures = []
+    taps = [t for t, found in stats.items() if found.get("r2") is not None]
+    if taps:
+        fig, ax = new_figure()
+        for t in taps:
+            ax.scatter(stats[t]["l0_ratio"], stats[t]["r2"], label=t)
+        ax.set_xlabel("l0 ratio")
+        ax.set_ylabel("R^2")
+        ax.legend(fontsize=7)
+        figures.append(("r2_l0.svg", fig, "R^2 against the l0 ratio per tap"))
+    if sizes:
+        fig, ax = new_figure()
+        for t, u in sizes.items():
+            ax.hist(np.log10(np.maximum(u, 1)), bins=30, histtype="step", label=t)
+        ax.set_xlabel("log10 concept size (PFVs using it)")
+        ax.legend(fontsize=7)
+        figures.append(("sizes.svg", fig, "distribution of concept sizes"))
+    if gaps:
+        fig, ax = new_figure()
+        for key, values in gaps.items():
+            ax.hist(np.log10(values), bins=30, histtype="step", label=key)
+        ax.set_xlabel("log10 relative completeness gap")
+        ax.legend(fontsize=6)
+        figures.append(("gaps.svg", fig, "distribution of completeness gaps"))
+    return [save_svg(site, name, fig, html.escape(caption), html.escape(caption)) for name, fig, caption in figures]
+
+
+def evaluation_curves(site: Path, pair: tuple[str, str], mean: np.ndarray, counts: int) -> dict[str, str]:
+    """A pair's mean insertion (solid) and deletion (dashed) curves per ordering."""
+    from gig_dist.kernels.evaluation import ORDERINGS, fractions
+
+    fig, ax = new_figure()
+    x = fractions(mean.shape[-1] - 1)
+    for o, ordering in enumerate(ORDERINGS):
+        line, = ax.plot(x, mean[0, o], label=ordering)
+        ax.plot(x, mean[1, o], linestyle="--", color=line.get_color())
+    ax.set_xlabel("fraction of the image's concepts")
+    ax.set_title(f"{pair[0]} -> {pair[1]} ({counts})", fontsize=9)
+    ax.legend(fontsize=7)
+    return save_svg(site, f"eval_{safe(pair[0])}__{safe(pair[1])}.svg", fig, f"{pair[0]} to {pair[1]}",
+                    f"{pair[0]} &rarr; {pair[1]}")
+
+
+def class_graph_svg(site: Path, graph: dict[str, Any], class_names: list[str], layout: str) -> tuple[str, str]:
+    """The graph as inline SVG whose nodes are concept thumbnails linking to concept pages, and the
+    layout that drew it (``dot``, or ``layered`` where dot is missing or fails)."""
+    nodes = [(n["tap"], n["concept"]) for n in graph["nodes"]]
+    shared = {(n["tap"], n["concept"]) for n in graph["nodes"] if n.get("shared")}
+    if layout == "dot":
+        lines = ["digraph G {", "rankdir=BT; node [shape=box, label=\"\", fixedsize=true, width=0.7, height=0.8,"
+                 " fontsize=9, imagescale=true];",
+                 f"cls [shape=ellipse, width=1.4, fixedsize=false, label=\"{class_names[graph['class']]}\"];"]
+        for tap, k in nodes:
+            image = site / "img" / safe(tap) / f"t{k}.png"
+            picture = f'image="{image}", ' if image.exists() else ""
+            colour = "orange" if (tap, k) in shared else "gray40"
+            lines.append(f'"{tap}:{k}" [{picture}xlabel="{tap}:{k}", color="{colour}", penwidth=2, '
+                         f'URL="../concept/{safe(tap)}/{k}.html", target="_top", tooltip="{tap}:{k}"];')
+        for edge in graph["edges"]:
+            source = f'"{edge["source"][0]}:{edge["source"][1]}"'
+            target = "cls" if edge["target"][0] == "class" else f'"{edge["target"][0]}:{edge["target"][1]}"'
+            lines.append(f"{source} -> {target} [penwidth={0.5 + 4 * edge.get('relative', 1):.2f}];")
+        lines.append("}")
+        done = subprocess.run(["dot", "-Tsvg"], input="\n".join(lines), capture_output=True, text=True,
+                              cwd=site, check=False)
+        if done.returncode == 0:
+            # dot writes the absolute image paths it was given: relative to the class page instead
+            svg = done.stdout.replace(f"{site / 'img'}/", "../img/")
+            return svg[svg.index("<svg"):], "dot"  # inline: drop the XML prologue
+    return _layered_svg(graph, nodes, shared, class_names), "layered"
+
+
+def _layered_svg(graph, nodes, shared, class_names) -> str:
+    levels = ["class", *graph["taps"]]
+    rows: dict[str, list[tuple[str, int]]] = {tap: [n for n in nodes if n[0] == tap] for tap in graph["taps"]}
+    width = max(1, max(len(r) for r in rows.values())) * 90 + 40
+    position = {("class", graph["class"]): (width / 2, 30)}
+    for level, tap in enumerate(levels[1:], start=1):
+        for i, node in enumerate(rows[tap]):
+            position[node] = ((i + 0.5) * (width / max(len(rows[tap]), 1)), 30 + level * 110)
+    height = 30 + len(levels) * 110
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' xmlns:xlink='http://www.w3.org/1999/xlink' "
+             f"width='{width}' height='{height}'>"]
+    for edge in graph["edges"]:
+        x1, y1 = position[(edge["source"][0], edge["source"][1])]
+        x2, y2 = position[(edge["target"][0], edge["target"][1])]
+        parts.append(f"<line x1='{x1}' y1='{y1}' x2='{x2}' y2='{y2}' stroke='#888' "
+                     f"stroke-width='{0.5 + 4 * edge.get('relative', 1):.2f}'/>")
+    x, y = position[("class", graph["class"])]
+    parts.append(f"<text x='{x}' y='{y}' text-anchor='middle'>{html.escape(class_names[graph['class']])}</text>")
+    for tap, k in nodes:
+        x, y = position[(tap, k)]
+        colour = "orange" if (tap, k) in shared else "#555"
+        parts.append(f"<a xlink:href='../concept/{safe(tap)}/{k}.html' target='_top'><g class='node'>"
+                     f"<rect x='{x - 26}' y='{y - 26}' width='52' height='52' fill='white' stroke='{colour}' "
+                     f"stroke-width='2'/><image xlink:href='../img/{safe(tap)}/t{k}.png' x='{x - 24}' y='{y - 24}' "
+                     f"width='48' height='48'/><text x='{x}' y='{y + 38}' font-size='10' "
+                     f"text-anchor='middle'>{tap}:{k}</text></g></a>")
+    parts.append("</svg>")
+    return "".join(parts)
