@@ -38,8 +38,15 @@ class Run:
 
     def __init__(self, store: RunStore, dictionary: str | None = None) -> None:
         self.store = store
-        self.config = config_model().model_validate(store.manifest.config)
-        self.dictionary = dictionary or level_of(self.config)
+        manifest = store.manifest
+        own = level_of(config_model().model_validate(manifest.config))
+        if dictionary is None and "@" in own:
+            # the last run made a sweep point or a matched level (``<method>@...``): the run's own
+            # level is the first one it made
+            own = next((level for level in manifest.dictionaries if "@" not in level), own)
+        self.dictionary = dictionary or own
+        #: The config the dictionary level was made with.
+        self.config = config_model().model_validate(manifest.dictionary_config(self.dictionary))
         self._loader = None
         self._pfvs = None
 

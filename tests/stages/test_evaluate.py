@@ -548,3 +548,8 @@ def test_sweep_resumes_after_a_kill_and_tabulates_every_point(attributed, tmp_pa
     index = (tmp_path / "site" / "index.html").read_text()
     assert "gig-dist sweep" in index and (tmp_path / "site" / "img" / "sweep.png").stat().st_size > 10_000
     assert index.count("<tr><td>kmeans</td>") == 2 and index.count("<tr><td>bisecting_kmeans</td>") == 2
+    # ... of the run's own level: the sweep ran last, but its levels are not the run's dictionary
+    assert "dictionary bisecting_kmeans</p>" in index
+    from gig_dist import open_run
+
+    assert open_run(url).dictionary == "bisecting_kmeans"
