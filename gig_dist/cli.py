@@ -594,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lambda", dest="lambdas", default="0.025,0.05,0.1", metavar="L1,L2,...",
                        help="decompose.lambda_rel values (default 0.025,0.05,0.1; the SAE takes none)")
     sweep.add_argument("--images", type=int, default=None, metavar="N",
-                       help="images each point decomposes, attributes and evaluates (default 16: the toy sweep of 5 K x 3 lambdas x 2 dictionaries then runs in under an hour on 2 cores)")
+                       help="images each point decomposes, attributes and evaluates (default 16), rounded up to whole store "
+                       "units (store.images_per_unit)")
     sweep.add_argument("--plot", metavar="FILE", help="write the Pareto plots (.png) there")
     sweep.add_argument("--table-only", action="store_true", help="only the table of the points already finished")
     sweep.add_argument("--json", action="store_true")

@@ -243,6 +243,12 @@ def run_sweep(url: str, methods: list[str], k_multipliers: list[float], lambdas:
     store = RunStore.open(url)
     points = sweep_points(methods, k_multipliers, lambdas)
     configs = [point_config(store, *point, images) for point in points]  # every point validated before any work
+    unit = store.facts.images_per_unit
+    covered = min(store.num_images, -(-images // unit) * unit)
+    if covered > images:
+        print(f"each point decomposes and attributes whole store units: {covered} images, not {images} "
+              f"(store.images_per_unit = {unit}; a run made with a smaller unit makes smaller points)", file=out,
+              flush=True)
     levels = []
     for number, (point, config) in enumerate(zip(points, configs), 1):
         level = point_level(*point)

@@ -57,20 +57,23 @@ def index_plots(site: Path, stats: dict[str, dict], sizes: dict[str, np.ndarray]
         ax.legend(fontsize=7)
         figures.append(("r2_l0.svg", fig, "R^2 against the l0 ratio per tap"))
     if sizes:
-        fig, ax = new_figure()
-        for t, u in sizes.items():
-            ax.hist(np.log10(np.maximum(u, 1)), bins=30, histtype="step", label=t)
-        ax.set_xlabel("log10 concept size (PFVs using it)")
-        ax.legend(fontsize=7)
-        figures.append(("sizes.svg", fig, "distribution of concept sizes"))
+        figures.append(("sizes.svg", _log_histograms({t: np.maximum(u, 1) for t, u in sizes.items()},
+                                                    "log10 concept size (PFVs using it)", 7),
+                        "distribution of concept sizes"))
     if gaps:
-        fig, ax = new_figure()
-        for key, values in gaps.items():
-            ax.hist(np.log10(values), bins=30, histtype="step", label=key)
-        ax.set_xlabel("log10 relative completeness gap")
-        ax.legend(fontsize=6)
-        figures.append(("gaps.svg", fig, "distribution of completeness gaps"))
+        figures.append(("gaps.svg", _log_histograms(gaps, "log10 relative completeness gap", 6),
+                        "distribution of completeness gaps"))
     return [save_svg(site, name, fig, html.escape(caption), html.escape(caption)) for name, fig, caption in figures]
+
+
+def _log_histograms(values: dict[str, np.ndarray], xlabel: str, legend_size: int):
+    """One step histogram of log10 values per label, on one axes."""
+    fig, ax = new_figure()
+    for label, found in values.items():
+        ax.hist(np.log10(found), bins=30, histtype="step", label=label)
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=legend_size)
+    return fig
 
 
 def evaluation_curves(site: Path, pair: tuple[str, str], mean: np.ndarray, counts: int) -> dict[str, str]:
