@@ -441,6 +441,11 @@ class RunStore:
     def record(self, key: str) -> StageRecord | None:
         return self.manifest.stages.get(key)
 
+    @staticmethod
+    def is_progress(path: str) -> bool:
+        """Whether an array path is a stage's progress (its units' completion markers)."""
+        return path.startswith("progress/")
+
     def owned_arrays(self, owner: str) -> list[str]:
         """Paths of the arrays ``owner`` (a stage's key) created that are in the store."""
         return sorted(path for path, node in self.nodes.items()

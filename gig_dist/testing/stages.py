@@ -120,7 +120,7 @@ def check_stages(config, workdir: str | os.PathLike[str] | None = None, stages: 
                 f"{name}: {spec.path} is chunked {written}, its spec {spec.shards or spec.chunks}"
             checked.append(spec.path)
         declared = set(stage.declared_arrays(store)) | {spec.path for spec in specs}
-        unnamed = [path for path in owned if path not in declared and not path.startswith("progress/")]
+        unnamed = [path for path in owned if path not in declared and not RunStore.is_progress(path)]
         assert not unnamed, f"{name}: it owns {unnamed}, which neither its specs nor its declared arrays name"
 
         again = pipeline.run(config, whole, until=name)
