@@ -228,23 +228,24 @@ class Run:
                 "kind": str(atlas.read_crops("kind", rows[:1])[0]) if crops is not None and len(rows) else ""}
 
     def show_concept(self, tap: str, concept: int, columns: int = 4):
-        """A figure of a concept: its members' crops, the iERF overlaid, in a grid."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """A figure of a concept: its members' crops, the iERF overlaid, in a grid. A matplotlib
+        ``Figure`` of its own: pyplot's state and the notebook's backend are left as they were
+        (a notebook shows the returned figure; ``fig.savefig(path)`` writes it)."""
+        from matplotlib.figure import Figure
 
         found = self.members(tap, concept)
         n = len(found["image"])
         if found["crop"] is None:
             raise StoreError(f"{self.url} has members but no crops for tap {tap}; run the atlas stage")
         if n == 0:
-            fig, ax = plt.subplots(figsize=(3, 1))
+            fig = Figure(figsize=(3, 1))
+            ax = fig.add_subplot()
             ax.axis("off")
             ax.text(0.5, 0.5, f"{tap}:{concept} has no members\n(no decomposed PFV uses it)", ha="center", va="center")
             return fig
         rows = -(-n // columns)
-        fig, axes = plt.subplots(rows, min(columns, n), figsize=(2 * min(columns, n), 2.3 * rows), squeeze=False)
+        fig = Figure(figsize=(2 * min(columns, n), 2.3 * rows))
+        axes = fig.subplots(rows, min(columns, n), squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
         for j in range(n):
@@ -259,11 +260,10 @@ class Run:
 
     def show_class(self, cls: int | str):
         """A figure of a class's concept graph: concept thumbnails by tap, edges by Gamma (one
-        scale per level), shared concepts framed in orange."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        scale per level), shared concepts framed in orange. A ``Figure`` of its own, as
+        :meth:`show_concept`."""
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
 
         c = self._class_index(cls)
         graph = self.graph(c)
@@ -271,7 +271,8 @@ class Run:
         levels = graph["taps"]
         nodes = {tap: [n for n in graph["nodes"] if n["tap"] == tap] for tap in levels}
         widest = max([len(v) for v in nodes.values()] + [1])
-        fig, ax = plt.subplots(figsize=(max(4, 1.3 * widest), 1.6 * (len(levels) + 1)))
+        fig = Figure(figsize=(max(4, 1.3 * widest), 1.6 * (len(levels) + 1)))
+        ax = fig.add_subplot()
         ax.axis("off")
         where = {("class", c): (widest / 2, len(levels))}
         for level, tap in enumerate(levels):
@@ -291,7 +292,7 @@ class Run:
                     ax.imshow(atlas.thumbs(tap, node["concept"]), extent=(x - 0.35, x + 0.35, y - 0.35, y + 0.35),
                               zorder=2, interpolation="nearest")
                 colour = "orange" if node.get("shared") else "0.3"
-                ax.add_patch(plt.Rectangle((x - 0.36, y - 0.36), 0.72, 0.72, fill=not rendered, facecolor="white",
+                ax.add_patch(Rectangle((x - 0.36, y - 0.36), 0.72, 0.72, fill=not rendered, facecolor="white",
                                            edgecolor=colour, linewidth=2, zorder=2))
                 ax.text(x, y - 0.48, f"{tap}:{node['concept']}", ha="center", fontsize=7)
         ax.set_xlim(-0.2, widest + 0.2)

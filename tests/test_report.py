@@ -96,6 +96,26 @@ def test_a_tap_whose_atlas_shows_no_part_mass_yet_is_built_without_a_purity_summ
     assert "purity (share of shown iERF mass" in (summary.site / "tap/layer2.1/p0.html").read_text()
 
 
+def test_show_figures_leave_a_notebooks_backend_and_pyplot_alone(finished):
+    """A notebook's backend is not Agg: switching it silently stopped its ordinary plots."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from gig_dist import open_run
+
+    store, _ = finished
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for a notebook's inline backend
+    try:
+        figures = plt.get_fignums()
+        run = open_run(store.url)
+        concept, graph = run.show_concept("layer2.1", 3), run.show_class(0)
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
+        assert len(concept.axes) >= 1 and len(graph.axes) == 1
+    finally:
+        matplotlib.use(before)
+
+
 def test_show_writes_figures_and_names_the_valid_range(finished, tmp_path, capsys):
     store, _ = finished
     assert main(["show", store.url, "--tap", "layer2.1", "--concept", "3", "--out", str(tmp_path / "k.png")]) == 0
