@@ -16,6 +16,7 @@ from gig_dist.kernels.lasso import NonNegativeLassoCoder, objective
 from gig_dist.stages.base import UnitFailed
 from gig_dist.store import (
     CodesSection,
+    ConceptsSection,
     ImageRange,
     MetaSection,
     RunStore,
@@ -57,7 +58,7 @@ def test_concepts_are_unit_centroids_of_the_samples_with_their_split_tree(run):
         assert len(tree["parent"]) == 2 * k - 1 and tree["size"][0] == len(samples)
         leaves = tree["leaf"] >= 0
         assert np.array_equal(tree["size"][leaves][np.argsort(tree["leaf"][leaves])], size)
-        fit = run.concepts(D).fit(tap)
+        fit = run.family(ConceptsSection, D).fit(tap)
         assert fit["k"] == k and fit["samples"] == len(samples)
         assert fit["inertia"] == pytest.approx(tree["inertia"][leaves].sum())
         assert fit["inertia"] == pytest.approx(
@@ -65,14 +66,14 @@ def test_concepts_are_unit_centroids_of_the_samples_with_their_split_tree(run):
 
 
 def test_codes_are_the_lasso_solution_of_every_pfv_and_the_summary_recomputes(run):
-    for tap in run.codes(D).taps():
-        V = run.concepts(D).vectors(tap)
+    for tap in run.family(CodesSection, D).taps():
+        V = run.family(ConceptsSection, D).vectors(tap)
         k, channels = V.shape
         error = norm = l0 = count = 0.0
         total = np.zeros(channels)
         for r in run.units():
             pfvs = run.family(MetaSection).read_pfvs(tap, r).astype(np.float32)
-            index, value = run.codes(D).read(tap, r)
+            index, value = run.family(CodesSection, D).read(tap, r)
             assert index.shape[:2] == pfvs.shape[:2] and index.shape[2] == 32
             assert ((index >= -1) & (index < k)).all() and (value >= 0).all() and (value[index < 0] == 0).all()
             assert (np.diff(value, axis=2) <= 0).all()  # slots by decreasing value
@@ -91,7 +92,7 @@ def test_codes_are_the_lasso_solution_of_every_pfv_and_the_summary_recomputes(ru
             lam = coder.penalties(x[:200])
             ours = objective(x[:200], V, dense[:200], lam)
             assert np.allclose(ours, objective(x[:200], V, coder.transform(x[:200]), lam), rtol=1e-5)
-        summary = run.codes(D).summary(tap, k)
+        summary = run.family(CodesSection, D).summary(tap, k)
         mean = total / count
         assert summary["pfvs"] == count and summary["mean_l0"] == pytest.approx(l0 / count)
         assert summary["l0_ratio"] == pytest.approx(l0 / count / k)

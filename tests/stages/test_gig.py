@@ -359,7 +359,7 @@ def test_matrices_above_the_dense_limit_are_stored_sparse_with_the_same_values(r
     report = pipeline.run(toy_config(PAIRS, "gig.images=16", KEEP, "gig.dense_matrix_mib=0"), url)
     actions = {d.key.split("/")[-1]: d.action for d in report.decisions}
     assert actions["attribute"] == "keep" and actions["reduce"] == "redo"
-    store, gig, dense_gig = RunStore.open(str(url)), RunStore.open(str(url)).gig("bisecting_kmeans"), reference.family(GIGSection, "bisecting_kmeans")
+    store, gig, dense_gig = RunStore.open(str(url)), RunStore.open(str(url)).family(GIGSection, "bisecting_kmeans"), reference.family(GIGSection, "bisecting_kmeans")
     pairs = [tuple(p["pair"]) for p in dense_gig.summary().values()]
     assert len(pairs) == 3
     for pair in pairs:
