@@ -12,8 +12,10 @@ channels-last (N, C, H, W) tap is already laid out as PFVs (N, H*W, C), so no tr
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from gig_dist.models.loading import resolve_transform, weights_digest
@@ -32,7 +34,7 @@ from gig_dist.stages.forward import (
     forward_why,
     resolve_device,
 )
-from gig_dist.store import SKIPPED, ArraySpec, Facts, ImageRange, MetaSection
+from gig_dist.store import SKIPPED, ArraySpec, Facts, ImageRange, MetaSection, RunStore
 from gig_dist.store.meta import extraction_specs
 
 if TYPE_CHECKING:
@@ -78,8 +80,34 @@ class ExtractStage(Stage):
     def footprint(self, facts: Facts, sizes: Sizes) -> Footprint:
         return Footprint(forward_bytes(self.config, facts), why=forward_why(self.config))
 
+    def finish(self, store: RunStore) -> None:
+        """Warn when the predictions collapse onto a few outputs (random weights, a wrong
+        transform): every later result would then be about those outputs alone."""
+        predicted, labelled = store.family(MetaSection).prediction_counts()
+        said = prediction_collapse(predicted, labelled, store.facts.class_names)
+        if said:
+            warnings.warn(said, stacklevel=2)
+
     def open_worker(self, device: str) -> ExtractWorker:
         return ExtractWorker(self, resolve_device(device))
+
+
+def prediction_collapse(predicted: np.ndarray, labelled: np.ndarray, names: list[str] | tuple[str, ...] = (),
+                        share: float = 0.8, images: int = 16) -> str | None:
+    """What to say when one output takes at least ``share`` of the predictions of at least
+    ``images`` processed images while their labels (where they name outputs) spread over more
+    classes than that; None when the predictions look like a working model's."""
+    n = int(predicted.sum())
+    if n < images or predicted.max() < share * n:
+        return None
+    top = int(predicted.argmax())
+    if labelled.sum() and labelled.max() >= share * labelled.sum():
+        return None  # the labels are as one-sided: nothing collapsed
+    name = f" ({names[top]})" if top < len(names) else ""
+    spread = (f", while their labels span {int((labelled > 0).sum())} classes" if labelled.sum() else "")
+    return (f"predictions collapse: {int(predicted[top])} of {n} processed images are predicted as output {top}{name}"
+            f"{spread}. Random weights (model.weights) or a wrong transform (transform.*)? Concepts, GIG and the "
+            "class graphs would describe that one output.")
 
 
 class ExtractWorker(StageWorker):

@@ -178,6 +178,21 @@ class MetaSection:
             labels = np.where(labels >= 0, labels, self.store.array("meta/prediction")[r.start : r.stop])
         return labels
 
+    def prediction_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Processed images per predicted output, and per dataset label (labels that index no
+        output, or none, left out), one unit at a time."""
+        outputs = self.store.facts.num_outputs
+        predicted, labelled = np.zeros(outputs, dtype=np.int64), np.zeros(outputs, dtype=np.int64)
+        for r, status in self.iter_status():
+            _, prediction = self.read_status(r)
+            _, labels = self.read_index(r)
+            done = status == PROCESSED
+            predicted += np.bincount(prediction[done & (prediction >= 0)], minlength=outputs)[:outputs]
+            labels = np.asarray(labels, dtype=np.int64)
+            known = done & (labels >= 0) & (labels < outputs)
+            labelled += np.bincount(labels[known], minlength=outputs)[:outputs]
+        return predicted, labelled
+
     def class_counts(self, limit: int | None = None) -> np.ndarray:
         """Processed images per class among the first ``limit`` images (all: ``None``), one unit
         at a time; see :meth:`image_classes`."""

@@ -323,3 +323,31 @@ def test_a_run_gives_the_callers_torch_thread_count_back(tmp_path):
     pipeline.run(toy_config("dataset.toy.num_images=8", f"runtime.torch_threads={max(1, before - 1) if before > 1 else 2}"),
                  tmp_path / "run.zarr", until="extract")
     assert torch.get_num_threads() == before
+
+
+def test_predictions_that_collapse_onto_one_output_are_warned(tmp_path):
+    """The toy model with random weights predicts one class for every image: the run says so
+    (it went on silently, and the report wrote a page per class, all but one empty)."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"predictions collapse: 32 of 32 processed images are predicted as output "
+                                         r"\d \(\w+\), while their labels span 8 classes"):
+        pipeline.run(toy_config("dataset.toy.num_images=32", "model.weights=none"), tmp_path / "random.zarr",
+                     until="extract")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipeline.run(toy_config("dataset.toy.num_images=32"), tmp_path / "trained.zarr", until="extract")
+    assert not [w for w in caught if "collapse" in str(w.message)]
+
+
+@pytest.mark.fast
+def test_the_collapse_rule_needs_enough_images_and_diverse_labels():
+    from gig_dist.stages.extract import prediction_collapse
+
+    one = np.array([0, 20, 0, 0])
+    assert prediction_collapse(one, np.array([5, 5, 5, 5]), ["a", "b", "c", "d"]).startswith(
+        "predictions collapse: 20 of 20 processed images are predicted as output 1 (b), while their labels span 4")
+    assert prediction_collapse(one, np.zeros(4, dtype=int)) is not None  # no labels: the predictions alone
+    assert prediction_collapse(one, np.array([0, 19, 1, 0])) is None  # the labels are as one-sided
+    assert prediction_collapse(np.array([0, 8, 0, 0]), np.array([2, 2, 2, 2])) is None  # too few images to say
+    assert prediction_collapse(np.array([5, 6, 5, 4]), np.array([5, 5, 5, 5])) is None
