@@ -355,7 +355,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, stage in summary["stages"].items():
         state = "complete" if stage["complete"] else "incomplete"
         stale = f"  stale: {', '.join(stage['stale'])} was redone since" if stage["stale"] else ""
-        print(f"  {name:<28} {state:<10} {stage['units_done']}/{stage['units']} units{stale}")
+        asked = (f" ({stage['coverage_key']} = {stage['coverage']} asks for {stage['units_covered']})"
+                 if "units_covered" in stage else "")
+        print(f"  {name:<28} {state:<10} {stage['units_done']} of {stage['units']} units done{asked}{stale}")
         for what, method in summary["methods"].get(name, {}).items():
             print(f"  {'':<28} {what}: {method}")
         for what, value in summary["summaries"].get(name, {}).items():
@@ -407,8 +409,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                         if g.get("mean_gap") is not None else "no targets")
                 if g.get("mean_kept") is not None:
                     gaps += f"  kept {g['mean_kept']:.3f} (median {g['median_kept']:.3f})"
+                per = f" ({g['targets'] / g['images']:.0f} per image)" if g["images"] else ""
                 print(f"    {source} -> {target:<10} matrix {tuple(g['matrix'])}  {g['images']} images, "
-                      f"{g['targets']} targets, {g['steps']} steps ({g['rule']})  {gaps}")
+                      f"{g['targets']} image-target pairs{per}, {g['steps']} steps ({g['rule']})  {gaps}")
                 if g.get("steps_used"):
                     before = g["gap_before"]
                     used = ", ".join(f"{count} at {steps}" for steps, count in g["steps_used"].items())

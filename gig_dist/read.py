@@ -323,8 +323,29 @@ def stage_states(store) -> dict[str, dict[str, Any]]:
         done = store.done_units(key)
         stale = [k for k, fp in record.upstream.items() if k not in records or records[k].fingerprint != fp]
         states[key] = {"complete": bool(record.finished and record.fingerprint), "units_done": int(done.sum()),
-                       "units": record.units, "stale": stale}
+                       "units": record.units, "stale": stale, **_coverage(store, key)}
     return states
+
+
+def _coverage(store, key: str) -> dict[str, Any]:
+    """Where a stage's coverage key asks for fewer units than it has (``gig.images``): the key,
+    its value and the units it asks for."""
+    from gig_dist.stages import registry
+
+    level, _, name = key.rpartition("/")
+    try:
+        stage_type = registry.by_name(name)
+    except KeyError:  # a stage this code does not register
+        return {}
+    if stage_type.coverage_key is None:
+        return {}
+    config = config_model().model_validate(store.manifest.dictionary_config(level) if level else store.manifest.config)
+    stage = stage_type(config, store.url)
+    covered = len(stage.covered_units(store.facts))
+    if covered >= store.manifest.stages[key].units:
+        return {}
+    return {"coverage_key": stage_type.coverage_key, "coverage": stage_type.coverage_value(config),
+            "units_covered": covered}
 
 
 def stage_summaries(store) -> dict[str, dict[str, Any]]:

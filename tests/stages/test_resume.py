@@ -131,3 +131,19 @@ def test_a_per_tap_lambda_is_in_the_fingerprint():
 
     assert DecomposeStage.key_values(toy_config("decompose.lambda_rel={layer3.1: 0.3}"))[
         "decompose.lambda_rel.layer3.1"] == 0.3
+
+
+def test_inspect_says_what_its_unit_and_target_counts_count(first_run, capsys):
+    """"attribute complete 2/4 units" read as half done, and "16 targets" as per image: the
+    counts now say what they count."""
+    from gig_dist.cli import main
+
+    assert main(["inspect", str(first_run)]) == 0
+    shown = capsys.readouterr().out
+    # 2 pairs (GIG_LIGHT's default pairs) x 2 units of 16 images planned; gig.images = 16 asks for the first
+    assert f"{D}/attribute" in shown
+    line = next(line for line in shown.splitlines() if f"{D}/attribute " in line)
+    assert "complete" in line and "units done (gig.images = 16 asks for" in line, line
+    assert "image-target pairs (4 per image)" in shown  # GIG_LIGHT: 4 targets per image
+    extract = next(line for line in shown.splitlines() if line.strip().startswith("extract "))
+    assert "2 of 2 units done" in extract and "asks for" not in extract, extract
