@@ -157,19 +157,19 @@ class Run:
                             name=f"{tap} concepts")
 
     def gamma(self, source: str, target: str) -> xr.DataArray:
-        """The dataset GIG matrix Gamma^(source -> target): (``<source> concept``, ``<target>
-        concept``) or (``<source> concept``, ``class``) with the class names as coordinates.
-        A matrix stored sparse (``gig.dense_matrix_mib``) is read dense here; :meth:`gamma_sparse`
-        reads it as it is stored."""
+        """The dataset GIG matrix Gamma^(source -> target): (``source_concept``,
+        ``target_concept``), or (``source_concept``, ``class``) with the class names as a
+        coordinate; the taps are its ``source`` and ``target`` attributes. A matrix stored sparse
+        (``gig.dense_matrix_mib``) is read dense here; :meth:`gamma_sparse` reads it as it is stored."""
         matrix = self.store.family(GIGSection, self.dictionary).read_matrix((source, target))
-        rows = f"{source} concept"
+        attrs = {"source": source, "target": target}
         if target == LOGITS:
-            return xr.DataArray(matrix, dims=(rows, "class"), name=f"Gamma {source} -> classes",
-                                coords={rows: np.arange(matrix.shape[0]), "class": np.arange(matrix.shape[1]),
-                                        "class_name": ("class", self.class_names[: matrix.shape[1]])})
-        columns = f"{target} concept"
-        return xr.DataArray(matrix, dims=(rows, columns), name=f"Gamma {source} -> {target}",
-                            coords={rows: np.arange(matrix.shape[0]), columns: np.arange(matrix.shape[1])})
+            return xr.DataArray(matrix, dims=("source_concept", "class"), name=f"Gamma {source} -> classes",
+                                coords={"source_concept": np.arange(matrix.shape[0]), "class": np.arange(matrix.shape[1]),
+                                        "class_name": ("class", self.class_names[: matrix.shape[1]])}, attrs=attrs)
+        return xr.DataArray(matrix, dims=("source_concept", "target_concept"), name=f"Gamma {source} -> {target}",
+                            coords={"source_concept": np.arange(matrix.shape[0]),
+                                    "target_concept": np.arange(matrix.shape[1])}, attrs=attrs)
 
     def gamma_sparse(self, source: str, target: str) -> Any:
         """Gamma^(source -> target) as a ``scipy.sparse.csr_array`` (rows: source concepts),

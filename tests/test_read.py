@@ -48,9 +48,11 @@ def test_open_run_returns_what_the_store_holds(run_url):
     # Concepts, Gamma with named axes, class graphs.
     assert np.array_equal(run.concepts("layer3.1").values, raw[f"concepts/{D}/layer3.1/vector"][...])
     gamma = run.gamma("layer3.1", "logits")
-    assert gamma.dims == ("layer3.1 concept", "class") and list(gamma.class_name.values) == run.class_names
+    assert gamma.dims == ("source_concept", "class") and list(gamma.class_name.values) == run.class_names
     assert np.array_equal(gamma.values, raw[f"gig/{D}/layer3.1__logits/matrix"][...])
-    assert run.gamma("layer2.1", "layer3.1").dims == ("layer2.1 concept", "layer3.1 concept")
+    between = run.gamma("layer2.1", "layer3.1")  # names without spaces; the taps as attributes
+    assert between.dims == ("source_concept", "target_concept")
+    assert (between.attrs["source"], between.attrs["target"]) == ("layer2.1", "layer3.1")
     assert run.graph(run.class_names[2]) == run.graph(2) and run.graph(2)["class"] == 2
 
 
@@ -79,4 +81,4 @@ def test_the_guides_notebook_example_and_the_readmes_run(run_url, monkeypatch):
     example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)
-    assert namespace["run"].gamma("layer3.1", "logits").dims[0].endswith("concept")
+    assert namespace["run"].gamma("layer3.1", "logits").dims == ("source_concept", "class")
