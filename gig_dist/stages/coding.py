@@ -134,4 +134,28 @@ def sample_count_errors(config: Config, facts: Facts, samples: dict[str, int], b
                 "clusters (raise sample.per_image or lower concepts.k_multiplier)",
                 stacklevel=3,
             )
+    if errors and len(samples) > 1:
+        errors[-1] += "\n  " + combined_fix(config, facts)
     return errors
+
+
+def combined_fix(config: Config, facts: Facts, members: int = 10) -> str:
+    """One setting that passes every tap's check at once, with ``members`` samples per concept
+    where a tap has the positions for it: ``sample.per_image`` raised as far as the taps that
+    need it allow, and ``concepts.k`` for the taps that still have too few samples."""
+    n = max(facts.num_images, 1)
+    wanted = {tap: concept_count(config, tap, c) for tap, (c, _, _) in facts.taps.items()}
+    positions = {tap: h * w for tap, (_, h, w) in facts.taps.items()}
+    need = {tap: math.ceil(members * k / n) for tap, k in wanted.items()}
+    per_image = max(config.sample.per_image, min(max(need.values()), max(positions.values())))
+    k = {}
+    for tap, want in wanted.items():
+        samples = n * min(per_image, positions[tap])
+        if want * members > samples:
+            k[tap] = max(2, samples // members)
+    parts = [f"-o sample.per_image={per_image}"] if per_image != config.sample.per_image else []
+    if k:
+        parts.append("-o 'concepts.k={" + ", ".join(f"{tap}: {value}" for tap, value in {**config.concepts.k, **k}.items())
+                     + "}'")
+    return (f"all taps at once: {' '.join(parts)} passes every tap's check with at least {members} samples per concept "
+            f"({n} images x min(sample.per_image, positions) samples per tap)")

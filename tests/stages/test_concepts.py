@@ -136,6 +136,17 @@ def test_more_concepts_than_samples_is_refused_before_any_work(tmp_path):
             "= 24, 256 positions)); use sample.per_image >= 26 or concepts.k_multiplier <= 7.5 or "
             "concepts.k={layer2.0: 960}") in message
     assert "tap layer3.1: K = 2048" in message and "layer1.0" not in message
+    # ... and one setting for all of them, which passes every check (the per-tap proposals
+    # conflicted: no per_image gives layer3.1's 8 x 8 positions K = 2048 samples)
+    together = message.splitlines()[-1]
+    assert together == ("  all taps at once: -o sample.per_image=512 -o 'concepts.k={layer3.0: 256, layer3.1: 256}' passes "
+                        "every tap's check with at least 10 samples per concept (40 images x min(sample.per_image, "
+                        "positions) samples per tap)"), together
+    from gig_dist.plan import make_plan
+
+    plan = make_plan(toy_config("concepts.k_multiplier=8", "sample.per_image=512",
+                                "concepts.k={layer3.0: 256, layer3.1: 256}"))
+    assert plan.problems == [] and not [w for w in plan.warnings if "members per concept" in w]
 
 
 def test_the_sample_count_check_counts_the_positions_a_tap_has(tmp_path):
