@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -9,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from gig_dist.formatting import fmt_seconds
 from gig_dist.stages.base import Stage, UnitFailed
 from gig_dist.stages.driver import close_stage, execute_unit, open_stage
 from gig_dist.store import LeaseLost, RunStore
@@ -40,6 +43,28 @@ class StageReport:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+def _projecting(stage: Stage, update, total: int, began: float, out=None):
+    """``update`` of the progress bar, which also prints, once the first piece of a long stage's
+    work is done, the time the rest projects to (the stage declares ``projection_hint``)."""
+    if stage.projection_hint is None:
+        return update
+    lock, told = threading.Lock(), threading.Event()  # units run in threads: one line, whichever reports first
+
+    def counted(n: int) -> None:
+        update(n)
+        with lock:
+            if told.is_set():
+                return
+            told.set()
+            took = time.perf_counter() - began
+            left = total - n
+            print(f"{stage.name}: the first {n} {stage.unit_noun} took {fmt_seconds(took)}; the {left} left project to "
+                  f"about {fmt_seconds(took / max(n, 1) * left)} in this process ({stage.projection_hint})",
+                  file=out or sys.stderr, flush=True)
+
+    return counted
+
+
 class LocalRuntime:
     def __init__(self, device: str = "auto", progress: bool = True, torch_threads: int | None = None) -> None:
         self.device = device
@@ -64,11 +89,10 @@ class LocalRuntime:
             except BaseException:
                 torch.set_num_threads(threads_before)
                 raise
-            bar = tqdm(
-                total=sum(stage.work(u, store.facts) for u in pending), unit=stage.unit_noun,
-                desc=stage.name, disable=not self.progress,
-                dynamic_ncols=True,
-            )
+            total = sum(stage.work(u, store.facts) for u in pending)
+            bar = tqdm(total=total, unit=stage.unit_noun, desc=stage.name, disable=not self.progress,
+                       dynamic_ncols=True)
+            update = _projecting(stage, bar.update, total, time.perf_counter())
             # Up to `worker_concurrency` units at once, so one unit's writes overlap the next one's compute.
             concurrency = stage.worker_concurrency
             pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"gig-dist-{stage.name}")
@@ -77,7 +101,7 @@ class LocalRuntime:
                 while queue or in_flight:
                     while queue and len(in_flight) < concurrency:
                         unit = queue.pop()
-                        future = pool.submit(execute_unit, worker, store, unit, bar.update)
+                        future = pool.submit(execute_unit, worker, store, unit, update)
                         units[future] = unit
                         in_flight.add(future)
                     finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)

@@ -71,6 +71,7 @@ class AttributeStage(Stage):
     version = 3
     #: The refinement (added after stores were made) counts only while gig.max_gap is set.
     later_keys = {"gig.max_gap": (None, ("gig.max_steps", "gig.atol"))}
+    projection_hint = "gig.images, gig.targets, gig.steps and gig.pairs shrink it"
     unit_noun = "image-pairs"  # an image of one pair (times its step and target chunks, when split)
 
     @classmethod

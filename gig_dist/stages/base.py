@@ -228,6 +228,9 @@ class Stage(ABC):
     #: scales with the samples, its taps spread over the workers) rather than per image unit.
     linear_in_k: ClassVar[bool] = False
     units_per_tap: ClassVar[bool] = False
+    #: The settings that shrink its time, named in the projection the runtime prints once its
+    #: first piece of work is done (None: no projection; for the stages that take hours).
+    projection_hint: ClassVar[str | None] = None
     #: Its store family: the class that owns the paths, reads and writes of what it stores,
     #: reached as ``store.family(<family>[, level])`` (``family_of`` below).
     family: ClassVar[type | None] = None

@@ -4,6 +4,7 @@ for. (A stage added from outside: test_added_stage.py.)"""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -147,3 +148,16 @@ def test_inspect_says_what_its_unit_and_target_counts_count(first_run, capsys):
     assert "image-target pairs (4 per image)" in shown  # GIG_LIGHT: 4 targets per image
     extract = next(line for line in shown.splitlines() if line.strip().startswith("extract "))
     assert "2 of 2 units done" in extract and "asks for" not in extract, extract
+
+
+def test_attribution_projects_its_time_once_its_first_image_pair_is_done(first_run, tmp_path, capsys):
+    """GIG on a real model runs for hours; the run said nothing of it until it ended."""
+    run = tmp_path / "copy.zarr"
+    shutil.copytree(first_run, run)
+    pipeline.run(toy_config(*BASE[:1], "gig.images=32"), run, until="attribute")
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attribute: the first")]
+    assert len(said) == 1, said
+    # 5 pairs x the second unit of 16 images: 80 image-pairs, the first one timed
+    assert re.fullmatch(r"attribute: the first 1 image-pairs took [0-9.]+ (ms|s); the 79 left project to about [0-9.]+ "
+                        r"(ms|s|min) in this process \(gig.images, gig.targets, gig.steps and gig.pairs shrink it\)",
+                        said[0]), said[0]
