@@ -39,20 +39,37 @@ def _browser(page: Path, *extra: str) -> subprocess.CompletedProcess:
                            page.as_uri()], capture_output=True, text=True, timeout=120)
 
 
-def test_every_link_and_image_of_the_site_resolves(finished):
-    store, summary = finished
-    site = summary.site
-    assert summary.missing == [] and summary.pages > 10
-    pages = list(site.rglob("*.html"))
+def _links_resolve(site: Path) -> int:
+    """Every link and image of the site is a file of the site; how many were checked."""
     checked = 0
-    for page in pages:
+    for page in site.rglob("*.html"):
         text = page.read_text()
         for target in re.findall(r"""(?:href|src|xlink:href)=['"]([^'"#]+)['"]""", text):
             if target.startswith(("http:", "https:", "data:", "javascript:")):
                 pytest.fail(f"{page} refers outside the site: {target}")
             assert (page.parent / target).resolve().is_file(), (page, target)
             checked += 1
-    assert checked > 100
+    return checked
+
+
+def test_every_link_and_image_of_the_site_resolves(finished):
+    store, summary = finished
+    assert summary.missing == [] and summary.pages > 10
+    assert _links_resolve(summary.site) > 100
+
+
+def test_classes_without_attributed_images_get_no_page_and_no_link(tmp_path):
+    """A model of 1,000 classes and 32 attributed images gave 1,000 class pages, most of them
+    empty, and the index linked them all."""
+    url = pipeline.run(toy_config("dataset.toy.num_images=8", "store.images_per_unit=4", "store.images_per_chunk=4",
+                                  "gig.images=4", "report.enabled=false"), tmp_path / "run.zarr").url
+    summary = build_report(url, tmp_path / "site")
+    pages = sorted(int(p.stem) for p in (summary.site / "class").glob("*.html"))
+    # the classes of the 4 attributed images (the interleaved toy world: 4 distinct ones)
+    assert pages == sorted(set(zgroup(url)["meta/label"][:4].tolist())) and len(pages) == 4
+    index = (summary.site / "index.html").read_text()
+    assert "4 of the model's 8 classes have no attributed image (gig.images): no graph, no page" in index
+    assert _links_resolve(summary.site) > 20
 
 
 @pytest.mark.parametrize("page", ["index.html", "concept/layer3.1/0.html", "class/0.html", "tap/layer3.1/p0.html"])

@@ -64,6 +64,9 @@ class Report:
         self.taps = [t for t in self.store.taps if self.concepts.has(t)] if self.dictionary in self.store.dictionaries() else []
         self.rendered = [t for t in self.taps if t in self.atlas.taps() and self.atlas.has_render(t)]
         self.purity: dict[str, dict[str, Any]] = {}
+        #: The class graphs, and the classes with attributed images (the ones that get a page;
+        #: None: no graphs yet, every class is linked as before).
+        self.graphs, self.attributed = self._read_graphs()
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -91,7 +94,20 @@ class Report:
         return f"<a href='{up}concept/{safe(tap)}/{k}.html'>{thumb} {html.escape(label or f'{tap}:{k}')}</a>"
 
     def class_link(self, c: int, depth: int) -> str:
+        if self.attributed is not None and c not in self.attributed:  # no page: no attributed image
+            return html.escape(self.class_names[c])
         return f"<a href='{'../' * depth}class/{c}.html'>{html.escape(self.class_names[c])}</a>"
+
+    def _read_graphs(self) -> tuple[dict[int, dict[str, Any]], list[int] | None]:
+        if not self.gig.has_graphs():
+            return {}, None
+        graphs = {}
+        for c in range(len(self.class_names)):
+            try:
+                graphs[c] = self.gig.read_graph(c)
+            except StoreError:  # not built yet
+                return {}, None
+        return graphs, [c for c, graph in graphs.items() if graph.get("images", 1)]
 
     # -- build ------------------------------------------------------------------------------------------
 
@@ -253,15 +269,13 @@ class Report:
         if not self.gig.has_graphs():
             self.summary.missing.append("class graphs (run the graphs stage)")
             return
+        if self.attributed is None:
+            self.summary.missing.append("class graphs (not built yet)")
+            return
         self.layout = "dot" if shutil.which("dot") else "layered"
         self.summary.graph_layout = self.layout
-        for c in range(len(self.class_names)):
-            try:
-                graph = self.gig.read_graph(c)
-            except StoreError:
-                self.summary.missing.append("class graphs (not built yet)")
-                return
-            self.build_class(c, graph)
+        for c in self.attributed:  # a class without attributed images has an empty graph: no page
+            self.build_class(c, self.graphs[c])
 
     def build_class(self, c: int, graph: dict[str, Any]) -> None:
         title = f"class {c}: {self.class_names[c]}"
@@ -301,7 +315,8 @@ class Report:
             recall=part_recall(self.purity) if self.purity else None,
             gig=[{"mean_gap": None, "median_gap": None, "mean_kept": None, **g} for g in gig.values()],
             stages=stages, plots=self._plots(stats, gig), evaluation=self._evaluation(), sweep=self._sweep(),
-            panels=self._panels(), classes=range(len(self.class_names)) if self.gig.has_graphs() else [],
+            panels=self._panels(), classes=self.attributed or [],
+            unattributed=len(self.class_names) - len(self.attributed) if self.attributed is not None else 0,
             config=yaml.safe_dump(store.manifest.config, sort_keys=False))
 
     def _plots(self, stats: dict[str, dict], gig: dict[str, dict]) -> list[dict[str, str]]:
