@@ -271,16 +271,21 @@ class Run:
         levels = graph["taps"]
         nodes = {tap: [n for n in graph["nodes"] if n["tap"] == tap] for tap in levels}
         widest = max([len(v) for v in nodes.values()] + [1])
-        fig = Figure(figsize=(max(4, 1.3 * widest), 1.6 * (len(levels) + 1)))
+        fig = Figure(figsize=(max(4, 1.3 * widest), 2.6 * (len(levels) + 1)))
         ax = fig.add_subplot()
         ax.axis("off")
-        where = {("class", c): (widest / 2, len(levels))}
+        gap = 2.0  # between the levels: room for the arrows and their values
+        where = {("class", c): (widest / 2, gap * len(levels))}
         for level, tap in enumerate(levels):
             for i, node in enumerate(nodes[tap]):
-                where[(tap, node["concept"])] = ((i + 0.5) * widest / len(nodes[tap]), len(levels) - 1 - level)
-        for edge in graph["edges"]:
+                where[(tap, node["concept"])] = ((i + 0.5) * widest / len(nodes[tap]), gap * (len(levels) - 1 - level))
+        for edge in graph["edges"]:  # arrows towards the class, each with its Gamma at its middle
             (x1, y1), (x2, y2) = where[tuple(edge["source"])], where[tuple(edge["target"])]
-            ax.plot([x1, x2], [y1, y2], color="0.55", linewidth=0.5 + 4 * edge.get("relative", 1), zorder=1)
+            ax.annotate("", xy=(x2, y2 - (0.3 if edge["target"][0] == "class" else 0.62)), xytext=(x1, y1 + 0.38), zorder=1,
+                        arrowprops={"arrowstyle": "-|>", "color": "0.55", "linewidth": 0.5 + 4 * edge.get("relative", 1),
+                                    "shrinkA": 0, "shrinkB": 0, "mutation_scale": 10})
+            ax.text(x1 + 0.35 * (x2 - x1), y1 + 0.38 + 0.35 * (y2 - y1 - 1.0), f"{edge['weight']:.2g}", fontsize=6, ha="center", va="center",
+                    color="0.25", zorder=3, bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "linewidth": 0})
         x, y = where[("class", c)]
         ax.text(x, y, self.class_names[c], ha="center", va="center", fontsize=11,
                 bbox={"boxstyle": "round", "facecolor": "white"}, zorder=3)
@@ -296,7 +301,7 @@ class Run:
                                            edgecolor=colour, linewidth=2, zorder=2))
                 ax.text(x, y - 0.48, f"{tap}:{node['concept']}", ha="center", fontsize=7)
         ax.set_xlim(-0.2, widest + 0.2)
-        ax.set_ylim(-0.8, len(levels) + 0.6)
+        ax.set_ylim(-0.8, gap * len(levels) + 0.6)
         title = f"class {c} ({self.class_names[c]}): {graph.get('gamma', 'dataset')} Gamma"
         if graph.get("empty"):
             title += f"\nempty graph: {graph['empty']}"

@@ -85,9 +85,45 @@ def test_pages_load_in_a_browser_without_a_broken_image_or_a_console_error(finis
         # the class graph is drawn: one node (a concept thumbnail linking to its page) per concept
         assert done.stdout.count('class="node"') >= len(graph["nodes"]) > 0
         assert done.stdout.count("<image") >= len(graph["nodes"])
+    # no page is blank: a heading and text beyond it
+    body = re.sub(r"<[^>]+>", " ", done.stdout.split("<body", 1)[1])
+    assert "<h1>" in done.stdout and len(body.split()) > 20, page
     shot = tmp_path / "shot.png"
     taken = _browser(summary.site / page, f"--screenshot={shot}", "--window-size=1000,800")
     assert taken.returncode == 0 and shot.stat().st_size > 10_000
+
+
+#: Appended to a copy of a class page: counts the graph's nodes whose label's box misses the node's frame.
+LABELS = ("<script>addEventListener('load',()=>{let off=0,n=0;for(const g of document.querySelectorAll('svg g.node')){"
+          "const t=g.querySelector('text'),f=g.querySelector('polygon,rect,ellipse');if(!t||!f)continue;n++;"
+          "const a=t.getBoundingClientRect(),b=f.getBoundingClientRect();"
+          "if(a.right<b.left||a.left>b.right||a.bottom<b.top||a.top>b.bottom)off++;}"
+          "document.body.dataset.nodes=n;document.body.dataset.labelsOff=off;});</script>")
+
+
+@pytest.mark.parametrize("layout", ["dot", "layered"])
+def test_the_class_graphs_node_labels_sit_on_their_nodes_and_edges_carry_values(finished, tmp_path, layout,
+                                                                               monkeypatch):
+    """Graphviz's xlabels sat half a node to the left, between the nodes; edges had no values."""
+    store, summary = finished
+    site = summary.site
+    if layout == "layered":
+        monkeypatch.setattr(shutil, "which", lambda name: None)  # as where Graphviz is not installed
+        site = build_report(store.url, tmp_path / "site").site
+    text = (site / "class/0.html").read_text()
+    graph = store.family(GIGSection, "bisecting_kmeans").read_graph(0)
+    checked = site / "class/_labels.html"
+    checked.write_text(text.replace("</body>", LABELS + "</body>"))
+    try:
+        done = _browser(checked, "--dump-dom")
+    finally:
+        checked.unlink()
+    nodes = int(re.search(r'data-nodes="(\d+)"', done.stdout).group(1))
+    assert nodes >= len(graph["nodes"]) > 0 and 'data-labels-off="0"' in done.stdout, done.stdout[-500:]
+    # every edge's Gamma: in a table below the drawing, and on hover (an SVG title)
+    assert text.count("<tr><td>") >= len(graph["edges"]) and f"{graph['edges'][0]['weight']:.3g}" in text
+    assert "Gamma" in re.search(r"<svg.*</svg>", text, re.S).group(0).split("<title>", 1)[-1]
+    assert 'width="100%"' in text or "width='100%'" in text  # the drawing scales to the page
 
 
 def test_a_concept_without_members_says_so(finished, tmp_path):
@@ -129,6 +165,14 @@ def test_show_figures_leave_a_notebooks_backend_and_pyplot_alone(finished):
         concept, graph = run.show_concept("layer2.1", 3), run.show_class(0)
         assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
         assert len(concept.axes) >= 1 and len(graph.axes) == 1
+        # an arrow per edge, towards the class, with its Gamma beside it
+        from matplotlib.text import Annotation
+
+        edges = run.graph(0)["edges"]
+        arrows = [a for a in graph.axes[0].texts if isinstance(a, Annotation) and a.arrow_patch is not None]
+        assert len(arrows) == len(edges) > 0
+        values = {a.get_text() for a in graph.axes[0].texts}
+        assert all(f"{e['weight']:.2g}" in values for e in edges)
     finally:
         matplotlib.use(before)
 

@@ -288,8 +288,12 @@ class Report:
                   for n in graph["nodes"] if n.get("shared")]
         how = ("drawn by Graphviz dot" if self.layout == "dot" else
                "drawn by gig-dist's layered layout (Graphviz dot was not found)")
+        edges = [{"source": tuple(e["source"]), "target": tuple(e["target"]), "weight": e["weight"],
+                  "level": e.get("level", 0)} for e in graph["edges"]]
+        edges.sort(key=lambda e: (-e["level"], -e["weight"]))  # from the lowest tap up to the class
         self._write(f"class/{c}.html", "class.html", title, 1, empty=None, images=graph.get("images", "?"),
-                    gamma=graph.get("gamma", "dataset"), how=how, svg=svg, shared=shared)
+                    gamma=graph.get("gamma", "dataset"), how=how, svg=svg, shared=shared, edges=edges,
+                    class_name=self.class_names[c])
 
     def build_index(self) -> None:
         from gig_dist.read import coverage_summary, label_summary, stage_states

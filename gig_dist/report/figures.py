@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import io
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -98,27 +99,43 @@ def class_graph_svg(site: Path, graph: dict[str, Any], class_names: list[str], l
     nodes = [(n["tap"], n["concept"]) for n in graph["nodes"]]
     shared = {(n["tap"], n["concept"]) for n in graph["nodes"] if n.get("shared")}
     if layout == "dot":
-        lines = ["digraph G {", "rankdir=BT; node [shape=box, label=\"\", fixedsize=true, width=0.7, height=0.8,"
-                 " fontsize=9, imagescale=true];",
-                 f"cls [shape=ellipse, width=1.4, fixedsize=false, label=\"{class_names[graph['class']]}\"];"]
+        lines = ["digraph G {", "rankdir=BT; node [shape=plain, fontsize=9]; edge [arrowsize=0.6];",
+                 f"cls [shape=ellipse, label=\"{class_names[graph['class']]}\", tooltip=\"{class_names[graph['class']]}\"];"]
         for tap, k in nodes:
             image = site / "img" / safe(tap) / f"t{k}.png"
-            picture = f'image="{image}", ' if image.exists() else ""
+            picture = (f'<TR><TD FIXEDSIZE="TRUE" WIDTH="48" HEIGHT="48"><IMG SRC="{image}" SCALE="TRUE"/></TD></TR>'
+                       if image.exists() else "")
             colour = "orange" if (tap, k) in shared else "gray40"
-            lines.append(f'"{tap}:{k}" [{picture}xlabel="{tap}:{k}", color="{colour}", penwidth=2, '
+            # an HTML-like label: the picture and the name inside the node's own frame
+            lines.append(f'"{tap}:{k}" [label=<<TABLE BORDER="2" COLOR="{colour}" CELLBORDER="0" CELLSPACING="0" '
+                         f'CELLPADDING="1">{picture}<TR><TD ALIGN="CENTER"><FONT POINT-SIZE="8">{tap}:{k}</FONT></TD></TR></TABLE>>, '
                          f'URL="../concept/{safe(tap)}/{k}.html", target="_top", tooltip="{tap}:{k}"];')
         for edge in graph["edges"]:
             source = f'"{edge["source"][0]}:{edge["source"][1]}"'
             target = "cls" if edge["target"][0] == "class" else f'"{edge["target"][0]}:{edge["target"][1]}"'
-            lines.append(f"{source} -> {target} [penwidth={0.5 + 4 * edge.get('relative', 1):.2f}];")
+            lines.append(f'{source} -> {target} [penwidth={0.5 + 4 * edge.get("relative", 1):.2f}, '
+                         f'tooltip="{edge_name(edge, class_names)}: Gamma {edge["weight"]:.3g}"];')
         lines.append("}")
         done = subprocess.run(["dot", "-Tsvg"], input="\n".join(lines), capture_output=True, text=True,
                               cwd=site, check=False)
         if done.returncode == 0:
             # dot writes the absolute image paths it was given: relative to the class page instead
             svg = done.stdout.replace(f"{site / 'img'}/", "../img/")
-            return svg[svg.index("<svg"):], "dot"  # inline: drop the XML prologue
+            return _fit_width(svg[svg.index("<svg"):]), "dot"  # inline: drop the XML prologue
     return _layered_svg(graph, nodes, shared, class_names), "layered"
+
+
+def edge_name(edge: dict[str, Any], class_names: list[str]) -> str:
+    """``layer2.1:5 -> layer3.1:9``, or ``... -> <class name>``."""
+    target = class_names[edge["target"][1]] if edge["target"][0] == "class" else f"{edge['target'][0]}:{edge['target'][1]}"
+    return f"{edge['source'][0]}:{edge['source'][1]} -> {target}"
+
+
+def _fit_width(svg: str) -> str:
+    """The page's width, not Graphviz's points: the drawing scales (its viewBox keeps the shape)."""
+    head, rest = svg.split(">", 1)
+    head = re.sub(r'\s(width|height)="[^"]*"', "", head)
+    return head + ' width="100%" style="max-width:100%;height:auto">' + rest
 
 
 def _layered_svg(graph, nodes, shared, class_names) -> str:
@@ -131,21 +148,22 @@ def _layered_svg(graph, nodes, shared, class_names) -> str:
             position[node] = ((i + 0.5) * (width / max(len(rows[tap]), 1)), 30 + level * 110)
     height = 30 + len(levels) * 110
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' xmlns:xlink='http://www.w3.org/1999/xlink' "
-             f"width='{width}' height='{height}'>"]
+             f"viewBox='0 0 {width} {height}' width='100%' style='max-width:100%;height:auto'>"]
     for edge in graph["edges"]:
         x1, y1 = position[(edge["source"][0], edge["source"][1])]
         x2, y2 = position[(edge["target"][0], edge["target"][1])]
         parts.append(f"<line x1='{x1}' y1='{y1}' x2='{x2}' y2='{y2}' stroke='#888' "
-                     f"stroke-width='{0.5 + 4 * edge.get('relative', 1):.2f}'/>")
+                     f"stroke-width='{0.5 + 4 * edge.get('relative', 1):.2f}'><title>"
+                     f"{html.escape(edge_name(edge, class_names))}: Gamma {edge['weight']:.3g}</title></line>")
     x, y = position[("class", graph["class"])]
     parts.append(f"<text x='{x}' y='{y}' text-anchor='middle'>{html.escape(class_names[graph['class']])}</text>")
     for tap, k in nodes:
         x, y = position[(tap, k)]
         colour = "orange" if (tap, k) in shared else "#555"
         parts.append(f"<a xlink:href='../concept/{safe(tap)}/{k}.html' target='_top'><g class='node'>"
-                     f"<rect x='{x - 26}' y='{y - 26}' width='52' height='52' fill='white' stroke='{colour}' "
+                     f"<rect x='{x - 30}' y='{y - 26}' width='60' height='66' fill='white' stroke='{colour}' "
                      f"stroke-width='2'/><image xlink:href='../img/{safe(tap)}/t{k}.png' x='{x - 24}' y='{y - 24}' "
-                     f"width='48' height='48'/><text x='{x}' y='{y + 38}' font-size='10' "
+                     f"width='48' height='48'/><text x='{x}' y='{y + 35}' font-size='9' "
                      f"text-anchor='middle'>{tap}:{k}</text></g></a>")
     parts.append("</svg>")
     return "".join(parts)
