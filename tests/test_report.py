@@ -208,3 +208,32 @@ def test_a_partial_run_gives_a_report_of_what_exists(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert main(["report", url, "--out", str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_background_concepts_are_marked_as_background(finished, tmp_path, monkeypatch):
+    """A concept whose iERF mass lies mostly off the objects read "purity 0.09 (orange diamond)",
+    as if it were about a part."""
+    from gig_dist.store import AtlasSection
+
+    store, _ = finished
+    real = AtlasSection.part_mass
+
+    def mass(self, tap):
+        found = real(self, tap).copy()
+        if tap == "layer2.1":
+            found[0] = 0.0
+            found[0, 0], found[0, 3] = 10.0, 1.0  # 10 of 11 parts of its mass on the background
+        return found
+
+    monkeypatch.setattr(AtlasSection, "part_mass", mass)
+    site = build_report(store.url, tmp_path / "site").site
+    assert "background: 91% of the shown iERF mass falls on no object part (purity 0.09 on" in \
+        (site / "concept/layer2.1/0.html").read_text()
+    tap_page = (site / "tap/layer2.1/p0.html").read_text()
+    row = re.search(r"<tr><td><a href='../../concept/layer2.1/0.html'>.*?</tr>", tap_page).group(0)
+    assert "<td>background (91%)</td>" in row, row
+    # every concept with half its mass or more on the background is marked, and only those
+    patched = mass(AtlasSection(RunStore.open(store.url), "bisecting_kmeans"), "layer2.1")
+    background = patched[:, 0] >= 0.5 * patched.sum(1)
+    pages = "".join((site / f"tap/layer2.1/p{p}.html").read_text() for p in range(-(-len(patched) // 256)))
+    assert pages.count("<td>background (") == int(background.sum()) >= 1

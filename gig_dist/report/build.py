@@ -64,6 +64,7 @@ class Report:
         self.taps = [t for t in self.store.taps if self.concepts.has(t)] if self.dictionary in self.store.dictionaries() else []
         self.rendered = [t for t in self.taps if t in self.atlas.taps() and self.atlas.has_render(t)]
         self.purity: dict[str, dict[str, Any]] = {}
+        self.background: dict[str, np.ndarray] = {}
         #: The class graphs, and the classes with attributed images (the ones that get a page;
         #: None: no graphs yet, every class is linked as before).
         self.graphs, self.attributed = self._read_graphs()
@@ -143,6 +144,9 @@ class Report:
         if part_mass is not None:
             purity, part = concept_purity(part_mass)
             self.purity[tap] = {"purity": purity, "part": part}
+            # the share of the shown iERF mass on no part: at half or more, a background concept
+            total = part_mass.sum(1)
+            self.background[tap] = np.where(total > 0, part_mass[:, 0] / np.maximum(total, 1e-30), np.nan)
         order = np.argsort(-(importance if importance is not None else usage.astype(float)), kind="stable")
         tree = self.concepts.arrays(tap)
         sources = [p for p in self._pairs() if p[1] == tap and self.gig.has_matrix(p)]
@@ -185,11 +189,17 @@ class Report:
                 drives = ([int(j) for j in np.argsort(-class_matrix[c])[:3] if class_matrix[c, j] > 0]
                           if class_matrix is not None else [])
                 pure = purity is not None and np.isfinite(purity[c])
-                rows.append({"concept": int(c), "usage": usage[c], "share": share[c],
+                rows.append({"background": self._background(tap, c), "concept": int(c), "usage": usage[c], "share": share[c],
                              "importance": None if importance is None else importance[c], "drives": drives,
                              "purity": purity[c] if pure else None, "part": self._part_name(part[c]) if pure else ""})
             self._write(f"tap/{safe(tap)}/p{p}.html", "tap.html", f"{tap}: concepts", 2, tap=tap, k=k, how=how,
                         page=p, pages=pages, rendered=tap in self.rendered, purity_summary=purity_summary, rows=rows)
+
+    def _background(self, tap: str, c: int) -> float | None:
+        """The share of concept ``c``'s shown iERF mass on the background, where it is half or more
+        (a background concept: its purity names no part); None otherwise."""
+        share = self.background.get(tap)
+        return float(share[c]) if share is not None and np.isfinite(share[c]) and share[c] >= 0.5 else None
 
     def _part_name(self, index: int) -> str:
         from gig_dist.toy.world import PART_NAMES
@@ -219,6 +229,7 @@ class Report:
             f"concept/{safe(tap)}/{c}.html", "concept.html", f"{tap}: concept {c}", 2, tap=tap, concept=c,
             usage=usage[c], share=share[c], importance=None if importance is None else importance[c], members=members,
             purity=purity[c] if pure else None, part=self._part_name(part[c]) if pure else "",
+            background=self._background(tap, c),
             tree=self._tree(c, tree),
             sources=[(source, strongest(column(matrix, c), 6)) for (source, _), matrix in source_mats.items()],
             targets=[(target, strongest(row(matrix, c), 6)) for (_, target), matrix in target_mats.items()],
