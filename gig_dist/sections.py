@@ -226,6 +226,10 @@ class AtlasConfig(Section):
 
     #: Members shown per concept: the PFVs with the largest code value for it.
     members: int = Field(default=8, ge=1, le=64)
+    #: Each of a concept's members from another image (its strongest position there): eight members
+    #: then show eight images, not one image's neighbouring positions. ``false``: the strongest
+    #: PFVs wherever they are.
+    distinct_images: bool = True
     #: Side in pixels of each member's crop (and of the concept's thumbnail).
     crop: int = Field(default=48, ge=8, le=512)
     #: iERF kind: ``auto`` (SRD where it applies, else gradient), ``srd`` or ``gradient``.

@@ -42,7 +42,9 @@ class MembersStage(Stage):
     family = AtlasSection
     reads = ("decompose",)
     # Which images were decomposed decides the merged members, so decompose.images redoes it.
-    result_keys = ("atlas.members", "decompose.images")
+    result_keys = ("atlas.members", "atlas.distinct_images", "decompose.images")
+    # stores made before distinct members keep theirs while the key is false
+    later_keys = {"atlas.distinct_images": False}
     version = 2  # 2: the crop rows of the atlas stage
     per_dictionary = True
     coverage_key = "decompose.images"
@@ -105,6 +107,20 @@ class MembersStage(Stage):
             atlas.write_rows(tap, rows, capacity)
 
 
+def _top_distinct(concept: np.ndarray, strength: np.ndarray, image: np.ndarray, position: np.ndarray, k: int,
+                  m: int) -> np.ndarray:
+    """:func:`top_per_group` over each image's strongest entry per concept (ties: the smaller
+    position), so that a concept's members come from distinct images."""
+    if len(concept) == 0:
+        return top_per_group(concept, strength, (image, position), k, m)
+    order = np.lexsort((position, -np.asarray(strength, dtype=np.float64), image, concept))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (concept[order][1:] != concept[order][:-1]) | (image[order][1:] != image[order][:-1])
+    kept = order[first]
+    entry = top_per_group(concept[kept], strength[kept], (image[kept], position[kept]), k, m)
+    return np.where(entry >= 0, kept[np.maximum(entry, 0)], -1)
+
+
 class MembersWorker(StageWorker):
     def __init__(self, stage: MembersStage) -> None:
         self.stage = stage
@@ -125,7 +141,10 @@ class MembersWorker(StageWorker):
             image, position, _ = np.nonzero(used)
             concept, strength = index[used].astype(np.int64), value[used]
             image = image + r.start
-            entry = top_per_group(concept, strength, (image, position), k, m)
+            if self.stage.config.atlas.distinct_images:
+                entry = _top_distinct(concept, strength, image, position, k, m)
+            else:
+                entry = top_per_group(concept, strength, (image, position), k, m)
             top = {}
             for (name, dtype, fill), column in zip(FIELDS, (strength, image, position)):
                 top[name] = np.where(entry >= 0, column[np.maximum(entry, 0)] if len(column) else fill, fill).astype(dtype)

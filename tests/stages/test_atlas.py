@@ -18,10 +18,12 @@ def test_top_per_group_orders_by_value_then_ties():
     assert entry.tolist() == [[2, 1], [4, 3], [5, -1], [-1, -1]]
 
 
-def test_members_are_the_strongest_codes_over_the_decomposed_images(tmp_path):
+@pytest.mark.parametrize("distinct", [True, False])
+def test_members_are_the_strongest_codes_over_the_decomposed_images(tmp_path, distinct):
     # Brute force over every code of every processed image of the decomposed units gives the
-    # same members, in the same order (two store units: the merge is exercised).
-    config = toy_config("atlas.members=5", "decompose.images=32")
+    # same members, in the same order (two store units: the merge is exercised). With distinct
+    # images (the default), each image gives a concept at most its strongest position.
+    config = toy_config("atlas.members=5", "decompose.images=32", f"atlas.distinct_images={str(distinct).lower()}")
     store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr", until="members").url)
     g = zgroup(store)
     status = g["meta/status"][...]
@@ -36,13 +38,20 @@ def test_members_are_the_strongest_codes_over_the_decomposed_images(tmp_path):
                 candidates[index[i, p, s]].append((-float(value[i, p, s]), int(i), int(p)))
         members = atlas.members(tap)
         usage = atlas.usage(tap)
+        shown_distinct = 0
         for c in range(k):
-            best = sorted(candidates[c])[:5]
+            ranked = sorted(candidates[c])
+            if distinct:  # the first (strongest, then smallest position) of each image
+                ranked = [b for j, b in enumerate(ranked) if b[1] not in {a[1] for a in ranked[:j]}]
+            best = ranked[:5]
+            shown_distinct += len({b[1] for b in best}) == len(best)
             assert members["image"][c][: len(best)].tolist() == [b[1] for b in best], (tap, c)
             assert members["position"][c][: len(best)].tolist() == [b[2] for b in best]
             np.testing.assert_array_equal(members["value"][c][: len(best)], [-b[0] for b in best])
             assert (members["image"][c][len(best):] == -1).all()
             assert usage[c] == len(candidates[c])
+        if distinct:
+            assert shown_distinct == k
 
 
 @pytest.fixture(scope="module")
