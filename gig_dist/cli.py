@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -143,6 +144,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             log=lambda line: print(line, file=stream, flush=True))
     images, results, ground, match = found["images"], found["results"], found["ground_truth"], found.get("match")
     config, dictionaries, seconds = found["config"], list(found["results"]), found["seconds"]
+    site = report_folder(args.dir, config.report.out)
+    if site is not None and (Path(site) / ".gig-dist-report").exists():
+        print(f"the report at {site} was built before this evaluation: gig-dist report {args.dir} adds it there",
+              file=stream)
+    else:
+        print(f"gig-dist report {args.dir} builds a report that shows this evaluation", file=stream)
     if args.json:
         print(json.dumps({"images": images, "steps": config.evaluate.steps, "results": results, "ground_truth": ground,
                           **({"match": match} if match else {})}, indent=2))

@@ -102,8 +102,12 @@ def test_evaluate_writes_curves_whose_ends_are_the_full_and_the_empty_codes(attr
 
     url = str(tmp_path / "run.zarr")
     shutil.copytree(attributed, url)
+    (tmp_path / "run.report").mkdir()  # a report built before: evaluate says how to show the evaluation there
+    (tmp_path / "run.report" / ".gig-dist-report").write_text(url)
     done = _evaluate(url)
     assert done.returncode == 0, done.stderr
+    assert f"the report at {tmp_path / 'run.report'} was built before this evaluation: gig-dist report {url} adds it" \
+        in done.stderr
     found = json.loads(done.stdout)
     assert found["images"] == 32
     found = found["results"]["bisecting_kmeans"]
