@@ -41,8 +41,9 @@ MATCH_SAMPLES = 2048
 #: Default grid of ``gig-dist sweep`` (the paper's K = 8 C among them).
 SWEEP_K_MULTIPLIERS = (1.0, 2.0, 4.0, 8.0, 16.0)
 SWEEP_LAMBDAS = (0.025, 0.05, 0.1)
-#: Images each sweep point attributes and evaluates (it decomposes their whole store unit): 16
-#: keeps the toy sweep (5 K x 3 lambdas x 2 dictionaries) under an hour on 2 cores.
+#: Images each sweep point decomposes, attributes and evaluates, rounded up to whole store units
+#: (a run made with ``store.images_per_unit=16`` keeps a point at 16 images; docs/evaluation.md
+#: gives the toy sweep's times).
 SWEEP_IMAGES = 16
 #: The prefix of a sweep point's level: ``<method>@k=<K multiplier>,lambda=<lambda_rel>``.
 _POINT = re.compile(r"^(?P<method>[a-z_]+)@k=(?P<k>[0-9.]+),lambda=(?P<lam>[0-9.]+|none)$")
