@@ -134,21 +134,6 @@ def test_a_concept_without_members_says_so(finished, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
-def test_a_tap_whose_atlas_shows_no_part_mass_yet_is_built_without_a_purity_summary(finished, tmp_path, monkeypatch):
-    """An atlas still running (or a level whose members have no part masks) leaves every purity
-    NaN at a tap: the build went on to a median of nothing and crashed."""
-    from gig_dist.store import AtlasSection
-
-    store, _ = finished
-    real = AtlasSection.part_mass
-    monkeypatch.setattr(AtlasSection, "part_mass",
-                        lambda self, tap: real(self, tap) * (np.nan if tap == "layer3.1" else 1))
-    summary = build_report(store.url, tmp_path / "site")
-    page = (summary.site / "tap/layer3.1/p0.html").read_text()
-    assert "purity (share of shown iERF mass" not in page and "<th>purity</th>" in page
-    assert "purity (share of shown iERF mass" in (summary.site / "tap/layer2.1/p0.html").read_text()
-
-
 def test_show_figures_leave_a_notebooks_backend_and_pyplot_alone(finished):
     """A notebook's backend is not Agg: switching it silently stopped its ordinary plots."""
     import matplotlib
@@ -210,9 +195,12 @@ def test_a_partial_run_gives_a_report_of_what_exists(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
-def test_background_concepts_are_marked_as_background(finished, tmp_path, monkeypatch):
-    """A concept whose iERF mass lies mostly off the objects read "purity 0.09 (orange diamond)",
-    as if it were about a part."""
+def test_background_concepts_are_marked_and_a_tap_without_part_mass_has_no_purity_summary(finished, tmp_path,
+                                                                                           monkeypatch):
+    """One build, two cases. A concept whose iERF mass lies mostly off the objects read "purity
+    0.09 (orange diamond)", as if it were about a part. An atlas still running (or a level whose
+    members have no part masks) leaves every purity NaN at a tap: the build went on to a median of
+    nothing and crashed."""
     from gig_dist.store import AtlasSection
 
     store, _ = finished
@@ -223,6 +211,8 @@ def test_background_concepts_are_marked_as_background(finished, tmp_path, monkey
         if tap == "layer2.1":
             found[0] = 0.0
             found[0, 0], found[0, 3] = 10.0, 1.0  # 10 of 11 parts of its mass on the background
+        if tap == "layer3.1":
+            found[:] = np.nan
         return found
 
     monkeypatch.setattr(AtlasSection, "part_mass", mass)
@@ -237,3 +227,7 @@ def test_background_concepts_are_marked_as_background(finished, tmp_path, monkey
     background = patched[:, 0] >= 0.5 * patched.sum(1)
     pages = "".join((site / f"tap/layer2.1/p{p}.html").read_text() for p in range(-(-len(patched) // 256)))
     assert pages.count("<td>background (") == int(background.sum()) >= 1
+    assert "purity (share of shown iERF mass" in tap_page
+    # the tap without part mass: built, without the purity summary
+    page = (site / "tap/layer3.1/p0.html").read_text()
+    assert "purity (share of shown iERF mass" not in page and "<th>purity</th>" in page

@@ -18,12 +18,29 @@ def test_top_per_group_orders_by_value_then_ties():
     assert entry.tolist() == [[2, 1], [4, 3], [5, -1], [-1, -1]]
 
 
-@pytest.mark.parametrize("distinct", [True, False])
-def test_members_are_the_strongest_codes_over_the_decomposed_images(tmp_path, distinct):
+@pytest.mark.fast
+def test_distinct_members_are_each_images_strongest_entry_then_the_strongest_images():
+    """``atlas.distinct_images=false`` keeps the plain top entries (several of one image)."""
+    from gig_dist.kernels.topk import top_per_group
+    from gig_dist.stages.members import _top_distinct
+
+    concept = np.array([0, 0, 0, 0, 1, 1, 0])
+    strength = np.array([9.0, 8.0, 7.0, 5.0, 3.0, 3.0, 8.0])
+    image = np.array([1, 1, 2, 3, 4, 4, 0])
+    position = np.array([0, 1, 0, 0, 5, 2, 9])
+    # concept 0: image 1 gives 9 (its 8 is dropped), then image 0's 8, image 2's 7, image 3's 5;
+    # concept 1: image 4 twice at 3, the smaller position kept
+    assert _top_distinct(concept, strength, image, position, 2, 3).tolist() == [[0, 6, 2], [5, -1, -1]]
+    assert top_per_group(concept, strength, (image, position), 2, 3).tolist() == [[0, 6, 1], [5, 4, -1]]
+    assert _top_distinct(concept[:0], strength[:0], image[:0], position[:0], 2, 3).tolist() == [[-1] * 3] * 2
+
+
+def test_members_are_the_strongest_codes_over_the_decomposed_images(tmp_path):
     # Brute force over every code of every processed image of the decomposed units gives the
     # same members, in the same order (two store units: the merge is exercised). With distinct
     # images (the default), each image gives a concept at most its strongest position.
-    config = toy_config("atlas.members=5", "decompose.images=32", f"atlas.distinct_images={str(distinct).lower()}")
+    distinct = True
+    config = toy_config("atlas.members=5", "decompose.images=32")
     store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr", until="members").url)
     g = zgroup(store)
     status = g["meta/status"][...]
