@@ -85,10 +85,9 @@ def extraction(config: Config, out: Path, trace_driver: bool = False) -> tuple[f
     prepared = pipeline.prepare(config, out, overwrite=True, until="extract")
     prepared.lease.release()
     store = prepared.store
-    runtime = pipeline.make_runtime(config)
     if trace_driver:
         tracemalloc.start()
-    with BusyCores() as busy:
+    with pipeline.make_runtime(config) as runtime, BusyCores() as busy:
         report = runtime.run(ExtractStage(config, store.url))
     peak = tracemalloc.get_traced_memory()[1] / 2**20 if trace_driver else float("nan")
     tracemalloc.stop()

@@ -39,10 +39,10 @@ def bench_pfvs(args: argparse.Namespace) -> None:
         prepared = prepare(config, root / f"{mode}.zarr")
         seconds[mode] = {}
         try:
-            runtime = make_runtime(config)
-            for stage_type in stages_until("attribute"):
-                stage = stage_type(config, prepared.store.url, fence=prepared.lease.fence)
-                seconds[mode][stage.progress_key] = runtime.run(stage).seconds
+            with make_runtime(config) as runtime:
+                for stage_type in stages_until("attribute"):
+                    stage = stage_type(config, prepared.store.url, fence=prepared.lease.fence)
+                    seconds[mode][stage.progress_key] = runtime.run(stage).seconds
         finally:
             prepared.lease.release()
         arrays = RunStore.open(prepared.store.url).describe_arrays()

@@ -54,12 +54,12 @@ def bench_rehearsal(args: argparse.Namespace) -> None:
     prepared = prepare(ray_config, root / "rehearsal.zarr")
     measured = {}
     try:
-        runtime = make_runtime(ray_config)
-        for stage_type in stages_until(None):
-            stage = stage_type(ray_config, prepared.store.url, fence=prepared.lease.fence)
-            with PeakRSS() as driver:
-                report = runtime.run(stage)
-            measured[stage.progress_key] = (report, driver.peak)
+        with make_runtime(ray_config) as runtime:
+            for stage_type in stages_until(None):
+                stage = stage_type(ray_config, prepared.store.url, fence=prepared.lease.fence)
+                with PeakRSS() as driver:
+                    report = runtime.run(stage)
+                measured[stage.progress_key] = (report, driver.peak)
     finally:
         prepared.lease.release()
     store = RunStore.open(prepared.store.url)

@@ -285,15 +285,15 @@ def run(config: Config, out: str | os.PathLike[str] | None = None, overwrite: bo
     try:
         if on_plan is not None:
             on_plan(prepared.decisions)
-        runtime = make_runtime(config)
         reports = []
         fence = prepared.lease.fence
-        for stage_type in stages_until(until):
-            stage = stage_type(config, prepared.store.url, fence=fence)
-            reports.append(runtime.run(stage))
-            if reports[-1].units_run:
-                RunStore.open(prepared.store.url, mode="r+", fence=fence).add_seconds(stage.progress_key,
-                                                                                   reports[-1].seconds)
+        with make_runtime(config) as runtime:  # on Ray, the run's worker hosts serve every stage
+            for stage_type in stages_until(until):
+                stage = stage_type(config, prepared.store.url, fence=fence)
+                reports.append(runtime.run(stage))
+                if reports[-1].units_run:
+                    RunStore.open(prepared.store.url, mode="r+", fence=fence).add_seconds(stage.progress_key,
+                                                                                       reports[-1].seconds)
         prepared.store.consolidate()  # the manifest changed: fresh consolidated metadata for readers
     finally:
         prepared.lease.release()

@@ -134,19 +134,19 @@ def calibrate_run(config: Config, units: int, device: str, stand_in: bool, until
             warnings.simplefilter("ignore")
             prepared = prepare(config, root / "calibration.zarr", until=until)
         try:
-            runtime = make_runtime(config)
-            for stage_type in stages_until(until):
-                stage = stage_type(config, prepared.store.url, fence=prepared.lease.fence)
-                started = time.perf_counter()
-                with PeakRSS() as rss, warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    report = runtime.run(stage)
-                seconds = time.perf_counter() - started
-                measured[stage.progress_key] = {"seconds": seconds, "units": report.units_run, "peak_rss": rss.peak,
-                                                "images": stage.covered_images(prepared.store.facts),
-                                                # units overlap in stages that run two at once
-                                                "unit_seconds": min(report.unit_seconds, seconds),
-                                                "startup": seconds - min(report.unit_seconds, seconds)}
+            with make_runtime(config) as runtime:
+                for stage_type in stages_until(until):
+                    stage = stage_type(config, prepared.store.url, fence=prepared.lease.fence)
+                    started = time.perf_counter()
+                    with PeakRSS() as rss, warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        report = runtime.run(stage)
+                    seconds = time.perf_counter() - started
+                    measured[stage.progress_key] = {"seconds": seconds, "units": report.units_run, "peak_rss": rss.peak,
+                                                    "images": stage.covered_images(prepared.store.facts),
+                                                    # units overlap in stages that run two at once
+                                                    "unit_seconds": min(report.unit_seconds, seconds),
+                                                    "startup": seconds - min(report.unit_seconds, seconds)}
         finally:
             prepared.lease.release()
         store = RunStore.open(prepared.store.url)

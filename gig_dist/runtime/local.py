@@ -30,13 +30,16 @@ class StageReport:
     #: Units run per worker node (Ray node id; ``local`` in-process).
     placement: dict[str, int] = field(default_factory=dict)
     #: The largest peak resident memory of a process that ran its units (its lifetime peak: a Ray
-    #: actor lives for one stage; in-process, the driver's whole run so far).
+    #: worker host's over the run's stages so far; in-process, the driver's whole run so far).
     worker_peak_rss: int = 0
     #: The units' own seconds, added up (the rest of ``seconds`` is starting workers and the
     #: stage's final step).
     unit_seconds: float = 0.0
     #: Which method ran where the config leaves the choice to the model, as the units said.
     methods: dict[str, str] = field(default_factory=dict)
+    #: Worker processes this stage started (Ray: a run's hosts serve all its stages, so the
+    #: first stage starts them and later ones only replace hosts that died).
+    workers_started: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -70,6 +73,15 @@ class LocalRuntime:
         self.device = device
         self.progress = progress
         self.torch_threads = torch_threads
+
+    def close(self) -> None:
+        """Nothing to end: every unit ran in this process."""
+
+    def __enter__(self) -> LocalRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run(self, stage: Stage) -> StageReport:
         store = RunStore.open(stage.store_url, mode="r+", fence=stage.fence)

@@ -9,6 +9,7 @@ import uuid
 
 import numpy as np
 import pytest
+import ray
 import yaml
 
 from gig_dist import pipeline
@@ -40,8 +41,13 @@ def ray_config(*extra):
     return toy_config(*BASE, "runtime.kind=ray", "runtime.num_workers=2", *extra)
 
 
-def test_ray_equals_in_process(ray_head, in_process, tmp_path):
+def test_ray_equals_in_process(ray_head, in_process, tmp_path, capsys):
     report = pipeline.run(ray_config(), tmp_path / "ray.zarr")
+    # Two worker processes serve all nine stages (a process per stage cost half a minute each).
+    assert [s.workers_started for s in report.stages] == [2] + [0] * 8
+    # GIG's projection from its first unit, on Ray too
+    assert "attribute: the first unit's" in capsys.readouterr().err
+    assert ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU")  # the hosts ended
     assert [(s.stage, s.units_run, s.images, s.retries) for s in report.stages][:8] == [
         ("extract", 5, 40, 0), ("sample", 5, 40, 0), ("concepts", 5, 0, 0), ("decompose", 5, 40, 0),
         ("attribute", 5, 40, 0), ("reduce", 5, 40, 0), ("graphs", 1, 0, 0), ("members", 5, 40, 0)]
