@@ -33,7 +33,7 @@ from gig_dist.store import (
     MetaSection,
     RunStore,
 )
-from gig_dist.store.atlas import CONCEPT_CHUNK, FIELDS, member_specs
+from gig_dist.store.atlas import CONCEPT_CHUNK, CROPS_PER_CHUNK, FIELDS, member_specs
 
 
 class MembersStage(Stage):
@@ -97,7 +97,9 @@ class MembersStage(Stage):
         order = np.lexsort((member, concept, tap_index, unit))
         unit_sorted = unit[order]
         rank = np.arange(len(order)) - np.searchsorted(unit_sorted, unit_sorted)
-        capacity = max(1, int(rank.max()) + 1 if len(rank) else 1)
+        # Rows per unit, a whole number of the crops' inner chunks: a shard of single-crop chunks
+        # wrote 10x slower and read scattered rows 10x slower than chunks of 16 crops.
+        capacity = -(-max(1, int(rank.max()) + 1 if len(rank) else 1) // CROPS_PER_CHUNK) * CROPS_PER_CHUNK
         row = np.empty(len(order), dtype=np.int64)
         row[order] = unit_sorted * capacity + rank
         for t, tap in enumerate(taps):

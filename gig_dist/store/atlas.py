@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 FIELDS = (("value", "float32", np.nan), ("image", "int32", -1), ("position", "int32", -1))
 #: Concepts per chunk of the per-unit tables.
 CONCEPT_CHUNK = 1024
-#: Crops per inner chunk (at most; a divisor of the shard's rows).
-CROPS_PER_CHUNK = 64
+#: Crops per inner chunk (at most; a divisor of the shard's rows: the members stage makes the
+#: rows per unit a multiple of it). 16 crops of 48 px: about 110 KiB raw.
+CROPS_PER_CHUNK = 16
 
 
 def member_specs(facts: Facts, dictionary: str, tap: str, concepts: int, members: int) -> list[ArraySpec]:

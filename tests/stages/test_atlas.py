@@ -6,6 +6,7 @@ import pytest
 from gig_dist import pipeline
 from gig_dist.kernels.topk import top_per_group
 from gig_dist.store import PROCESSED, AtlasSection, ConceptsSection, RunStore
+from gig_dist.store.atlas import CROPS_PER_CHUNK
 from tests.conftest import toy_config, zgroup
 
 
@@ -98,6 +99,10 @@ def test_atlas_crops_every_member_and_only_members(atlas_run):
         np.testing.assert_allclose(mass.sum(1), (rows >= 0).sum(1), rtol=1e-4)
     # Rows are each used once, and each unit's rows lie in its own shard.
     assert len(seen_rows) == len(set(seen_rows))
+    # Each unit's shard holds whole inner chunks of CROPS_PER_CHUNK crops (a shard of one-crop
+    # chunks wrote and read scattered rows about 10x slower).
+    crop = store.array("atlas/bisecting_kmeans/crops/crop")
+    assert atlas.capacity() % CROPS_PER_CHUNK == 0 and crop.chunks[0] == CROPS_PER_CHUNK
 
 
 def test_a_crop_shows_its_members_ierf(atlas_run):
