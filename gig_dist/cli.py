@@ -4,7 +4,7 @@
     gig-dist inspect DIR [--json]
     gig-dist graph DIR --class C [--top N] [--json]
     gig-dist report DIR [--out SITE]
-    gig-dist show DIR --tap T --concept K [--out FILE.png]  |  gig-dist show DIR --class C [--out FILE.png]
+    gig-dist show DIR --tap T --concept K | --class C | --image I  [--out FILE.png]
     gig-dist taps [--config FILE] [-o key=value ...] [--all]
     gig-dist config [--config FILE] [-o key=value ...]
 """
@@ -330,10 +330,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     from gig_dist.read import open_run
 
     run = open_run(args.dir)
-    if (args.cls is None) == (args.tap is None):
-        raise ConfigError("show needs --tap T --concept K, or --class C")
+    if sum(x is not None for x in (args.cls, args.tap, args.image)) != 1:
+        raise ConfigError("show needs --tap T --concept K, --class C or --image I")
     try:
-        if args.cls is not None:
+        if args.image is not None:
+            figure = run.show_image(args.image)
+            default = f"image-{args.image}.png"
+        elif args.cls is not None:
             figure = run.show_class(args.cls)
             default = f"class-{args.cls}.png"
         else:
@@ -611,11 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true")
     sweep.set_defaults(func=cmd_sweep)
 
-    show = sub.add_parser("show", help="a figure of a concept (its members on their images) or of a class graph")
+    show = sub.add_parser("show", help="a figure of a concept (its members on their images), a class graph or an image")
     show.add_argument("dir", metavar="DIR")
     show.add_argument("--tap", help="the concept's tap")
     show.add_argument("--concept", type=int, metavar="K", help="the concept's index")
     show.add_argument("--class", dest="cls", metavar="C", help="class index or name: its concept graph")
+    show.add_argument("--image", type=int, metavar="I", help="an image: its prediction, and per tap its concepts "
+                      "where they are, with their GIG toward its class")
     show.add_argument("--out", metavar="FILE", help="image file (.png, .svg, .pdf; default: named after it)")
     show.set_defaults(func=cmd_show)
 

@@ -147,6 +147,111 @@ class Run:
         return xr.DataArray(dense.reshape(k, height, width), dims=("concept", "y", "x"),
                             coords={"concept": np.arange(k)}, name=f"{tap} codes")
 
+    def dataset_label(self, image: int) -> str:
+        """The dataset's own label of an image: its class name where labels index the model's
+        outputs, else its folder (an image folder's class), else ''."""
+        path, label = self.store.family(MetaSection).read_index(self._image_range(image))
+        if label[0] >= 0:
+            return self.class_names[int(label[0])] if label[0] < len(self.class_names) else str(int(label[0]))
+        folder = path[0].replace("\\", "/").rsplit("/", 2)[-2] if path[0].count("/") else ""
+        return folder if folder in self.store.facts.dataset_classes else ""
+
+    def attributed_images(self) -> np.ndarray:
+        """The images GIG attributed toward a class (every pair to the logits has their targets)."""
+        gig = self.store.family(GIGSection, self.dictionary)
+        pairs = [p for p in self._class_pairs() if gig.has(p, "total")]
+        if not pairs:
+            return np.zeros(0, dtype=np.int64)
+        found = []
+        for r in self.store.units():
+            reduced = gig.read_reduced(pairs[0], r)
+            done = (reduced["target"] >= 0).any(1) & np.isfinite(np.where(reduced["target"] >= 0, reduced["total"], np.nan)).any(1)
+            found.append(np.flatnonzero(done) + r.start)
+            if not done.any() and r.start >= (self.config.gig.images or self.num_images):
+                break
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def _class_pairs(self) -> list[tuple[str, str]]:
+        from gig_dist.stages.pairs import gig_pairs
+
+        return [p for p in gig_pairs(self.config, list(self.store.taps)) if p[1] == LOGITS]
+
+    def image_summary(self, image: int, top: int = 5) -> dict[str, Any]:
+        """What one image shows: its dataset label and the model's prediction, and per decomposed
+        tap its ``top`` concepts with their code mass (codes summed over positions), the positions
+        that use them, a (y, x) map of their codes, and, where GIG attributed the image, their GIG
+        toward its class (the concepts are then those with the largest GIG, by magnitude)."""
+        r = self._image_range(image)
+        status, prediction = self.store.family(MetaSection).read_status(r)
+        predicted = int(prediction[0])
+        gig = self.store.family(GIGSection, self.dictionary)
+        codes = self.store.family(CodesSection, self.dictionary)
+        out: dict[str, Any] = {
+            "image": image, "path": self.store.family(MetaSection).path(image), "label": self.dataset_label(image),
+            "status": STATUS_NAMES[int(status[0])], "prediction": predicted,
+            "prediction_name": self.class_names[predicted] if 0 <= predicted < len(self.class_names) else "",
+            "target": None, "target_name": "", "taps": {}}
+        for tap in (t for t in self.store.taps if t in codes.taps()):
+            maps = self.code_maps(tap, image).values
+            mass = maps.reshape(len(maps), -1).sum(1)
+            used = (maps.reshape(len(maps), -1) > 0).sum(1)
+            toward: dict[int, float] = {}
+            pair = (tap, LOGITS)
+            if gig.has(pair, "total"):
+                reduced = gig.read_reduced(pair, r)
+                targets = reduced["target"][0]
+                slots = np.flatnonzero((targets >= 0) & np.isfinite(reduced["total"][0]))
+                if len(slots):
+                    slot = next((t for t in slots if targets[t] == predicted), slots[0])
+                    out["target"] = int(targets[slot])
+                    out["target_name"] = self.class_names[out["target"]]
+                    try:  # every source's GIG, where the run kept it; else the strongest edges
+                        vectors, _, _ = gig.read_vectors(pair, r)
+                        sources = reduced["source"][0]
+                        toward = {int(k): float(v) for k, v in zip(sources, vectors[0, slot]) if k >= 0}
+                    except StoreError:
+                        toward = {int(k): float(v) for k, v in zip(reduced["edges/source"][0, slot],
+                                                                    reduced["edges/value"][0, slot]) if k >= 0}
+            if toward:
+                order = sorted(toward, key=lambda k: -abs(toward[k]))[:top]
+            else:
+                order = [int(k) for k in np.argsort(-mass, kind="stable")[:top] if mass[k] > 0]
+            out["taps"][tap] = [{"concept": int(k), "mass": float(mass[k]), "positions": int(used[k]),
+                                 "gig": toward.get(int(k)), "map": maps[k]} for k in order]
+        return out
+
+    def show_image(self, image: int, top: int = 4):
+        """A figure of one image: the picture with its label and prediction, and per tap its
+        ``top`` concepts (by GIG toward its class where attributed, else by code mass), each
+        outlined where its codes are, with its GIG. A ``Figure`` of its own, as
+        :meth:`show_concept`."""
+        from matplotlib.figure import Figure
+
+        found = self.image_summary(image, top)
+        picture = self.image(image)
+        taps = [t for t, concepts in found["taps"].items() if concepts]
+        columns = max([len(found["taps"][t]) for t in taps] + [1])
+        fig = Figure(figsize=(2.1 * (columns + 1), 2.3 * max(len(taps), 1)))
+        axes = fig.subplots(max(len(taps), 1), columns + 1, squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        axes[0, 0].imshow(picture)
+        axes[0, 0].set_title(f"image {image}\nlabel {found['label'] or '-'}\npredicted {found['prediction_name']}",
+                             fontsize=8)
+        height, width = picture.shape[:2]
+        for row, tap in enumerate(taps):
+            axes[row, 0 if row else 0].text(-0.05, 0.5, tap, transform=axes[row, 1].transAxes, rotation=90,
+                                            ha="right", va="center", fontsize=9)
+            for j, entry in enumerate(found["taps"][tap]):
+                ax = axes[row, j + 1]
+                ax.imshow(highlight(picture, entry["map"]), extent=(0, width, height, 0))
+                what = f"GIG {entry['gig']:+.3g}" if entry["gig"] is not None else f"mass {entry['mass']:.3g}"
+                ax.set_title(f"{tap}:{entry['concept']}\n{what}", fontsize=7)
+        toward = f" (GIG toward {found['target_name']})" if found["target"] is not None else " (not attributed)"
+        fig.suptitle(f"image {image}: its concepts{toward}", fontsize=10)
+        fig.tight_layout()
+        return fig
+
     # -- per run ------------------------------------------------------------------------------------
 
     def concepts(self, tap: str) -> xr.DataArray:
@@ -429,3 +534,21 @@ def coverage_summary(store) -> dict[str, dict[str, Any]]:
                        "per_class_median": float(np.median(used)) if len(used) else 0.0,
                        "per_class_max": int(used.max()) if len(used) else 0}
     return found
+
+
+def highlight(picture: np.ndarray, code_map: np.ndarray, keep: float = 0.5) -> np.ndarray:
+    """``picture`` (H, W, 3) in [0, 1] with the cells of ``code_map`` (h, w) that hold at least
+    ``keep`` of its maximum left as they are, the rest washed toward white, and the region's
+    edge drawn in orange. Cell (y, x) covers the pixels [y H / h, (y + 1) H / h) x [x W / w, ...):
+    the map is placed where the tap's grid lies over the input, not shifted by a cell."""
+    height, width = picture.shape[:2]
+    peak = float(code_map.max()) if code_map.size else 0.0
+    cells = code_map >= keep * peak if peak > 0 else np.zeros_like(code_map, dtype=bool)
+    rows = np.minimum(np.arange(height) * code_map.shape[0] // height, code_map.shape[0] - 1)
+    cols = np.minimum(np.arange(width) * code_map.shape[1] // width, code_map.shape[1] - 1)
+    mask = cells[rows][:, cols]
+    shown = np.where(mask[..., None], picture, 0.35 * picture + 0.65)
+    edge = mask & ~(np.pad(mask, 1, mode="edge")[:-2, 1:-1] & np.pad(mask, 1, mode="edge")[2:, 1:-1]
+                    & np.pad(mask, 1, mode="edge")[1:-1, :-2] & np.pad(mask, 1, mode="edge")[1:-1, 2:])
+    shown[edge] = (1.0, 0.55, 0.0)
+    return shown.astype(np.float32)

@@ -147,8 +147,9 @@ def test_show_figures_leave_a_notebooks_backend_and_pyplot_alone(finished):
     try:
         figures = plt.get_fignums()
         run = open_run(store.url)
-        concept, graph = run.show_concept("layer2.1", 3), run.show_class(0)
+        concept, graph, image = run.show_concept("layer2.1", 3), run.show_class(0), run.show_image(1)
         assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
+        assert len(image.axes) > 1
         assert len(concept.axes) >= 1 and len(graph.axes) == 1
         # an arrow per edge, towards the class, with its Gamma beside it
         from matplotlib.text import Annotation
@@ -178,6 +179,47 @@ def test_show_writes_figures_and_names_the_valid_range(finished, tmp_path, capsy
                           (["--class", "zebra"], "unknown class 'zebra'")):
         assert main(["show", store.url, *args, "--out", str(tmp_path / "x.png")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_an_images_concepts_are_its_strongest_gig_toward_its_class(finished, tmp_path):
+    """``Run.image_summary``: per tap with GIG to the classes, the concepts of the image with the
+    largest |GIG| toward its target class, each value the stored per-source GIG of that image;
+    the code mass is the code maps' sum. ``show --image`` draws it."""
+    from gig_dist.store import ImageRange
+
+    store, _ = finished
+    run = open_run(store.url)
+    attributed = run.attributed_images()
+    assert attributed.tolist() == list(range(16))  # gig.images = 16
+    found = run.image_summary(2, top=3)
+    gig = store.family(GIGSection, "bisecting_kmeans")
+    reduced = gig.read_reduced(("layer3.1", "logits"), ImageRange(2, 3))
+    vectors, _, _ = gig.read_vectors(("layer3.1", "logits"), ImageRange(2, 3))
+    slot = int(np.flatnonzero(reduced["target"][0] == found["target"])[0])
+    per_source = {int(k): float(v) for k, v in zip(reduced["source"][0], vectors[0, slot]) if k >= 0}
+    strongest = sorted(per_source, key=lambda k: -abs(per_source[k]))[:3]
+    assert [c["concept"] for c in found["taps"]["layer3.1"]] == strongest
+    assert [c["gig"] for c in found["taps"]["layer3.1"]] == [per_source[k] for k in strongest]
+    maps = run.code_maps("layer3.1", 2).values
+    for entry in found["taps"]["layer3.1"]:
+        assert entry["mass"] == pytest.approx(float(maps[entry["concept"]].sum()), rel=1e-6)
+        np.testing.assert_array_equal(entry["map"], maps[entry["concept"]])
+    assert found["target"] == found["prediction"]  # slot 0: the prediction (slot 1: the label, where it differs)
+    assert main(["show", store.url, "--image", "2", "--out", str(tmp_path / "i.png")]) == 0
+    assert (tmp_path / "i.png").stat().st_size > 5000
+
+
+def test_highlight_places_a_tap_cell_over_its_pixels():
+    """Cell (y, x) of an h x w grid covers pixels [y H/h, (y+1) H/h) x [x W/w, (x+1) W/w): no shift."""
+    from gig_dist.read import highlight
+
+    picture = np.zeros((16, 16, 3), np.float32)
+    code = np.zeros((4, 4), np.float32)
+    code[1, 2] = 1.0
+    shown = highlight(picture, code)
+    kept = (shown == 0).all(-1) | (shown == np.array([1.0, 0.55, 0.0], np.float32)).all(-1)
+    assert np.argwhere(kept).min(0).tolist() == [4, 8] and np.argwhere(kept).max(0).tolist() == [7, 11]
+    assert np.allclose(shown[0, 0], 0.65)  # elsewhere washed toward white, not darkened
 
 
 def test_a_partial_run_gives_a_report_of_what_exists(tmp_path):
