@@ -56,6 +56,16 @@ def test_every_link_and_image_of_the_site_resolves(finished):
     store, summary = finished
     assert summary.missing == [] and summary.pages > 10
     assert _links_resolve(summary.site) > 100
+    # a page per attributed image (gig.images = 16), each linked from the index, by class
+    assert sorted(int(p.stem) for p in (summary.site / "image").glob("*.html")) == list(range(16))
+    index = (summary.site / "index.html").read_text()
+    assert all(f"href='image/{i}.html'" in index for i in range(16))
+    # a concept page shows each member's whole image, with its crop's box
+    run = open_run(store.url)
+    members = run.members("layer2.1", 3)
+    page = (summary.site / "concept/layer2.1/3.html").read_text()
+    assert all(f"img/image/{i}.jpg" in page for i in members["image"])
+    assert page.count("<span style='top:") == len(members["image"])
 
 
 def test_classes_without_attributed_images_get_no_page_and_no_link(tmp_path):
@@ -72,7 +82,8 @@ def test_classes_without_attributed_images_get_no_page_and_no_link(tmp_path):
     assert _links_resolve(summary.site) > 20
 
 
-@pytest.mark.parametrize("page", ["index.html", "concept/layer3.1/0.html", "class/0.html", "tap/layer3.1/p0.html"])
+@pytest.mark.parametrize("page", ["index.html", "concept/layer3.1/0.html", "class/0.html", "tap/layer3.1/p0.html",
+                                  "image/1.html"])
 def test_pages_load_in_a_browser_without_a_broken_image_or_a_console_error(finished, page, tmp_path):
     store, summary = finished
     done = _browser(summary.site / page, "--dump-dom")
@@ -85,6 +96,11 @@ def test_pages_load_in_a_browser_without_a_broken_image_or_a_console_error(finis
         # the class graph is drawn: one node (a concept thumbnail linking to its page) per concept
         assert done.stdout.count('class="node"') >= len(graph["nodes"]) > 0
         assert done.stdout.count("<image") >= len(graph["nodes"])
+    if page.startswith("image/"):
+        # per tap, each concept's region on the picture, loaded (broken images are counted above)
+        found = open_run(store.url).image_summary(1, top=6)
+        shown = sum(len(concepts) for concepts in found["taps"].values())
+        assert done.stdout.count("class=\"map\"") == shown > 0
     # no page is blank: a heading and text beyond it
     body = re.sub(r"<[^>]+>", " ", done.stdout.split("<body", 1)[1])
     assert "<h1>" in done.stdout and len(body.split()) > 20, page

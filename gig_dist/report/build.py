@@ -68,6 +68,15 @@ class Report:
         #: The class graphs, and the classes with attributed images (the ones that get a page;
         #: None: no graphs yet, every class is linked as before).
         self.graphs, self.attributed = self._read_graphs()
+        #: Images whose picture is written (img/image/<i>.jpg): their (height, width); None: unreadable.
+        self.pictures: dict[int, tuple[int, int] | None] = {}
+        #: Per tap its most important concepts (the index shows them).
+        self.top: dict[str, list[int]] = {}
+        #: The attributed images (each has a page) and, for every image the report names, its
+        #: dataset label, prediction and the class it counts for.
+        self.images = self.run.attributed_images() if self.dictionary in self.store.dictionaries() else np.zeros(0, int)
+        self.image_facts: dict[int, dict[str, Any]] = {}
+        self.image_set = {int(i) for i in self.images}
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -75,7 +84,7 @@ class Report:
         path = self.site / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render(template, title=title, depth=depth, concept_link=self.concept_link,
-                               class_link=self.class_link, **values))
+                               class_link=self.class_link, image_pages=self.image_set, **values))
         self.summary.pages += 1
 
     def _matrix(self, pair: tuple[str, str]) -> np.ndarray | None:
@@ -123,8 +132,10 @@ class Report:
         (self.site / ".gig-dist-report").write_text(self.store.url + "\n")
         if not self.taps:
             self.summary.missing.append("concepts (run the concepts stage)")
+        self._read_image_facts(self.images)
         for tap in self.taps:
             self.build_tap(tap)
+        self.build_images()
         self.build_classes()
         self.build_index()
         self.summary.seconds = time.perf_counter() - started
@@ -148,6 +159,7 @@ class Report:
             total = part_mass.sum(1)
             self.background[tap] = np.where(total > 0, part_mass[:, 0] / np.maximum(total, 1e-30), np.nan)
         order = np.argsort(-(importance if importance is not None else usage.astype(float)), kind="stable")
+        self.top[tap] = [int(c) for c in order[:8]]
         tree = self.concepts.arrays(tap)
         sources = [p for p in self._pairs() if p[1] == tap and self.gig.has_matrix(p)]
         targets = [p for p in self._pairs() if p[0] == tap and p[1] != LOGITS and self.gig.has_matrix(p)]
@@ -157,7 +169,7 @@ class Report:
         if tap in self.rendered:
             rows_all = self.atlas.rows(tap)
             members = self.atlas.members(tap)
-            classes = self._classes_of(members["image"])
+            self._read_image_facts(members["image"])
             kind = str(self.atlas.read_crops("kind", rows_all[rows_all >= 0][:1])[0]) if (rows_all >= 0).any() else ""
         for first in range(0, k, BLOCK):  # thumbnails and concept pages, a block at a time
             stop = min(first + BLOCK, k)
@@ -166,12 +178,15 @@ class Report:
                 thumbs = self.atlas.thumbs(tap, slice(first, stop))
                 block_rows = rows_all[first:stop]
                 crops = self.atlas.read_crops("crop", block_rows).reshape(*block_rows.shape, *thumbs.shape[1:])
+                boxes = self.atlas.read_crops("box", block_rows).reshape(*block_rows.shape, 4)
             for c in range(first, stop):
                 if tap in self.rendered:
-                    figures.png(thumbs[c - first], self.site / "img" / safe(tap) / f"t{c}.png")
                     valid = rows_all[c] >= 0
+                    # the thumbnail: the top member's crop (a mean of crops was a blur that looked alike)
+                    figures.png(crops[c - first][0] if valid[0] else thumbs[c - first],
+                                self.site / "img" / safe(tap) / f"t{c}.png")
                     shown = (crops[c - first][valid], {n: v[c][valid] for n, v in members.items()},
-                             [classes.get(int(i), "") for i in members["image"][c][valid]], kind)
+                             boxes[c - first][valid], kind)
                 self.build_concept(tap, c, usage, share, importance, class_matrix, tree, source_mats, target_mats,
                                    shown, purity, part)
         # index pages
@@ -215,9 +230,10 @@ class Report:
                       shown, purity, part) -> None:
         members = None
         if shown is not None:
-            crops, found, labels, kind = shown
+            crops, found, boxes, kind = shown
             members = {"count": len(crops), "kind": kind, "size": crops.shape[1] if len(crops) else 0, "shown": [
-                {"image": int(found["image"][j]), "label": labels[j], "value": found["value"][j]}
+                {"image": int(found["image"][j]), **self.image_facts.get(int(found["image"][j]), {}),
+                 "value": found["value"][j], "context": self._context(int(found["image"][j]), boxes[j])}
                 for j in range(len(crops))]}
             if len(crops):
                 figures.png(np.concatenate(list(crops), axis=1), self.site / "img" / safe(tap) / f"m{c}.png")
@@ -235,20 +251,70 @@ class Report:
             targets=[(target, strongest(row(matrix, c), 6)) for (_, target), matrix in target_mats.items()],
             drives=drives)
 
-    def _classes_of(self, images: np.ndarray) -> dict[int, str]:
-        """The class name (by label, else prediction) of each image listed, read a unit at a time."""
+    def _read_image_facts(self, images: np.ndarray) -> None:
+        """Dataset label, prediction and counted class of each image listed (a unit at a time)."""
         from gig_dist.store import ImageRange
 
-        wanted = np.unique(images[images >= 0])
-        found: dict[int, str] = {}
+        images = np.asarray(images)
+        wanted = np.setdiff1d(np.unique(images[images >= 0]), list(self.image_facts))
+        meta = self.store.family(MetaSection)
         unit = self.store.facts.images_per_unit
+        names = self.class_names
         for start in np.unique(wanted // unit) * unit:
             r = ImageRange(int(start), int(min(start + unit, self.store.num_images)))
-            classes = self.store.family(MetaSection).image_classes(r)
+            classes = meta.image_classes(r)
+            _, prediction = meta.read_status(r)
             for i in wanted[(wanted >= r.start) & (wanted < r.stop)]:
-                cls = int(classes[i - r.start])
-                found[int(i)] = self.class_names[cls] if cls >= 0 else "unlabelled"
-        return found
+                p, cls = int(prediction[i - r.start]), int(classes[i - r.start])
+                self.image_facts[int(i)] = {"label": self.run.dataset_label(int(i)) or "unlabelled",
+                                            "prediction": names[p] if 0 <= p < len(names) else "",
+                                            "class": cls}
+
+    def _picture(self, image: int) -> np.ndarray | None:
+        """Write image ``image`` as the model saw it (img/image/<i>.jpg) once; its pixels, or None
+        where it cannot be read now (the file moved)."""
+        try:
+            array = self.run.image(image)
+        except StoreError:
+            self.pictures[image] = None
+            return None
+        if image not in self.pictures:
+            figures.jpeg(array, self.site / "img" / "image" / f"{image}.jpg")
+            self.pictures[image] = array.shape[:2]
+        return array
+
+    def _context(self, image: int, box: np.ndarray) -> dict[str, Any] | None:
+        """A member's whole image with its crop's box, as CSS percentages of the picture."""
+        if image not in self.pictures:
+            self._picture(image)
+        size = self.pictures[image]
+        if size is None or box[0] < 0:
+            return None
+        (h, w), (y0, x0, y1, x1) = size, (int(v) for v in box)
+        return {"ratio": h / w, "top": 100 * y0 / h, "left": 100 * x0 / w, "height": 100 * (y1 - y0) / h,
+                "width": 100 * (x1 - x0) / w}
+
+    def build_images(self) -> None:
+        """A page per attributed image: its prediction, and per tap its concepts where they are,
+        with their GIG toward its class."""
+        for image in self.images:
+            image = int(image)
+            picture = self._picture(image)
+            found = self.run.image_summary(image, top=6)
+            taps = []
+            for tap, concepts in found["taps"].items():
+                shown = []
+                for entry in concepts:
+                    name = f"img/image/{image}/{safe(tap)}_{entry['concept']}.png"
+                    if picture is not None:
+                        from gig_dist.read import highlight
+
+                        figures.png(np.round(highlight(picture, entry["map"]) * 255).astype(np.uint8),
+                                    self.site / name, scale=max(1, 128 // max(picture.shape[:2])))
+                    shown.append({**entry, "picture": name if picture is not None else None})
+                taps.append((tap, shown))
+            self._write(f"image/{image}.html", "image.html", f"image {image}", 1, found=found, taps=taps,
+                        picture=picture is not None, facts=self.image_facts.get(image, {}))
 
     @staticmethod
     def _tree(c: int, tree: dict[str, np.ndarray]) -> dict[str, Any] | None:
@@ -291,7 +357,8 @@ class Report:
     def build_class(self, c: int, graph: dict[str, Any]) -> None:
         title = f"class {c}: {self.class_names[c]}"
         if graph.get("empty") or not graph["edges"]:
-            self._write(f"class/{c}.html", "class.html", title, 1, empty=graph.get("empty") or "no edges")
+            self._write(f"class/{c}.html", "class.html", title, 1, empty=graph.get("empty") or "no edges",
+                        examples=self._examples(c))
             return
         svg, self.layout = figures.class_graph_svg(self.site, graph, self.class_names, self.layout)
         shared = [{"tap": n["tap"], "concept": n["concept"],
@@ -303,8 +370,14 @@ class Report:
                   "level": e.get("level", 0)} for e in graph["edges"]]
         edges.sort(key=lambda e: (-e["level"], -e["weight"]))  # from the lowest tap up to the class
         self._write(f"class/{c}.html", "class.html", title, 1, empty=None, images=graph.get("images", "?"),
+                    examples=self._examples(c),
                     gamma=graph.get("gamma", "dataset"), how=how, svg=svg, shared=shared, edges=edges,
                     class_name=self.class_names[c])
+
+    def _examples(self, c: int) -> list[dict[str, Any]]:
+        """The attributed images that count for class ``c`` (each with a page)."""
+        return [{"image": int(i), **self.image_facts[int(i)]} for i in self.images
+                if self.image_facts.get(int(i), {}).get("class") == c and self.pictures.get(int(i))]
 
     def build_index(self) -> None:
         from gig_dist.read import coverage_summary, label_summary, stage_states
@@ -316,7 +389,7 @@ class Report:
         for tap in self.taps:
             stats[tap] = codes.summary(tap, self.concepts.count(tap)) if tap in codes.taps() else {}
             pure = self.purity.get(tap)
-            taps.append({"tap": tap, "k": self.concepts.count(tap), "stats": stats[tap],
+            taps.append({"tap": tap, "k": self.concepts.count(tap), "stats": stats[tap], "top": self.top.get(tap, []) if tap in self.rendered else [],
                          "purity": np.nanmedian(pure["purity"]) if pure is not None else None})
         gig = self.gig.summary() if self.taps else {}
         stages = [{"key": key, "state": "complete" if s["complete"] else "incomplete",
@@ -331,6 +404,7 @@ class Report:
             gig=[{"mean_gap": None, "median_gap": None, "mean_kept": None, **g} for g in gig.values()],
             stages=stages, plots=self._plots(stats, gig), evaluation=self._evaluation(), sweep=self._sweep(),
             panels=self._panels(), classes=self.attributed or [],
+            by_class=[(c, self._examples(c)) for c in (self.attributed or [])],
             unattributed=len(self.class_names) - len(self.attributed) if self.attributed is not None else 0,
             config=yaml.safe_dump(store.manifest.config, sort_keys=False))
 

@@ -26,6 +26,17 @@ def png(array: np.ndarray, path: Path, scale: int = 1) -> None:
     picture.save(path, optimize=False, compress_level=1)
 
 
+def jpeg(picture: np.ndarray, path: Path, side: int = 160) -> None:
+    """An image (H, W, 3) in [0, 1] as a JPEG whose longer side is ``side`` (small images are
+    enlarged with square pixels, large ones reduced smoothly)."""
+    image = Image.fromarray(np.round(np.clip(picture, 0, 1) * 255).astype(np.uint8))
+    scale = side / max(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    image = image.resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, quality=85)
+
+
 def new_figure(size: tuple[float, float] = (4, 3)):
     """A figure and its one axes, outside pyplot's state."""
     from matplotlib.figure import Figure

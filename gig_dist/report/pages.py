@@ -23,6 +23,9 @@ img.big{width:96px;height:96px;image-rendering:pixelated}
 .strip{display:flex;flex-wrap:wrap;gap:8px} .strip figure{margin:0;font-size:12px;text-align:center}
 .note{color:#666;font-size:90%} .missing{color:#a33} nav{margin-bottom:1em}
 figure.member img{width:112px;height:112px;image-rendering:pixelated}
+.ctx{position:relative;display:inline-block;width:112px;margin-right:4px} .ctx img{width:112px;height:100%;display:block}
+.ctx span{position:absolute;border:2px solid #f80;box-sizing:border-box}
+.pair{display:flex} img.map{width:128px;image-rendering:pixelated;display:block} figure.cell{max-width:150px} img.photo{width:224px;image-rendering:pixelated} img.small{width:64px;image-rendering:pixelated;vertical-align:middle}
 """
 
 #: Marks the page with the number of images that failed to load (read by the tests' browser).
