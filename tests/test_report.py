@@ -40,10 +40,13 @@ def _browser(page: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def _links_resolve(site: Path) -> int:
-    """Every link and image of the site is a file of the site; how many were checked."""
+    """Every link and image of the site is a file of the site, and no page is blank (a heading
+    and text beyond it); how many links were checked."""
     checked = 0
     for page in site.rglob("*.html"):
         text = page.read_text()
+        words = re.sub(r"<[^>]+>", " ", re.sub(r"<(style|script)>.*?</\1>", " ", text, flags=re.S)).split()
+        assert "<h1>" in text and len(words) > 8, (page, words)
         for target in re.findall(r"""(?:href|src|xlink:href)=['"]([^'"#]+)['"]""", text):
             if target.startswith(("http:", "https:", "data:", "javascript:")):
                 pytest.fail(f"{page} refers outside the site: {target}")
