@@ -281,12 +281,18 @@ def evaluate_levels(url: str, dicts: list[str] | None = None, images: int | None
     base = store.manifest.config
     attributed = [key.split("/")[0] for key, record in store.manifest.stages.items()
                   if key.endswith("/attribute") and record.finished]
+    # A matched level needs only its dictionary's fit: it decomposes and attributes its own images
+    # (a dictionary whose codes of every image would take hours, NMF's, need not be made first).
+    fitted = [key.split("/")[0] for key, record in store.manifest.stages.items()
+              if key.endswith("/concepts") and record.finished and "@" not in key]
+    ready, needs = (fitted, "fitted concepts") if match else (attributed, "finished GIG")
     # By default the run's own levels; matched and sweep levels (``<name>@...``) when named.
     dictionaries = dicts or [d for d in attributed if "@" not in d] or attributed
-    missing = [d for d in dictionaries if d not in attributed]
+    missing = [d for d in dictionaries if d not in ready]
     if missing or not dictionaries:
-        raise ConfigError(f"no finished GIG for dictionar{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} in "
-                          f"{url}; it has {', '.join(attributed) or 'none'} (run gig-dist run -o concepts.method=NAME)"
+        until = " --until concepts" if match else ""
+        raise ConfigError(f"no {needs} for dictionar{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} in "
+                          f"{url}; it has {', '.join(ready) or 'none'} (run gig-dist run -o concepts.method=NAME{until})"
                           if missing else f"{url} has no finished GIG yet: run the pipeline first")
     images = images or min(64, base.get("gig", {}).get("images") or store.num_images)
     taps = [f"evaluate.taps=[{','.join(taps)}]"] if taps else []

@@ -473,12 +473,13 @@ def test_a_dictionarys_own_parameters_count_only_for_that_dictionary():
 def test_evaluate_match_refits_each_dictionary_to_the_target_l0(attributed, tmp_path):
     """`--match l0=2` makes a level per dictionary whose codes reach l0 = 2 within 10 % at every
     tap (this small world's K = C / 4 has 16-64 concepts), and leaves the dictionaries it matched
-    as they were."""
+    as they were. A dictionary needs only its fit (k-means stops after its concepts here): the
+    matched level decomposes and attributes the evaluated images itself."""
     import shutil
 
     url = str(tmp_path / "run.zarr")
     shutil.copytree(attributed, url)
-    pipeline.run(toy_config(*SMALL, "concepts.method=kmeans"), url, until="graphs")
+    pipeline.run(toy_config(*SMALL, "concepts.method=kmeans"), url, until="concepts")
     before = _level_bytes(url, "bisecting_kmeans")
     done = _evaluate(url, "--images", "16", "--match", "l0=2", "--dict", "bisecting_kmeans", "--dict", "kmeans")
     assert done.returncode == 0, done.stderr[-3000:]
