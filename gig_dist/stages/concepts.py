@@ -118,6 +118,10 @@ class ConceptsStage(Stage):
         return ConceptsWorker(self, str(resolve_device(device)))
 
 
+def _fit_settings(concepts: dict) -> dict:
+    return {key: value for key, value in concepts.items() if key != "level"}
+
+
 class ConceptsWorker(StageWorker):
     def __init__(self, stage: ConceptsStage, device: str = "cpu") -> None:
         self.device = device  # where a torch fit runs (concepts.backend torch, or auto on a GPU)
@@ -126,9 +130,36 @@ class ConceptsWorker(StageWorker):
         self.store = stage.open_store()
         self.concepts = self.store.family(ConceptsSection, stage.dictionary)
 
+    def _same_fit(self, tap: str) -> ConceptsSection | None:
+        """For a level ``<dictionary>@...`` (``evaluate --match``): that dictionary's concepts, where
+        it finished its fit of the same samples with the same fit settings (the fit is
+        deterministic, so fitting again gives the same arrays; NMF's took 48 minutes)."""
+        level = self.stage.dictionary
+        if "@" not in level:
+            return None
+        source = level.split("@", 1)[0]
+        record = self.store.manifest.stages.get(f"{source}/concepts")
+        sample = self.store.manifest.stages.get("sample")
+        if record is None or not record.finished or sample is None or record.upstream.get("sample") != sample.fingerprint:
+            return None
+        if source not in self.store.manifest.dictionaries:
+            return None
+        if _fit_settings(self.store.manifest.dictionary_config(source)["concepts"]) != \
+                _fit_settings(self.config.concepts.model_dump(mode="json")):
+            return None
+        found = self.store.family(ConceptsSection, source)
+        return found if found.has(tap) else None
+
     def run(self, unit: WorkUnit, progress: Progress | None = None) -> UnitReport:
         tap = unit.tap
         k = concept_count(self.config, tap, self.store.taps[tap][0])
+        source = self._same_fit(tap)
+        if source is not None:  # a matched level of a finished dictionary: its fit, not a second one
+            self.concepts.write(tap, source.arrays(tap), source.labels(tap), {**source.fit(tap), "copied_from": source.dictionary},
+                                owner=self.stage.progress_key)
+            if progress is not None:
+                progress(1)
+            return UnitReport(unit.index, 0, 0)
         samples = np.concatenate(list(self.store.family(SamplesSection).iter_valid(tap)))
         if len(samples) < k:
             raise ValueError(

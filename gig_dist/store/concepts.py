@@ -105,5 +105,15 @@ class ConceptsSection:
                 found.update({f"{name}/{sub}": child[...] for sub, child in node.members()})
         return found
 
+    def labels(self, tap: str) -> np.ndarray | None:
+        """The concept of each valid sample, in the order of :meth:`SamplesSection.iter_valid`
+        (None: the dictionary stores none)."""
+        path = self._path(tap, "member")
+        if not self.store.has(path):
+            return None
+        member = self.store.array(path)
+        return np.concatenate([member[r.start : r.stop][valid] for r, valid in
+                               self.store.family(SamplesSection).valid_mask_blocks(tap)] or [np.zeros(0, np.int32)])
+
     def fit(self, tap: str) -> dict[str, Any]:
         return dict(self.store.attrs(self._path(tap)).get("fit", {})) if self.has(tap) else {}

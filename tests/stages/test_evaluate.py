@@ -492,9 +492,10 @@ def test_evaluate_match_refits_each_dictionary_to_the_target_l0(attributed, tmp_
             assert abs(row["mean_l0"] - 2) <= 0.2 and row["within_10pct"], (level, tap, row)
             summary = store.family(CodesSection, level).summary(tap, store.family(ConceptsSection, level).count(tap))
             assert summary["mean_l0"] == pytest.approx(row["mean_l0"])
-        # the level keeps the dictionary and changes only lambda
+        # the level keeps the dictionary (copied, not fitted again) and changes only lambda
         assert np.array_equal(store.family(ConceptsSection, level).vectors("layer3.1"),
                               store.family(ConceptsSection, entry["from"]).vectors("layer3.1"))
+        assert store.family(ConceptsSection, level).fit("layer3.1")["copied_from"] == entry["from"]
         assert store.manifest.dictionary_config(level)["decompose"]["lambda_rel"] == \
             {tap: row["lambda_rel"] for tap, row in entry["taps"].items()}
     assert _level_bytes(url, "bisecting_kmeans") == before
