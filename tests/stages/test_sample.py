@@ -68,7 +68,7 @@ def sampled(tmp_path_factory):
     runs = {}
     for method in ("srd", "uniform"):
         config = toy_config("dataset.toy.num_images=256", f"sample.method={method}", "sample.per_image=2")
-        runs[method] = RunStore.open(pipeline.run(config, root / f"{method}.zarr").url)
+        runs[method] = RunStore.open(pipeline.run(config, root / f"{method}.zarr", until="sample").url)
     return runs
 
 
@@ -106,12 +106,12 @@ def test_srd_relevance_maps_sum_to_the_predicted_logit(sampled):
 def test_draws_do_not_depend_on_how_images_are_split_into_units(tmp_path):
     small = toy_config("dataset.toy.num_images=24", "sample.method=uniform", "store.images_per_unit=4")
     large = toy_config("dataset.toy.num_images=24", "sample.method=uniform", "store.images_per_unit=12")
-    a = RunStore.open(pipeline.run(small, tmp_path / "a.zarr").url)
-    b = RunStore.open(pipeline.run(large, tmp_path / "b.zarr").url)
+    a = RunStore.open(pipeline.run(small, tmp_path / "a.zarr", until="sample").url)
+    b = RunStore.open(pipeline.run(large, tmp_path / "b.zarr", until="sample").url)
     for tap in a.taps:
         assert np.array_equal(zgroup(a)[f"samples/{tap}/position"][:], zgroup(b)[f"samples/{tap}/position"][:])
     other_seed = RunStore.open(pipeline.run(toy_config("dataset.toy.num_images=24", "sample.method=uniform",
-                                                       "sample.seed=7"), tmp_path / "c.zarr").url)
+                                                       "sample.seed=7"), tmp_path / "c.zarr", until="sample").url)
     assert not np.array_equal(zgroup(a)["samples/layer1.0/position"][:], zgroup(other_seed)["samples/layer1.0/position"][:])
 
 
