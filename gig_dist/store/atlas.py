@@ -111,6 +111,11 @@ class AtlasSection:
         for name, values in arrays.items():
             self.store.array(f"atlas/{self.dictionary}/crops/{name}")[unit * cap : (unit + 1) * cap] = values
 
+    def read_unit_crops(self, name: str, unit: int) -> np.ndarray:
+        """One store unit's shard of a crops array (``capacity`` rows), read whole."""
+        cap = self.capacity()
+        return self.store.array(f"atlas/{self.dictionary}/crops/{name}")[unit * cap : (unit + 1) * cap]
+
     def read_crops(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows of a crops array (any order; -1 rows give the fill)."""
         array = self.store.array(f"atlas/{self.dictionary}/crops/{name}")
