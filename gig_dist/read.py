@@ -363,6 +363,12 @@ class Run:
         fig.tight_layout()
         return fig
 
+    @staticmethod
+    def _thumbnail(atlas, tap: str, concept: int) -> np.ndarray:
+        """A concept's picture: its top member's crop (the stored mean of its crops without one)."""
+        first = atlas.rows(tap)[concept][:1]
+        return atlas.read_crops("crop", first)[0] if first[0] >= 0 else atlas.thumbs(tap, concept)
+
     def show_class(self, cls: int | str):
         """A figure of a class's concept graph: concept thumbnails by tap, edges by Gamma (one
         scale per level), shared concepts framed in orange. A ``Figure`` of its own, as
@@ -398,8 +404,8 @@ class Run:
             rendered = atlas.has_render(tap) if tap in atlas.taps() else False
             for node in nodes[tap]:
                 x, y = where[(tap, node["concept"])]
-                if rendered:
-                    ax.imshow(atlas.thumbs(tap, node["concept"]), extent=(x - 0.35, x + 0.35, y - 0.35, y + 0.35),
+                if rendered:  # the top member's crop, as the report's thumbnails (a mean of crops blurred)
+                    ax.imshow(self._thumbnail(atlas, tap, node["concept"]), extent=(x - 0.35, x + 0.35, y - 0.35, y + 0.35),
                               zorder=2, interpolation="nearest")
                 colour = "orange" if node.get("shared") else "0.3"
                 ax.add_patch(Rectangle((x - 0.36, y - 0.36), 0.72, 0.72, fill=not rendered, facecolor="white",

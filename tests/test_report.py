@@ -178,6 +178,10 @@ def test_show_figures_leave_a_notebooks_backend_and_pyplot_alone(finished):
         assert len(arrows) == len(edges) > 0
         values = {a.get_text() for a in graph.axes[0].texts}
         assert all(f"{e['weight']:.2g}" in values for e in edges)
+        # each node's picture is its concept's top member's crop, not the mean of its crops
+        tops = {run.members(n["tap"], n["concept"])["crop"][0].tobytes() for n in run.graph(0)["nodes"]}
+        drawn = [np.asarray(image.get_array()).tobytes() for image in graph.axes[0].images]
+        assert drawn and all(picture in tops for picture in drawn)
     finally:
         matplotlib.use(before)
 
