@@ -240,8 +240,8 @@ class Run:
                              fontsize=8)
         height, width = picture.shape[:2]
         for row, tap in enumerate(taps):
-            axes[row, 0 if row else 0].text(-0.05, 0.5, tap, transform=axes[row, 1].transAxes, rotation=90,
-                                            ha="right", va="center", fontsize=9)
+            axes[row, 0].text(-0.05, 0.5, tap, transform=axes[row, 1].transAxes, rotation=90,
+                             ha="right", va="center", fontsize=9)
             for j, entry in enumerate(found["taps"][tap]):
                 ax = axes[row, j + 1]
                 ax.imshow(highlight(picture, entry["map"]), extent=(0, width, height, 0))
