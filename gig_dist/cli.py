@@ -454,7 +454,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
         print(json.dumps(graph, indent=2))
         return 0
     gamma = graph.get("gamma", "dataset")
-    print(f"class {graph['class']} ({graph['class_name']}): top concepts by GIG, tap by tap "
+    kind = "dataset class" if graph.get("classes") == "dataset" else "class"
+    print(f"{kind} {graph['class']} ({graph['class_name']}): top concepts by GIG, tap by tap "
           f"({' <- '.join(graph['taps'])}); lower levels from the {gamma} Gamma"
           + (f" over {graph['images']} images of the class" if gamma == "class" and "images" in graph else ""))
     if graph.get("empty"):

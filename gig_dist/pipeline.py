@@ -20,6 +20,7 @@ from gig_dist.data.sources import (
     DatasetIndex,
     apply_label_map,
     build_index,
+    dataset_groups,
     with_labels,
 )
 from gig_dist.formatting import fmt_bytes
@@ -31,7 +32,7 @@ from gig_dist.stages.base import Stage, level_of
 from gig_dist.stages.driver import consumed_by
 from gig_dist.stages.registry import by_name, fingerprints, stages_until
 from gig_dist.stages.sizes import PlanSizes
-from gig_dist.store import Facts, Manifest, RunStore, StoreError
+from gig_dist.store import Facts, Manifest, MetaSection, RunStore, StoreError
 from gig_dist.store.lease import Lease
 from gig_dist.store.location import refuse_unsafe, store_url
 
@@ -216,7 +217,7 @@ def prepare(config: Config, out: str | os.PathLike[str] | None = None, overwrite
         else:
             store = RunStore.create(url, Manifest(0, "creating", config=config.to_dict(), versions=versions(),
                                                   dataset_fingerprint=index.fingerprint(), transform=vars(transform)),
-                                    facts, index.paths, index.labels, fence=lease.fence)
+                                    facts, index.paths, index.labels, dataset_groups(index), fence=lease.fence)
         if any(stage.per_dictionary for stage in run_stages):  # this dictionary's level is made with this config
             store.manifest.dictionaries[level_of(config)] = config.to_dict()
             store.save_manifest()
@@ -252,6 +253,12 @@ def _check_resumable(store: RunStore, config: Config, facts: Facts, index: Datas
             "discard the old run"
         )
     store.nodes  # noqa: B018 - a store written before the node list gets it now, saved below
+    meta = store.family(MetaSection)
+    if not meta.has_groups():  # a store made before meta/group: the same index, its dataset classes added
+        from gig_dist.store.meta import index_specs
+
+        store.ensure_arrays("index", [spec for spec in index_specs(facts) if spec.path == "meta/group"])
+        meta.write_groups(dataset_groups(index))
     store.manifest.config = config.to_dict()
     store.manifest.versions = versions()
     store.manifest.facts = facts.to_json()

@@ -74,6 +74,14 @@ class Run:
         names = list(self.store.facts.class_names)
         return names + [str(c) for c in range(len(names), self.store.facts.num_outputs)]
 
+    @property
+    def graph_class_names(self) -> list[str]:
+        """The classes the class graphs are of, one name per graph (``gig.graph_classes``): the
+        model's outputs, or the dataset's own classes."""
+        from gig_dist.stages.pairs import graph_class_names
+
+        return graph_class_names(self.config, self.store.facts)
+
     def _tap(self, tap: str) -> tuple[int, int, int]:
         if tap not in self.store.taps:
             raise KeyError(f"tap {tap!r} is not in this run; its taps are {', '.join(self.store.taps)}")
@@ -282,14 +290,17 @@ class Run:
         return self.store.family(GIGSection, self.dictionary).read_matrix((source, target), sparse=True)
 
     def _class_index(self, cls: int | str) -> int:
-        names = self.class_names
+        """A class graph's index from its class's index or name (the model's classes, or the
+        dataset's with ``gig.graph_classes = dataset``)."""
+        names = self.graph_class_names
+        whose = "the dataset has" if self.config.gig.graph_classes == "dataset" else "the model has"
         if isinstance(cls, str) and not cls.lstrip("-").isdigit():
             if cls not in names:
-                raise StoreError(f"unknown class {cls!r}; classes are 0..{len(names) - 1} or names "
+                raise StoreError(f"unknown class {cls!r}; {whose} classes 0..{len(names) - 1} or names "
                                  f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''})")
             return names.index(cls)
         if not 0 <= int(cls) < len(names):
-            raise StoreError(f"class {cls} out of range: the model has classes 0..{len(names) - 1}")
+            raise StoreError(f"class {cls} out of range: {whose} classes 0..{len(names) - 1}")
         return int(cls)
 
     def graph(self, cls: int | str, top: int | None = None, gamma: str | None = None) -> dict[str, Any]:
@@ -304,11 +315,12 @@ class Run:
         from gig_dist.stages.pairs import gig_pairs
 
         top, gamma = top or gig.graph_top, gamma or gig.graph_gamma
-        if top > gig.top_edges and gamma == "class":
+        if top > gig.top_edges and (gamma == "class" or gig.graph_classes == "dataset"):
             raise StoreError(f"--top {top}: the run kept {gig.top_edges} sources per class and target concept "
-                             "(gig.top_edges); use --top at most that, or --gamma dataset")
+                             "(gig.top_edges); use --top at most that"
+                             + (", or --gamma dataset" if gig.graph_classes == "model" else ""))
         return build_graphs(self.store, self.dictionary, gig_pairs(self.config, list(self.store.taps)), top,
-                            gamma)[index]
+                            gamma, names=self.graph_class_names, by=gig.graph_classes)[index]
 
     # -- the atlas ----------------------------------------------------------------------------------
 
@@ -398,7 +410,7 @@ class Run:
             ax.text(x1 + 0.35 * (x2 - x1), y1 + 0.38 + 0.35 * (y2 - y1 - 1.0), f"{edge['weight']:.2g}", fontsize=6, ha="center", va="center",
                     color="0.25", zorder=3, bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "linewidth": 0})
         x, y = where[("class", c)]
-        ax.text(x, y, self.class_names[c], ha="center", va="center", fontsize=11,
+        ax.text(x, y, graph["class_name"], ha="center", va="center", fontsize=11,
                 bbox={"boxstyle": "round", "facecolor": "white"}, zorder=3)
         for tap in levels:
             rendered = atlas.has_render(tap) if tap in atlas.taps() else False
@@ -413,7 +425,8 @@ class Run:
                 ax.text(x, y - 0.48, f"{tap}:{node['concept']}", ha="center", fontsize=7)
         ax.set_xlim(-0.2, widest + 0.2)
         ax.set_ylim(-0.8, gap * len(levels) + 0.6)
-        title = f"class {c} ({self.class_names[c]}): {graph.get('gamma', 'dataset')} Gamma"
+        title = (f"{'dataset class' if graph.get('classes') == 'dataset' else 'class'} {c} ({graph['class_name']}): "
+                 f"{graph.get('gamma', 'dataset')} Gamma")
         if graph.get("empty"):
             title += f"\nempty graph: {graph['empty']}"
         ax.set_title(title, fontsize=9)

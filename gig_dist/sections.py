@@ -184,6 +184,12 @@ class GIGConfig(Section):
     #: Where a class graph's lower levels come from: ``class``, the GIG means over the class's
     #: own images (Gamma_c); ``dataset``, the means over all attributed images. See docs/guides/pipeline.md, "Class graphs".
     graph_gamma: Literal["class", "dataset"] = "class"
+    #: Which classes the class graphs are of: ``model``, the model's outputs (an image counts for
+    #: its label where labels are outputs, else its prediction); ``dataset``, the dataset's own
+    #: classes (an image folder's class folders), for data whose labels are not the model's
+    #: outputs. A dataset class's graph starts from its images' GIG toward each one's own
+    #: prediction. See docs/guides/pipeline.md, "Class graphs".
+    graph_classes: Literal["model", "dataset"] = "model"
     #: Refine the integral where it is coarse: a target whose relative completeness gap exceeds
     #: ``max_gap`` after ``steps`` is integrated again with twice the steps, and again, up to
     #: ``max_steps``. The steps each target used and its gap at ``steps`` are stored. ``None``: off.

@@ -142,7 +142,8 @@ def map_labels(mode: str, groups: np.ndarray, dataset_classes: list[str], num_ou
             warning = (f"the dataset's {what} are not the model's {num_outputs} outputs, so a label is not an output "
                        f"index; images are grouped by the model's prediction instead. Set dataset.label_map to a file "
                        f"mapping class names to output indices ('imagenet' for ImageNet wnid folders), or use a model "
-                       f"with model.num_classes = {count}")
+                       f"with model.num_classes = {count}; gig.graph_classes=dataset draws the class graphs by the dataset's own "
+                       f"classes")
             return LabelMap(none, default_names, "prediction", warning)
     if mode == "prediction":
         return LabelMap(none, default_names, "prediction")

@@ -245,6 +245,11 @@ def apply_label_map(index: DatasetIndex, mode: str, num_outputs: int, output_nam
                       labelled=bool((groups >= 0).any()))
 
 
+def dataset_groups(index: DatasetIndex) -> np.ndarray:
+    """The dataset's own class of every image (-1: unlabelled), whatever the labels map to."""
+    return np.asarray(index.groups if index.groups is not None else index.labels, dtype=np.int64)
+
+
 def with_labels(index: DatasetIndex, mapped: LabelMap) -> DatasetIndex:
     return replace(index, labels=mapped.labels, class_names=mapped.class_names, label_source=mapped.source)
 

@@ -58,6 +58,9 @@ class Report:
         self.site = Path(site).resolve()
         self.summary = ReportSummary(self.site)
         self.class_names = self.run.class_names
+        #: The classes the graphs are of (``gig.graph_classes``): the model's, or the dataset's own.
+        self.graph_names = self.run.graph_class_names
+        self.by = self.config.gig.graph_classes
         self.atlas = self.store.family(AtlasSection, self.dictionary)
         self.gig = self.store.family(GIGSection, self.dictionary)
         self.concepts = self.store.family(ConceptsSection, self.dictionary)
@@ -84,7 +87,8 @@ class Report:
         path = self.site / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render(template, title=title, depth=depth, concept_link=self.concept_link,
-                               class_link=self.class_link, image_pages=self.image_set, **values))
+                               class_link=self.class_link, graph_link=self.graph_link, image_pages=self.image_set,
+                               **values))
         self.summary.pages += 1
 
     def _matrix(self, pair: tuple[str, str]) -> np.ndarray | None:
@@ -104,15 +108,22 @@ class Report:
         return f"<a href='{up}concept/{safe(tap)}/{k}.html'>{thumb} {html.escape(label or f'{tap}:{k}')}</a>"
 
     def class_link(self, c: int, depth: int) -> str:
-        if self.attributed is not None and c not in self.attributed:  # no page: no attributed image
+        """A model class, linked to its graph's page where it has one."""
+        if self.by == "dataset":  # the graphs are of the dataset's classes: a model class has no page
             return html.escape(self.class_names[c])
-        return f"<a href='{'../' * depth}class/{c}.html'>{html.escape(self.class_names[c])}</a>"
+        return self.graph_link(c, depth)
+
+    def graph_link(self, c: int, depth: int) -> str:
+        """A graph class (``gig.graph_classes``), linked to its page where it has one."""
+        if self.attributed is not None and c not in self.attributed:  # no page: no attributed image
+            return html.escape(self.graph_names[c])
+        return f"<a href='{'../' * depth}class/{c}.html'>{html.escape(self.graph_names[c])}</a>"
 
     def _read_graphs(self) -> tuple[dict[int, dict[str, Any]], list[int] | None]:
         if not self.gig.has_graphs():
             return {}, None
         graphs = {}
-        for c in range(len(self.class_names)):
+        for c in range(len(self.graph_names)):
             try:
                 graphs[c] = self.gig.read_graph(c)
             except StoreError:  # not built yet
@@ -262,13 +273,13 @@ class Report:
         names = self.class_names
         for start in np.unique(wanted // unit) * unit:
             r = ImageRange(int(start), int(min(start + unit, self.store.num_images)))
-            classes = meta.image_classes(r)
+            classes = meta.graph_classes(r, self.by)
             _, prediction = meta.read_status(r)
             for i in wanted[(wanted >= r.start) & (wanted < r.stop)]:
                 p, cls = int(prediction[i - r.start]), int(classes[i - r.start])
                 self.image_facts[int(i)] = {"label": self.run.dataset_label(int(i)) or "unlabelled",
                                             "prediction": names[p] if 0 <= p < len(names) else "",
-                                            "class": cls}
+                                            "class": cls}  # the graph class it counts for
 
     def _picture(self, image: int) -> np.ndarray | None:
         """Write image ``image`` as the model saw it (img/image/<i>.jpg) once; its pixels, or None
@@ -355,12 +366,12 @@ class Report:
             self.build_class(c, self.graphs[c])
 
     def build_class(self, c: int, graph: dict[str, Any]) -> None:
-        title = f"class {c}: {self.class_names[c]}"
+        title = f"{'dataset class' if self.by == 'dataset' else 'class'} {c}: {self.graph_names[c]}"
         if graph.get("empty") or not graph["edges"]:
             self._write(f"class/{c}.html", "class.html", title, 1, empty=graph.get("empty") or "no edges",
                         examples=self._examples(c))
             return
-        svg, self.layout = figures.class_graph_svg(self.site, graph, self.class_names, self.layout)
+        svg, self.layout = figures.class_graph_svg(self.site, graph, self.graph_names, self.layout)
         shared = [{"tap": n["tap"], "concept": n["concept"],
                    "names": ", ".join(n.get("shared_with_names", map(str, n["shared_with"])))}
                   for n in graph["nodes"] if n.get("shared")]
@@ -372,10 +383,10 @@ class Report:
         self._write(f"class/{c}.html", "class.html", title, 1, empty=None, images=graph.get("images", "?"),
                     examples=self._examples(c),
                     gamma=graph.get("gamma", "dataset"), how=how, svg=svg, shared=shared, edges=edges,
-                    class_name=self.class_names[c])
+                    class_name=self.graph_names[c])
 
     def _examples(self, c: int) -> list[dict[str, Any]]:
-        """The attributed images that count for class ``c`` (each with a page)."""
+        """The attributed images that count for graph class ``c`` (each with a page)."""
         return [{"image": int(i), **self.image_facts[int(i)]} for i in self.images
                 if self.image_facts.get(int(i), {}).get("class") == c and self.pictures.get(int(i))]
 
@@ -405,7 +416,8 @@ class Report:
             stages=stages, plots=self._plots(stats, gig), evaluation=self._evaluation(), sweep=self._sweep(),
             panels=self._panels(), classes=self.attributed or [],
             by_class=[(c, self._examples(c)) for c in (self.attributed or [])],
-            unattributed=len(self.class_names) - len(self.attributed) if self.attributed is not None else 0,
+            unattributed=len(self.graph_names) - len(self.attributed) if self.attributed is not None else 0,
+            class_kind="dataset's" if self.by == "dataset" else "model's",
             config=yaml.safe_dump(store.manifest.config, sort_keys=False))
 
     def _plots(self, stats: dict[str, dict], gig: dict[str, dict]) -> list[dict[str, str]]:

@@ -93,6 +93,24 @@ def check_pairs(config: Config, pairs: list[Pair], order: list[str], channels: d
     return errors
 
 
+def graph_class_names(config: Config, facts: Facts) -> list[str]:
+    """The classes the class graphs are of (``gig.graph_classes``), one name per graph: the
+    model's outputs, or the dataset's own classes."""
+    if config.gig.graph_classes == "dataset":
+        return list(facts.dataset_classes)
+    names = list(facts.class_names)
+    return names + [str(c) for c in range(len(names), facts.num_outputs)]
+
+
+def check_graph_classes(config: Config, facts: Facts) -> list[str]:
+    """Why the class graphs cannot be of the classes ``gig.graph_classes`` asks for (empty: they can)."""
+    if config.gig.graph_classes != "dataset" or facts.dataset_classes:
+        return []
+    return ["gig.graph_classes = dataset groups the images by the dataset's named classes (an image folder's "
+            "class folders), and this dataset has none (unlabelled images, or a file list's integer labels); use "
+            "gig.graph_classes = model"]
+
+
 def num_targets(config: Config, target: str) -> int:
     return 2 if target == LOGITS else config.gig.targets
 

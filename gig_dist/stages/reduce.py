@@ -13,7 +13,10 @@ order units ran.
 For pairs between concepts, each block also writes its sums per class (sparse: the source and
 target concepts each image of the class attributed), and ``finish`` adds those up class group by
 class group into the class-conditional Gamma_c^(a->b) the class graphs read: per class and
-target concept its ``gig.top_edges`` strongest sources. No step holds more than one block's
+target concept its ``gig.top_edges`` strongest sources. The classes are the graphs' classes
+(``gig.graph_classes``): the model's outputs, or the dataset's own classes; for the latter the
+pairs to the logits get per-class sums too, of each image's GIG toward its own class (one
+target), which the graphs' top level reads. No step holds more than one block's
 entries, or one class group's. Then the per-source arrays of the attribute stage are deleted,
 unless ``gig.keep_image_attributions``.
 """
@@ -42,7 +45,13 @@ from gig_dist.stages.base import (
     WorkUnit,
     level_of,
 )
-from gig_dist.stages.pairs import Pair, gig_pairs, num_targets
+from gig_dist.stages.pairs import (
+    Pair,
+    check_graph_classes,
+    gig_pairs,
+    graph_class_names,
+    num_targets,
+)
 from gig_dist.store import (
     PROCESSED,
     ArraySpec,
@@ -73,8 +82,9 @@ class ReduceStage(Stage):
     # gig.images is its coverage: a block records the image its sums stop at, and runs again when
     # that changes; the final step runs again when the covered images change. The stages that
     # read the matrices (graphs, evaluate) have gig.images among their own result keys.
-    result_keys = ("gig.top_edges", "gig.keep_image_attributions", "gig.dense_matrix_mib", "gig.reduce_block_units")
-    later_keys = {"gig.reduce_block_units": 16}
+    result_keys = ("gig.top_edges", "gig.keep_image_attributions", "gig.dense_matrix_mib", "gig.reduce_block_units",
+                   "gig.graph_classes")
+    later_keys = {"gig.reduce_block_units": 16, "gig.graph_classes": "model"}
     per_dictionary = True
     coverage_key = "gig.images"
     # 2: class-conditional Gamma of concept pairs; 3: from float32 per-image GIG, sparse block
@@ -84,6 +94,29 @@ class ReduceStage(Stage):
 
     def pairs(self, facts: Facts) -> list[Pair]:
         return gig_pairs(self.config, list(facts.taps))
+
+    @classmethod
+    def check(cls, config, facts: Facts) -> list[str]:
+        return check_graph_classes(config, facts)
+
+    @property
+    def by(self) -> str:
+        """Which classes the class-conditional sums are of (``gig.graph_classes``)."""
+        return self.config.gig.graph_classes
+
+    def classes(self, facts: Facts) -> int:
+        """The number of graph classes."""
+        return len(graph_class_names(self.config, facts))
+
+    def has_classes(self, pair: Pair) -> bool:
+        """Whether a pair has per-class sums: pairs between concepts; to the logits, for graphs
+        of the dataset's classes (their top level)."""
+        return pair[1] != LOGITS or self.by == "dataset"
+
+    def class_columns(self, pair: Pair, columns: int) -> int:
+        """Targets of a pair's per-class sums: its target concepts; one for the logits (each
+        image's own class)."""
+        return 1 if pair[1] == LOGITS else columns
 
     def dense(self, k_a: int, columns: int) -> bool:
         """Whether a pair's dataset Gamma is kept dense (``gig.dense_matrix_mib``)."""
@@ -107,10 +140,11 @@ class ReduceStage(Stage):
                                      blocks=len(self.blocks(facts)), matrix_shape=(k_a, columns),
                                      capacity=min(block_images * width * slots, k_a * columns),
                                      dense=self.dense(k_a, columns))
-            if target != LOGITS:
+            if self.has_classes((source, target)):
                 specs += class_specs(facts, self.dictionary, (source, target), blocks=len(self.blocks(facts)),
-                                     capacity=block_images * width * slots, k_a=sizes.concepts(source), k_b=columns,
-                                     edges=self.config.gig.top_edges)
+                                     capacity=block_images * width * slots, k_a=sizes.concepts(source),
+                                     k_b=self.class_columns((source, target), columns), edges=self.config.gig.top_edges,
+                                     classes=self.classes(facts))
         return specs
 
     def plan(self, facts: Facts) -> list[WorkUnit]:
@@ -158,22 +192,28 @@ class ReduceStage(Stage):
             # A unit's entries (class, key, value, the sort) and the running sums twice (the sums
             # so far, and their concatenation with the unit's); the class sums likewise, each
             # (class, key) at most once per entry.
-            classes = 0 if target == LOGITS else 2 * 32 * min(entries, k_a * columns * facts.num_outputs)
+            classes = (2 * 32 * min(entries, k_a * self.class_columns((source, target), columns) * self.classes(facts))
+                       if self.has_classes((source, target)) else 0)
             worker = max(worker, 48 * unit + 2 * 24 * stored + classes + 2 * facts.images_per_unit * t * width * 8)
             if self.dense(k_a, columns):
                 driver = max(driver, k_a * columns * 8 + 24 * stored)
                 dense.append((f"{source} -> {target} Gamma", (k_a, columns), "float64"))
             else:
                 driver = max(driver, 40 * min(k_a * columns, stored * len(self.blocks(facts))) + 24 * stored)
-            if target != LOGITS:  # finish: one class group's sums of every block, twice
-                driver = max(driver, 2 * self.class_group(facts, width, t) * class_entry_bytes(facts, width, t))
+            if self.has_classes((source, target)):  # finish: one class group's sums of every block, twice
+                driver = max(driver, 2 * self.class_group(facts, width, slots) * self.class_entry_bytes(facts, width, slots))
         return Footprint(worker, driver, dense)
 
     def class_group(self, facts: Facts, width: int, targets: int) -> int:
         """Classes per step of the class-conditional reduction: as many as keep a group's
         entries under CLASS_GROUP_BYTES at their bound (at least one)."""
-        per_class = class_entry_bytes(facts, width, targets)
+        per_class = self.class_entry_bytes(facts, width, targets)
         return max(1, min(CLASS_GROUP, CLASS_GROUP_BYTES // max(per_class, 1)))
+
+    def class_entry_bytes(self, facts: Facts, width: int, targets: int) -> int:
+        """Bytes of one class's entries (class, key, value) in the sums of every block, at their
+        bound: as if its images were an even share of the dataset."""
+        return 32 * max(1, facts.num_images // max(self.classes(facts), 1)) * width * targets
 
     def open_worker(self, device: str) -> ReduceWorker:
         return ReduceWorker(self)
@@ -220,7 +260,7 @@ class ReduceStage(Stage):
                     values /= images
                 else:
                     matrix /= images
-            if pair[1] != LOGITS:
+            if self.has_classes(pair):
                 self.finish_classes(store, gig, pair, [u.index % len(self.blocks(store.facts)) for u in blocks],
                                     self.store_units_in(store, blocks))
             gig.write_matrix(pair, (keys, values) if sparse else matrix, count, {
@@ -256,16 +296,17 @@ class ReduceStage(Stage):
     def finish_classes(self, store: RunStore, gig, pair: Pair, blocks: list[int], units: list[ImageRange]) -> None:
         """The class-conditional Gamma: each class group's block sums added in block order,
         divided by the class's image count, cut to each target's strongest sources."""
-        classes = store.facts.num_outputs
+        classes = self.classes(store.facts)
         count = np.zeros(classes, dtype=np.int64)
+        meta = store.family(MetaSection)
         for r in units:
-            status, prediction = store.family(MetaSection).read_status(r)
-            _, labels = store.family(MetaSection).read_index(r)
-            cls = image_class(labels, prediction)[status == PROCESSED]
+            status, _ = meta.read_status(r)
+            cls = meta.graph_classes(r, self.by)[status == PROCESSED]
             count += np.bincount(cls[cls >= 0], minlength=classes)[:classes]
-        k_a, k_b = gig.matrix_shape(pair)
+        k_a, columns = gig.matrix_shape(pair)
+        k_b = self.class_columns(pair, columns)
         group = self.class_group(store.facts, StoreSizes(store, self.dictionary).max_active(pair[0]),
-                                 num_targets(self.config, pair[1]))
+                                 1 if pair[1] == LOGITS else num_targets(self.config, pair[1]))
         for first in range(0, classes, group):
             stop = min(first + group, classes)
             parts = [gig.read_class_block(pair, b, first, stop) for b in blocks]
@@ -303,29 +344,27 @@ class ReduceWorker(StageWorker):
         # Streamed a store unit at a time: the block's sums so far, then the unit's entries. Each
         # key's values are still added in image order (bincount adds in the order given), so the
         # sums are bitwise those of the whole block's entries at once, at a unit's memory.
+        per_class_span = shape[0] * self.stage.class_columns(pair, shape[1])
         for r in self.stage.store_units_in(self.store, [unit]):
             entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, shape, count, entries)
+            groups = self.store.family(MetaSection).graph_classes(r, self.stage.by)
+            images += reduce_unit(self.store, self.gig, pair, r, self.config.gig.top_edges, shape, count, entries, groups)
             if not entries:
                 continue
             classes, keys, values = (np.concatenate([e[i] for e in entries]) for i in range(3))
             total = _add(total, np.zeros_like(keys), keys, values, span)
-            if pair[1] != LOGITS:
+            if self.stage.has_classes(pair):
                 known = classes >= 0
-                per_class = _add(per_class, classes[known], keys[known], values[known], span)
+                # to the logits, one target per image (its own class): the key is the source
+                class_keys = keys[known] // shape[1] if pair[1] == LOGITS else keys[known]
+                per_class = _add(per_class, classes[known], class_keys, values[known], per_class_span)
         self.gig.write_block(pair, block, total[1], total[2], count, self.stage.block_stop(unit, self.store.facts))
-        if pair[1] != LOGITS:
+        if self.stage.has_classes(pair):
             classes, keys, values = per_class
-            self.gig.write_class_block(pair, block, keys, values, class_offsets(classes, self.store.facts.num_outputs))
+            self.gig.write_class_block(pair, block, keys, values, class_offsets(classes, self.stage.classes(self.store.facts)))
         if progress is not None:
             progress(unit.size)
         return UnitReport(unit.index, images, 0)
-
-
-def class_entry_bytes(facts: Facts, width: int, targets: int) -> int:
-    """Bytes of one class's entries (class, key, value) in the sums of every block, at their
-    bound: as if its images were an even share of the dataset."""
-    return 32 * max(1, facts.num_images // max(facts.num_outputs, 1)) * width * targets
 
 
 def _add(running: tuple[np.ndarray, ...], classes: np.ndarray, keys: np.ndarray, values: np.ndarray,
@@ -336,10 +375,10 @@ def _add(running: tuple[np.ndarray, ...], classes: np.ndarray, keys: np.ndarray,
 
 
 def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int, shape: tuple[int, int],
-                count: np.ndarray, entries: list) -> int:
-    """Per-image results of store unit ``r``; its images' matrix entries (class, source *
-    columns + column, GIG) appended to ``entries`` in image order, and its images per column
-    added to ``count``. Step ranges' partial sums are added into the images' float32 vectors
+                count: np.ndarray, entries: list, groups: np.ndarray) -> int:
+    """Per-image results of store unit ``r``; its images' matrix entries (graph class from
+    ``groups``, source * columns + column, GIG) appended to ``entries`` in image order, and its
+    images per column added to ``count``. Step ranges' partial sums are added into the images' float32 vectors
     here. Returns the number of processed images."""
     source, target = pair
     parts = gig.read_unit(pair, r)
@@ -377,6 +416,6 @@ def reduce_unit(store: RunStore, gig, pair: Pair, r: ImageRange, top_edges: int,
         used = sources[row] >= 0
         if len(slots):
             keys = chosen[row, slots][:, None].astype(np.int64) + sources[row, used][None, :].astype(np.int64) * shape[1]
-            entries.append((np.full(keys.size, classes[row], dtype=np.int64), keys.ravel(),
+            entries.append((np.full(keys.size, groups[row], dtype=np.int64), keys.ravel(),
                             summed[row][slots][:, used].ravel()))
     return len(processed)

@@ -218,7 +218,7 @@ class RunStore:
 
     @classmethod
     def create(cls, url: str, manifest: Manifest, facts: Facts, paths: list[str], labels: np.ndarray,
-               fence: Fence | None = None) -> RunStore:
+               groups: np.ndarray, fence: Fence | None = None) -> RunStore:
         """A new store at ``url`` (which :meth:`claim` cleared): the marker first, then the image
         index, then the manifest's ``ready`` state, the commit point of creation."""
         from gig_dist.store.meta import index_specs
@@ -234,7 +234,7 @@ class RunStore:
         store.ensure_arrays("index", index_specs(facts))
         from gig_dist.store.meta import MetaSection
 
-        store.family(MetaSection).write_index(paths, labels)
+        store.family(MetaSection).write_index(paths, labels, groups)
         store.manifest.state = "ready"
         store.save_manifest()
         return store

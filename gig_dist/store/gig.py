@@ -165,10 +165,12 @@ def sparse_matrix_specs(base: str, k_a: int, columns: int, capacity: int) -> lis
 
 
 def class_specs(facts: Facts, dictionary: str, pair: Pair, *, blocks: int, capacity: int, k_a: int, k_b: int,
-                edges: int) -> list[ArraySpec]:
-    """The class-conditional Gamma of a concept pair: ``capacity`` bounds one block's entries
-    (images x source slots x targets); only the entries a block has are ever written."""
-    base, classes = f"gig/{dictionary}/{pair_key(*pair)}", facts.num_outputs
+                edges: int, classes: int) -> list[ArraySpec]:
+    """The class-conditional Gamma of a pair, per graph class (``classes`` of them; see
+    ``gig.graph_classes``): ``capacity`` bounds one block's entries (images x source slots x
+    targets); only the entries a block has are ever written. To the logits (graphs of the
+    dataset's classes) it has one target: each image's own class."""
+    base = f"gig/{dictionary}/{pair_key(*pair)}"
     chunk = min(ENTRY_CHUNK, max(capacity, 1))
     return [
         ArraySpec(f"{base}/class_block/key", (blocks, capacity), key_dtype(k_a * k_b), ("block", "entry"), (1, chunk),
@@ -185,8 +187,7 @@ def class_specs(facts: Facts, dictionary: str, pair: Pair, *, blocks: int, capac
     ]
 
 
-def graph_specs(facts: Facts, dictionary: str) -> list[ArraySpec]:
-    classes = facts.num_outputs
+def graph_specs(facts: Facts, dictionary: str, classes: int) -> list[ArraySpec]:
     return [ArraySpec(f"gig/{dictionary}/graphs", (classes,), "str", ("class",), (max(classes, 1),), fill_value="")]
 
 
@@ -464,7 +465,7 @@ class GIGSection:
             raise StoreError(f"{self.store.url} has no class graphs yet; run the pipeline to the end")
         graphs = self.store.array(f"gig/{self.dictionary}/graphs")
         if not 0 <= class_index < graphs.shape[0]:
-            raise StoreError(f"class {class_index} out of range: the model has {graphs.shape[0]} classes")
+            raise StoreError(f"class {class_index} out of range: the run has {graphs.shape[0]} class graphs")
         text = str(graphs[class_index])
         if not text:
             raise StoreError(f"{self.store.url}: the class graphs are not built yet; run the pipeline to the end")

@@ -3,7 +3,10 @@
     meta/path        (image,)            image path (``toy://seed/index/size`` for the toy world); a
                                          name that is not UTF-8 as ``fsbytes:`` and its bytes
                                          percent-encoded
-    meta/label       (image,)            int64 label, -1 when unknown
+    meta/label       (image,)            int64 label as a model output, -1 when unknown or not one
+    meta/group       (image,)            int64 the dataset's own class (an index into the facts'
+                                         ``dataset_classes``), -1 when unlabelled; stores made
+                                         before it get it when a run resumes them
     meta/status      (image,)            uint8: 0 pending, 1 processed, 2 skipped
     meta/skip_reason (image,)            why an image was skipped ('' otherwise)
     meta/logits      (image, output)     float32 model outputs (NaN for skipped images)
@@ -58,7 +61,8 @@ def loaded_path(stored: str) -> str:
 def index_specs(facts: Facts) -> list[ArraySpec]:
     """The index, written when the store is created."""
     return [per_image_spec(facts, "meta/path", (), "str", "", ()),
-            per_image_spec(facts, "meta/label", (), "int64", -1, ())]
+            per_image_spec(facts, "meta/label", (), "int64", -1, ()),
+            per_image_spec(facts, "meta/group", (), "int64", -1, ())]
 
 
 def extraction_specs(facts: Facts, pfv_dtype: str, pfvs: bool = True) -> list[ArraySpec]:
@@ -92,11 +96,31 @@ class MetaSection:
 
     # -- the index -----------------------------------------------------------------------------
 
-    def write_index(self, paths: list[str], labels: np.ndarray) -> None:
+    def write_index(self, paths: list[str], labels: np.ndarray, groups: np.ndarray) -> None:
         for r in self.store.units():  # one unit at a time: each write covers whole chunks only
             self.store.array("meta/path")[r.start : r.stop] = np.asarray(
                 [stored_path(p) for p in paths[r.start : r.stop]], dtype=str)
             self.store.array("meta/label")[r.start : r.stop] = labels[r.start : r.stop]
+        self.write_groups(groups)
+
+    def write_groups(self, groups: np.ndarray) -> None:
+        """The dataset's own class of every image (a store made before ``meta/group`` gets it
+        when a run resumes it: the driver passes the dataset's index)."""
+        for r in self.store.units():
+            self.store.array("meta/group")[r.start : r.stop] = groups[r.start : r.stop]
+
+    def has_groups(self) -> bool:
+        return self.store.has("meta/group")
+
+    def read_groups(self, r: ImageRange) -> np.ndarray:
+        """The dataset's own class of images ``r`` (an index into ``facts.dataset_classes``; -1:
+        unlabelled)."""
+        return self.store.array("meta/group")[r.start : r.stop]
+
+    def graph_classes(self, r: ImageRange, by: str) -> np.ndarray:
+        """The class each image of ``r`` counts for in the class graphs (``gig.graph_classes``):
+        ``model``, :meth:`image_classes`; ``dataset``, its dataset class (-1: none)."""
+        return self.read_groups(r) if by == "dataset" else self.image_classes(r)
 
     def read_index(self, r: ImageRange) -> tuple[list[str], np.ndarray]:
         paths = [loaded_path(str(p)) for p in self.store.array("meta/path")[r.start : r.stop]]

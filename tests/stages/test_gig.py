@@ -3,6 +3,7 @@ stages (sharding invariance, resumption), and bad input."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -551,6 +552,121 @@ def test_class_conditional_gamma_is_the_mean_over_the_class_images(reference):
     # The class averages add up to the dataset mean (a concept not among an image's targets counts 0).
     dataset = g[f"{key}/matrix"][...]
     np.testing.assert_allclose((dense * count[:, None, None]).sum(0) / count.sum(), dataset, rtol=1e-9, atol=1e-12)
+
+
+def _brute_class_means(g, key: str, groups: np.ndarray, classes: int, images: int, own_class=None):
+    """Per graph class the mean over its attributed images of the stored per-image GIG (source,
+    target slot) into a dense (classes, K_a, columns) array; to the logits (``own_class``: each
+    image's class index) only each image's own class, in one column."""
+    partial = g[f"{key}/attribution"][...].astype(np.float64)
+    sources, targets, status = g[f"{key}/source"][...], g[f"{key}/target"][...], g["meta/status"][...]
+    k_a, k_b = g[f"{key}/matrix"].shape
+    columns = 1 if own_class is not None else k_b
+    dense, count = np.zeros((classes, k_a, columns)), np.zeros(classes, dtype=int)
+    for i in range(images):
+        if status[i] != 1 or groups[i] < 0:
+            continue
+        count[groups[i]] += 1
+        for slot, m in enumerate(targets[i]):
+            if m < 0 or (own_class is not None and m != own_class[i]):
+                continue
+            for w, k in enumerate(sources[i]):
+                if k >= 0:
+                    dense[groups[i], k, 0 if own_class is not None else m] += partial[i, slot, w]
+    return dense / np.maximum(count, 1)[:, None, None], count
+
+
+def test_graphs_of_the_dataset_classes_where_labels_are_not_outputs(tmp_path):
+    """gig.graph_classes = dataset: a 12-output head on the 8-class toy world groups images by
+    prediction; the graphs are of the toy world's 8 classes, from the per-image GIG by hand."""
+    from gig_dist.toy.world import CLASS_NAMES, toy_label
+
+    with pytest.warns(UserWarning, match="grouped by the model's prediction"):
+        config = toy_config(PAIRS, "gig.images=16", KEEP, "model.weights=none", "model.num_classes=12",
+                            "gig.graph_classes=dataset")
+        store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr").url)
+    g = zgroup(store)
+    groups = g["meta/group"][...]
+    assert groups.tolist() == [toy_label(0, int(str(p).split("/")[3])) for p in g["meta/path"][...]]
+    assert (g["meta/label"][...] == -1).all()  # the labels are not outputs
+    gig = store.family(GIGSection, "bisecting_kmeans")
+    graphs = [gig.read_graph(c) for c in range(len(CLASS_NAMES))]
+    with pytest.raises(Exception, match="out of range"):
+        gig.read_graph(len(CLASS_NAMES))
+    assert [graph["class_name"] for graph in graphs] == list(CLASS_NAMES)
+    assert all(graph["classes"] == "dataset" for graph in graphs)
+    # top level: each dataset class's mean GIG toward its images' own classes (their predictions)
+    prediction = g["meta/prediction"][...]
+    top, count = _brute_class_means(g, "gig/bisecting_kmeans/layer3.1__logits", groups, len(CLASS_NAMES), 16,
+                                     own_class=prediction)
+    assert gig.read_class_count(("layer3.1", LOGITS)).tolist() == count.tolist() and count.sum() == 16
+    drawn = 0
+    for c, graph in enumerate(graphs):
+        assert graph["images"] == count[c]
+        column = top[c, :, 0]
+        expect = [k for k in np.argsort(-column, kind="stable")[:3] if column[k] > 0]
+        first = [e for e in graph["edges"] if e["level"] == 0]
+        assert [e["source"][1] for e in first] == expect, c
+        assert all(e["target"] == ["class", c] for e in first)
+        np.testing.assert_allclose([e["weight"] for e in first], column[expect], rtol=1e-5)
+        drawn += bool(first)
+        if count[c] == 0:
+            assert graph["empty"].startswith("no attributed image of dataset class")
+    assert drawn >= 3
+    # lower level: the class-conditional Gamma of layer2.1 -> layer3.1 over each dataset class's images
+    lower, count = _brute_class_means(g, "gig/bisecting_kmeans/layer2.1__layer3.1", groups, len(CLASS_NAMES), 16)
+    assert gig.read_class_count(("layer2.1", "layer3.1")).tolist() == count.tolist()
+    for c, graph in enumerate(graphs):
+        for edge in (e for e in graph["edges"] if e["level"] == 1):
+            (_, k), (_, m) = edge["source"], edge["target"]
+            np.testing.assert_allclose(edge["weight"], lower[c, k, m], rtol=1e-5)
+            assert edge["weight"] >= np.sort(lower[c, :, m])[-3] * (1 - 1e-5)  # among its 3 strongest
+    # the read layer and the CLI name the dataset's classes
+    run = open_run(store.url)
+    assert run.graph_class_names == list(CLASS_NAMES)
+    assert run.graph(CLASS_NAMES[1])["class_name"] == CLASS_NAMES[1]
+    text = subprocess.run([*CLI, "graph", store.url, "--class", CLASS_NAMES[1]], capture_output=True, text=True)
+    assert text.returncode == 0 and text.stdout.startswith(f"dataset class 1 ({CLASS_NAMES[1]})"), text.stderr
+    # the report's class pages are the dataset's classes, each with its own images
+    site = build_report(store.url, tmp_path / "site").site
+    for c, graph in enumerate(graphs):
+        page = site / "class" / f"{c}.html"
+        assert page.exists() == bool(graph["images"]), c
+        if graph["images"]:
+            text = page.read_text()
+            assert f"dataset class {c}: {CLASS_NAMES[c]}" in text
+            shown = {int(i) for i in re.findall(r"\.\./image/(\d+)\.html", text)}
+            assert shown and {int(groups[i]) for i in shown} == {c}
+    assert "of the dataset's 8 classes" in (site / "index.html").read_text() or all(gr["images"] for gr in graphs)
+
+
+def test_a_store_made_before_meta_group_gets_it_when_resumed(tmp_path):
+    """Stores made before ``meta/group`` existed: a run that resumes one writes it from the index."""
+    from gig_dist.toy.world import toy_label
+
+    config = toy_config("dataset.toy.num_images=20")
+    url = pipeline.run(config, tmp_path / "run.zarr", until="extract").url
+    store = RunStore.open(url, mode="r+")
+    store.delete("meta/group", "index")
+    assert not RunStore.open(url).has("meta/group")
+    pipeline.run(config, url, until="extract")
+    groups = zgroup(RunStore.open(url))["meta/group"][...]
+    paths = zgroup(RunStore.open(url))["meta/path"][...]
+    assert groups.tolist() == [toy_label(0, int(str(p).split("/")[3])) for p in paths]
+
+
+def test_graphs_of_the_dataset_classes_need_named_classes(tmp_path):
+    """A file list's integer labels name no classes: refused before any work."""
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{image} 3\n{image} 5\n")
+    with pytest.raises(ConfigError, match="gig.graph_classes = dataset groups the images by the dataset's named"):
+        pipeline.run(toy_config("dataset.kind=filelist", f"dataset.path={listing}", "model.num_classes=12",
+                                "model.weights=none", "gig.graph_classes=dataset"), tmp_path / "run.zarr")
+    assert not (tmp_path / "run.zarr").exists()
 
 
 def test_graphs_name_shared_classes_scale_levels_and_explain_empty_ones(tmp_path):

@@ -38,7 +38,7 @@ FACTS = Facts(num_images=10, images_per_unit=4, images_per_chunk=2, zstd_level=1
 def make_store(url: str) -> RunStore:
     assert not RunStore.claim(url, overwrite=False)  # (the pipeline holds a lease first; not needed here)
     return RunStore.create(url, Manifest(0, "creating", config={"x": 1}), FACTS, [f"p{i}" for i in range(10)],
-                           np.arange(10) % 2)
+                           np.arange(10) % 2, np.arange(10) % 2)
 
 
 def test_create_marks_first_and_reopens_with_a_typed_manifest(tmp_path):
