@@ -340,9 +340,29 @@ class Run:
         valid = members["image"] >= 0
         rows = atlas.rows(tap)[concept][valid]
         crops = atlas.read_crops("crop", rows) if atlas.has_render(tap) else None
+        heat = atlas.read_crops("heat", rows) if crops is not None and atlas.has_heat() else None
         return {"image": members["image"][valid], "position": members["position"][valid],
-                "value": members["value"][valid], "crop": crops,
+                "value": members["value"][valid], "crop": crops, "heat": heat,
                 "kind": str(atlas.read_crops("kind", rows[:1])[0]) if crops is not None and len(rows) else ""}
+
+    def examples(self, tap: str, concept: int) -> dict[str, Any]:
+        """A concept beyond its top members: ``sample``, its random examples (image, position,
+        value; a uniform sample of the PFVs that use it, in hash order; None where the run kept
+        none), each code's ``percentile`` among the concept's uses, and ``histogram``: counts of
+        its code values on the fixed log bins ``edges`` (``kernels.examples``)."""
+        from gig_dist.kernels.examples import HISTOGRAM_EDGES, percentile
+
+        self.members(tap, concept)  # the same checks
+        atlas = self.store.family(AtlasSection, self.dictionary)
+        if not atlas.has_examples(tap):
+            raise StoreError(f"{self.url} was made before random examples and histograms; rerun the members stage "
+                             "(gig-dist run redoes it)")
+        sample, counts = atlas.examples(tap, concept)
+        if sample is not None:
+            valid = sample["image"] >= 0
+            sample = {name: values[valid] for name, values in sample.items()}
+            sample["percentile"] = np.asarray([percentile(counts, float(v)) for v in sample["value"]])
+        return {"sample": sample, "histogram": counts, "edges": HISTOGRAM_EDGES}
 
     def show_concept(self, tap: str, concept: int, columns: int = 4):
         """A figure of a concept: its members' crops, the iERF overlaid, in a grid. A matplotlib

@@ -236,6 +236,10 @@ class AtlasConfig(Section):
     #: then show eight images, not one image's neighbouring positions. ``false``: the strongest
     #: PFVs wherever they are.
     distinct_images: bool = True
+    #: Random examples kept per concept: a deterministic uniform sample of the PFVs that use it
+    #: (any strength), with the histogram of its code values (always kept). The report shows
+    #: them, and among them those nearest the quantiles of its code values. 0: none.
+    examples: int = Field(default=16, ge=0, le=64)
     #: Side in pixels of each member's crop (and of the concept's thumbnail).
     crop: int = Field(default=48, ge=8, le=512)
     #: iERF kind: ``auto`` (SRD where it applies, else gradient), ``srd`` or ``gradient``.

@@ -13,7 +13,7 @@ import pytest
 from gig_dist import open_run, pipeline
 from gig_dist.cli import main
 from gig_dist.report import build_report
-from gig_dist.store import ConceptsSection, GIGSection, RunStore
+from gig_dist.store import AtlasSection, ConceptsSection, GIGSection, RunStore
 from tests.conftest import toy_config, zgroup
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -68,7 +68,27 @@ def test_every_link_and_image_of_the_site_resolves(finished):
     members = run.members("layer2.1", 3)
     page = (summary.site / "concept/layer2.1/3.html").read_text()
     assert all(f"img/image/{i}.jpg" in page for i in members["image"])
-    assert page.count("<span style='top:") == len(members["image"])
+    shown, rest = page.split("<h2>its code values</h2>")
+    assert shown.count("<span style='top:") == len(members["image"])
+    # each member: its iERF outlined on its whole image, and its crop cut from the image undimmed,
+    # the box filling the view (no member strip of overlaid crops is written)
+    assert shown.count("<svg class='contour'") == len(members["image"])
+    assert not (summary.site / "img/layer2.1/m3.png").exists()
+    atlas = store.family(AtlasSection, "bisecting_kmeans")
+    y0, x0, y1, x1 = atlas.read_crops("box", atlas.rows("layer2.1")[3][:1])[0]
+    zoom = 112 / max(y1 - y0, x1 - x0)
+    assert f"background-position:-{x0 * zoom:.1f}px -{y0 * zoom:.1f}px" in shown
+    assert f"background-size:{64 * zoom:.1f}px {64 * zoom:.1f}px" in shown
+    # its code histogram, examples at its quantiles and random examples (up to 8 of the kept sample)
+    examples = run.examples("layer2.1", 3)
+    assert examples["histogram"].sum() == run.store.family(AtlasSection, "bisecting_kmeans").usage("layer2.1")[3]
+    used = np.flatnonzero(examples["histogram"])
+    assert "<svg class='histogram'" in rest and rest.count("<rect ") == used[-1] - used[0] + 1  # first to last used bin
+    quantiles, randoms = rest.split("<h2>random examples</h2>")
+    assert quantiles.count("<figure class='member'>") == 5
+    assert randoms.count("<figure class='member'>") == min(8, len(examples["sample"]["image"]))
+    for i, v in zip(examples["sample"]["image"][:8], examples["sample"]["value"][:8]):
+        assert f"code {v:.3g}<br>image {i}:" in randoms
 
 
 def test_classes_without_attributed_images_get_no_page_and_no_link(tmp_path):

@@ -37,3 +37,16 @@ def member_crop(image: np.ndarray, ierf: np.ndarray, size: int, min_side: int) -
     shown = overlay(image[y0:y1, x0:x1], ierf[y0:y1, x0:x1])
     picture = Image.fromarray(np.round(np.clip(shown, 0, 1) * 255).astype(np.uint8))
     return np.asarray(picture.resize((size, size), Image.BILINEAR)), box
+
+
+#: Side of the stored iERF heat map of a member (its whole input, area-averaged).
+HEAT_SIDE = 32
+
+
+def heat_map(ierf: np.ndarray, side: int = HEAT_SIDE) -> np.ndarray:
+    """The iERF's positive mass over the whole input, area-averaged to (side, side), as uint8
+    relative to its peak (255): what a reader draws as a contour on the whole image."""
+    mass = np.clip(np.asarray(ierf, dtype=np.float32), 0, None)
+    small = np.asarray(Image.fromarray(mass, mode="F").resize((side, side), Image.BOX))
+    peak = small.max()
+    return np.round(255 * small / peak).astype(np.uint8) if peak > 0 else np.zeros((side, side), np.uint8)

@@ -14,6 +14,13 @@ import numpy as np
 import yaml
 
 from gig_dist.kernels import metrics
+from gig_dist.kernels.examples import (
+    HISTOGRAM_EDGES,
+    QUANTILES,
+    percentile,
+    quantile_picks,
+    quantile_values,
+)
 from gig_dist.kernels.gig import LOGITS
 from gig_dist.kernels.graphs import column, row, strongest
 from gig_dist.kernels.metrics import concept_purity
@@ -33,6 +40,8 @@ from gig_dist.store import (
 
 #: Concepts read per block while building.
 BLOCK = 1024
+#: Side in px of a member's crop and of an example on a concept page.
+VIEW = 112
 
 
 @dataclass
@@ -177,6 +186,12 @@ class Report:
         # concept pairs may be stored sparse (gig.dense_matrix_mib): a page reads one column or row
         source_mats = {p: self.gig.read_matrix(p, sparse=True).tocsc() for p in sources}
         target_mats = {p: self.gig.read_matrix(p, sparse=True) for p in targets}
+        samples = histograms = None
+        if has_members and self.atlas.has_examples(tap):
+            samples, histograms = self.atlas.samples(tap), self.atlas.histograms(tap)
+            if samples is not None and tap in self.rendered:
+                self._read_image_facts(samples["image"])
+        heat = tap in self.rendered and self.atlas.has_heat()
         if tap in self.rendered:
             rows_all = self.atlas.rows(tap)
             members = self.atlas.members(tap)
@@ -190,6 +205,7 @@ class Report:
                 block_rows = rows_all[first:stop]
                 crops = self.atlas.read_crops("crop", block_rows).reshape(*block_rows.shape, *thumbs.shape[1:])
                 boxes = self.atlas.read_crops("box", block_rows).reshape(*block_rows.shape, 4)
+                heats = (self.atlas.read_crops("heat", block_rows).reshape(*block_rows.shape, -1) if heat else None)
             for c in range(first, stop):
                 if tap in self.rendered:
                     valid = rows_all[c] >= 0
@@ -197,9 +213,11 @@ class Report:
                     figures.png(crops[c - first][0] if valid[0] else thumbs[c - first],
                                 self.site / "img" / safe(tap) / f"t{c}.png")
                     shown = (crops[c - first][valid], {n: v[c][valid] for n, v in members.items()},
-                             boxes[c - first][valid], kind)
+                             boxes[c - first][valid], kind, heats[c - first][valid] if heats is not None else None)
+                examples = (None if histograms is None else
+                            ({n: v[c] for n, v in samples.items()} if samples is not None else None, histograms[c]))
                 self.build_concept(tap, c, usage, share, importance, class_matrix, tree, source_mats, target_mats,
-                                   shown, purity, part)
+                                   shown, purity, part, examples)
         # index pages
         pages = max(1, -(-k // PAGE))
         how = ("sorted by importance: the largest Gamma to a class" if importance is not None else
@@ -238,16 +256,34 @@ class Report:
         return gig_pairs(self.config, list(self.store.taps))
 
     def build_concept(self, tap: str, c: int, usage, share, importance, class_matrix, tree, source_mats, target_mats,
-                      shown, purity, part) -> None:
+                      shown, purity, part, examples=None) -> None:
         members = None
+        histogram = None
+        counts = examples[1] if examples is not None else None
         if shown is not None:
-            crops, found, boxes, kind = shown
+            crops, found, boxes, kind, heats = shown
+            side = int(round(np.sqrt(heats.shape[1]))) if heats is not None else 0
             members = {"count": len(crops), "kind": kind, "size": crops.shape[1] if len(crops) else 0, "shown": [
                 {"image": int(found["image"][j]), **self.image_facts.get(int(found["image"][j]), {}),
-                 "value": found["value"][j], "context": self._context(int(found["image"][j]), boxes[j])}
+                 "value": found["value"][j], "context": self._context(int(found["image"][j]), boxes[j]),
+                 "contour": figures.contour_svg(heats[j].reshape(side, side)) if heats is not None else "",
+                 "percentile": percentile(counts, float(found["value"][j])) if counts is not None else None}
                 for j in range(len(crops))]}
-            if len(crops):
+            if len(crops) and heats is None:  # a store made before the heat maps: its overlaid crops
                 figures.png(np.concatenate(list(crops), axis=1), self.site / "img" / safe(tap) / f"m{c}.png")
+            members["overlaid"] = heats is None
+        sampled = quantiles = None
+        if counts is not None:
+            sample = examples[0]
+            if sample is not None and shown is not None:
+                valid = np.flatnonzero(sample["image"] >= 0)
+                tiles = [self._example(tap, int(sample["image"][j]), int(sample["position"][j]),
+                                       float(sample["value"][j]), counts) for j in valid]
+                sampled = [t for t in tiles[:8] if t is not None]
+                picks = quantile_picks(np.asarray([float(sample["value"][j]) for j in valid]), counts)
+                quantiles = [{"q": q, **tiles[i]} for q, i in zip(QUANTILES, picks) if i >= 0 and tiles[i] is not None]
+            marks = [(float(v), f"{q:.0%}") for q, v in zip(QUANTILES, quantile_values(counts))]
+            histogram = figures.histogram_svg(counts, HISTOGRAM_EDGES, marks)
         drives = None
         if class_matrix is not None:
             drives = [(int(j), class_matrix[c, j]) for j in np.argsort(-class_matrix[c])[:5] if class_matrix[c, j] > 0]
@@ -255,6 +291,7 @@ class Report:
         self._write(
             f"concept/{safe(tap)}/{c}.html", "concept.html", f"{tap}: concept {c}", 2, tap=tap, concept=c,
             usage=usage[c], share=share[c], importance=None if importance is None else importance[c], members=members,
+            histogram=histogram, sampled=sampled, quantiles=quantiles,
             purity=purity[c] if pure else None, part=self._part_name(part[c]) if pure else "",
             background=self._background(tap, c),
             tree=self._tree(c, tree),
@@ -290,20 +327,47 @@ class Report:
             self.pictures[image] = None
             return None
         if image not in self.pictures:
-            figures.jpeg(array, self.site / "img" / "image" / f"{image}.jpg")
+            # at least the model's resolution: member crops are cut from it (_context)
+            figures.jpeg(array, self.site / "img" / "image" / f"{image}.jpg", side=max(160, *array.shape[:2]))
             self.pictures[image] = array.shape[:2]
         return array
 
     def _context(self, image: int, box: np.ndarray) -> dict[str, Any] | None:
-        """A member's whole image with its crop's box, as CSS percentages of the picture."""
+        """A member's whole image with its crop's box, as CSS percentages of the picture, and the
+        crop itself cut from the same picture at the model's resolution (CSS offsets for a view of
+        ``VIEW`` px: the box fills it)."""
         if image not in self.pictures:
             self._picture(image)
         size = self.pictures[image]
         if size is None or box[0] < 0:
             return None
         (h, w), (y0, x0, y1, x1) = size, (int(v) for v in box)
+        zoom = VIEW / max(y1 - y0, x1 - x0, 1)
         return {"ratio": h / w, "top": 100 * y0 / h, "left": 100 * x0 / w, "height": 100 * (y1 - y0) / h,
-                "width": 100 * (x1 - x0) / w}
+                "width": 100 * (x1 - x0) / w, "native": {
+                    "size": f"{w * zoom:.1f}px {h * zoom:.1f}px", "offset": f"-{x0 * zoom:.1f}px -{y0 * zoom:.1f}px",
+                    "pixels": y1 - y0, "pixelated": zoom > 1}}
+
+    def _example(self, tap: str, image: int, position: int, value: float, counts: np.ndarray) -> dict[str, Any] | None:
+        """A random example: the region of its image around its position's cell (3 cells, at
+        least a quarter of the image), the cell outlined; its label, prediction, code and the
+        code's percentile among the concept's uses."""
+        if image not in self.pictures:
+            self._picture(image)
+        size = self.pictures.get(image)
+        if size is None:
+            return None
+        (h, w), (_, rows, cols) = size, self.store.taps[tap]
+        cell_h, cell_w = h / rows, w / cols
+        cy, cx = (position // cols + 0.5) * cell_h, (position % cols + 0.5) * cell_w
+        side = min(max(3 * max(cell_h, cell_w), min(h, w) / 4), h, w)
+        y0, x0 = min(max(cy - side / 2, 0), h - side), min(max(cx - side / 2, 0), w - side)
+        box = np.asarray([y0, x0, y0 + side, x0 + side]).round().astype(int)
+        context = self._context(image, box)
+        cell = {"top": 100 * (cy - cell_h / 2 - box[0]) / side, "left": 100 * (cx - cell_w / 2 - box[1]) / side,
+                "height": 100 * cell_h / side, "width": 100 * cell_w / side}
+        return {"image": image, **self.image_facts.get(image, {}), "value": value, "context": context, "cell": cell,
+                "percentile": percentile(counts, value)}
 
     def build_images(self) -> None:
         """A page per attributed image: its prediction, and per tap its concepts where they are,

@@ -37,6 +37,57 @@ def jpeg(picture: np.ndarray, path: Path, side: int = 160) -> None:
     image.save(path, quality=85)
 
 
+def contour_svg(heat: np.ndarray, level: float = 0.5) -> str:
+    """An iERF's outline at ``level`` of its peak, as an SVG drawn over its whole image (a
+    viewBox of 0..100 on both axes, stretched to the picture): the heat map (uint8, 255 at the
+    peak, over the whole input) is contoured by contourpy (matplotlib's own contouring)."""
+    import contourpy
+
+    side_y, side_x = heat.shape
+    z = np.pad(heat.astype(np.float64) / 255.0, 1)  # closed outlines where the mass reaches the edge
+    lines = contourpy.contour_generator(z=z, line_type=contourpy.LineType.Separate).lines(level)
+    paths = []
+    for line in lines:
+        if len(line) < 2:
+            continue
+        points = " ".join(f"{100 * (x - 0.5) / side_x:.1f},{100 * (y - 0.5) / side_y:.1f}" for x, y in line)
+        paths.append(f"<polyline points='{points}'/>")
+    return ("<svg class='contour' viewBox='0 0 100 100' preserveAspectRatio='none'>" + "".join(paths) + "</svg>"
+            if paths else "")
+
+
+def histogram_svg(counts: np.ndarray, edges: np.ndarray, marks: list[tuple[float, str]] = ()) -> str:
+    """A concept's code histogram as an inline SVG: the bins from the first to the last used,
+    bar heights by count, the bins' edges below, and ``marks`` (value, label) as ticks above."""
+    used = np.flatnonzero(counts)
+    if not len(used):
+        return ""
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    shown = counts[lo:hi]
+    width, height, bar = 360, 90, 360 / len(shown)
+    peak = shown.max()
+    parts = [f"<svg class='histogram' width='{width}' height='{height + 34}' viewBox='0 -14 {width} {height + 34}'>"]
+    for i, n in enumerate(shown):
+        h = height * n / peak
+        low = 0.0 if lo + i == 0 else edges[lo + i - 1]
+        high = edges[lo + i] if lo + i < len(edges) else float("inf")
+        parts.append(f"<rect x='{i * bar:.1f}' y='{height - h:.1f}' width='{max(bar - 1, 1):.1f}' height='{h:.1f}'>"
+                     f"<title>codes in [{low:.3g}, {high:.3g}): {int(n)}</title></rect>")
+    def x_of(value: float) -> float:
+        b = int(np.searchsorted(edges, value, side="right")) - lo
+        return (min(max(b, 0), len(shown) - 1) + 0.5) * bar
+    for value, label in marks:
+        x = x_of(value)
+        parts.append(f"<line x1='{x:.1f}' x2='{x:.1f}' y1='-4' y2='{height}' class='mark'/>"
+                     f"<text x='{x:.1f}' y='-6' text-anchor='middle'>{html.escape(label)}</text>")
+    first = 0.0 if lo == 0 else edges[lo - 1]
+    last = edges[hi - 1] if hi - 1 < len(edges) else float("inf")
+    parts.append(f"<text x='0' y='{height + 14}'>{first:.3g}</text>"
+                 f"<text x='{width}' y='{height + 14}' text-anchor='end'>{last:.3g}</text>"
+                 f"<text x='{width / 2}' y='{height + 14}' text-anchor='middle'>code value (log bins)</text></svg>")
+    return "".join(parts)
+
+
 def new_figure(size: tuple[float, float] = (4, 3)):
     """A figure and its one axes, outside pyplot's state."""
     from matplotlib.figure import Figure

@@ -25,6 +25,11 @@ img.big{width:96px;height:96px;image-rendering:pixelated}
 figure.member img{width:112px;height:112px;image-rendering:pixelated}
 .ctx{position:relative;display:inline-block;width:112px;margin-right:4px} .ctx img{width:112px;height:100%;display:block}
 .ctx span{position:absolute;border:2px solid #f80;box-sizing:border-box}
+.ctx svg.contour{position:absolute;left:0;top:0;width:100%;height:100%;pointer-events:none}
+svg.contour polyline{fill:none;stroke:#0ff;stroke-width:1.2px;vector-effect:non-scaling-stroke}
+.native{position:relative;width:112px;height:112px;background-repeat:no-repeat;flex:none}
+.native.px{image-rendering:pixelated} .native span{position:absolute;border:2px solid #0ff;box-sizing:border-box}
+svg.histogram rect{fill:#5a7fb8} svg.histogram text{font-size:10px;fill:#444} svg.histogram line.mark{stroke:#c40;stroke-width:1}
 .pair{display:flex} img.map{width:128px;image-rendering:pixelated;display:block} figure.cell{max-width:150px} img.photo{width:224px;image-rendering:pixelated} img.small{width:64px;image-rendering:pixelated;vertical-align:middle}
 """
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gig_dist.data.sources import ImageLoader
-from gig_dist.kernels.crops import member_crop
+from gig_dist.kernels.crops import HEAT_SIDE, heat_map, member_crop
 from gig_dist.kernels.ierf import ierf_kinds, ierfs
 from gig_dist.kernels.taps import stored_layout
 from gig_dist.models.loading import build_model, resolve_transform
@@ -58,6 +58,7 @@ class AtlasStage(Stage):
     family = AtlasSection
     reads = ("members",)
     result_keys = ("atlas.crop", "atlas.ierf")
+    version = 2  # 2: each member's iERF heat map over the whole input (crops/heat)
     per_dictionary = True
     coverage_key = "decompose.images"
 
@@ -160,6 +161,7 @@ class AtlasWorker(StageWorker):
         parts = mask_values(self.store.facts)
         crops = np.zeros((cap, a.crop, a.crop, 3), dtype=np.uint8)
         boxes = np.full((cap, 4), -1, dtype=np.int32)
+        heats = np.zeros((cap, HEAT_SIDE, HEAT_SIDE), dtype=np.uint8)
         kinds = np.full(cap, "", dtype=object)
         mass = np.zeros((cap, max(parts, 1)), dtype=np.float32)
         # image -> tap -> [(position, local row)]
@@ -187,10 +189,11 @@ class AtlasWorker(StageWorker):
                 for b, i in enumerate(batch):
                     for p, (_, row) in enumerate(wanted[i][tap]):
                         crops[row], boxes[row] = member_crop(loaded[b][1], maps[b, p], a.crop, min_side)
+                        heats[row] = heat_map(maps[b, p])
                         kinds[row] = kind
                         if parts:
                             mass[row] = np.bincount(masks[b].ravel(), weights=maps[b, p].ravel(), minlength=parts)[:parts]
-        arrays = {"crop": crops, "box": boxes, "kind": kinds.astype(str)}
+        arrays = {"crop": crops, "box": boxes, "kind": kinds.astype(str), "heat": heats}
         if parts:
             arrays["part_mass"] = mass
         self.atlas.write_crops(unit.index, arrays)

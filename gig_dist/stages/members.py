@@ -6,12 +6,17 @@ writes the ``atlas.members`` strongest codes of every concept among its images, 
 :meth:`MembersStage.finish` merges the units' tables in unit order, a block of concepts at a
 time. Ties go to the smaller image index, then position, so the result does not depend on where
 units ran. Skipped images have no codes and so are never members.
+
+Alongside, each concept's ``atlas.examples`` random examples (the uses with the smallest hash,
+merged the same way) and the histogram of its code values (``kernels.examples``): what a concept
+looks like at its ordinary strength, not only at its strongest.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from gig_dist.kernels.examples import histogram, sample_strength
 from gig_dist.kernels.topk import top_per_group
 from gig_dist.stages.base import (
     Progress,
@@ -42,10 +47,10 @@ class MembersStage(Stage):
     family = AtlasSection
     reads = ("decompose",)
     # Which images were decomposed decides the merged members, so decompose.images redoes it.
-    result_keys = ("atlas.members", "atlas.distinct_images", "decompose.images")
+    result_keys = ("atlas.members", "atlas.distinct_images", "atlas.examples", "decompose.images")
     # stores made before distinct members keep theirs while the key is false
     later_keys = {"atlas.distinct_images": False}
-    version = 2  # 2: the crop rows of the atlas stage
+    version = 3  # 2: the crop rows of the atlas stage; 3: random examples and histograms
     per_dictionary = True
     coverage_key = "decompose.images"
 
@@ -54,7 +59,8 @@ class MembersStage(Stage):
 
     def specs(self, facts: Facts, sizes: Sizes) -> list[ArraySpec]:
         return [spec for tap in self.taps(facts)
-                for spec in member_specs(facts, self.dictionary, tap, sizes.concepts(tap), self.config.atlas.members)]
+                for spec in member_specs(facts, self.dictionary, tap, sizes.concepts(tap), self.config.atlas.members,
+                                         self.config.atlas.examples)]
 
     def covers(self, unit: WorkUnit) -> bool:
         limit = self.config.decompose.images
@@ -83,8 +89,26 @@ class MembersStage(Stage):
                     column = flat[name][valid]
                     merged[name] = np.where(entry >= 0, column[np.maximum(entry, 0)], fill).astype(dtype)
                 atlas.write_members(tap, first, merged)
+                atlas.write_examples(tap, first, self.merge_samples(atlas, tap, units, first, stop),
+                                     atlas.read_unit_histograms(tap, units, first, stop))
             atlas.write_usage(tap, atlas.read_usage(tap, units))
         self.assign_rows(store, atlas)
+
+    def merge_samples(self, atlas, tap: str, units: list[int], first: int, stop: int) -> dict[str, np.ndarray] | None:
+        """Concepts ``first..stop-1``'s random examples over every unit: the smallest hashes of
+        the units' samples (a sample of the union), in hash order."""
+        r = self.config.atlas.examples
+        if not r:
+            return None
+        found = atlas.read_unit_samples(tap, units, first, stop)
+        block = stop - first
+        flat = {name: found[name].transpose(1, 0, 2).reshape(block, -1) for name in found}
+        valid = flat["image"] >= 0
+        local = np.broadcast_to(np.arange(block)[:, None], valid.shape)[valid]
+        image, position = flat["image"][valid], flat["position"][valid]
+        entry = top_per_group(local, sample_strength(local + first, image, position), (image, position), block, r)
+        return {name: np.where(entry >= 0, flat[name][valid][np.maximum(entry, 0)], fill).astype(dtype)
+                for name, dtype, fill in FIELDS}
 
     def assign_rows(self, store: RunStore, atlas) -> None:
         """Where each member's crop goes: rows grouped by the store unit of its image, so that
@@ -147,10 +171,17 @@ class MembersWorker(StageWorker):
                 entry = _top_distinct(concept, strength, image, position, k, m)
             else:
                 entry = top_per_group(concept, strength, (image, position), k, m)
-            top = {}
+            top, sample = {}, None
             for (name, dtype, fill), column in zip(FIELDS, (strength, image, position)):
                 top[name] = np.where(entry >= 0, column[np.maximum(entry, 0)] if len(column) else fill, fill).astype(dtype)
-            self.atlas.write_unit(tap, unit.index, top, np.bincount(concept, minlength=k))
+            examples = self.stage.config.atlas.examples
+            if examples:
+                chosen = top_per_group(concept, sample_strength(concept, image, position), (image, position), k, examples)
+                sample = {name: np.where(chosen >= 0, column[np.maximum(chosen, 0)] if len(column) else fill,
+                                         fill).astype(dtype)
+                          for (name, dtype, fill), column in zip(FIELDS, (strength, image, position))}
+            self.atlas.write_unit(tap, unit.index, top, np.bincount(concept, minlength=k), sample,
+                                  histogram(concept, strength, k).astype(np.int32))
         if progress is not None:
             progress(len(r))
         return UnitReport(unit.index, int(processed.sum()), int((~processed).sum()))

@@ -6,6 +6,14 @@
     atlas/<dict>/<tap>/member/{value,image,position} (concept, member)  the merged top members
                          over every decomposed unit, in the same order (-1: fewer members)
     atlas/<dict>/<tap>/usage (concept,) int64  PFVs using the concept over the decomposed images
+    atlas/<dict>/<tap>/unit_sample/{value,image,position} (unit, concept, example)  each store
+                         unit's random examples per concept: the uses with the smallest hash of
+                         (concept, image, position), a deterministic uniform sample
+    atlas/<dict>/<tap>/sample/{value,image,position} (concept, example)  the merged sample over
+                         every decomposed unit, in hash order (-1: fewer uses)
+    atlas/<dict>/<tap>/unit_histogram (unit, concept, bin) int32  each unit's code values per bin
+    atlas/<dict>/<tap>/histogram (concept, bin) int64  a concept's code values over the decomposed
+                         images, on fixed log bins (``kernels.examples.HISTOGRAM_EDGES``)
     atlas/<dict>/<tap>/row (concept, member) int64  where the member's crop is in atlas/<dict>/crops
 
 written by the members stage, and by the atlas stage:
@@ -15,6 +23,8 @@ written by the members stage, and by the atlas stage:
                          its unit the only writer), -1 / empty where unused
     atlas/<dict>/crops/box  (row, corner) int32      the crop's box in the model input (y0, x0, y1, x1)
     atlas/<dict>/crops/kind (row,) str               the iERF's kind (srd or gradient)
+    atlas/<dict>/crops/heat (row, heat_y, heat_x) uint8  the iERF over the whole input, area-averaged
+                         to 32 x 32, 255 at its peak (a contour on the whole image)
     atlas/<dict>/crops/part_mass (row, mask_value) float32  toy world: iERF mass per mask value
     atlas/<dict>/<tap>/thumb (concept, y, x, rgb) uint8  the mean of the concept's crops
     atlas/<dict>/<tap>/part_mass (concept, mask_value) float32  toy world: its members' mass summed
@@ -40,7 +50,10 @@ CONCEPT_CHUNK = 1024
 CROPS_PER_CHUNK = 16
 
 
-def member_specs(facts: Facts, dictionary: str, tap: str, concepts: int, members: int) -> list[ArraySpec]:
+def member_specs(facts: Facts, dictionary: str, tap: str, concepts: int, members: int,
+                 examples: int = 0) -> list[ArraySpec]:
+    from gig_dist.kernels.examples import HISTOGRAM_BINS
+
     base, units = f"atlas/{dictionary}/{tap}", len(facts.units)
     block = min(concepts, CONCEPT_CHUNK)
     specs = []
@@ -49,6 +62,15 @@ def member_specs(facts: Facts, dictionary: str, tap: str, concepts: int, members
                             (1, block, members), fill_value=fill),
                   ArraySpec(f"{base}/member/{name}", (concepts, members), dtype, ("concept", "member"),
                             (block, members), fill_value=fill)]
+        if examples:
+            specs += [ArraySpec(f"{base}/unit_sample/{name}", (units, concepts, examples), dtype,
+                                ("unit", "concept", "example"), (1, block, examples), fill_value=fill),
+                      ArraySpec(f"{base}/sample/{name}", (concepts, examples), dtype, ("concept", "example"),
+                                (block, examples), fill_value=fill)]
+    specs += [ArraySpec(f"{base}/unit_histogram", (units, concepts, HISTOGRAM_BINS), "int32", ("unit", "concept", "bin"),
+                        (1, block, HISTOGRAM_BINS), fill_value=0),
+              ArraySpec(f"{base}/histogram", (concepts, HISTOGRAM_BINS), "int64", ("concept", "bin"),
+                        (block, HISTOGRAM_BINS), fill_value=0)]
     specs += [ArraySpec(f"{base}/row", (concepts, members), "int64", ("concept", "member"), (block, members),
                         fill_value=-1),
               ArraySpec(f"{base}/unit_usage", (units, concepts), "int64", ("unit", "concept"), (1, concepts),
@@ -68,10 +90,56 @@ class AtlasSection:
     def taps(self) -> list[str]:
         return [tap for tap in self.store.taps if self.store.has(self._path(tap, "member/value"))]
 
-    def write_unit(self, tap: str, unit: int, top: dict[str, np.ndarray], usage: np.ndarray) -> None:
+    def write_unit(self, tap: str, unit: int, top: dict[str, np.ndarray], usage: np.ndarray,
+                   sample: dict[str, np.ndarray] | None = None, histogram: np.ndarray | None = None) -> None:
         for name, _, _ in FIELDS:
             self.store.array(self._path(tap, f"unit_top/{name}"))[unit] = top[name]
+            if sample is not None:
+                self.store.array(self._path(tap, f"unit_sample/{name}"))[unit] = sample[name]
+        if histogram is not None:
+            self.store.array(self._path(tap, "unit_histogram"))[unit] = histogram
         self.store.array(self._path(tap, "unit_usage"))[unit] = usage
+
+    def read_unit_samples(self, tap: str, units: list[int], first: int, stop: int) -> dict[str, np.ndarray]:
+        """Concepts ``first..stop-1`` of the given units' random examples: each (units, concepts, example)."""
+        return {name: np.stack([self.store.array(self._path(tap, f"unit_sample/{name}"))[u, first:stop] for u in units])
+                for name, _, _ in FIELDS}
+
+    def read_unit_histograms(self, tap: str, units: list[int], first: int, stop: int) -> np.ndarray:
+        """Concepts ``first..stop-1`` of the units' histograms, summed (int64)."""
+        array = self.store.array(self._path(tap, "unit_histogram"))
+        return sum((array[u, first:stop].astype(np.int64) for u in units),
+                   np.zeros((stop - first, array.shape[2]), dtype=np.int64))
+
+    def write_examples(self, tap: str, first: int, sample: dict[str, np.ndarray] | None, histogram: np.ndarray) -> None:
+        if sample is not None:
+            for name, _, _ in FIELDS:
+                self.store.array(self._path(tap, f"sample/{name}"))[first : first + len(histogram)] = sample[name]
+        self.store.array(self._path(tap, "histogram"))[first : first + len(histogram)] = histogram
+
+    def has_examples(self, tap: str) -> bool:
+        """Whether the members stage kept random examples and a histogram (stores made before do not)."""
+        return self.store.has(self._path(tap, "histogram"))
+
+    def samples(self, tap: str) -> dict[str, np.ndarray] | None:
+        """Every concept's random examples (concept, example), in hash order; None: none kept."""
+        if not self.store.has(self._path(tap, "sample/value")):
+            return None
+        return {name: self.store.array(self._path(tap, f"sample/{name}"))[...] for name, _, _ in FIELDS}
+
+    def histograms(self, tap: str) -> np.ndarray:
+        """Every concept's code histogram (concept, bin)."""
+        return self.store.array(self._path(tap, "histogram"))[...]
+
+    def has_heat(self) -> bool:
+        """Whether the atlas stored its members' iERF heat maps (stores made before do not)."""
+        return self.store.has(f"atlas/{self.dictionary}/crops/heat")
+
+    def examples(self, tap: str, concept: int) -> tuple[dict[str, np.ndarray] | None, np.ndarray]:
+        """A concept's random examples (in hash order; None: none kept) and its code histogram."""
+        sample = ({name: self.store.array(self._path(tap, f"sample/{name}"))[concept] for name, _, _ in FIELDS}
+                  if self.store.has(self._path(tap, "sample/value")) else None)
+        return sample, self.store.array(self._path(tap, "histogram"))[concept]
 
     def read_units(self, tap: str, units: list[int], first: int, stop: int) -> dict[str, np.ndarray]:
         """Concepts ``first..stop-1`` of the given units' tables: each (units, concepts, member)."""
@@ -156,6 +224,8 @@ def render_specs(facts: Facts, dictionary: str, taps: dict[str, int], size: int,
                  capacity: int) -> list[ArraySpec]:
     """The atlas stage's arrays: crops (rows of ``capacity`` per store unit) and per-concept
     thumbnails; ``taps`` maps each tap to its number of concepts; ``parts`` > 0 on the toy world."""
+    from gig_dist.kernels.crops import HEAT_SIDE
+
     base, cap, units = f"atlas/{dictionary}", capacity, len(facts.units)
     rows = units * cap
     inner = max(d for d in range(1, min(cap, CROPS_PER_CHUNK) + 1) if cap % d == 0)  # divides the shard
@@ -164,6 +234,8 @@ def render_specs(facts: Facts, dictionary: str, taps: dict[str, int], size: int,
                   (inner, size, size, 3), shards=(cap, size, size, 3), fill_value=0),
         ArraySpec(f"{base}/crops/box", (rows, 4), "int32", ("row", "corner"), (cap, 4), fill_value=-1),
         ArraySpec(f"{base}/crops/kind", (rows,), "str", ("row",), (cap,), fill_value=""),
+        ArraySpec(f"{base}/crops/heat", (rows, HEAT_SIDE, HEAT_SIDE), "uint8", ("row", "heat_y", "heat_x"),
+                  (inner, HEAT_SIDE, HEAT_SIDE), shards=(cap, HEAT_SIDE, HEAT_SIDE), fill_value=0),
     ]
     if parts:
         specs.append(ArraySpec(f"{base}/crops/part_mass", (rows, parts), "float32", ("row", "mask_value"),

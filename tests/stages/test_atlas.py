@@ -4,6 +4,14 @@ import numpy as np
 import pytest
 
 from gig_dist import pipeline
+from gig_dist.kernels.examples import (
+    HISTOGRAM_BINS,
+    HISTOGRAM_EDGES,
+    example_hash,
+    percentile,
+    quantile_picks,
+    quantile_values,
+)
 from gig_dist.kernels.topk import top_per_group
 from gig_dist.store import PROCESSED, AtlasSection, ConceptsSection, RunStore
 from gig_dist.store.atlas import CROPS_PER_CHUNK
@@ -17,6 +25,36 @@ def test_top_per_group_orders_by_value_then_ties():
     image = np.array([5, 9, 2, 0, 0, 1, 1])
     entry = top_per_group(groups, values, (image,), 4, 2)
     assert entry.tolist() == [[2, 1], [4, 3], [5, -1], [-1, -1]]
+
+
+@pytest.mark.fast
+def test_random_examples_merge_and_histograms_read_percentiles():
+    """Two halves' samples (the smallest hashes of each) merged give the sample of the whole;
+    percentiles and quantiles come from the bins."""
+    from gig_dist.kernels.examples import sample_strength
+
+    rng = np.random.default_rng(0)
+    concept, image, position = rng.integers(0, 3, 400), rng.integers(0, 50, 400), rng.integers(0, 64, 400)
+    keep = np.unique(np.stack([concept, image, position], 1), axis=0)  # each use once
+    concept, image, position = keep.T
+    whole = top_per_group(concept, sample_strength(concept, image, position), (image, position), 3, 5)
+    halves = []
+    for part in (image < 25, image >= 25):
+        entry = top_per_group(concept[part], sample_strength(concept[part], image[part], position[part]),
+                              (image[part], position[part]), 3, 5)
+        halves.append(np.flatnonzero(part)[entry[entry >= 0]])
+    both = np.concatenate(halves)
+    merged = top_per_group(concept[both], sample_strength(concept[both], image[both], position[both]),
+                           (image[both], position[both]), 3, 5)
+    assert both[merged].tolist() == whole.tolist()
+    # the sample is spread: its images are not the smallest ones, as a sorted cut would give
+    assert image[whole[0]].max() > 25
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    np.add.at(counts, np.searchsorted(HISTOGRAM_EDGES, [0.5, 1.5, 1.6, 20.0], side="right"), 1)
+    assert percentile(counts, 1.55) == pytest.approx((1 + 1) / 4)  # one below, its own bin of 2 counts half
+    assert quantile_values(counts, (0.1, 0.9)) == pytest.approx([np.sqrt(10 ** -0.5 * 10 ** -0.25),
+                                                                 np.sqrt(10 ** 1.25 * 10 ** 1.5)])
+    assert quantile_picks(np.array([20.0, 0.5, 1.5]), counts, (0.1, 0.5, 0.9)) == [1, 2, 0]
 
 
 @pytest.mark.fast
@@ -41,7 +79,7 @@ def test_members_are_the_strongest_codes_over_the_decomposed_images(tmp_path):
     # same members, in the same order (two store units: the merge is exercised). With distinct
     # images (the default), each image gives a concept at most its strongest position.
     distinct = True
-    config = toy_config("atlas.members=5", "decompose.images=32")
+    config = toy_config("atlas.members=5", "atlas.examples=6", "decompose.images=32")
     store = RunStore.open(pipeline.run(config, tmp_path / "run.zarr", until="members").url)
     g = zgroup(store)
     status = g["meta/status"][...]
@@ -68,6 +106,21 @@ def test_members_are_the_strongest_codes_over_the_decomposed_images(tmp_path):
             np.testing.assert_array_equal(members["value"][c][: len(best)], [-b[0] for b in best])
             assert (members["image"][c][len(best):] == -1).all()
             assert usage[c] == len(candidates[c])
+            # random examples: the uses with the smallest hash of (concept, image, position), in
+            # that order; the histogram counts every use's code on the fixed bins
+            sample, counts = atlas.examples(tap, c)
+            uses = np.asarray([(b[1], b[2]) for b in candidates[c]], dtype=np.int64).reshape(-1, 2)
+            hashes = example_hash(np.full(len(uses), c), uses[:, 0], uses[:, 1])
+            first = uses[np.argsort(hashes, kind="stable")[:6]]
+            chosen = sample["image"] >= 0
+            assert chosen.sum() == min(6, len(uses))
+            assert sample["image"][chosen].tolist() == first[:, 0].tolist(), (tap, c)
+            assert sample["position"][chosen].tolist() == first[:, 1].tolist()
+            by_use = {(b[1], b[2]): -b[0] for b in candidates[c]}
+            assert sample["value"][chosen].tolist() == [by_use[(i, p)] for i, p in first.tolist()]
+            values = np.asarray([-b[0] for b in candidates[c]])
+            bins = np.searchsorted(HISTOGRAM_EDGES, values, side="right")
+            assert counts.tolist() == np.bincount(bins, minlength=HISTOGRAM_BINS).tolist()
         if distinct:
             assert shown_distinct == k
 
@@ -128,6 +181,12 @@ def test_a_crop_shows_its_members_ierf(atlas_run):
     expected, box = member_crop(picture, maps[0, 0].numpy(), 24, 8)
     assert kind == "srd" and tuple(atlas.read_crops("box", [row])[0]) == box
     assert np.abs(atlas.read_crops("crop", [row])[0].astype(int) - expected.astype(int)).max() <= 2
+    # the heat map: the iERF's positive mass over the whole input, area-averaged to 32 x 32
+    mass = np.clip(maps[0, 0].numpy(), 0, None)
+    side = mass.shape[0] // 32
+    blocks = mass.reshape(32, side, 32, side).mean((1, 3))
+    heat = atlas.read_crops("heat", [row])[0].astype(float)
+    assert heat.max() == 255 and np.abs(heat - 255 * blocks / blocks.max()).max() <= 1.0
 
 
 @pytest.mark.slow  # a resume check of about half a minute, beside the run-wide ones; `pytest -m slow` runs it
