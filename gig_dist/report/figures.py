@@ -76,10 +76,13 @@ def histogram_svg(counts: np.ndarray, edges: np.ndarray, marks: list[tuple[float
     def x_of(value: float) -> float:
         b = int(np.searchsorted(edges, value, side="right")) - lo
         return (min(max(b, 0), len(shown) - 1) + 0.5) * bar
+    at: dict[float, list[str]] = {}  # marks in one bin share a line and a label ("75/90%")
     for value, label in marks:
-        x = x_of(value)
+        if np.isfinite(value):
+            at.setdefault(round(x_of(value), 1), []).append(label.rstrip("%"))
+    for x, labels in at.items():
         parts.append(f"<line x1='{x:.1f}' x2='{x:.1f}' y1='-4' y2='{height}' class='mark'/>"
-                     f"<text x='{x:.1f}' y='-6' text-anchor='middle'>{html.escape(label)}</text>")
+                     f"<text x='{x:.1f}' y='-6' text-anchor='middle'>{html.escape('/'.join(labels))}%</text>")
     first = 0.0 if lo == 0 else edges[lo - 1]
     last = edges[hi - 1] if hi - 1 < len(edges) else float("inf")
     parts.append(f"<text x='0' y='{height + 14}'>{first:.3g}</text>"
