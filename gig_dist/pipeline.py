@@ -7,6 +7,7 @@ stage's own checks, the store at ``out``) runs in :func:`prepare` before any uni
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import warnings
@@ -69,7 +70,7 @@ def collect_facts(config: Config) -> tuple[Facts, DatasetIndex, Any]:
         layouts={tap: layout.to_json() for tap, layout in layouts.items() if layout.kind != "nchw"},
         num_outputs=num_outputs, class_names=list(index.class_names), input_size=transform.crop,
         label_source=index.label_source, dataset_classes=list(index.dataset_classes),
-        part_masks=config.dataset.kind == "toy", model=model,
+        part_masks=config.dataset.kind == "toy", pfv_groups=True, model=model,
     )
     return facts, index, transform
 
@@ -234,6 +235,7 @@ def _check_resumable(store: RunStore, config: Config, facts: Facts, index: Datas
     """A store may resume under another config, but not another layout or another dataset; the
     facts that may change (the taps, with the model) are updated, and the stages they feed redone."""
     before = store.facts
+    facts = dataclasses.replace(facts, pfv_groups=before.pfv_groups)  # its PFVs stay where they were written
     layout = [key for key in LAYOUT_KEYS if getattr(before, key) != getattr(facts, key)]
     if layout:
         details = "; ".join(f"store.{k}: {getattr(before, k)} -> {getattr(facts, k)}" for k in layout)

@@ -56,14 +56,14 @@ def test_embedded_default_end_to_end(tmp_path):
         assert codes["pfvs"] == 1024 * summary["taps"][tap][1] * summary["taps"][tap][2]
         assert codes["r2"] >= 0.9 and 0 < codes["l0_ratio"] <= 0.05 and codes["truncated"] == 0, (tap, codes)
     assert summary["images"] == {"total": 1024, "processed": 1024, "skipped": 0, "pending": 0}
-    assert summary["arrays"]["pfv/layer3.1"] == {
-        **summary["arrays"]["pfv/layer3.1"], "shape": [1024, 64, 256], "dtype": "float16"
+    assert summary["arrays"]["pfv/layer3.1/value"] == {
+        **summary["arrays"]["pfv/layer3.1/value"], "shape": [1024, 64, 256], "dtype": "float16"
     }
     assert {p for p in summary["arrays"] if p.startswith("pfv/")} == {
-        f"pfv/{t}" for t in ("layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1")
+        f"pfv/{t}/value" for t in ("layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1")
     }
     text = run_cli("inspect", str(tmp_path / "gig-dist-run.zarr")).stdout
-    assert "extract                      complete" in text and "pfv/layer1.0" in text
+    assert "extract                      complete" in text and "pfv/layer1.0/value" in text
     assert "R^2 0.9" in text and "K 2048   from 24576 samples (12.0 per concept" in text
     assert "layer2.1 -> layer3.1   matrix (1024, 2048)" in text
     graph = run_cli("graph", str(tmp_path / "gig-dist-run.zarr"), "--class", "0")
@@ -76,7 +76,7 @@ def test_embedded_default_end_to_end(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # xarray warns when consolidated metadata is missing
         tree = xr.open_datatree(str(tmp_path / "gig-dist-run.zarr"), engine="zarr")
-    assert tree["pfv/layer3.1"].dims == ("image", "position_layer3.1", "channel_layer3.1")
+    assert tree["pfv/layer3.1/value"].dims == ("image", "position", "channel")
     assert tree[f"gig/{d}/layer3.1__logits/matrix"].dims == ("source_concept", "class")
     assert tree[f"codes/{d}/layer3.1/index"].sizes == {"image": 1024, "position": 64, "slot": 32}
 

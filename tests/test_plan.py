@@ -86,7 +86,7 @@ def test_plan_of_a_dataset_that_is_not_here_prints_the_table(capsys, tmp_path):
     assert extract["units"] == 50000 // 256 + 1
     pfv = {a["path"]: a for a in extract["arrays"]}
     # ResNet50's four stage outputs in float16: 256x56x56 + 512x28x28 + 1024x14x14 + 2048x7x7 values
-    assert sum(pfv[f"pfv/{t}"]["raw_bytes"] for t in ("layer1.2", "layer2.3", "layer3.5", "layer4.2")) == \
+    assert sum(pfv[f"pfv/{t}/value"]["raw_bytes"] for t in ("layer1.2", "layer2.3", "layer3.5", "layer4.2")) == \
         50000 * 2 * (256 * 56 * 56 + 512 * 28 * 28 + 1024 * 14 * 14 + 2048 * 7 * 7)
     dense = {d["name"]: d for s in plan["stages"] for d in s["dense"]}
     assert dense["layer4.2 Gram matrix V V^T"]["bytes"] == 16384 * 16384 * 8

@@ -36,7 +36,7 @@ def test_open_run_returns_what_the_store_holds(run_url):
     # PFVs and dense code maps, per image.
     pfvs = run.pfvs("layer2.1", 5)
     assert pfvs.dims == ("y", "x", "channel") and np.array_equal(
-        pfvs.values.reshape(-1, 128), raw["pfv/layer2.1"][5].astype(np.float32))
+        pfvs.values.reshape(-1, 128), raw["pfv/layer2.1/value"][5].astype(np.float32))
     maps = run.code_maps("layer2.1", 5)
     index, value = raw[f"codes/{D}/layer2.1/index"][5], raw[f"codes/{D}/layer2.1/value"][5]
     assert maps.dims == ("concept", "y", "x") and maps.shape == (32, 16, 16)

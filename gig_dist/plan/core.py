@@ -69,7 +69,8 @@ def plan_facts(config: Config, images: int | None) -> tuple[Facts, str]:
         images_per_chunk=config.store.images_per_chunk, zstd_level=config.store.zstd_level,
         taps={tap: (s.channels, s.height, s.width) for tap, s in shapes.items()}, num_outputs=num_outputs,
         layouts={tap: layout.to_json() for tap, layout in layouts.items() if layout.kind != "nchw"},
-        class_names=list(names), input_size=transform.crop, part_masks=config.dataset.kind == "toy", model=model,
+        class_names=list(names), input_size=transform.crop, part_masks=config.dataset.kind == "toy", pfv_groups=True,
+        model=model,
     )
     return facts, "--images"
 

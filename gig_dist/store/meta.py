@@ -12,8 +12,10 @@
     meta/logits      (image, output)     float32 model outputs (NaN for skipped images)
     meta/prediction  (image,)            int64 argmax of the logits (-1 for skipped images)
     meta/part_mask   (image, mask_y, mask_x)  uint8 ground-truth part ids (toy world only)
-    pfv/<tap>        (image, position_<tap>, channel_<tap>)  PFVs, float16 by default; positions
-                                         row-major in (h, w); sharded by unit, chunked for reading
+    pfv/<tap>/value  (image, position, channel)  PFVs, float16 by default; positions row-major in
+                                         (h, w); sharded by unit, chunked for reading (a store made
+                                         before has ``pfv/<tap>`` (image, position_<tap>,
+                                         channel_<tap>): ``facts.pfv_groups`` says which)
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def loaded_path(stored: str) -> str:
     return os.fsdecode(unquote_to_bytes(stored[len(FSBYTES):])) if stored.startswith(FSBYTES) else stored
 
 
+def pfv_path(facts: Facts, tap: str) -> str:
+    """Where a tap's PFVs are: ``pfv/<tap>/value``, or in a store made before, ``pfv/<tap>``."""
+    return f"pfv/{tap}/value" if facts.pfv_groups else f"pfv/{tap}"
+
+
 def index_specs(facts: Facts) -> list[ArraySpec]:
     """The index, written when the store is created."""
     return [per_image_spec(facts, "meta/path", (), "str", "", ()),
@@ -78,9 +85,10 @@ def extraction_specs(facts: Facts, pfv_dtype: str, pfvs: bool = True) -> list[Ar
         specs.append(per_image_spec(facts, "meta/part_mask", (size, size), "uint8", 0, ("mask_y", "mask_x")))
     for tap, (channels, height, width) in facts.taps.items() if pfvs else ():
         positions = height * width
+        dims = ("image", "position", "channel") if facts.pfv_groups else ("image", f"position_{tap}", f"channel_{tap}")
         specs.append(ArraySpec(
-            f"pfv/{tap}", (facts.num_images, positions, channels), pfv_dtype,
-            ("image", f"position_{tap}", f"channel_{tap}"), (facts.images_per_chunk, positions, channels),
+            pfv_path(facts, tap), (facts.num_images, positions, channels), pfv_dtype,
+            dims, (facts.images_per_chunk, positions, channels),
             shards=(facts.images_per_unit, positions, channels), fill_value=np.nan, zstd_level=facts.zstd_level))
     return specs
 
@@ -137,7 +145,7 @@ class MetaSection:
         sl = self.store.unit_slice(r)
         for tap, values in pfvs.items():
             # PFV chunks are never all fill value; skipping Zarr's per-chunk check makes writes ~1.4x faster.
-            self.store.array(f"pfv/{tap}").with_config({"write_empty_chunks": True})[sl] = values
+            self.store.array(pfv_path(self.store.facts, tap)).with_config({"write_empty_chunks": True})[sl] = values
         self.store.array("meta/logits")[sl] = logits
         prediction = np.where(status == PROCESSED, np.nan_to_num(logits, nan=-np.inf).argmax(axis=1), -1)
         self.store.array("meta/prediction")[sl] = prediction
@@ -163,7 +171,7 @@ class MetaSection:
 
     def read_pfvs(self, tap: str, r: ImageRange) -> np.ndarray:
         """PFVs (images, positions, channels) of ``tap`` for images ``r``."""
-        return self.store.array(f"pfv/{tap}")[r.start : r.stop]
+        return self.store.array(pfv_path(self.store.facts, tap))[r.start : r.stop]
 
     # -- iERFs of requested PFVs ---------------------------------------------------------------------
 
@@ -173,7 +181,7 @@ class MetaSection:
 
     def has_pfvs(self, tap: str) -> bool:
         """Whether the run stored the PFVs of ``tap`` (not with ``extract.pfvs: recompute``)."""
-        return self.store.has(f"pfv/{tap}")
+        return self.store.has(pfv_path(self.store.facts, tap))
 
     # -- summaries ---------------------------------------------------------------------------------
 

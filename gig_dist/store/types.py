@@ -55,6 +55,9 @@ class Facts:
     dataset_classes: list[str] = field(default_factory=list)
     #: tap -> its output's layout (``kernels.taps.TapLayout.to_json``); absent: (N, C, H, W).
     layouts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: PFVs in a group per tap, ``pfv/<tap>/value`` (image, position, channel); ``False``: a store
+    #: made before, ``pfv/<tap>`` (image, position_<tap>, channel_<tap>), kept as it was made.
+    pfv_groups: bool = False
     #: The model itself, for checks before any work (never stored).
     model: Any = field(default=None, compare=False, repr=False)
 

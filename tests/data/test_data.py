@@ -131,7 +131,7 @@ def test_bad_images_are_skipped_recorded_and_the_run_goes_on(tmp_path):
     logits = zgroup(store)["meta/logits"][:]
     assert np.isfinite(logits[status == PROCESSED]).all() and np.isnan(logits[status == SKIPPED]).all()
     assert (zgroup(store)["meta/prediction"][:][status == SKIPPED] == -1).all()
-    pfv = zgroup(store)["pfv/layer3.1"][:]
+    pfv = zgroup(store)["pfv/layer3.1/value"][:]
     assert np.isnan(pfv[status == SKIPPED]).all() and np.isfinite(pfv[status == PROCESSED]).all()
     # ImageFolder classes follow sorted class folders (good, odd); they are not the toy model's
     # 8 outputs, so labels are not used as outputs and the images are grouped by prediction.

@@ -229,7 +229,7 @@ def test_nan_pfvs_stop_decomposition_naming_the_images(tmp_path):
 
     for stage in (ExtractStage, SampleStage, ConceptsStage):
         runtime.run(stage(config, store.url))
-    pfv = zgroup(store, "r+")["pfv/layer3.1"]
+    pfv = zgroup(store, "r+")["pfv/layer3.1/value"]
     block = pfv[16:32]
     block[3, 5, 7] = np.nan
     pfv[16:32] = block

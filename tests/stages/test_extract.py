@@ -64,7 +64,7 @@ def test_recomputed_pfvs_give_the_stored_runs_results_without_storing_them(refer
     logits = store.family(MetaSection).read_logits(unit)
     store.array("meta/logits")[unit.start : unit.stop] = logits * 1.01  # as if the model had changed
     source = PFVSource(config, store, torch.device("cpu"), ["layer2.1"])
-    assert np.array_equal(source.read("layer2.1", store.units()[0]), zgroup(reference)["pfv/layer2.1"][:8])
+    assert np.array_equal(source.read("layer2.1", store.units()[0]), zgroup(reference)["pfv/layer2.1/value"][:8])
     with pytest.raises(RuntimeError, match="changed since extraction"):
         source.read("layer2.1", unit)
     # the plan says what storing them costs, and what recomputing saves
@@ -88,7 +88,7 @@ def test_pfvs_equal_a_direct_forward_pass(reference):
         layer1 = model.layer1(stem)
         layer2_0 = model.layer2[0](layer1)
         logits = model(x)
-    stored = zgroup(store)["pfv/layer2.0"][:5].astype(np.float32)  # (N, H*W, C)
+    stored = zgroup(store)["pfv/layer2.0/value"][:5].astype(np.float32)  # (N, H*W, C)
     expected = layer2_0.permute(0, 2, 3, 1).reshape(5, 16 * 16, 128).numpy()
     # Extraction runs channels-last, which sums in another order: equal up to float16 rounding.
     assert np.allclose(stored, expected, rtol=2**-10, atol=1e-3)
@@ -112,7 +112,7 @@ def test_units_are_exactly_the_shards_of_every_array(reference):
     per_image = [p for p in arrays if not p.startswith(("progress/", "concepts/", "atlas/"))
                  and not p.endswith(whole) and "/unit_" not in p and "/class_" not in p]
     assert "gig/bisecting_kmeans/layer1.0__layer2.1/edges/source" in per_image
-    assert {"pfv/layer1.0", "meta/status", "codes/bisecting_kmeans/layer1.0/index", "samples/layer1.0/vector"} <= set(per_image)
+    assert {"pfv/layer1.0/value", "meta/status", "codes/bisecting_kmeans/layer1.0/index", "samples/layer1.0/vector"} <= set(per_image)
     for path in per_image:
         # Each unit covers exactly one shard (or chunk) of every array: one writer per shard.
         assert store.shard_ranges(path) == units, path
@@ -242,7 +242,7 @@ def test_runs_smaller_than_one_unit_and_fsspec_urls(tmp_path):
     report = pipeline.run(toy_config("dataset.toy.num_images=5"), "memory://tiny.zarr")
     store = RunStore.open(report.url)
     assert report.url == "memory://tiny.zarr" and store.family(MetaSection).image_counts()["processed"] == 5
-    assert zgroup(store)["pfv/layer1.0"].shards[0] == 16 and zgroup(store)["pfv/layer1.0"].chunks[0] == 4
+    assert zgroup(store)["pfv/layer1.0/value"].shards[0] == 16 and zgroup(store)["pfv/layer1.0/value"].chunks[0] == 4
 
 
 def test_store_path_from_the_config(tmp_path):
@@ -307,8 +307,8 @@ def test_inspect_json(reference):
         f"{d}members": {"complete": True, "units_done": 5, "units": 5, "stale": []},
         f"{d}atlas": {"complete": True, "units_done": 5, "units": 5, "stale": []},
     }
-    assert summary["arrays"]["pfv/layer1.0"]["shape"] == [40, 1024, 64]
-    assert summary["arrays"]["pfv/layer1.0"]["dtype"] == "float16"
+    assert summary["arrays"]["pfv/layer1.0/value"]["shape"] == [40, 1024, 64]
+    assert summary["arrays"]["pfv/layer1.0/value"]["dtype"] == "float16"
     assert summary["images"] == {"total": 40, "processed": 40, "skipped": 0, "pending": 0}
     assert summary["skipped"] == []
     assert summary["config"]["extract"]["batch_size"] == 4
@@ -352,3 +352,27 @@ def test_the_collapse_rule_needs_enough_images_and_diverse_labels():
     assert prediction_collapse(one, np.array([0, 19, 1, 0])) is None  # the labels are as one-sided
     assert prediction_collapse(np.array([0, 8, 0, 0]), np.array([2, 2, 2, 2])) is None  # too few images to say
     assert prediction_collapse(np.array([5, 6, 5, 4]), np.array([5, 5, 5, 5])) is None
+
+
+def test_a_store_made_with_the_flat_pfv_layout_keeps_it(tmp_path, monkeypatch):
+    """Stores made before the per-tap PFV groups have ``pfv/<tap>`` arrays: a later run keeps
+    them (and every stage's results) and reads them where they are."""
+    import dataclasses
+
+    collect = pipeline.collect_facts
+    monkeypatch.setattr(pipeline, "collect_facts",
+                        lambda config: (lambda f, i, t: (dataclasses.replace(f, pfv_groups=False), i, t))(*collect(config)))
+    config = toy_config("dataset.toy.num_images=20")
+    url = pipeline.run(config, tmp_path / "run.zarr", until="sample").url
+    monkeypatch.undo()
+    flat = zgroup(RunStore.open(url))["pfv/layer2.1"]
+    assert flat.metadata.dimension_names == ("image", "position_layer2.1", "channel_layer2.1")
+    again = pipeline.run(config, url, until="sample")
+    assert [d.action for d in again.decisions] == ["keep", "keep"]
+    store = RunStore.open(url)
+    assert not store.facts.pfv_groups and not store.has("pfv/layer2.1/value")
+    pfvs = open_run(url).pfvs("layer2.1", 3)
+    np.testing.assert_array_equal(pfvs.values.reshape(-1, pfvs.shape[-1]), flat[3].astype(np.float32))
+    # a new store has a group per tap, with the dimension names every other array uses
+    fresh = zgroup(RunStore.open(pipeline.run(config, tmp_path / "new.zarr", until="extract").url))
+    assert fresh["pfv/layer2.1/value"].metadata.dimension_names == ("image", "position", "channel")

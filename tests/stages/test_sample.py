@@ -84,7 +84,7 @@ def test_sampled_vectors_are_the_stored_pfvs(sampled):
     for tap in ("layer1.0", "layer3.1"):
         positions = zgroup(store)[f"samples/{tap}/position"][:]
         vectors = zgroup(store)[f"samples/{tap}/vector"][:]
-        pfvs = zgroup(store)[f"pfv/{tap}"][:]
+        pfvs = zgroup(store)[f"pfv/{tap}/value"][:]
         assert positions.shape == (256, 2) and (positions >= 0).all()
         assert (positions[:, 0] != positions[:, 1]).all()
         expected = pfvs[np.arange(256)[:, None], positions]
