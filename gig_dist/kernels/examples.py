@@ -65,6 +65,16 @@ def percentile(counts: np.ndarray, value: float) -> float:
     return float((counts[:b].sum() + counts[b] / 2) / total)
 
 
+def top_share(counts: np.ndarray, value: float) -> float:
+    """The share of a concept's uses whose value lies in ``value``'s bin or above: "in the top
+    x %" at the histogram's resolution (a member's rank among all uses is not known to a bin)."""
+    total = counts.sum()
+    if total == 0:
+        return float("nan")
+    b = int(np.searchsorted(HISTOGRAM_EDGES, value, side="right"))
+    return float(counts[b:].sum() / total)
+
+
 def bin_range(b: int) -> tuple[float, float]:
     """Bin ``b``'s edges (0 and inf at the ends)."""
     low = 0.0 if b == 0 else float(HISTOGRAM_EDGES[b - 1])

@@ -20,6 +20,7 @@ from gig_dist.kernels.examples import (
     percentile,
     quantile_picks,
     quantile_values,
+    top_share,
 )
 from gig_dist.kernels.gig import LOGITS
 from gig_dist.kernels.graphs import column, row, strongest
@@ -271,7 +272,7 @@ class Report:
                 {"image": int(found["image"][j]), **self.image_facts.get(int(found["image"][j]), {}),
                  "value": found["value"][j], "context": self._context(int(found["image"][j]), boxes[j]),
                  "contour": figures.contour_svg(heats[j].reshape(side, side)) if heats is not None else "",
-                 "percentile": percentile(counts, float(found["value"][j])) if counts is not None else None}
+                 "top": top_share(counts, float(found["value"][j])) if counts is not None else None}
                 for j in range(count)]}
             if count and heats is None:  # a store made before the heat maps: its overlaid crops
                 figures.png(np.concatenate(list(crops), axis=1), self.site / "img" / safe(tap) / f"m{c}.png")

@@ -11,6 +11,7 @@ from gig_dist.kernels.examples import (
     percentile,
     quantile_picks,
     quantile_values,
+    top_share,
 )
 from gig_dist.kernels.topk import top_per_group
 from gig_dist.store import PROCESSED, AtlasSection, ConceptsSection, RunStore
@@ -52,6 +53,7 @@ def test_random_examples_merge_and_histograms_read_percentiles():
     counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
     np.add.at(counts, np.searchsorted(HISTOGRAM_EDGES, [0.5, 1.5, 1.6, 20.0], side="right"), 1)
     assert percentile(counts, 1.55) == pytest.approx((1 + 1) / 4)  # one below, its own bin of 2 counts half
+    assert top_share(counts, 1.55) == pytest.approx(3 / 4) and top_share(counts, 30.0) == pytest.approx(1 / 4)
     assert quantile_values(counts, (0.1, 0.9)) == pytest.approx([np.sqrt(10 ** -0.5 * 10 ** -0.25),
                                                                  np.sqrt(10 ** 1.25 * 10 ** 1.5)])
     assert quantile_picks(np.array([20.0, 0.5, 1.5]), counts, (0.1, 0.5, 0.9)) == [1, 2, 0]
