@@ -227,12 +227,9 @@ def point_config(store: RunStore, method: str, k_multiplier: float, lambda_rel: 
     """A sweep point's config: the run's own inputs, the point's dictionary, K and lambda, and
     ``images`` images decomposed, attributed and evaluated."""
     tree = store.manifest.config
-    # Each point keeps its images' per-source GIG: its evaluation reads them instead of computing
-    # the same GIG again (45 % of a point's time went to evaluate, most of it that recomputation).
     overrides = [f"concepts.method={method}", f"concepts.level={point_level(method, k_multiplier, lambda_rel)}",
                  f"concepts.k_multiplier={k_multiplier}", "concepts.k={}", f"decompose.images={images}",
-                 f"gig.images={images}", f"evaluate.images={images}", "report.enabled=false",
-                 "gig.keep_image_attributions=true"]
+                 f"gig.images={images}", f"evaluate.images={images}", "report.enabled=false"]
     if lambda_rel is not None:
         overrides.append(f"decompose.lambda_rel={lambda_rel}")
     return config_from_tree(tree, overrides)
