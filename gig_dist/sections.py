@@ -260,6 +260,11 @@ class EvaluateConfig(Section):
     targets: int = Field(default=5, ge=1)
     #: Seed of the random ordering (per image: (seed, image index)).
     seed: int = 0
+    #: The orderings whose curves are computed (``kernels.evaluation.ORDERINGS``): GIG, and the
+    #: baselines it is compared with. ``gig-dist sweep`` computes GIG's only (each ordering costs
+    #: as much as GIG's: 4 of a point's evaluation time); the others are then NaN.
+    orderings: tuple[Literal["gig", "random", "code_mass", "grad_x_code"], ...] = (
+        "gig", "random", "code_mass", "grad_x_code")
     #: Evaluate only the pairs from these taps (and their ground truth). ``None``: every GIG pair.
     taps: tuple[str, ...] | None = None
     #: Toy world: where the iERF mass of each class's top concepts (by GIG) falls, on the image and

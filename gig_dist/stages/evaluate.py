@@ -91,7 +91,9 @@ class EvaluateStage(Stage):
     version = 2  # 2: the absolute form (the first k concepts) and each image's active concepts
     reads = ("attribute", "reduce")  # per-image GIG for the orderings; the class matrices for ground truth
     result_keys = ("evaluate.steps", "evaluate.targets", "evaluate.seed", "evaluate.ground_truth",
-                   "evaluate.top_concepts", "evaluate.taps", "gig.images")  # gig.images: the class matrices
+                   "evaluate.top_concepts", "evaluate.taps", "evaluate.orderings",
+                   "gig.images")  # gig.images: the class matrices
+    later_keys = {"evaluate.orderings": ["gig", "random", "code_mass", "grad_x_code"]}
     coverage_key = "evaluate.images"
     per_dictionary = True
     unit_noun = "images"
@@ -232,6 +234,8 @@ class EvaluateWorker(PairWorker):
                 forward = (lambda read, image=image: lambda x: read(kernel.subnet(
                     x, None if image is None else image[None].expand(len(x), -1, -1, -1))))(readout)
                 for o, scores in enumerate((gig, noise, mass, one_step[j])):
+                    if ORDERINGS[o] not in e.orderings:  # left NaN
+                        continue
                     order = rank(scores, active)
                     ins[row, s, o], dele[row, s, o] = curves(forward, image_index, image_value, V, shape, order,
                                                              e.steps)

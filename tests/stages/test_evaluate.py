@@ -212,6 +212,28 @@ def check_ground_truth(store, summary):
     assert "purity" in summary["taps"]["layer3.1"] and 0 <= summary["part_recall"]["class_top"] <= 1
 
 
+def test_evaluating_only_the_gig_ordering_gives_its_curves_and_leaves_the_others_nan(attributed, tmp_path):
+    """``evaluate.orderings=[gig]`` (what each sweep point computes) gives the same GIG curves as
+    the full evaluation, bit for bit, and no curves for the other orderings."""
+    import shutil
+
+    tables = {}
+    for name, extra in (("all", ()), ("gig", ("evaluate.orderings=[gig]",))):
+        url = str(tmp_path / f"{name}.zarr")
+        shutil.copytree(attributed, url)
+        pipeline.run(toy_config(*SMALL, "evaluate.images=16", "evaluate.ground_truth=false", *extra), url,
+                     until="evaluate")
+        store = RunStore.open(url)
+        tables[name] = {pair: store.family(EvaluationSection, "bisecting_kmeans").read(pair, store.units()[0])
+                        for pair in (("layer3.1", "logits"), ("layer2.1", "layer3.1"))}
+    for pair, full in tables["all"].items():
+        mine = tables["gig"][pair]
+        for name in ("insertion", "deletion", "count_insertion", "count_deletion"):
+            assert np.isfinite(full[name][..., 0, :]).sum() > 16
+            np.testing.assert_array_equal(mine[name][..., 0, :], full[name][..., 0, :])
+            assert np.isfinite(full[name][..., 1:, :]).any() and not np.isfinite(mine[name][..., 1:, :]).any()
+
+
 def test_evaluate_names_a_dictionary_the_run_does_not_have(attributed):
     done = subprocess.run([*CLI, "evaluate", attributed, "--dict", "sae"], capture_output=True, text=True)
     assert done.returncode == 2 and "no finished GIG for dictionary sae" in done.stderr
