@@ -158,9 +158,14 @@ class Run:
     def dataset_label(self, image: int) -> str:
         """The dataset's own label of an image: its class name where labels index the model's
         outputs, else its folder (an image folder's class), else ''."""
-        path, label = self.store.family(MetaSection).read_index(self._image_range(image))
+        meta = self.store.family(MetaSection)
+        path, label = meta.read_index(self._image_range(image))
         if label[0] >= 0:
             return self.class_names[int(label[0])] if label[0] < len(self.class_names) else str(int(label[0]))
+        classes = self.store.facts.dataset_classes
+        if meta.has_groups():  # the index's own record of the image's dataset class
+            group = int(meta.read_groups(self._image_range(image))[0])
+            return classes[group] if 0 <= group < len(classes) else ""
         folder = path[0].replace("\\", "/").rsplit("/", 2)[-2] if path[0].count("/") else ""
         return folder if folder in self.store.facts.dataset_classes else ""
 
