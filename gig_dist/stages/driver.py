@@ -77,10 +77,11 @@ def open_stage(stage: Stage, store: RunStore) -> None:
 
 
 def close_stage(stage: Stage, store: RunStore, methods: dict[str, str] | None = None) -> None:
-    """On the driver, once every unit is done: the stage's final step, the methods its units
-    reported, then consolidated metadata."""
+    """On the driver, once every unit is done: the stage's final step, then the methods its units
+    reported. Consolidated metadata is the run's last step, not each stage's: the next manifest
+    write drops it again, and consolidating lists every array in the store (2.8 s a stage in a
+    store of 30 sweep levels)."""
     if store.record(stage.progress_key).finished:
         return
     stage.finish(store)
     store.finish_stage(stage.progress_key, methods)
-    store.consolidate()

@@ -375,8 +375,8 @@ class RunStore:
         array = self._group.create_array(
             spec.path, shape=spec.shape, chunks=spec.chunks, shards=spec.shards, dtype=spec.dtype,
             fill_value=spec.fill_value, compressors=ZstdCodec(level=spec.zstd_level), dimension_names=spec.dims,
+            attributes={MARKER: {"owner": owner}},  # with the array's metadata: one write, not two
         )
-        array.attrs[MARKER] = {"owner": owner}
         return array
 
     def write_whole(self, path: str, values: np.ndarray, dims: tuple[str, ...], owner: str) -> None:

@@ -52,6 +52,23 @@ def test_create_marks_first_and_reopens_with_a_typed_manifest(tmp_path):
     assert manifest == again.manifest
 
 
+def test_the_manifest_as_json_is_a_copy_of_every_field():
+    import dataclasses
+
+    manifest = Manifest(3, "ready", config={"a": {"b": [1, 2]}}, facts={"taps": {"t": [3, 2, 2]}},
+                        stages={"x/concepts": StageRecord("f", {"extract": "e"}, 3, {"k": [1.5]}, True, 2.5,
+                                                          {"by": "x/decompose", "fingerprint": "g", "images": 4},
+                                                          {"relevance": "srd"})},
+                        nodes={"codes/x": {"kind": "group", "owner": "x/decompose"}},
+                        dictionaries={"x": {"concepts": {"k": {"t": 4}}}})
+    found = manifest.to_json()
+    assert found == json.loads(json.dumps(dataclasses.asdict(manifest)))
+    found["stages"]["x/concepts"]["methods"]["relevance"] = "changed"
+    found["dictionaries"]["x"]["concepts"]["k"]["t"] = 9
+    assert manifest.stages["x/concepts"].methods == {"relevance": "srd"}  # nothing shared
+    assert manifest.dictionaries["x"]["concepts"]["k"]["t"] == 4 and Manifest.from_json(manifest.to_json()) == manifest
+
+
 @pytest.mark.parametrize("prefix", ["memory://bucket/prefix", "local"])
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_foreign_keys_under_a_prefix_are_refused_and_kept(tmp_path, prefix, overwrite):

@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from gig_dist import pipeline
+from gig_dist.store import RunStore
 from tests.conftest import toy_config, zgroup
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "store.md"
@@ -51,11 +52,17 @@ def dtype_of(array: zarr.Array) -> str:
     return "string" if "str" in str(array.dtype).lower() else np.dtype(array.dtype).str
 
 
+CONSOLIDATIONS: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     url = tmp_path_factory.mktemp("format") / "run.zarr"
-    return pipeline.run(toy_config("dataset.toy.num_images=32", "gig.images=2", "evaluate.images=2",
-                                   "evaluate.targets=2", "evaluate.steps=4"), url, until="evaluate").url
+    consolidate = RunStore.consolidate
+    with pytest.MonkeyPatch.context() as patch:  # counts the run's consolidations (see the last test)
+        patch.setattr(RunStore, "consolidate", lambda store: (CONSOLIDATIONS.append(store.url), consolidate(store)))
+        return pipeline.run(toy_config("dataset.toy.num_images=32", "gig.images=2", "evaluate.images=2",
+                                       "evaluate.targets=2", "evaluate.steps=4"), url, until="evaluate").url
 
 
 def test_every_array_of_a_run_is_documented(finished):
@@ -84,3 +91,13 @@ def test_the_manifest_and_the_group_attributes_are_as_documented(finished):
     for path, node in group.members(max_depth=None):
         for key in node.attrs:
             assert f"`{key}`" in text, f"attribute {key!r} of {path} is not in docs/store.md"
+
+
+def test_a_run_consolidates_its_metadata_once_at_the_end_listing_every_array(finished):
+    """Consolidating lists every node of the store, and the next manifest write drops it again:
+    once per run, not once per stage (2.8 s a stage in a store of 30 sweep levels)."""
+    assert CONSOLIDATIONS == [finished]
+    consolidated = zarr.open_group(finished, mode="r", use_consolidated=True)
+    listed = {path for path, node in consolidated.members(max_depth=None) if isinstance(node, zarr.Array)}
+    actual = {path for path, node in zgroup(finished).members(max_depth=None) if isinstance(node, zarr.Array)}
+    assert listed == actual and any(p.startswith("eval/") for p in listed)
