@@ -355,12 +355,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_tree(tree, overrides, source)
 
 
+#: Settings a release renamed or moved: a store records the config it was run with, and one made
+#: before the change still reads (``old dotted key: new dotted key``).
+RENAMED = {
+    "concepts.sae_l1": "concepts.params.sae.l1",
+    "concepts.sae_top_k": "concepts.params.sae.top_k",
+}
+
+
+def _upgrade(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` (a copy of its own) with the keys of :data:`RENAMED` moved to their new place; a
+    value set at the new place wins."""
+    for old, new in RENAMED.items():
+        *path, leaf = old.split(".")
+        node = tree
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *above, last = new.split(".")
+        target = tree
+        for key in above:
+            target = target.setdefault(key, {}) if isinstance(target, dict) else None
+        if isinstance(target, dict) and value is not None:
+            target.setdefault(last, value)
+    return tree
+
+
 def config_from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
                      source: str = "a run's config") -> Config:
-    """A config from a mapping (a run's stored config), with ``key=value`` overrides."""
+    """A config from a mapping (a run's stored config, whose renamed keys move to their new place),
+    with ``key=value`` overrides."""
     import copy
 
-    tree = copy.deepcopy(tree)
+    tree = _upgrade(copy.deepcopy(tree))
     for text in overrides:
         key, value = _parse_override(text)
         _set_dotted(tree, key, value)

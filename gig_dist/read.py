@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from gig_dist.config import config_model
+from gig_dist.config import config_from_tree
 from gig_dist.stages.base import level_of
 from gig_dist.store import (
     LOGITS,
@@ -39,14 +39,15 @@ class Run:
     def __init__(self, store: RunStore, dictionary: str | None = None) -> None:
         self.store = store
         manifest = store.manifest
-        own = level_of(config_model().model_validate(manifest.config))
+        own = level_of(config_from_tree(manifest.config, source=f"the config recorded in {store.url}"))
         if dictionary is None and "@" in own:
             # the last run made a sweep point or a matched level (``<method>@...``): the run's own
             # level is the first one it made
             own = next((level for level in manifest.dictionaries if "@" not in level), own)
         self.dictionary = dictionary or own
         #: The config the dictionary level was made with.
-        self.config = config_model().model_validate(manifest.dictionary_config(self.dictionary))
+        self.config = config_from_tree(manifest.dictionary_config(self.dictionary),
+                                       source=f"the config of {self.dictionary} recorded in {store.url}")
         self._loader = None
         self._pfvs = None
 
@@ -493,7 +494,8 @@ def _coverage(store, key: str) -> dict[str, Any]:
         return {}
     if stage_type.coverage_key is None:
         return {}
-    config = config_model().model_validate(store.manifest.dictionary_config(level) if level else store.manifest.config)
+    config = config_from_tree(store.manifest.dictionary_config(level) if level else store.manifest.config,
+                              source=f"the config of {level or 'the run'} recorded in {store.url}")
     stage = stage_type(config, store.url)
     covered = len(stage.covered_units(store.facts))
     if covered >= store.manifest.stages[key].units:

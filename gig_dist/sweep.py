@@ -141,7 +141,7 @@ def match_level(store: RunStore, dictionary: str, metric: str, target: float, ta
     )
 
     tree = level_config(store, dictionary)
-    config = Config.model_validate(tree)
+    config = config_from_tree(tree, source=f"the config of {dictionary} recorded in {store.url}")
     method = config.concepts.method
     level = f"{dictionary}@{metric}={target:g}"
     chosen = taps or decompose_taps(config, list(store.taps))
@@ -382,7 +382,7 @@ def point_row(store: RunStore, level: str) -> dict[str, Any]:
     decompose and attribute."""
     from gig_dist.stages.evaluate import EvaluateStage, summarize, summarize_ground
 
-    config = Config.model_validate(store.manifest.dictionary_config(level))
+    config = config_from_tree(store.manifest.dictionary_config(level), source=f"the config of {level} recorded in {store.url}")
     match = _POINT.match(level)
     images = config.evaluate.images
     scores = summarize(store, level, EvaluateStage(config, store.url).pairs(store.facts), images)

@@ -82,3 +82,32 @@ def test_the_guides_notebook_example_and_the_readmes_run(run_url, monkeypatch):
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["run"].gamma("layer3.1", "logits").dims == ("source_concept", "class")
+
+
+def test_a_store_recording_renamed_settings_still_reads_and_an_unknown_one_is_one_line(run_url, tmp_path):
+    """A store records the config it ran with: one made before ``concepts.sae_l1`` became
+    ``concepts.params.sae.l1`` is read with the key moved (inspect crashed with pydantic's
+    traceback); a key no release knows is named in one line."""
+    import shutil
+    import subprocess
+    import sys
+
+    from gig_dist.store import RunStore
+
+    def recorded(name: str, concepts: dict) -> str:
+        url = str(tmp_path / name)
+        shutil.copytree(run_url, url)
+        store = RunStore.open(url, mode="r+")
+        for tree in (store.manifest.config, store.manifest.dictionaries[D]):
+            tree["concepts"].update(concepts)
+        store.save_manifest()
+        return url
+
+    old = recorded("old.zarr", {"sae_l1": 0.05, "sae_top_k": None})
+    assert gig_dist.open_run(old).config.concepts.params == {"sae": {"l1": 0.05}}
+    done = subprocess.run([sys.executable, "-m", "gig_dist.cli", "inspect", old], capture_output=True, text=True)
+    assert done.returncode == 0 and "bisecting_kmeans/attribute" in done.stdout, done.stderr
+    strange = recorded("strange.zarr", {"colour": "red"})
+    done = subprocess.run([sys.executable, "-m", "gig_dist.cli", "inspect", strange], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"invalid config (the config of bisecting_kmeans recorded in {strange})" in done.stderr and "concepts.colour: unknown key" in done.stderr
