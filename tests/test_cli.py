@@ -15,7 +15,7 @@ def run_cli(*args, cwd=None):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd)
 
 
-@pytest.mark.timeout(1800)  # 6-7 minutes alone on 2 cores; beside the other xdist worker, up to twice that
+@pytest.mark.timeout(1800)  # 8-9 minutes alone on 2 cores; beside the other xdist worker, longer
 def test_embedded_default_end_to_end(tmp_path):
     """`gig-dist run` with no arguments, then `gig-dist inspect`: the README's first steps."""
     done = run_cli("run", cwd=tmp_path)
