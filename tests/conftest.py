@@ -26,15 +26,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 if "RAY_AUTH_TOKEN" not in os.environ and not (Path.home() / ".ray" / "auth_token").exists():
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
-# Under pytest-xdist each worker is a process of its own, and torch gives each as many threads as
-# the machine has cores: two workers on 2 cores ran 4 spinning OpenMP threads on 2 cores, and a
-# GIG kernel test of 1.4 s alone took 12-20 s. In-process tests get the worker's share of the
-# cores; subprocesses (the CLI runs) keep torch's own default.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-
 
 #: GIG on the first unit only, 4 target concepts, 8 steps: a few seconds instead of minutes.
 GIG_LIGHT = ("gig.images=1", "gig.targets=4", "gig.steps=8",
