@@ -95,7 +95,7 @@ def test_the_manifest_and_the_group_attributes_are_as_documented(finished):
 
 def test_a_run_consolidates_its_metadata_once_at_the_end_listing_every_array(finished):
     """Consolidating lists every node of the store, and the next manifest write drops it again:
-    once per run, not once per stage (2.8 s a stage in a store of 30 sweep levels)."""
+    once per run, not once per stage (2.8 s a stage in a store of 14 dictionary levels)."""
     assert CONSOLIDATIONS == [finished]
     consolidated = zarr.open_group(finished, mode="r", use_consolidated=True)
     listed = {path for path, node in consolidated.members(max_depth=None) if isinstance(node, zarr.Array)}
